@@ -1,0 +1,1 @@
+"""Loading results and traces, plots and reports for notebooks and sweeps."""

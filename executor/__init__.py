@@ -1,0 +1,1 @@
+"""The real offloaded-MoE runtime on a GPU: replay, live mode, calibration and validation."""

@@ -1,0 +1,1 @@
+"""Expert predictors: the interface, every predictor, training and accuracy metrics."""

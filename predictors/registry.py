@@ -1,0 +1,39 @@
+"""Predictors registered by name; adding one is a new module with @register_predictor plus a test."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from predictors.base import Predictor
+
+_REGISTRY: dict[str, type[Predictor]] = {}
+
+
+def register_predictor(name: str):
+    def deco(cls: type[Predictor]) -> type[Predictor]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_all() -> None:
+    import predictors
+
+    for mod in pkgutil.iter_modules(predictors.__path__):
+        if mod.name not in {"base", "registry", "__main__"} and not mod.name.startswith("_"):
+            importlib.import_module(f"predictors.{mod.name}")
+
+
+def available_predictors() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def make_predictor(name: str, **params) -> Predictor:
+    _load_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown predictor {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](**params)
