@@ -1,0 +1,290 @@
+"""The expert cache: residency, byte-accurate capacity, pins and statistics, with a pluggable eviction policy.
+
+Plain Python and device-agnostic: the SimPy engine and the real executor drive the same object; only their clocks
+differ. Nothing here knows about time, transfers or SimPy.
+
+Semantics (DESIGN.md):
+- a key is `(layer, expert)`; its size is `expert_bytes[layer]` (experts of different layers may differ in size,
+  so a `global` capacity is byte-accurate, not a count). To count in experts, pass `expert_bytes=[1] * n_layers`
+  and the capacity in experts.
+- `lookup(key)` is one demand lookup (the driver calls it once per unique expert per (layer, batch)); it counts a
+  hit or a miss. It does not insert: on a miss the driver calls `insert(key)` (at once, or when a transfer is
+  started, pinning it while the transfer is in flight).
+- pinned keys are never evicted (the running layer's batch, in-flight transfers). Pins are counted.
+- `insert` either makes room and inserts, or changes nothing and returns None (nothing evictable / policy
+  declines / key larger than its partition).
+- scope `global`: one budget and one policy instance over all layers; `per_layer`: the budget is split evenly
+  (`capacity_bytes // n_layers` bytes per layer), one policy instance per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, KeysView, Sequence
+from dataclasses import asdict, dataclass
+
+from sim.policies import Key, Policy, make_policy
+
+SCOPES = ("global", "per_layer")
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    lookups: int = 0
+    insertions: int = 0
+    evictions: int = 0
+    rejected: int = 0  # inserts that returned None
+    bytes_inserted: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "hit_rate": self.hit_rate}
+
+
+class _Candidates:
+    """Set-like view of the evictable keys of one partition: resident there, not pinned, not already chosen."""
+
+    __slots__ = ("_members", "_pins", "_chosen")
+
+    def __init__(self, members: dict[Key, int], pins: dict[Key, int], chosen: set[Key]):
+        self._members = members
+        self._pins = pins
+        self._chosen = chosen
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._members and key not in self._pins and key not in self._chosen
+
+    def __iter__(self) -> Iterator[Key]:
+        pins, chosen = self._pins, self._chosen
+        return (k for k in self._members if k not in pins and k not in chosen)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class ExpertCache:
+    def __init__(
+        self,
+        *,
+        n_layers: int,
+        n_experts: int,
+        expert_bytes: Sequence[int],
+        capacity_bytes: int,
+        scope: str = "global",
+        policy: str = "lru",
+        policy_params: dict | None = None,
+        future: Sequence[Key] | None = None,
+    ):
+        if scope not in SCOPES:
+            raise ValueError(f"cache scope must be one of {SCOPES}, got {scope!r}")
+        if len(expert_bytes) != n_layers:
+            raise ValueError(f"expert_bytes has {len(expert_bytes)} entries, expected n_layers={n_layers}")
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        self.n_layers = n_layers
+        self.n_experts = n_experts
+        self.expert_bytes = [int(b) for b in expert_bytes]
+        self.capacity_bytes = int(capacity_bytes)
+        self.scope = scope
+        self.policy_name = policy
+        n_parts = n_layers if scope == "per_layer" else 1
+        self._part_capacity = [self.capacity_bytes // n_parts] * n_parts
+        self._part_used = [0] * n_parts
+        self._part_members: list[dict[Key, int]] = [{} for _ in range(n_parts)]  # key -> bytes, per partition
+        params = dict(policy_params or {})
+        if scope == "per_layer":
+            params.setdefault("partition_capacity_bytes", self._part_capacity[0])
+        else:
+            params.setdefault("partition_capacity_bytes", self.capacity_bytes)
+        params["expert_bytes"] = self.expert_bytes
+        params["n_experts"] = n_experts
+        self.policies: list[Policy] = [
+            make_policy(policy, future=future, **_accepted(policy, params, layer=(i if n_parts > 1 else None)))
+            for i in range(n_parts)
+        ]
+        self._per_layer = n_parts > 1
+        self._size: dict[Key, int] = {}  # all resident keys -> bytes
+        self._pins: dict[Key, int] = {}
+        self.used_bytes = 0
+        self.stats = CacheStats()
+
+    # -- capacity helpers -----------------------------------------------------------------------------------
+    @staticmethod
+    def resolve_capacity_bytes(
+        *,
+        expert_bytes: Sequence[int],
+        n_experts: int,
+        capacity_mib: float | None = None,
+        capacity_experts: float | None = None,
+        cache_rate: float | None = None,
+    ) -> int:
+        """Bytes for exactly one of: MiB, a number of experts, or a fraction of all experts (ProMoE's cache rate).
+
+        Experts are counted at the average expert size over layers, so `capacity_experts=n` holds n experts
+        exactly when all layers have the same expert size.
+        """
+        given = [v is not None for v in (capacity_mib, capacity_experts, cache_rate)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of capacity_mib, capacity_experts, cache_rate")
+        if not expert_bytes:
+            raise ValueError("expert_bytes is empty")
+        if capacity_mib is not None:
+            if capacity_mib < 0:
+                raise ValueError(f"capacity_mib must be >= 0, got {capacity_mib}")
+            return int(round(capacity_mib * (1 << 20)))
+        avg = sum(expert_bytes) / len(expert_bytes)
+        if capacity_experts is not None:
+            if capacity_experts < 0:
+                raise ValueError(f"capacity_experts must be >= 0, got {capacity_experts}")
+            return int(round(capacity_experts * avg))
+        if not 0 <= cache_rate <= 1:
+            raise ValueError(f"cache_rate must be in [0, 1], got {cache_rate}")
+        return int(round(cache_rate * n_experts * sum(expert_bytes)))
+
+    # -- queries ---------------------------------------------------------------------------------------------
+    @property
+    def resident(self) -> KeysView[Key]:
+        """Live set-like view of the resident keys."""
+        return self._size.keys()
+
+    def __len__(self) -> int:
+        return len(self._size)
+
+    def contains(self, key: Key) -> bool:
+        return key in self._size
+
+    __contains__ = contains
+
+    def size_of(self, key: Key) -> int:
+        return self.expert_bytes[key[0]]
+
+    def is_pinned(self, key: Key) -> bool:
+        return key in self._pins
+
+    def free_bytes(self, layer: int = 0) -> int:
+        """Free bytes of the partition that holds `layer`'s experts (the whole cache in global scope)."""
+        p = layer if self._per_layer else 0
+        return self._part_capacity[p] - self._part_used[p]
+
+    def partition_capacity_bytes(self, layer: int = 0) -> int:
+        return self._part_capacity[layer if self._per_layer else 0]
+
+    # -- demand and non-demand accesses ----------------------------------------------------------------------
+    def lookup(self, key: Key) -> bool:
+        """One demand lookup: counts a hit or a miss. Does not insert on a miss."""
+        st = self.stats
+        index = st.lookups
+        st.lookups += 1
+        policy = self.policies[key[0] if self._per_layer else 0]
+        policy.on_lookup(key, index)
+        if key in self._size:
+            st.hits += 1
+            policy.on_hit(key)
+            return True
+        st.misses += 1
+        return False
+
+    def touch(self, key: Key) -> None:
+        """A non-demand access of a resident key (a prefetch that finds it resident). No statistics."""
+        if key in self._size:
+            self.policies[key[0] if self._per_layer else 0].on_touch(key)
+
+    # -- residency changes ----------------------------------------------------------------------------------
+    def insert(self, key: Key) -> list[Key] | None:
+        """Make room (evicting unpinned victims the policy chooses) and insert `key`.
+
+        Returns the evicted keys (possibly empty), or None when the key cannot be cached (it is larger than its
+        partition, everything evictable is pinned, or the policy declines); then nothing has changed.
+        Inserting a resident key is a no-op that returns [].
+        """
+        if key in self._size:
+            return []
+        layer = key[0]
+        if not 0 <= layer < self.n_layers or not 0 <= key[1] < self.n_experts:
+            raise KeyError(f"expert key {key} outside {self.n_layers} layers x {self.n_experts} experts")
+        p = layer if self._per_layer else 0
+        policy = self.policies[p]
+        size = self.expert_bytes[layer]
+        cap = self._part_capacity[p]
+        if size > cap or not policy.admit(key):
+            self.stats.rejected += 1
+            return None
+        need = self._part_used[p] + size - cap
+        victims: list[Key] = []
+        if need > 0:
+            members = self._part_members[p]
+            chosen: set[Key] = set()
+            cands = _Candidates(members, self._pins, chosen)
+            while need > 0:
+                v = policy.victim(cands)
+                if v is None:
+                    self.stats.rejected += 1
+                    return None
+                if v not in cands:
+                    raise RuntimeError(f"policy {self.policy_name!r} chose {v}, which is not an eviction candidate")
+                chosen.add(v)
+                victims.append(v)
+                need -= members[v]
+            for v in victims:
+                self._drop(v, p)
+                policy.on_evict(v)
+            self.stats.evictions += len(victims)
+        self._size[key] = size
+        self._part_members[p][key] = size
+        self._part_used[p] += size
+        self.used_bytes += size
+        self.stats.insertions += 1
+        self.stats.bytes_inserted += size
+        policy.on_insert(key)
+        return victims
+
+    def _drop(self, key: Key, p: int) -> None:
+        size = self._size.pop(key)
+        del self._part_members[p][key]
+        self._part_used[p] -= size
+        self.used_bytes -= size
+
+    def remove(self, key: Key) -> None:
+        """Take a resident, unpinned key out (not counted as an eviction). Absent keys are ignored."""
+        if key not in self._size:
+            return
+        if key in self._pins:
+            raise ValueError(f"cannot remove pinned expert {key}")
+        p = key[0] if self._per_layer else 0
+        self._drop(key, p)
+        self.policies[p].on_evict(key)
+
+    def pin(self, key: Key) -> None:
+        """Protect `key` from eviction (counted: n pins need n unpins). A key may be pinned before it is inserted."""
+        self._pins[key] = self._pins.get(key, 0) + 1
+
+    def unpin(self, key: Key) -> None:
+        n = self._pins.get(key, 0)
+        if n <= 0:
+            raise ValueError(f"unpin of expert {key}, which is not pinned")
+        if n == 1:
+            del self._pins[key]
+        else:
+            self._pins[key] = n - 1
+
+    def __repr__(self) -> str:
+        return (f"ExpertCache(policy={self.policy_name!r}, scope={self.scope!r}, used={self.used_bytes}/"
+                f"{self.capacity_bytes} bytes, resident={len(self._size)}, stats={self.stats})")
+
+
+# Parameters the cache offers to every policy; a policy receives only those its constructor accepts.
+_OFFERED = ("partition_capacity_bytes", "expert_bytes", "n_experts", "layer")
+
+
+def _accepted(policy: str, params: dict, layer: int | None) -> dict:
+    """Drop the offered parameters the policy's constructor does not name (explicit user parameters stay)."""
+    import inspect
+
+    from sim.policies import policy_class
+
+    names = inspect.signature(policy_class(policy).__init__).parameters
+    return {k: v for k, v in {**params, "layer": layer}.items() if k not in _OFFERED or k in names}

@@ -1,0 +1,31 @@
+"""LRU: evict the least recently used candidate. A hit and a touch (prefetch of a resident key) refresh recency."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Collection
+
+from sim.policies.base import Key, Policy, register_policy
+
+
+@register_policy("lru")
+class LRU(Policy):
+    def __init__(self) -> None:
+        self._order: OrderedDict[Key, None] = OrderedDict()  # least recent first
+
+    def on_hit(self, key: Key) -> None:
+        self._order.move_to_end(key)
+
+    on_touch = on_hit
+
+    def on_insert(self, key: Key) -> None:
+        self._order[key] = None
+
+    def on_evict(self, key: Key) -> None:
+        del self._order[key]
+
+    def victim(self, candidates: Collection[Key]) -> Key | None:
+        for key in self._order:
+            if key in candidates:
+                return key
+        return None
