@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from traces.errors import TraceError, run_cli
-from traces.reader import Trace, _column_np, _fixed_list_np, _phase_names
+from traces.reader import Trace, _column_np, _fixed_list_np
 
 
 def _first(mask: np.ndarray) -> int | None:
@@ -57,7 +57,7 @@ def check_trace(trace: Trace) -> dict:
         weights = _fixed_list_np(table, "weights", k)
         pos = _column_np(table, "position")
 
-        def fail(i: int, msg: str):
+        def fail(i: int, msg: str, offset=offset, seq=seq, pos=pos, layer=layer):
             raise TraceError(msg, path=where_file, where=f"row {offset + i} (sequence {seq[i]}, position {pos[i]}, "
                                                            f"layer {layer[i]})")
 

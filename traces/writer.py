@@ -61,7 +61,10 @@ def routing_batch(
             return pa.nulls(n, typ)
         values = np.asarray(values)
         if values.dtype.kind == "f" or values.dtype == object:  # NaN / None mark missing
-            mask = np.array([v is None or (isinstance(v, float) and np.isnan(v)) for v in values]) if values.dtype == object else np.isnan(values)
+            if values.dtype == object:
+                mask = np.array([v is None or (isinstance(v, float) and np.isnan(v)) for v in values], dtype=bool)
+            else:
+                mask = np.isnan(values)
             filled = np.where(mask, 0, values).astype(np.int64)
             return pa.array(filled, typ, mask=mask)
         return pa.array(values.astype(np.int64), typ)
@@ -83,10 +86,11 @@ def routing_batch(
 class TraceWriter:
     """Context manager: `with TraceWriter(dst, meta) as w: w.add(...)`. On error nothing is left at dst."""
 
-    def __init__(self, dst: str | os.PathLike, meta: TraceMeta, *, overwrite: bool = False):
+    def __init__(self, dst: str | os.PathLike, meta: TraceMeta, *, overwrite: bool = False, check: bool = False):
         self.dst = Path(dst)
         self.meta = meta
         self.overwrite = overwrite
+        self.check = check  # run traces.check on the temporary directory before the final rename
         if self.dst.exists() and not overwrite:
             raise TraceError("destination already exists (pass --overwrite to replace it)", path=self.dst)
         parent = self.dst.parent if str(self.dst.parent) else Path(".")
@@ -131,6 +135,13 @@ class TraceWriter:
 
     # -- commit -----------------------------------------------------------------------------------------
     def close(self) -> Path:
+        try:
+            return self._close()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _close(self) -> Path:
         self._pq.close()
         meta = self.meta
         if self._hidden:
@@ -144,6 +155,14 @@ class TraceWriter:
                 np.save(self.tmp / layer_file(ROUTER_DIR, layer), w)
             meta = meta.model_copy(update={"has_router_weights": True})
         (self.tmp / META_FILE).write_text(meta.dump())
+        if self.check:
+            from traces.check import check_trace
+            from traces.reader import Trace
+
+            try:
+                check_trace(Trace(self.tmp))
+            except TraceError as exc:  # name the destination, not the temporary directory
+                raise TraceError(str(exc).replace(str(self.tmp), str(self.dst))) from None
         if self.dst.exists() and self.overwrite:
             old = self.dst.with_name(f".{self.dst.name}.old-{os.getpid()}")
             os.rename(self.dst, old)
@@ -172,9 +191,10 @@ class TraceWriter:
             self.abort()
 
 
-def write_trace(dst, meta: TraceMeta, *, overwrite: bool = False, hidden=None, router_weights=None, **columns) -> Path:
-    """Write a whole trace in one call. router_weights: {layer: array}."""
-    with TraceWriter(dst, meta, overwrite=overwrite) as w:
+def write_trace(dst, meta: TraceMeta, *, overwrite: bool = False, check: bool = False, hidden=None,
+                router_weights=None, **columns) -> Path:
+    """Write a whole trace in one call. router_weights: {layer: array}. check: verify invariants before renaming."""
+    with TraceWriter(dst, meta, overwrite=overwrite, check=check) as w:
         w.add(hidden=hidden, **columns)
         for layer, weight in (router_weights or {}).items():
             w.set_router_weights(layer, weight)
