@@ -47,9 +47,25 @@ class Predictor:
     name: str = "base"
     reads_future: bool = False
     needs: frozenset[str] = frozenset()  # trace fields required: "hidden_states", "router_weights"
+    trainable: bool = False  # True when fit() learns something (the artifact then holds arrays)
+
+    def __init__(self, **params):
+        # constructor parameters, kept so an artifact can rebuild the predictor (make_predictor(name, **params))
+        self.params: dict = dict(params)
 
     def fit(self, trace, sequences: list[int]) -> None:
-        """Learn from the given sequences of a trace (never the ones it will be evaluated on)."""
+        """Learn from the given sequences of a trace (never the ones it will be evaluated on).
+
+        `trace` is usually a `predictors.split.TrainingTrace`: the same reading API as `traces.Trace`, restricted
+        to the training sequences (and, for a position split, to the training positions of each sequence).
+        """
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Arrays learned by fit(), saved into the artifact (see predictors.artifact)."""
+        return {}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what get_state() returned."""
 
     def reset(self) -> None:
         """Forget per-run online state (called at the start of each simulation/evaluation run)."""

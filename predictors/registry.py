@@ -19,11 +19,16 @@ def register_predictor(name: str):
     return deco
 
 
+# modules of the package that hold no predictor (commands and helpers)
+_NOT_PREDICTORS = {"base", "registry", "__main__", "views", "split", "metrics", "artifact", "evaluate", "train",
+                   "report", "synthetic"}
+
+
 def _load_all() -> None:
     import predictors
 
     for mod in pkgutil.iter_modules(predictors.__path__):
-        if mod.name not in {"base", "registry", "__main__"} and not mod.name.startswith("_"):
+        if mod.name not in _NOT_PREDICTORS and not mod.name.startswith("_"):
             importlib.import_module(f"predictors.{mod.name}")
 
 

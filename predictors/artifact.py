@@ -1,0 +1,85 @@
+"""Predictor artifacts: one .npz file per trained predictor.
+
+Layout (numpy's .npz, readable with `np.load(path)`):
+    __header__   0-d unicode array holding a JSON object:
+                   format      "moe-offload-sim predictor artifact"
+                   version     1
+                   predictor   registered name (make_predictor(predictor, **params) rebuilds it)
+                   params      constructor parameters (JSON values)
+                   distance    the distance it was trained for (the --distance of `predictors.train`)
+                   trace       {path, model, n_layers, n_experts, top_k, hidden_size, has_hidden_states}
+                   split       {kind, fraction, seed, train, eval, cut, folds, fold}: exactly which sequences (and
+                               positions) it was fit on; evaluation with this artifact scores split.eval only
+                   n_params    learned parameters in total
+                   command     the command line that made it
+    <name>       every array of predictor.get_state(), e.g. "l3_d1/w1" (learned networks: layer 3, distance 1,
+                 first weight matrix [in, units]) or "prob_d2" (cross_layer: [L, E, E] transition probabilities)
+
+Written to a temporary name in the same folder and renamed, so a crash leaves no half-written artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from predictors.base import Predictor
+from predictors.registry import make_predictor
+
+FORMAT = "moe-offload-sim predictor artifact"
+VERSION = 1
+
+
+def save_artifact(path: str | os.PathLike, predictor: Predictor, header: dict) -> Path:
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"{path}: artifacts are .npz files; name it *.npz")
+    state = {k: np.asarray(v) for k, v in predictor.get_state().items()}
+    if "__header__" in state:
+        raise ValueError("a predictor state may not use the name __header__")
+    head = {"format": FORMAT, "version": VERSION, "predictor": predictor.name, "params": predictor.params,
+            "n_params": int(sum(v.size for v in state.values()))}
+    head.update(header)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez_compressed(tmp, __header__=np.array(json.dumps(head, sort_keys=True)), **state)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return _header(z, path)
+
+
+def _header(z, path) -> dict:
+    if "__header__" not in z.files:
+        raise ValueError(f"{path}: not a predictor artifact (no __header__)")
+    head = json.loads(str(z["__header__"]))
+    if head.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a predictor artifact (format {head.get('format')!r})")
+    if head.get("version", 0) > VERSION:
+        raise ValueError(f"{path}: artifact version {head['version']} is newer than this reader ({VERSION})")
+    return head
+
+
+def load_artifact(path: str | os.PathLike) -> tuple[Predictor, dict]:
+    """Rebuild the predictor saved at `path`; returns (predictor, header)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(2, "no such artifact", str(path))
+    with np.load(path, allow_pickle=False) as z:
+        head = _header(z, path)
+        state = {k: z[k] for k in z.files if k != "__header__"}
+    predictor = make_predictor(head["predictor"], **head.get("params", {}))
+    predictor.set_state(state)
+    return predictor, head

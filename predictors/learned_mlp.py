@@ -1,0 +1,94 @@
+"""ProMoE's learned predictor: per layer l and distance d, a two-layer MLP on the hidden state entering MoE
+layer l that scores layer l+d's experts; it predicts as many experts as asked (top-k for ProMoE's accuracy).
+
+Trained offline (torch, imported only inside fit) on the training split's tokens; inference is numpy on the
+saved weights (one [H] x [H, U] and one [U] x [U, E] product per call). The hidden width U is chosen so a network
+has about `target_params` (2M, ProMoE's size) parameters, clamped to [min_units, max_units]; the input is
+standardized with the training rows' mean and deviation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from predictors import _torchfit
+from predictors.base import Prediction, Predictor, rank_counts
+from predictors.registry import register_predictor
+from predictors.split import training_sequences
+
+
+def hidden_width(hidden_size: int, n_experts: int, target_params: int, min_units: int, max_units: int) -> int:
+    return int(np.clip(round(target_params / (hidden_size + n_experts + 1)), min_units, max_units))
+
+
+@register_predictor("learned_mlp")
+class LearnedMLPPredictor(Predictor):
+    needs = frozenset({"hidden_states"})
+    trainable = True
+
+    def __init__(self, distances=(1, 2, 3), target_params: int = 2_000_000, min_units: int = 64,
+                 max_units: int = 1024, epochs: int = 30, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 batch_size: int = 256, max_rows: int = 200_000, seed: int = 0, **params):
+        super().__init__(distances=list(distances), target_params=target_params, min_units=min_units,
+                         max_units=max_units, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                         batch_size=batch_size, max_rows=max_rows, seed=seed, **params)
+        self.distances = [int(d) for d in distances]
+        self._nets: dict[str, dict[str, np.ndarray]] = {}
+
+    def fit(self, trace, sequences) -> None:
+        self.check_trace(trace.meta)
+        meta = trace.meta
+        p = self.params
+        seqs = training_sequences(trace, sequences)
+        experts = np.concatenate([s.experts for s in seqs])
+        rows = np.concatenate([s.hidden_rows for s in seqs])
+        rng = np.random.default_rng(p["seed"])
+        for layer in range(meta.n_layers):
+            targets = [d for d in self.distances if layer + d < meta.n_layers]
+            if not targets:
+                continue
+            hidden = trace.hidden_states(layer)
+            units = hidden_width(hidden.shape[1], meta.n_experts, p["target_params"], p["min_units"],
+                                 p["max_units"])
+            for d in targets:
+                ok = np.flatnonzero((rows[:, layer] >= 0) & (experts[:, layer + d, 0] >= 0))
+                if ok.size == 0:
+                    continue
+                if ok.size > p["max_rows"]:
+                    ok = np.sort(rng.choice(ok, p["max_rows"], replace=False))
+                src = rows[ok, layer]
+                order = np.argsort(src)  # memory-mapped reads in file order
+                x = np.empty((len(ok), hidden.shape[1]), dtype=np.float32)
+                x[order] = hidden[src[order]]
+                y = _torchfit.multi_hot(experts[ok, layer + d], meta.n_experts)
+                self._nets[f"l{layer}_d{d}"] = _torchfit.train(
+                    x, y, hidden_units=units, epochs=p["epochs"], lr=p["lr"], weight_decay=p["weight_decay"],
+                    batch_size=p["batch_size"], seed=p["seed"] + 1000 * layer + d)
+
+    def get_state(self):
+        return _torchfit.pack(self._nets)
+
+    def set_state(self, state):
+        self._nets = _torchfit.unpack(state)
+
+    def n_params(self) -> dict[str, int]:
+        return {name: _torchfit.n_params(net) for name, net in self._nets.items()}
+
+    def predict(self, view, distance, future=None) -> Prediction:
+        net = self._nets.get(f"l{view.layer}_d{distance}")
+        if net is None:
+            if not self._nets:
+                raise ValueError("learned_mlp has no trained networks: fit it or load an artifact first")
+            if not any(name.endswith(f"_d{distance}") for name in self._nets):
+                raise ValueError(f"learned_mlp was trained for distances {self.distances}, not {distance}")
+            return Prediction(np.empty(0, dtype=np.int64), np.empty(0))  # layer without training rows
+        if view.hidden is None:
+            raise ValueError("learned_mlp needs view.hidden (build views with_hidden=True)")
+        scores = _softmax(_torchfit.forward(net, view.hidden)).sum(axis=0)
+        return rank_counts(scores.astype(np.float64))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)

@@ -1,0 +1,39 @@
+"""The same layer's experts of the previous token of the same sequence (token-level temporal locality)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from predictors.base import Prediction, Predictor, rank_counts
+from predictors.registry import register_predictor
+
+
+def last_present(past: np.ndarray, layer: int) -> np.ndarray | None:
+    """The experts at `layer` of the most recent earlier position that has a row there (router-rank order)."""
+    if past.shape[0] == 0:
+        return None
+    col = past[:, layer, 0]
+    idx = np.flatnonzero(col >= 0)
+    if idx.size == 0:
+        return None
+    return past[idx[-1], layer]
+
+
+@register_predictor("previous_token")
+class PreviousTokenPredictor(Predictor):
+    """For each sequence of the batch, the previous position's experts at the target layer; votes are summed
+    over the batch's sequences and ties broken by router rank. Nothing for a sequence's first batch (its prompt
+    tokens' target layer is not computed yet when the prediction is made)."""
+
+    def predict(self, view, distance, future=None) -> Prediction:
+        target = view.layer + distance
+        n_exp = view.meta.n_experts
+        k = view.meta.top_k
+        scores = np.zeros(n_exp, dtype=np.float64)
+        for seq in np.unique(view.sequences):
+            row = last_present(view.past.get(int(seq), np.empty((0,))), target)
+            if row is None:
+                continue
+            ok = row >= 0
+            scores[row[ok].astype(np.int64)] += 1.0 + (k - np.arange(k)[ok]) / (k + 1) * 1e-3
+        return rank_counts(scores)

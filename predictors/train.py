@@ -1,0 +1,81 @@
+"""`python -m predictors.train TRACE --predictor NAME --distance D --out ARTIFACT.npz [--split 0.9] [--seed S]`
+
+Fits a predictor on the training split of a trace (predictors.split: 9:1 over sequences, or over generated
+positions for a one-sequence trace) and saves it as an artifact (format in predictors.artifact). The split is
+recorded in the artifact, and `predictors.evaluate --artifact` scores only the held-out part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from predictors.artifact import save_artifact
+from predictors.base import PredictorUnavailable
+from predictors.evaluate import build_predictor, fit_on_split, parse_sets
+from predictors.registry import available_predictors
+from predictors.split import make_split
+from predictors.views import load_sequences
+from traces.errors import run_cli
+from traces.reader import Trace
+
+
+def train(trace_path: str, name: str, distance: int, out: str, *, fraction: float = 0.9, seed: int = 0,
+          folds: int = 1, fold: int = 0, params: dict | None = None, command: str = "") -> dict:
+    trace = Trace(trace_path)
+    meta = trace.meta
+    if not 1 <= distance < meta.n_layers:
+        raise ValueError(f"distance must be in [1, {meta.n_layers - 1}] for this trace, got {distance}")
+    predictor = build_predictor(name, distance, seed, params)
+    predictor.check_trace(meta)
+    seqs = load_sequences(trace)
+    split = make_split(trace, fraction, seed, folds=folds, fold=fold, sequences=seqs)
+    t0 = time.perf_counter()
+    fit_on_split(predictor, trace, split, seqs)
+    fit_s = time.perf_counter() - t0
+    header = {
+        "distance": distance,
+        "trace": {"path": str(trace.path), "model": meta.model, "n_layers": meta.n_layers,
+                  "n_experts": meta.n_experts, "top_k": meta.top_k, "hidden_size": meta.hidden_size,
+                  "has_hidden_states": meta.has_hidden_states},
+        "split": split.describe(),
+        "command": command,
+    }
+    save_artifact(out, predictor, header)
+    return {"artifact": out, "predictor": predictor.name, "distance": distance, "train_sequences": len(split.train),
+            "eval_sequences": len(split.eval), "split": split.kind, "fit_seconds": round(fit_s, 2)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m predictors.train", description=__doc__.split("\n\n")[1])
+    ap.add_argument("trace")
+    ap.add_argument("--predictor", required=True, help=f"one of: {', '.join(available_predictors())}")
+    ap.add_argument("--distance", type=int, required=True)
+    ap.add_argument("--out", required=True, help="artifact path (*.npz)")
+    ap.add_argument("--split", type=float, default=0.9, help="training fraction (default 0.9)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--folds", type=int, default=1, help="with --fold: train on all folds but one")
+    ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="predictor parameter")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    cmd = "python -m predictors.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    try:
+        res = train(args.trace, args.predictor, args.distance, args.out, fraction=args.split, seed=args.seed,
+                    folds=args.folds, fold=args.fold, params=parse_sets(args.set), command=cmd)
+    except (PredictorUnavailable, ValueError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        import json
+
+        print(json.dumps(res))
+    else:
+        print(f"wrote {res['artifact']}: {res['predictor']} d={res['distance']} fit on {res['train_sequences']} "
+              f"sequence(s) ({res['split']} split) in {res['fit_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
