@@ -1,0 +1,391 @@
+"""The discrete-event model of one run: the GPU compute stream (layer loop), the H2D link, the expert cache and
+the prefetcher, on one SimPy environment. Simulated time only; deterministic.
+
+Per batch and layer (the GPU stream, one SimPy process `gpu_stream`):
+
+1. dense part (attention, norms, gate): one timeout, merged with the previous layer's expert compute when
+   nothing can happen in between (the GPU stream is sequential, so compute that needs no copy is advanced
+   with a single timeout);
+2. at the gate: one demand lookup per unique expert of the layer (ExpertCache.lookup, in first-occurrence
+   order, as sim.access.lookup_stream), each pinned until the layer's experts are done (pins are taken lazily,
+   just before the first insert that could evict one, which is equivalent and cheaper). hit = resident and fully copied; a prefetch still queued or
+   copying is a late prefetch (a miss); otherwise a demand miss. With `early_preemption` the layer's queued
+   speculative transfers that are not needed are dropped, the needed ones raised to high priority, and every
+   demand miss is enqueued now, at high priority. With `cpu_experts`, a demand miss is computed on the CPU
+   (one CPU worker, concurrent with the GPU) when its CPU time is below copy + GPU time. The prefetcher then
+   predicts layer l+d;
+3. experts in order: ascending id, or with `reordered_inference` resident first, then in flight (copying,
+   queued high, queued low), then not started. Reaching an expert that is not resident: without early
+   preemption its demand load is issued now (or its prefetch raised to high priority); the stream waits for
+   the copy (stall). The layer ends when the GPU experts and the CPU experts are done.
+
+Copies reserve their cache slot when enqueued (evicting then, per policy) and stay pinned until they land.
+A demand miss that cannot get a slot (capacity 0, or everything pinned) is streamed through a scratch buffer
+outside the cache budget; a prefetch that cannot get one is skipped.
+"""
+
+from __future__ import annotations
+
+import simpy
+
+from predictors.base import Predictor
+from sim.cache import ExpertCache
+from sim.engine.link import Link, Transfer
+from sim.engine.metrics import Counters, finalize
+from sim.engine.prefetcher import Prefetcher
+from sim.engine.schedule import SequenceData, demand_lookups, iter_batches, layer_sets
+from sim.hardware import CostModel
+from traces.format import TraceMeta
+
+
+class Simulation:
+    def __init__(
+        self,
+        meta: TraceMeta,
+        sequences: list[SequenceData],
+        cost: CostModel,
+        *,
+        phase: str = "both",
+        batch_size: int = 1,
+        cache_capacity_bytes: int,
+        cache_scope: str = "global",
+        cache_policy: str = "lru",
+        policy_params: dict | None = None,
+        predictor: Predictor,
+        distance: int = 1,
+        top_n: int | None = None,
+        max_inflight_bytes: float | None = None,
+        predictor_cost_s: float = 0.0,
+        chunked_prefetch: bool = False,
+        chunks: int = 3,
+        early_preemption: bool = False,
+        reordered_inference: bool = False,
+        cpu_experts: bool = False,
+        trace=None,
+        record: bool = False,
+        check: bool = False,
+    ):
+        from sim.policies import policy_class
+
+        self.meta = meta
+        self.sequences = sequences
+        self.phase = phase
+        self.batch_size = batch_size
+        self.cost = cost
+        self.env = simpy.Environment()
+        future = None
+        if policy_class(cache_policy).needs_future:
+            future = demand_lookups(sequences, phase, batch_size)
+        self.cache = ExpertCache(n_layers=meta.n_layers, n_experts=meta.n_experts, expert_bytes=meta.expert_bytes,
+                                 capacity_bytes=cache_capacity_bytes, scope=cache_scope, policy=cache_policy,
+                                 policy_params=policy_params, future=future)
+        self.ready: set = set()  # cached and fully copied
+        self.inflight: dict = {}  # key -> Transfer (cached, queued or copying)
+        self.unused_pf: set = set()  # landed prefetches not yet looked up
+        self.c = Counters()
+        self.chunks = chunks if chunked_prefetch else 1
+        self.early_preemption = early_preemption
+        self.reordered = reordered_inference
+        if cpu_experts and cost.profile.cpu_expert_compute is None:
+            raise ValueError(f"cpu_experts needs a cpu_expert_compute table in profile {cost.profile.name!r}")
+        self.cpu_experts = cpu_experts
+        self.check = check
+        self.record = record
+        self.spans: list | None = [] if record else None
+        self.link_spans: list | None = [] if record else None
+        self.batch_rows: list | None = [] if record else None
+        self.link = Link(self.env, cost.copy_engines, self._landed, self.link_spans)
+        self.seq = 0
+        self.gated = (-1, -1)
+        predictor.reset()
+        self.prefetcher = Prefetcher(self, predictor, distance, top_n, max_inflight_bytes, predictor_cost_s, trace)
+        self.max_used_bytes = 0
+        # lazy pinning: the running layer's experts are pinned only once something may be inserted
+        self.cur_layer = -1
+        self.cur_ids: list | None = None  # running layer's experts, not yet pinned
+        self.pinned_ids: list | None = None  # running layer's experts, pinned
+
+    # -- cache + link glue --------------------------------------------------------------------------------------
+    def _evicted(self, victims) -> None:
+        for v in victims:
+            self.ready.discard(v)
+            if v in self.unused_pf:
+                self.unused_pf.discard(v)
+                self.c.n_prefetch_unused += 1
+
+    def start_transfer(self, key, *, speculative: bool, target=None) -> Transfer | None:
+        cache = self.cache
+        if self.cur_ids is not None:  # pin the running layer's experts before anything can be evicted
+            layer_ = self.cur_layer
+            for e in self.cur_ids:
+                cache.pin((layer_, e))
+            self.pinned_ids = self.cur_ids
+            self.cur_ids = None
+        victims = cache.insert(key)
+        if victims is None:
+            if speculative:
+                return None
+            cached = False
+        else:
+            cached = True
+            if victims:
+                self._evicted(victims)
+            cache.pin(key)
+            if self.check:
+                assert cache.used_bytes <= cache.capacity_bytes, "cache capacity exceeded"
+                self.max_used_bytes = max(self.max_used_bytes, cache.used_bytes)
+        layer = key[0]
+        n = self.chunks
+        chunk_s = self.cost.chunk_s[layer] if n > 1 else self.cost.xfer_s[layer]
+        t = Transfer(key, self.cost.expert_bytes[layer], n, chunk_s, high=not speculative, speculative=speculative,
+                     cached=cached, seq=self.seq, now=self.env.now, target=target)
+        self.seq += 1
+        if cached:
+            self.inflight[key] = t
+        if speculative:
+            self.c.prefetches += 1
+        else:
+            self.c.demand_loads += 1
+        self.link.submit(t)
+        return t
+
+    def _landed(self, t: Transfer) -> None:
+        if t.cached:
+            key = t.key
+            del self.inflight[key]
+            self.ready.add(key)
+            self.cache.unpin(key)
+            if t.speculative and not t.used:
+                self.unused_pf.add(key)
+        if t.done is not None:
+            t.done.succeed()
+
+    def _drop(self, t: Transfer) -> None:
+        self.link.drop(t)
+        if t.cached:
+            del self.inflight[t.key]
+            self.cache.unpin(t.key)
+            self.cache.remove(t.key)
+        self.c.n_prefetch_dropped += 1
+        self.c.n_prefetch_unused += 1
+
+    def _state(self, key) -> tuple:
+        """Order of reordered inference: resident, copying, queued high, queued low, not started."""
+        if key in self.ready:
+            return (0, 0)
+        t = self.inflight.get(key)
+        if t is None:
+            return (4, 0)
+        if t.t_start is not None:
+            return (1, t.t_start, t.seq)
+        return (2 if t.high else 3, t.seq)
+
+    # -- the GPU compute stream -----------------------------------------------------------------------------------
+    def _gpu_stream(self, batches):
+        """The GPU compute stream. It runs ahead of the SimPy clock: `carry` is compute time not yet yielded,
+        so the stream's own time is env.now + carry. It yields (syncs the clock) only before it touches the link
+        or the cache while some event is scheduled at or before its own time; otherwise nothing else can have
+        happened meanwhile and skipping the yield is exact. A layer whose experts are all resident while the
+        link is idle therefore costs no SimPy event at all."""
+        env = self.env
+        cache = self.cache
+        ready = self.ready
+        inflight = self.inflight
+        unused_pf = self.unused_pf
+        link = self.link
+        c = self.c
+        cost = self.cost
+        L = self.meta.n_layers
+        pf = self.prefetcher if self.prefetcher.active else None
+        ep = self.early_preemption
+        ro = self.reordered
+        cpu = self.cpu_experts
+        check = self.check
+        spans = self.spans
+        overlap_penalty = 2.0 - cost.overlap if cost.overlap < 1.0 else 1.0
+        carry = 0.0
+        timeout = env.timeout
+        peek = env.peek
+        for batch in batches:
+            T = batch.tokens
+            cost.prepare(T)
+            expert_s = cost.expert_s
+            dense_s = cost.dense_s
+            xfer_s = cost.xfer_s
+            cpu_s = cost.cpu_s
+            sets = layer_sets(batch.experts)
+            b = batch.index
+            start = env.now + carry
+            stall0, hits0, look0 = c.stall_s, c.hits, c.lookups
+            if pf is not None:
+                pf.start_batch(batch)
+            for layer in range(L):
+                ids, counts = sets[layer]
+                d = dense_s[layer][T]
+                if spans is not None:
+                    spans.append(("dense", layer, b, env.now + carry, d))
+                carry += d
+                if peek() <= env.now + carry:  # something happens before the gate: let it happen first
+                    yield timeout(carry)
+                    carry = 0.0
+                self.gated = (b, layer)
+                # -- the gate: lookups ---------------------------------------------------------------------------
+                self.cur_layer = layer
+                self.cur_ids = ids
+                self.pinned_ids = None
+                missing = None
+                for e in ids:
+                    key = (layer, e)
+                    cache.lookup(key)
+                    if key in ready:
+                        c.hits += 1
+                        if key in unused_pf:
+                            unused_pf.discard(key)
+                            c.prefetched_used += 1
+                    else:
+                        c.misses += 1
+                        t = inflight.get(key)
+                        if t is None:
+                            c.demand_misses += 1
+                        elif t.speculative and not t.used:
+                            t.used = True
+                            c.prefetched_used += 1
+                            c.n_prefetch_late += 1
+                        if missing is None:
+                            missing = [e]
+                        else:
+                            missing.append(e)
+                c.lookups += len(ids)
+                es = expert_s[layer]
+                cnt = dict(zip(ids, counts)) if counts is not None else None
+                order = sorted(ids) if len(ids) > 1 else ids
+                local: dict = {}
+                cpu_done = 0.0
+                if missing is not None:
+                    if carry:  # the link will be touched: bring the clock to the gate
+                        yield timeout(carry)
+                        carry = 0.0
+                    if ep:
+                        for t in [t for t in link.low if t.key[0] == layer]:
+                            if t.used:
+                                link.upgrade(t)
+                            else:
+                                self._drop(t)
+                    if cpu:
+                        cpu_s_l = cpu_s[layer]
+                        now = env.now
+                        for e in missing:
+                            key = (layer, e)
+                            if key in inflight:
+                                continue
+                            n = cnt[e] if cnt is not None else 1
+                            if cpu_s_l[n] < xfer_s[layer] + es[n]:
+                                s0 = max(now, self._cpu_free)
+                                self._cpu_free = s0 + cpu_s_l[n]
+                                cpu_done = self._cpu_free
+                                c.cpu_experts_computed += 1
+                                local[key] = None
+                                if spans is not None:
+                                    spans.append(("cpu", key, b, s0, cpu_s_l[n]))
+                        if local:
+                            order = [e for e in order if (layer, e) not in local]
+                    if ro:
+                        order = sorted(order, key=lambda e: self._state((layer, e)))
+                    if ep:
+                        for e in order:
+                            key = (layer, e)
+                            if key not in ready and key not in inflight:
+                                local[key] = self.start_transfer(key, speculative=False)
+                # -- the prefetcher ----------------------------------------------------------------------------------
+                if pf is not None:
+                    r = pf.predict_at_gate(layer, L)
+                    if r is not None:
+                        experts, target = r
+                        when = max(env.now + carry, pf.free_at) + pf.cost_s
+                        pf.free_at = when
+                        if when > env.now + carry:
+                            pf.schedule(experts, target, b, when - env.now)
+                        else:
+                            if carry and pf.needs_link(experts, target):
+                                yield timeout(carry)
+                                carry = 0.0
+                            pf.issue(experts, target, b)
+                # -- the experts -------------------------------------------------------------------------------------
+                for e in order:
+                    key = (layer, e)
+                    if key not in ready:
+                        if carry:  # the GPU reaches this expert only now
+                            yield timeout(carry)
+                            carry = 0.0
+                        t = local.get(key)
+                        if t is None:
+                            t = inflight.get(key)
+                        if t is None:  # not requested yet: the demand load starts when the stream gets here
+                            t = local[key] = self.start_transfer(key, speculative=False)
+                        if not t.finished:
+                            if not t.high:
+                                link.upgrade(t)
+                            if t.done is None:
+                                t.done = env.event()
+                            w = env.now
+                            yield t.done
+                            c.stall_s += env.now - w
+                    if check:
+                        assert key in ready or (local.get(key) is not None and local[key].finished), \
+                            f"expert {key} computed while not resident"
+                    x = es[cnt[e] if cnt is not None else 1]
+                    if overlap_penalty != 1.0 and link.n_busy:
+                        x *= overlap_penalty
+                    if spans is not None:
+                        spans.append(("expert", key, b, env.now + carry, x))
+                    carry += x
+                if cpu_done:
+                    gpu_end = env.now + carry
+                    if cpu_done > gpu_end:
+                        c.stall_s += cpu_done - gpu_end
+                        carry = cpu_done - env.now
+                c.layer_steps += 1
+                if self.pinned_ids is not None or pf is not None:
+                    # a prediction may issue (insert, evict) before this layer's end: keep the pins honest
+                    if carry and pf is not None and pf.pending and pf.next_issue <= env.now + carry:
+                        yield timeout(carry)
+                        carry = 0.0
+                    if self.pinned_ids is not None:
+                        for e in self.pinned_ids:
+                            cache.unpin((layer, e))
+                        self.pinned_ids = None
+                self.cur_ids = None
+            end = env.now + carry
+            dur = end - start
+            c.batches += 1
+            c.tokens += T
+            if batch.phase == "prefill":
+                c.prefill_batches += 1
+                c.prefill_s += dur
+            else:
+                c.decode_batches += 1
+                c.decode_s += dur
+            if self.batch_rows is not None:
+                self.batch_rows.append({
+                    "batch": b, "phase": batch.phase, "tokens": T, "sequences": batch.sequences.tolist(),
+                    "positions": batch.positions.tolist(), "start_ms": start * 1e3, "end_ms": end * 1e3,
+                    "duration_ms": dur * 1e3, "stall_ms": (c.stall_s - stall0) * 1e3,
+                    "lookups": c.lookups - look0, "hits": c.hits - hits0, "bytes_h2d_cum": link.bytes,
+                })
+        if carry:
+            yield timeout(carry)
+
+    def run(self) -> dict:
+        self._cpu_free = 0.0
+        max_tokens = max([len(p[1]) for s in self.sequences for p in s.prompts] + [self.batch_size, 1])
+        self.cost.prepare(max_tokens)
+        batches = iter_batches(self.sequences, self.phase, self.batch_size)
+        proc = self.env.process(self._gpu_stream(batches))
+        self.env.run(until=proc)
+        total = self.env.now
+        c = self.c
+        # prefetches still unused at the end (landed, or queued/copying and never needed)
+        c.n_prefetch_unused += len(self.unused_pf) + sum(
+            1 for t in self.inflight.values() if t.speculative and not t.used)
+        return finalize(c, total_s=total, busy_s=self.link.busy_s, bytes_h2d=self.link.bytes,
+                        bytes_demand=self.link.bytes_demand, bytes_prefetch=self.link.bytes_prefetch)

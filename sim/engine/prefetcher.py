@@ -1,0 +1,118 @@
+"""The prefetcher: asks a predictor at distance d and turns its ranking into speculative transfers.
+
+It builds a `BatchView` with only what a real system knows at the gate of layer l: the batch's routing up to
+layer l, the earlier positions of each sequence, the hidden state entering layer l if the trace has it (only
+fetched when the predictor declares `needs`), and router weights. The future is handed over only to
+predictors with `reads_future` (the oracle), as a function of the target layer.
+
+The predictor runs on the CPU, concurrently with the GPU, one call at a time: its prediction is ready at
+max(gate time, predictor free) + cost (profile's predictor_cost_us); the transfers are issued then. A
+prediction that becomes ready after its target layer's gate is discarded.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from predictors.base import BatchView, Predictor
+from sim.engine.schedule import Batch
+
+
+class Prefetcher:
+    def __init__(self, engine, predictor: Predictor, distance: int, top_n: int | None, max_inflight_bytes: float | None,
+                 cost_s: float, trace):
+        self.engine = engine
+        self.predictor = predictor
+        self.distance = distance
+        self.top_n = top_n
+        self.max_inflight = max_inflight_bytes
+        self.cost_s = cost_s
+        self.free_at = 0.0
+        self.trace = trace
+        self.meta = trace.meta if trace is not None else engine.meta
+        self.active = predictor.name != "none"
+        self.reads_future = bool(predictor.reads_future)
+        self.needs_hidden = "hidden_states" in predictor.needs and self.meta.has_hidden_states
+        self.router = None
+        if self.meta.has_router_weights and trace is not None:
+            self.router = trace.router_weights
+        self.pending = 0  # predictions computed but not yet issued (their inserts are in the future)
+        self._times: deque[float] = deque()
+        self.next_issue = float("inf")
+        self._hidden_cache: dict[int, np.ndarray] = {}
+        self._batch: Batch | None = None
+        self._future = None
+
+    def start_batch(self, batch: Batch) -> None:
+        self._batch = batch
+        if self.reads_future:
+            experts = batch.experts
+            self._future = lambda layer: experts[:, layer, :]
+
+    def _hidden(self, batch: Batch, layer: int):
+        if not self.needs_hidden or batch.hidden_rows is None:
+            return None
+        arr = self._hidden_cache.get(layer)
+        if arr is None:
+            arr = self._hidden_cache[layer] = self.trace.hidden_states(layer)
+        rows = batch.hidden_rows[:, layer]
+        return np.asarray(arr[rows], dtype=np.float32) if (rows >= 0).all() else None
+
+    def predict_at_gate(self, layer: int, n_layers: int):
+        """At the gate of `layer`: observe, then predict layer + d. Returns (experts best first, target) or None."""
+        batch = self._batch
+        view = BatchView(self.meta, layer, batch.sequences, batch.positions, batch.experts[:, : layer + 1],
+                         batch.past, batch.phase, self._hidden(batch, layer), self.router)
+        pred = self.predictor
+        pred.observe(view)
+        target = layer + self.distance
+        if target >= n_layers:
+            return None
+        p = pred.predict(view, self.distance, self._future if self.reads_future else None)
+        n = self.top_n if self.top_n is not None else self.meta.top_k * batch.tokens
+        experts = p.experts[:n].tolist()
+        return (experts, target) if experts else None
+
+    def needs_link(self, experts: list[int], target: int) -> bool:
+        """Whether issuing these would start a transfer (else it only refreshes resident experts)."""
+        ready, inflight = self.engine.ready, self.engine.inflight
+        return any((target, e) not in ready and (target, e) not in inflight for e in experts)
+
+    def schedule(self, experts, target, batch_key, delay: float) -> None:
+        """Issue after `delay` (the predictor's CPU time)."""
+        env = self.engine.env
+        self.pending += 1
+        when = env.now + delay
+        self._times.append(when)
+        self.next_issue = self._times[0]
+        ev = env.timeout(delay)
+        ev.callbacks.append(lambda _e, ex=experts, t=target, b=batch_key: self._delayed(ex, t, b))
+
+    def _delayed(self, experts, target, batch_key) -> None:
+        self.pending -= 1
+        self._times.popleft()
+        self.next_issue = self._times[0] if self._times else float("inf")
+        self.issue(experts, target, batch_key)
+
+    def issue(self, experts: list[int], target: int, batch_key: int) -> None:
+        eng = self.engine
+        if (batch_key, target) <= eng.gated:  # its layer already passed the gate: too late to matter
+            return
+        cache = eng.cache
+        ready = eng.ready
+        inflight = eng.inflight
+        link = eng.link
+        bound = self.max_inflight
+        nbytes = eng.cost.expert_bytes[target]
+        for e in experts:
+            key = (target, e)
+            if key in ready:
+                cache.touch(key)  # a prefetch of a resident expert refreshes it (ProMoE)
+                continue
+            if key in inflight:
+                continue
+            if bound is not None and link.pending_bytes + nbytes > bound:
+                break
+            eng.start_transfer(key, speculative=True, target=(batch_key, target))

@@ -1,0 +1,134 @@
+"""One simulation: `python -m sim.run CONFIG [--set key=value ...] [--json]`.
+
+CONFIG is a single-run YAML (see sim/config.py for the keys and configs/examples/ for examples). Prints the
+metrics (DESIGN.md's names, then counts); `--json` prints one JSON object. `--set timeline=PATH` and
+`--set chrome_trace=PATH` also write a per-batch Parquet timeline and a Chrome/Perfetto trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from sim.config import RunConfig, load_config, parse_sets
+from sim.engine import Simulation
+from sim.engine.metrics import METRIC_NAMES
+from sim.engine.schedule import load_sequences
+from sim.hardware import CostModel, load_profile
+from traces.errors import TraceError, run_cli
+from traces.reader import Trace
+
+_TRACES: dict[str, Trace] = {}
+_SEQS: dict[tuple, list] = {}
+
+
+def _trace(path: Path) -> Trace:
+    key = str(path)
+    if key not in _TRACES:
+        _TRACES.clear()
+        _SEQS.clear()
+        _TRACES[key] = Trace(path)
+    return _TRACES[key]
+
+
+def _sequences(trace: Trace, cfg: RunConfig):
+    key = (str(trace.path), cfg.phase, cfg.max_sequences, cfg.max_decode_tokens)
+    if key not in _SEQS:
+        if len(_SEQS) > 8:
+            _SEQS.clear()
+        _SEQS[key] = load_sequences(trace, cfg.phase, cfg.max_sequences, cfg.max_decode_tokens)
+    return _SEQS[key]
+
+
+def build_simulation(cfg: RunConfig, *, record: bool = False, check: bool = False) -> Simulation:
+    from predictors.base import PredictorUnavailable
+    from predictors.registry import make_predictor
+    from sim.cache import ExpertCache
+
+    trace = _trace(cfg.resolve_trace())
+    meta = trace.meta
+    profile = load_profile(cfg.hardware, Path(cfg.base_dir) if cfg.base_dir else None)
+    cost = CostModel(profile, meta, pinned=cfg.pinned_memory, chunks=cfg.prefetch.chunks if cfg.chunked_prefetch else 1)
+    try:
+        capacity = ExpertCache.resolve_capacity_bytes(
+            expert_bytes=meta.expert_bytes, n_experts=meta.n_experts, capacity_mib=cfg.cache.capacity_mib,
+            capacity_experts=cfg.cache.capacity_experts, cache_rate=cfg.cache.cache_rate)
+    except ValueError as exc:
+        raise TraceError(str(exc), where="field 'cache'") from None
+    try:
+        predictor = make_predictor(cfg.prefetch.predictor, **cfg.prefetch.predictor_params)
+    except (ValueError, TypeError) as exc:
+        raise TraceError(str(exc), where="field 'prefetch.predictor'") from None
+    try:
+        predictor.check_trace(meta)
+    except PredictorUnavailable as exc:
+        raise TraceError(str(exc), where="field 'prefetch.predictor'") from None
+    seqs = _sequences(trace, cfg)
+    inflight = cfg.prefetch.max_inflight_mib * (1 << 20) if cfg.prefetch.max_inflight_mib is not None else None
+    try:
+        return Simulation(
+            meta, seqs, cost, phase=cfg.phase, batch_size=cfg.batch_size, cache_capacity_bytes=capacity,
+            cache_scope=cfg.cache.scope, cache_policy=cfg.cache.policy, policy_params=cfg.cache.policy_params,
+            predictor=predictor, distance=cfg.prefetch.distance, top_n=cfg.prefetch.top_n,
+            max_inflight_bytes=inflight, predictor_cost_s=profile.predictor_cost_s(cfg.prefetch.predictor),
+            chunked_prefetch=cfg.chunked_prefetch, chunks=cfg.prefetch.chunks,
+            early_preemption=cfg.early_preemption, reordered_inference=cfg.reordered_inference,
+            cpu_experts=cfg.cpu_experts, trace=trace, record=record, check=check)
+    except (ValueError, TypeError) as exc:
+        raise TraceError(str(exc), where="field 'cache.policy'") from None
+
+
+def run_config(cfg: RunConfig, *, check: bool = False) -> dict:
+    """Run one config; write the timeline/Chrome trace if the config asks for them. Returns the metrics."""
+    record = bool(cfg.timeline or cfg.chrome_trace)
+    sim = build_simulation(cfg, record=record, check=check)
+    metrics = sim.run()
+    if record:
+        from sim.timeline import write_chrome_trace, write_timeline
+
+        base = Path(cfg.base_dir) if cfg.base_dir else Path.cwd()
+        if cfg.timeline:
+            write_timeline(sim, _out_path(cfg.timeline, base))
+        if cfg.chrome_trace:
+            write_chrome_trace(sim, _out_path(cfg.chrome_trace, base))
+    return metrics
+
+
+def _out_path(p: str, base: Path) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() else Path.cwd() / path
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sim.run", description=__doc__.splitlines()[0])
+    ap.add_argument("config", help="single-run YAML config")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                    help="override a config key (dotted, e.g. cache.policy=lfu); repeatable")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, parse_sets(args.set))
+    metrics = run_config(cfg)
+    if args.json:
+        print(json.dumps({"config": cfg.flat(), "run_id": cfg.run_hash(), "metrics": metrics}))
+    else:
+        for k in METRIC_NAMES:
+            print(f"{k:20s} {_fmt(metrics[k])}")
+        for k, v in metrics.items():
+            if k not in METRIC_NAMES:
+                print(f"{k:20s} {_fmt(v)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
