@@ -23,7 +23,7 @@ from predictors.metrics import Scorer, clean
 from predictors.registry import _REGISTRY, _load_all, available_predictors, make_predictor
 from predictors.split import Split, TrainingTrace, make_split
 from predictors.views import HiddenSource, iter_batches, load_sequences, replay
-from traces.errors import TraceError, run_cli
+from traces.errors import run_cli
 from traces.reader import Trace
 
 

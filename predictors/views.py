@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from predictors.base import BatchView, Predictor, Prediction
+from predictors.base import BatchView, Prediction, Predictor
 from traces.format import PHASES
 
 _PHASE_ORDER = {p: i for i, p in enumerate(PHASES)}
