@@ -1,0 +1,595 @@
+"""Miss-ratio curves: the hit rate of a policy at every cache size, from the demand lookup stream.
+
+    python -m sim.mrc TRACE --policies lru,belady,fifo,lfu [--scope global|per_layer] [--unit experts|bytes]
+                      [--phase both|prefill|decode] [--batch-size B] [--points N | --capacities C,C,...] [--json]
+
+JSON: {"unit": "experts"|"bytes", "scope": ..., "lookups": N, "policies": {"lru": {"capacity": [...],
+"hit_rate": [...], "method": ..., "exact": bool}, ...}}. `capacity` is the TOTAL cache size (experts, or bytes);
+in per_layer scope each layer gets capacity // n_layers of it, as in ExpertCache.
+
+Semantics. The curves are those of `sim.cache.ExpertCache` driven by the demand stream of `sim.access` with
+`hit = cache.lookup(k); if not hit: cache.insert(k)` and no pins and no prefetch (touches). Lookups are unique
+within a (layer, batch), so the rule "an expert of the running batch is never evicted" changes nothing for LRU
+whenever the cache can hold the largest (layer, batch) group (those experts are the most recent ones; below that
+size the batch cannot run from the cache at all). For Belady, pinning the running batch can change its choices;
+the curve is the unpinned optimum, an upper bound of the pinned one.
+
+Methods (the `method` key):
+- `lru`, method "stack": one pass computes, for every lookup, the smallest capacity at which it hits (the LRU
+  stack distance, Mattson et al. 1970: distinct keys since the previous lookup of the key, plus one; in bytes the
+  sizes of those keys plus its own size), counted with a bitmap over time with popcounts (numba when installed,
+  numpy/Python otherwise). Exact for every size in experts. In bytes with unequal sizes (Gemma, Qwen3 here) the
+  LRU cache content is always the longest prefix of the recency stack that fits, so the byte stack distance is
+  exact for every capacity >= the largest expert (smaller capacities cannot hold the larger experts at all and are
+  not on the curve except 0).
+- `belady`, method "opt-stack": Mattson et al.'s OPT stack algorithm (priority = sooner next use) gives every
+  lookup's smallest hitting capacity under demand MIN (a missed key is always inserted; Belady with
+  farthest-next-use eviction), for all sizes in one pass. Exact in experts; in per_layer scope exact in bytes too
+  (sizes are uniform within a layer); in global scope with unequal sizes no stack algorithm exists (byte-optimal
+  caching is NP-hard), so it is simulated at each capacity with ExpertCache's belady policy (method
+  "simulated", exact: false, i.e. farthest-next-use, not the byte optimum).
+- every other policy (fifo, lfu, static, lcs:NAME, ...): ExpertCache simulated at each capacity of the grid
+  (`--points`, default 16 evenly spaced sizes, or `--capacities`), method "simulated".
+Exact curves are step functions: by default their capacities are the step points (every size up to saturation
+in experts); with --points/--capacities they are evaluated at those sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.access import PHASE_SELECT, LookupStream, lookup_stream
+from traces.errors import TraceError, run_cli
+
+INF = np.iinfo(np.int64).max
+UNITS = ("experts", "bytes")
+SCOPES = ("global", "per_layer")
+EXACT = ("lru", "belady")
+
+# ---------------------------------------------------------------------------------------------------------------
+# kernels: smallest hitting capacity per lookup
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def lru_hit_capacity_py(ids: np.ndarray, cls: np.ndarray, sizes: np.ndarray, n_ids: int) -> np.ndarray:
+    """Reference version (pure Python + a Fenwick tree over time): for each lookup t of key ids[t] (0..n_ids-1)
+    in size class cls[t] (size sizes[cls]), the total size of the distinct keys looked up since its previous
+    lookup plus its own size; INF for a first lookup."""
+    n = len(ids)
+    tree = [0] * (n + 1)
+    last = [-1] * n_ids
+    out = np.full(n, INF, dtype=np.int64)
+    w_all = sizes[cls].tolist() if n else []
+    ids_l = ids.tolist()
+    for t in range(n):
+        k = ids_l[t]
+        w = w_all[t]
+        p = last[k]
+        if p >= 0:
+            s = 0
+            i = t
+            while i > 0:
+                s += tree[i]
+                i -= i & -i
+            i = p + 1
+            while i > 0:
+                s -= tree[i]
+                i -= i & -i
+            out[t] = s + w
+            i = p + 1
+            while i <= n:
+                tree[i] -= w
+                i += i & -i
+        i = t + 1
+        while i <= n:
+            tree[i] += w
+            i += i & -i
+        last[k] = t
+    return out
+
+
+def opt_hit_capacity_py(ids: np.ndarray, next_use: np.ndarray, n_ids: int) -> np.ndarray:
+    """Mattson et al.'s OPT stack (unit sizes): each lookup's smallest hitting capacity under demand MIN.
+
+    Stack order is priority (sooner next use = higher). On a lookup of x at depth d (len(stack) for a miss), x goes
+    on top, the former top is carried down, and at each level i < d the carried item and the one there swap when
+    the one there is used later; the carried item lands in x's former slot. The carried items are the running
+    maxima ('records') of next-use time along the stack, so one update is a rotation over those records."""
+    n = len(ids)
+    stack = np.empty(n_ids, dtype=np.int64)
+    prio = np.empty(n_ids, dtype=np.int64)
+    seen = np.zeros(n_ids, dtype=bool)
+    depth = 0
+    out = np.full(n, INF, dtype=np.int64)
+    for t in range(n):
+        k = ids[t]
+        if seen[k]:
+            d = int(np.flatnonzero(stack[:depth] == k)[0])
+            out[t] = d + 1
+        else:
+            seen[k] = True
+            d = depth
+            depth += 1
+        if d > 0:
+            seg = prio[:d]
+            run = np.maximum.accumulate(seg)
+            rec = np.flatnonzero(np.r_[True, seg[1:] > run[:-1]])
+            moved_s = stack[rec].copy()
+            moved_p = prio[rec].copy()
+            dst = np.r_[rec[1:], d]
+            stack[dst] = moved_s
+            prio[dst] = moved_p
+        stack[0] = k
+        prio[0] = next_use[t]
+    return out
+
+
+try:
+    import numba
+    from numba.core import types as _nbtypes
+    from numba.extending import intrinsic as _intrinsic
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - depends on the environment
+    HAVE_NUMBA = False
+
+if HAVE_NUMBA:
+    _ONE = np.uint64(1)
+    _ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+    @_intrinsic
+    def _ctpop(typingctx, x):  # pragma: no cover - compiled
+        sig = _nbtypes.uint64(_nbtypes.uint64)
+
+        def codegen(context, builder, signature, args):
+            fn = builder.module.declare_intrinsic("llvm.ctpop", [args[0].type])
+            return builder.call(fn, args)
+
+        return sig, codegen
+
+    @numba.njit(inline="always")
+    def _pc(x):  # pragma: no cover - compiled
+        return np.int64(_ctpop(x))
+
+    @numba.njit(inline="always")
+    def _live_between(words, sb, lo, hi):  # pragma: no cover - compiled
+        """Set bits at positions lo..hi (inclusive); sb counts the set bits of each 64-word superblock."""
+        if lo > hi:
+            return 0
+        wl = lo >> 6
+        wh = hi >> 6
+        if wl == wh:
+            return _pc(words[wl] & (_ALL << np.uint64(lo & 63)) & (_ALL >> np.uint64(63 - (hi & 63))))
+        s = _pc(words[wl] & (_ALL << np.uint64(lo & 63))) + _pc(words[wh] & (_ALL >> np.uint64(63 - (hi & 63))))
+        a = wl + 1
+        b = wh - 1
+        if b - a < 128:
+            for w in range(a, b + 1):
+                s += _pc(words[w])
+            return s
+        sa = (a + 63) >> 6
+        sbb = (b + 1) >> 6
+        for w in range(a, sa << 6):
+            s += _pc(words[w])
+        for q in range(sa, sbb):
+            s += sb[q]
+        for w in range(sbb << 6, b + 1):
+            s += _pc(words[w])
+        return s
+
+    @numba.njit(cache=True, nogil=True)
+    def lru_hit_capacity_nb(ids, cls, sizes, n_ids):  # pragma: no cover - compiled; tested against the Python one
+        """As lru_hit_capacity_py. One bitmap per size class marks, at each key's latest lookup, that the key is
+        live; the distance is a popcount over (previous lookup, now), with per-4096 counts to skip long ranges.
+        Cost O(gap/64) word popcounts per lookup, bounded by O(64 + N/4096)."""
+        n = ids.shape[0]
+        n_cls = sizes.shape[0]
+        nw = (n >> 6) + 1
+        words = np.zeros((n_cls, nw), np.uint64)
+        sb = np.zeros((n_cls, (nw >> 6) + 1), np.int64)
+        last = np.full(n_ids, -1, np.int64)
+        out = np.full(n, INF, np.int64)
+        for t in range(n):
+            k = ids[t]
+            c = cls[t]
+            p = last[k]
+            if p >= 0:
+                tot = sizes[c]
+                for q in range(n_cls):
+                    tot += _live_between(words[q], sb[q], p + 1, t - 1) * sizes[q]
+                out[t] = tot
+                words[c, p >> 6] &= ~(_ONE << np.uint64(p & 63))
+                sb[c, p >> 12] -= 1
+            words[c, t >> 6] |= _ONE << np.uint64(t & 63)
+            sb[c, t >> 12] += 1
+            last[k] = t
+        return out
+
+    @numba.njit(cache=True, nogil=True)
+    def opt_hit_capacity_nb(ids, next_use, n_ids):  # pragma: no cover - compiled; tested against the Python one
+        n = ids.shape[0]
+        stack = np.empty(n_ids, np.int64)
+        prio = np.empty(n_ids, np.int64)
+        seen = np.zeros(n_ids, np.bool_)
+        depth = 0
+        out = np.full(n, INF, np.int64)
+        for t in range(n):
+            k = ids[t]
+            if seen[k]:
+                d = 0
+                while stack[d] != k:
+                    d += 1
+                out[t] = d + 1
+            else:
+                seen[k] = True
+                d = depth
+                depth += 1
+            if d > 0:
+                cs = stack[0]
+                cp = prio[0]
+                for i in range(1, d):
+                    if prio[i] > cp:
+                        ts = stack[i]
+                        tp = prio[i]
+                        stack[i] = cs
+                        prio[i] = cp
+                        cs = ts
+                        cp = tp
+                stack[d] = cs
+                prio[d] = cp
+            stack[0] = k
+            prio[0] = next_use[t]
+        return out
+
+    BACKEND = "numba"
+    lru_hit_capacity = lru_hit_capacity_nb
+    opt_hit_capacity = opt_hit_capacity_nb
+else:  # pragma: no cover
+    BACKEND = "python"
+    lru_hit_capacity = lru_hit_capacity_py
+    opt_hit_capacity = opt_hit_capacity_py
+
+
+def next_use(ids: np.ndarray) -> np.ndarray:
+    """For each position, the position of the next lookup of the same key (INF if none). Vectorized."""
+    n = len(ids)
+    order = np.argsort(ids, kind="stable")
+    out = np.full(n, INF, dtype=np.int64)
+    if n > 1:
+        same = ids[order[1:]] == ids[order[:-1]]
+        out[order[:-1][same]] = order[1:][same]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# curves
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Exact:
+    """An exact step curve: hits(C) = sum over parts of #{h <= cap_of_part(C)}; parts are (sorted h, divisor)."""
+
+    parts: list[tuple[np.ndarray, int]]  # (sorted finite hit capacities in part units, part size in units)
+    n_layers_split: int  # 1 for global, n_layers for per_layer (each part gets C // n_layers)
+    lookups: int
+
+    def hits(self, capacity: np.ndarray) -> np.ndarray:
+        capacity = np.asarray(capacity, dtype=np.int64)
+        share = capacity // self.n_layers_split
+        total = np.zeros(len(capacity), dtype=np.int64)
+        for h, unit in self.parts:
+            total += np.searchsorted(h, share // unit, side="right")
+        return total
+
+    def breakpoints(self) -> np.ndarray:
+        pts = [np.zeros(1, dtype=np.int64)]
+        for h, unit in self.parts:
+            pts.append(np.unique(h) * unit * self.n_layers_split)
+        return np.unique(np.concatenate(pts))
+
+
+def _classes(stream: LookupStream, unit: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per lookup: size-class index, and the class sizes (1 for experts)."""
+    if unit == "experts" or len(stream) == 0:
+        return np.zeros(len(stream), dtype=np.int64), np.ones(1, dtype=np.int64)
+    sizes, inv = np.unique(np.asarray(stream.expert_bytes, dtype=np.int64), return_inverse=True)
+    return inv.astype(np.int64)[stream.layer], sizes.astype(np.int64)
+
+
+def _exact_curve(stream: LookupStream, policy: str, scope: str, unit: str) -> _Exact | None:
+    """The exact step curve of lru or belady, or None where no exact one-pass method applies."""
+    n = len(stream)
+    if scope == "global":
+        ids = stream.keys
+        n_ids = stream.n_layers * stream.n_experts
+        if policy == "lru":
+            cls, sizes = _classes(stream, unit)
+            h = lru_hit_capacity(ids, cls, sizes, n_ids)
+            return _Exact([(np.sort(h[h != INF]), 1)], 1, n)
+        uniform = unit == "experts" or len(set(stream.expert_bytes)) == 1
+        if not uniform:
+            return None
+        h = opt_hit_capacity(ids, next_use(ids), n_ids)
+        unit_size = 1 if unit == "experts" else stream.expert_bytes[0]
+        return _Exact([(np.sort(h[h != INF]), unit_size)], 1, n)
+    # per_layer: independent streams; counts per layer, capacity per layer = (C // L) // size
+    parts = []
+    for layer in range(stream.n_layers):
+        sel = stream.layer == layer
+        ids = stream.expert[sel].astype(np.int64)
+        if policy == "lru":
+            h = lru_hit_capacity(ids, np.zeros(len(ids), np.int64), np.ones(1, np.int64), stream.n_experts)
+        else:
+            h = opt_hit_capacity(ids, next_use(ids), stream.n_experts)
+        size = 1 if unit == "experts" else int(stream.expert_bytes[layer])
+        parts.append((np.sort(h[h != INF]), size))
+    return _Exact(parts, stream.n_layers, n)
+
+
+def saturation_capacity(stream: LookupStream, scope: str, unit: str) -> int:
+    """The smallest total capacity that holds every key the stream looks up (in its scope)."""
+    keys = np.unique(stream.keys)
+    layers = keys // stream.n_experts
+    size = np.ones(len(keys), np.int64) if unit == "experts" else np.asarray(stream.expert_bytes, np.int64)[layers]
+    if scope == "global":
+        return int(size.sum())
+    per_layer = np.bincount(layers, weights=size, minlength=stream.n_layers)
+    return int(per_layer.max() * stream.n_layers) if len(per_layer) else 0
+
+
+def simulate_hits(stream: LookupStream, policy: str, capacity: int, *, scope: str = "global",
+                  unit: str = "experts", policy_params: dict | None = None) -> int:
+    """Demand hits of ExpertCache with this policy at one capacity (lookup; insert on a miss; no pins)."""
+    from sim.cache import ExpertCache
+
+    sizes = [1] * stream.n_layers if unit == "experts" else stream.expert_bytes
+    future = stream.key_tuples()
+    params = dict(policy_params or {})
+    if policy == "static" and "hot" not in params and "profile" not in params:
+        params["profile"] = future  # oracle static set: fitted on the evaluated stream
+    cache = ExpertCache(n_layers=stream.n_layers, n_experts=stream.n_experts, expert_bytes=sizes,
+                        capacity_bytes=int(capacity), scope=scope, policy=policy, policy_params=params,
+                        future=future)
+    lookup, insert = cache.lookup, cache.insert
+    for k in future:
+        if not lookup(k):
+            insert(k)
+    return cache.stats.hits
+
+
+def _grid(stream: LookupStream, scope: str, unit: str, points: int) -> np.ndarray:
+    top = saturation_capacity(stream, scope, unit)
+    if unit == "bytes":
+        low = max(stream.expert_bytes) * (stream.n_layers if scope == "per_layer" else 1)
+    else:
+        low = stream.n_layers if scope == "per_layer" else 1
+    if top <= low:
+        return np.array([top], dtype=np.int64)
+    return np.unique(np.linspace(low, top, max(2, points)).round().astype(np.int64))
+
+
+def compute_mrc(stream: LookupStream, policies: Sequence[str], *, scope: str = "global", unit: str = "experts",
+                points: int | None = None, capacities: Sequence[int] | None = None,
+                policy_params: dict[str, dict] | None = None) -> dict:
+    """Hit-rate curves of several policies on one lookup stream (see the module docstring). JSON-ready."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+    n = len(stream)
+    out: dict = {"unit": unit, "scope": scope, "lookups": n, "backend": BACKEND, "policies": {}}
+    grid = None
+    if capacities is not None:
+        grid = np.asarray(sorted(set(int(c) for c in capacities)), dtype=np.int64)
+    elif points is not None:
+        grid = _grid(stream, scope, unit, points)
+    for policy in policies:
+        exact = _exact_curve(stream, policy, scope, unit) if policy in EXACT else None
+        if exact is not None:
+            caps = grid if grid is not None else exact.breakpoints()
+            if grid is None and unit == "bytes" and scope == "global":
+                big = max(stream.expert_bytes)
+                caps = caps[(caps == 0) | (caps >= big)]  # below the largest expert the curve is not defined
+            hits = exact.hits(caps)
+            method = "stack" if policy == "lru" else "opt-stack"
+        else:
+            caps = grid if grid is not None else _grid(stream, scope, unit, 16)
+            params = (policy_params or {}).get(policy)
+            hits = np.array([simulate_hits(stream, policy, int(c), scope=scope, unit=unit, policy_params=params)
+                             for c in caps], dtype=np.int64)
+            method = "simulated"
+        out["policies"][policy] = {
+            "capacity": [int(c) for c in caps],
+            "hit_rate": [float(h) / n if n else 0.0 for h in hits],
+            "method": method,
+            "exact": method != "simulated" or policy not in EXACT,
+        }
+        if policy == "belady" and method == "simulated":
+            out["policies"][policy]["note"] = "farthest-next-use with unequal sizes: a heuristic, not the byte optimum"
+    return out
+
+
+def hit_rate_at(curve: dict, capacity: float) -> float:
+    """Evaluate a step curve from compute_mrc (capacity list + hit_rate list) at a capacity."""
+    caps = np.asarray(curve["capacity"])
+    i = int(np.searchsorted(caps, capacity, side="right")) - 1
+    return float(curve["hit_rate"][i]) if i >= 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# libCacheSim on our stream
+# ---------------------------------------------------------------------------------------------------------------
+
+_ORACLE = np.dtype([("t", "<u4"), ("id", "<u8"), ("size", "<u4"), ("next", "<i8")])
+
+
+def _oracle_records(obj_ids: np.ndarray, obj_sizes: np.ndarray) -> np.ndarray:
+    n = len(obj_ids)
+    rec = np.empty(n, dtype=_ORACLE)
+    rec["t"] = np.arange(n, dtype=np.uint32)
+    rec["id"] = obj_ids
+    rec["size"] = obj_sizes
+    nu = next_use(obj_ids.astype(np.int64))
+    rec["next"] = np.where(nu == INF, -1, nu)
+    return rec
+
+
+def run_libcachesim(stream: LookupStream, algo: str, capacity: int, *, scope: str = "global",
+                    unit: str = "experts", **algo_params) -> dict:
+    """Run libCacheSim's own simulator (C trace reader + cache.process_trace) on our lookup stream at one size.
+
+    The stream is written as libCacheSim's oracleGeneral binary records (object id = key + 1, size = 1 or the
+    expert's bytes, next access time for Belady-type algorithms) to a temporary file. Per_layer scope runs one
+    cache of capacity // n_layers per layer on that layer's lookups. Returns hits, hit_rate, the end-to-end time
+    (building the records, writing, reading, simulating) and the simulation-only time, with accesses/s for both.
+    """
+    import libcachesim
+
+    from sim.policies.libcachesim_adapter import make_libcachesim_cache
+
+    if unit not in UNITS or scope not in SCOPES:
+        raise ValueError(f"bad unit/scope {unit!r}/{scope!r}")
+    t0 = time.perf_counter()
+    sizes = np.ones(len(stream), np.uint32) if unit == "experts" else stream.sizes.astype(np.uint32)
+    keys = stream.keys + 1
+    if scope == "global":
+        jobs = [(np.ones(len(stream), bool), int(capacity))]
+    else:
+        jobs = [(stream.layer == layer, int(capacity) // stream.n_layers) for layer in range(stream.n_layers)]
+    hits = 0
+    sim_s = 0.0
+    with tempfile.TemporaryDirectory(prefix="lcs-") as tmp:
+        for i, (sel, cap) in enumerate(jobs):
+            n_sel = int(sel.sum())
+            if n_sel == 0:
+                continue
+            path = os.path.join(tmp, f"part{i}.oracleGeneral")
+            _oracle_records(keys[sel], sizes[sel]).tofile(path)
+            if cap <= 0:
+                continue
+            reader = libcachesim.TraceReader(path, libcachesim.TraceType.ORACLE_GENERAL_TRACE)
+            cache = make_libcachesim_cache(algo, cap, n_objects=stream.n_layers * stream.n_experts, **algo_params)
+            s0 = time.perf_counter()
+            miss_ratio, _ = cache.process_trace(reader)
+            sim_s += time.perf_counter() - s0
+            hits += n_sel - int(round(miss_ratio * n_sel))
+    total_s = time.perf_counter() - t0
+    n = len(stream)
+    return {"algo": algo, "capacity": int(capacity), "unit": unit, "scope": scope, "lookups": n, "hits": hits,
+            "hit_rate": hits / n if n else 0.0, "seconds": total_s, "sim_seconds": sim_s,
+            "accesses_per_s": n / total_s if total_s else float("inf"),
+            "sim_accesses_per_s": n / sim_s if sim_s else float("inf")}
+
+
+def bench_mrc(trace_path, *, repeats: int = 7, phase: str = "both") -> dict:
+    """Speed of the all-sizes LRU MRC against libCacheSim's LRU at one size, on one core, same lookup stream.
+
+    Both sides start from the in-memory lookup stream: the MRC computes every lookup's stack distance and the
+    hit rate at every size; libCacheSim builds its oracleGeneral records, writes and reads them, and simulates one
+    size (half the distinct keys). Best of `repeats` (after a warm-up that also compiles the numba kernel).
+    Keys: mrc_accesses_per_s, libcachesim_accesses_per_s (end to end, as above), mrc_speedup_vs_libcachesim;
+    plus libcachesim_sim_accesses_per_s and mrc_speedup_vs_libcachesim_sim (process_trace alone, the stricter
+    comparison)."""
+    stream = lookup_stream(trace_path, phase=phase)
+    n = len(stream)
+    size = max(1, len(np.unique(stream.keys)) // 2)
+
+    def mrc_once():
+        curve = _exact_curve(stream, "lru", "global", "experts")
+        caps = curve.breakpoints()
+        return curve.hits(caps)
+
+    mrc_once()
+    run_libcachesim(stream, "LRU", size)
+    mrc_s = min(_timed(mrc_once) for _ in range(repeats))
+    lcs = [run_libcachesim(stream, "LRU", size) for _ in range(repeats)]
+    lcs_s = min(r["seconds"] for r in lcs)
+    lcs_sim_s = min(r["sim_seconds"] for r in lcs)
+    return {
+        "mrc_accesses_per_s": n / mrc_s,
+        "libcachesim_accesses_per_s": n / lcs_s,
+        "mrc_speedup_vs_libcachesim": lcs_s / mrc_s,
+        "libcachesim_sim_accesses_per_s": n / lcs_sim_s,
+        "mrc_speedup_vs_libcachesim_sim": lcs_sim_s / mrc_s,
+        "mrc_accesses": n,
+        "mrc_backend": BACKEND,
+    }
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sim.mrc", description="hit rate at every cache size, one pass")
+    ap.add_argument("trace", help="trace directory")
+    ap.add_argument("--policies", default="lru,belady", help="comma-separated (lru, belady, fifo, lfu, lcs:S3FIFO...)")
+    ap.add_argument("--scope", choices=SCOPES, default="global")
+    ap.add_argument("--unit", choices=UNITS, default="experts")
+    ap.add_argument("--phase", choices=sorted(PHASE_SELECT), default="both")
+    ap.add_argument("--batch-size", type=int, default=1, help="decode batch size (sequences per forward pass)")
+    grid = ap.add_mutually_exclusive_group()
+    grid.add_argument("--points", type=int, help="evaluate every policy at N evenly spaced sizes")
+    grid.add_argument("--capacities", help="comma-separated sizes (in --unit) to evaluate")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+
+    from sim.policies import policy_class
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if not policies:
+        raise TraceError("--policies is empty")
+    for p in policies:
+        try:
+            policy_class(p)
+        except ValueError as exc:
+            raise TraceError(str(exc), where="--policies") from None
+    capacities = None
+    if args.capacities:
+        try:
+            capacities = [int(float(c)) for c in args.capacities.split(",") if c.strip()]
+        except ValueError:
+            raise TraceError(f"not a list of numbers: {args.capacities!r}", where="--capacities") from None
+    if args.batch_size < 1:
+        raise TraceError("must be >= 1", where="--batch-size")
+    if args.points is not None and args.points < 1:
+        raise TraceError("must be >= 1", where="--points")
+    stream = lookup_stream(args.trace, phase=args.phase, batch_size=args.batch_size)
+    if len(stream) == 0:
+        raise TraceError(f"no lookups in phase {args.phase!r}", path=args.trace)
+    result = compute_mrc(stream, policies, scope=args.scope, unit=args.unit, points=args.points,
+                         capacities=capacities)
+    result.update(trace=str(args.trace), phase=args.phase, batch_size=args.batch_size)
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{args.trace}: {len(stream)} lookups, scope {args.scope}, unit {args.unit}, phase {args.phase}")
+    top = saturation_capacity(stream, args.scope, args.unit)
+    show = [int(round(top * f)) for f in (0.05, 0.1, 0.25, 0.5, 0.75, 1.0)]
+    print("capacity    " + "".join(f"{p:>12}" for p in policies))
+    for c in show:
+        row = "".join(f"{hit_rate_at(result['policies'][p], c):>12.4f}" for p in policies)
+        print(f"{c:<12}" + row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
