@@ -61,6 +61,34 @@ def fit_on_split(predictor: Predictor, trace: Trace, split: Split, sequences=Non
         predictor.fit(TrainingTrace(trace, split, sequences), list(split.train))
 
 
+def prepare(trace: Trace | str, name: str, distance: int, *, params: dict | None = None,
+            artifact: str | None = None, fraction: float = 0.9, seed: int = 0) -> tuple[Predictor, Split]:
+    """A predictor ready to run on `trace`, and the split that says where it may be run (for the simulator).
+
+    With `artifact`, the trained predictor and the split recorded in it; otherwise a new predictor fit (when
+    trainable) on make_split(trace, fraction, seed)'s training part. Simulate only `split.eval` (and, for a
+    position split, count metrics only from `split.scored_from(seq)`), or the figures include training data.
+    """
+    if not isinstance(trace, Trace):
+        trace = Trace(trace)
+    seqs = load_sequences(trace)
+    if artifact is not None:
+        from predictors.artifact import load_artifact
+
+        predictor, head = load_artifact(artifact)
+        sp = head["split"]
+        split = make_split(trace, sp["fraction"], sp["seed"], folds=sp["folds"], fold=sp["fold"], sequences=seqs)
+        if list(split.train) != list(sp["train"]):
+            raise ValueError(f"{artifact}: its training sequences do not match this trace's split")
+    else:
+        predictor = build_predictor(name, distance, seed, params)
+        split = make_split(trace, fraction, seed, sequences=seqs)
+        predictor.check_trace(trace.meta)
+        fit_on_split(predictor, trace, split, seqs)
+    predictor.check_trace(trace.meta)
+    return predictor, split
+
+
 def score_split(trace: Trace, predictor: Predictor, split: Split, distance: int, scorer: Scorer, *,
                 sequences=None, batch_size: int = 1, max_eval_sequences: int | None = None) -> None:
     """Replay split.eval and add the held-out predictions to `scorer`."""

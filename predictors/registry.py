@@ -38,7 +38,20 @@ def available_predictors() -> list[str]:
 
 
 def make_predictor(name: str, **params) -> Predictor:
+    """A new predictor. `artifact="path.npz"` loads a trained one instead (predictors.artifact; its header is
+    then at `predictor.artifact_header`, and `name` must match the artifact's predictor)."""
     _load_all()
+    if "artifact" in params:
+        from predictors.artifact import load_artifact
+
+        path = params.pop("artifact")
+        predictor, head = load_artifact(path)
+        if head["predictor"] != name:
+            raise ValueError(f"{path}: artifact of predictor {head['predictor']!r}, not {name!r}")
+        if params:
+            raise ValueError(f"{path}: no other parameters may be given with an artifact, got {sorted(params)}")
+        predictor.artifact_header = head
+        return predictor
     if name not in _REGISTRY:
         raise ValueError(f"unknown predictor {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](**params)

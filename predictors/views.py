@@ -6,8 +6,11 @@ A real system runs one sequence as
     decode:  one batch per generated position, one token per sequence ("decode" rows).
 
 Rows of phase "teacher_forced" (a whole text run through the model at once, as in the FLAME-MoE traces) are
-replayed as decode steps, one position per batch: the model is causal, so the routing of position p is the one
-decoding token p would have produced, and replaying them one by one is what a generating server would do.
+by default replayed as decode steps, one position per batch (`teacher_forced="decode"`): the model is causal, so
+the routing of position p is the one decoding token p would have produced, and replaying them one by one is what
+a generating server would do, and what makes ProMoE's per-token accuracy measurable. `teacher_forced="prefill"`
+replays them as one batch per sequence, as they were captured (sim.engine.schedule's choice, for its "prefill"
+phase selection).
 
 Within one batch the engine walks the layers in order; at each layer l, after l's gate has run:
 
@@ -188,7 +191,7 @@ class Batch:
 
 
 def iter_batches(sequences: list[SequenceRouting], meta, *, batch_size: int = 1,
-                 source: HiddenSource | None = None) -> Iterator[Batch]:
+                 source: HiddenSource | None = None, teacher_forced: str = "decode") -> Iterator[Batch]:
     """Batches in the order a server runs them.
 
     Sequences are taken `batch_size` at a time (in the given order). Each sequence's prompt is one prefill batch;
@@ -196,13 +199,18 @@ def iter_batches(sequences: list[SequenceRouting], meta, *, batch_size: int = 1,
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if teacher_forced not in ("decode", "prefill"):
+        raise ValueError(f"teacher_forced must be 'decode' or 'prefill', got {teacher_forced!r}")
     for g in range(0, len(sequences), batch_size):
         group = sequences[g: g + batch_size]
         starts = []
         for s in group:
-            n = s.n_prompt
-            if n and not (s.phases[:n] == "prefill").all():
-                raise ValueError(f"sequence {s.sequence}: prefill positions are not the first ones")
+            prompt = s.phases == "prefill"
+            if teacher_forced == "prefill":
+                prompt = prompt | (s.phases == "teacher_forced")
+            n = int(np.count_nonzero(prompt))
+            if n and not prompt[:n].all():
+                raise ValueError(f"sequence {s.sequence}: prompt positions are not the first ones")
             if n:
                 yield Batch("prefill", [(s, 0, n)], meta, source)
             starts.append(n)

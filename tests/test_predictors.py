@@ -1,0 +1,160 @@
+"""Predictors on small synthetic traces with known structure; metrics; the train/evaluate commands; artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from predictors.artifact import load_artifact, read_header
+from predictors.base import BatchView, PredictorUnavailable
+from predictors.evaluate import evaluate
+from predictors.evaluate import main as evaluate_main
+from predictors.metrics import Scorer, goodpred
+from predictors.registry import available_predictors, make_predictor
+from predictors.synthetic import make_trace
+from predictors.train import main as train_main
+from predictors.views import iter_batches, load_sequences
+from traces.reader import Trace
+
+GEOM = dict(n_sequences=10, prompt_len=4, gen_len=10, n_layers=5, n_experts=12, top_k=2)
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth")
+    return {kind: Trace(make_trace(d / kind, kind, seed=1, **GEOM)) for kind in ("cross_layer", "repeat")}
+
+
+def test_every_issue_predictor_is_registered():
+    names = set(available_predictors())
+    assert {"none", "oracle", "frequency", "previous_token", "cross_layer", "eam", "gate_reuse", "learned_mlp",
+            "learned_history"} <= names
+
+
+@pytest.mark.parametrize("distance", [1, 2, 3])
+def test_cross_layer_is_exact_on_a_deterministic_mapping(traces, distance):
+    r = evaluate(traces["cross_layer"], "cross_layer", distance)
+    assert r["accuracy"] == 1.0 and r["prefill"]["accuracy"] == 1.0
+    assert r["n_eval"] == GEOM["gen_len"] * 1  # 10% of 10 sequences = 1 held-out sequence
+
+
+def test_previous_token_is_exact_on_repeated_tokens(traces):
+    for d in (1, 2):
+        r = evaluate(traces["repeat"], "previous_token", d)
+        assert r["accuracy"] == 1.0
+        assert r["prefill"]["accuracy"] == 0.0  # a prompt's first batch has no previous token to copy
+
+
+def test_oracle_and_none_bound_the_range(traces):
+    t = traces["cross_layer"]
+    assert evaluate(t, "oracle", 2)["accuracy"] == 1.0
+    r = evaluate(t, "none", 2)
+    assert r["accuracy"] == 0.0 and r["precision"] is None
+
+
+def test_frequency_counts_what_it_observed(traces):
+    t = traces["repeat"]
+    (seq,) = load_sequences(t, [0])
+    f = make_predictor("frequency")
+    f.reset()
+    batches = list(iter_batches([seq], t.meta))
+    for b in batches[:3]:  # the prompt and two decode tokens
+        for layer in range(t.meta.n_layers):
+            f.observe(b.view(layer))
+    view = batches[3].view(0)
+    pred = f.predict(view, 1)
+    expected = set(seq.experts[0, 1].tolist())  # this sequence repeats one routing everywhere
+    assert set(pred.top(2).tolist()) == expected
+    assert pred.scores[0] == GEOM["prompt_len"] + 2
+    f.reset()
+    assert f.predict(view, 1).experts.size == 0
+
+
+def test_learned_history_beats_frequency_on_cross_layer_structure(traces):
+    t = traces["cross_layer"]
+    lh = evaluate(t, "learned_history", 1, params={"epochs": 40, "lr": 0.02})
+    fr = evaluate(t, "frequency", 1)
+    assert lh["accuracy"] > fr["accuracy"] + 0.3
+
+
+def test_eam_finds_the_matching_sequence(tmp_path):
+    # each sequence repeats its routing; EAM over held-out positions of ONE sequence matches its own windows
+    t = Trace(make_trace(tmp_path / "r", "repeat", n_sequences=1, prompt_len=4, gen_len=60, n_layers=4,
+                         n_experts=16, top_k=2))
+    r = evaluate(t, "eam", 1, params={"window": 8})
+    assert r["split"]["kind"] == "positions" and r["accuracy"] == 1.0
+
+
+def test_metrics_definitions():
+    s = Scorer(n_layers=3, top_k=2, budgets=[1, 4])
+    # decode: actual {1, 2}; prediction [1, 5, 2]: accuracy at |A|=2 -> 1 hit
+    s.add(1, np.array([[1, 2]]), np.array([1, 5, 2]), decode=True, token_keys=[(0, 5)])
+    # decode: actual {3, 4}; prediction [4, 3]: 2 hits
+    s.add(2, np.array([[3, 4]]), np.array([4, 3]), decode=True, token_keys=[(0, 6)])
+    # prefill, two tokens: actual {0, 1, 2}; prediction [0]: 1 hit of budget 3
+    s.add(1, np.array([[0, 1], [1, 2]]), np.array([0]), decode=False, token_keys=[(0, 0), (0, 1)])
+    # absent rows are skipped
+    s.add(2, np.array([[-1, -1]]), np.array([0]), decode=True)
+    r = s.summary()
+    assert r["accuracy"] == pytest.approx(3 / 4) and r["n_eval"] == 2 and r["n_predictions"] == 2
+    assert r["budgets"]["1"] == {"precision": 1.0, "recall": 0.5}
+    assert r["budgets"]["4"]["precision"] == pytest.approx(4 / 5) and r["budgets"]["4"]["recall"] == 1.0
+    assert [x["layer"] for x in r["per_layer"]] == [1, 2]
+    assert r["per_layer"][0]["accuracy"] == 0.5 and r["per_layer"][1]["accuracy"] == 1.0
+    assert r["prefill"]["accuracy"] == pytest.approx(1 / 3) and r["prefill"]["n_tokens"] == 2
+    assert goodpred(0.8, 0.5) == pytest.approx(0.4)
+    with pytest.raises(ValueError):
+        goodpred(0.8, 1.5)
+
+
+def test_hidden_state_predictors_refuse_traces_without_them(traces, capsys):
+    meta = traces["repeat"].meta
+    for name in ("gate_reuse", "learned_mlp"):
+        with pytest.raises(PredictorUnavailable, match="needs hidden states"):
+            make_predictor(name).check_trace(meta)
+    rc = evaluate_main([str(traces["repeat"].path), "--predictor", "gate_reuse", "--distance", "1"])
+    assert rc == 2 and "needs hidden states and router weights" in capsys.readouterr().err
+
+
+def test_unknown_predictor_and_bad_distance_are_clear_errors(traces, capsys):
+    path = str(traces["repeat"].path)
+    assert evaluate_main([path, "--predictor", "nope", "--distance", "1"]) == 2
+    assert "unknown predictor 'nope'" in capsys.readouterr().err
+    assert evaluate_main([path, "--predictor", "frequency", "--distance", "9"]) == 2
+    assert "distance 9" in capsys.readouterr().err
+
+
+def test_train_then_evaluate_the_artifact(traces, tmp_path, capsys):
+    path = str(traces["cross_layer"].path)
+    out = tmp_path / "cl.npz"
+    assert train_main([path, "--predictor", "cross_layer", "--distance", "2", "--out", str(out), "--seed", "3",
+                       "--json"]) == 0
+    capsys.readouterr()
+    head = read_header(out)
+    assert head["predictor"] == "cross_layer" and head["distance"] == 2 and head["split"]["seed"] == 3
+    assert set(head["split"]["train"]).isdisjoint(head["split"]["eval"])
+    assert head["trace"]["model"] == "synthetic-cross_layer"
+    assert evaluate_main([path, "--predictor", "cross_layer", "--distance", "2", "--artifact", str(out),
+                          "--json", "--budget", "1", "4"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "precision", "recall", "n_eval", "per_layer", "budgets"} <= set(r)
+    assert r["accuracy"] == 1.0 and set(r["budgets"]) == {"1", "2", "4"}
+    assert r["split"]["eval_sequences"] == head["split"]["eval"]
+    # the artifact is what make_predictor(..., artifact=) gives the simulator
+    p = make_predictor("cross_layer", artifact=str(out))
+    q, _ = load_artifact(out)
+    assert p.artifact_header["split"] == head["split"]
+    assert np.array_equal(p.get_state()["prob_d2"], q.get_state()["prob_d2"])
+    # no half-written file stays behind
+    assert [f.name for f in tmp_path.iterdir()] == ["cl.npz"]
+
+
+def test_a_view_is_what_the_predictor_interface_expects(traces):
+    t = traces["repeat"]
+    (seq,) = load_sequences(t, [1])
+    b = next(iter_batches([seq], t.meta))
+    v = b.view(2)
+    assert isinstance(v, BatchView) and v.phase == "prefill" and v.current.shape == (GEOM["prompt_len"], 3, 2)
+    assert v.past[1].shape == (0, GEOM["n_layers"], 2)
