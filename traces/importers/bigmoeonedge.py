@@ -134,6 +134,12 @@ def read_body(text: str, path: Path, first_line: int) -> dict[str, np.ndarray]:
                          f"{','.join(REQUIRED)}", path=path, where=f"line {first_line}")
     if len(df) == 0:
         raise TraceError("no routing rows after the header", path=path, where=f"line {first_line}")
+    cells = df.to_numpy(dtype=object)
+    empty = (df.isna().to_numpy() | (cells == "")).any(axis=1)  # pandas gives missing trailing fields as ""
+    if empty.any():
+        i = int(np.argmax(empty))
+        col = header[int(np.argmax([v is None or v != v or v == "" for v in cells[i]]))]
+        raise TraceError(f"field '{col}' is empty (line truncated?)", path=path, where=f"line {first_line + 1 + i}")
     out: dict[str, np.ndarray] = {}
     for col in REQUIRED:
         raw = df[col]
@@ -222,6 +228,11 @@ def run(src, dst, args: argparse.Namespace) -> Path:
     phase = np.where(phase_code == 0, "prefill", "decode")
 
     irregularities = []
+    if not text.endswith("\n"):
+        irregularities.append(Irregularity(
+            kind="no_final_newline",
+            detail=f"the last line ({len(lines)}) has no newline: the file may have been cut there; the line "
+                   f"parsed as complete and is kept"))
     # a position that has both phases would be a duplicate (sequence, position) in two phases: fine for the format
     # (phases are separate), but report steps of a turn that appear in both phases.
     pre_steps = {(t, s) for t, s in zip(seq[phase_code == 0].tolist(), position[phase_code == 0].tolist())}

@@ -62,54 +62,58 @@ def load_pt(path: str | Path) -> dict:
     path = Path(path)
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError | IsADirectoryError):
-            raise
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception:  # BadZipFile, EOFError, NotImplementedError (odd versions), ...
         raise TraceError("not a torch zip-pickle (.pt saved by torch >= 1.6): not a readable zip archive",
                          path=path) from None
-    with zf:
-        names = zf.namelist()
-        pkl = [n for n in names if n.endswith("data.pkl")]
-        if len(pkl) != 1:
-            raise TraceError(f"not a torch zip-pickle: expected one data.pkl, found {len(pkl)}", path=path)
-        prefix = pkl[0][: -len("data.pkl")]
-        byteorder = prefix + "byteorder"
-        if byteorder in names and zf.read(byteorder).strip() not in (b"little", b""):
-            raise TraceError("big-endian torch files are not supported", path=path, where="byteorder")
-        storages: dict[str, tuple[np.ndarray, bool]] = {}
+    try:
+        with zf:
+            return _load_zip(zf, path)
+    except TraceError:
+        raise
+    except Exception as exc:  # corrupt archive or pickle: one clear line, never a traceback
+        raise TraceError(f"unreadable torch file: {type(exc).__name__}: {exc}"[:300], path=path) from None
 
-        class Unpickler(pickle.Unpickler):
-            def find_class(self, module, name):
-                if module == "torch._utils" and name == "_rebuild_tensor_v2":
-                    return _rebuild_tensor
-                if module == "torch" and name in _STORAGE_DTYPES:
-                    return _StorageType(name)
-                if module == "collections" and name == "OrderedDict":
-                    return collections.OrderedDict
-                raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
-            def persistent_load(self, pid):
-                if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-                    raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-                _, stype, key, _location, numel = pid[:5]
-                if not isinstance(stype, _StorageType):
-                    raise pickle.UnpicklingError(f"unsupported storage type {stype!r}")
-                if key not in storages:
-                    try:
-                        raw = zf.read(f"{prefix}data/{key}")
-                    except KeyError:
-                        raise pickle.UnpicklingError(f"storage {key} missing from the archive") from None
-                    if len(raw) < numel * stype.dtype.itemsize:
-                        raise pickle.UnpicklingError(f"storage {key} has {len(raw)} bytes, needs "
-                                                     f"{numel * stype.dtype.itemsize}")
-                    arr = np.frombuffer(raw, dtype=stype.dtype, count=int(numel))
-                    storages[key] = (arr, stype.name == "BFloat16Storage")
-                return storages[key]
+def _load_zip(zf: zipfile.ZipFile, path: Path):
+    names = zf.namelist()
+    pkl = [n for n in names if n.endswith("data.pkl")]
+    if len(pkl) != 1:
+        raise TraceError(f"not a torch zip-pickle: expected one data.pkl, found {len(pkl)}", path=path)
+    prefix = pkl[0][: -len("data.pkl")]
+    byteorder = prefix + "byteorder"
+    if byteorder in names and zf.read(byteorder).strip() not in (b"little", b""):
+        raise TraceError("big-endian torch files are not supported", path=path, where="byteorder")
+    storages: dict[str, tuple[np.ndarray, bool]] = {}
 
-        try:
-            return Unpickler(io.BytesIO(zf.read(pkl[0]))).load()
-        except TraceError:
-            raise
-        except Exception as exc:  # corrupt pickle or zip member: one clear line, never a traceback
-            raise TraceError(f"unreadable torch pickle: {type(exc).__name__}: {exc}", path=path,
-                             where=pkl[0]) from None
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module == "torch._utils" and name == "_rebuild_tensor_v2":
+                return _rebuild_tensor
+            if module == "torch" and name in _STORAGE_DTYPES:
+                return _StorageType(name)
+            if module == "collections" and name == "OrderedDict":
+                return collections.OrderedDict
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+        def persistent_load(self, pid):
+            if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+                raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+            _, stype, key, _location, numel = pid[:5]
+            if not isinstance(stype, _StorageType):
+                raise pickle.UnpicklingError(f"unsupported storage type {stype!r}")
+            if key not in storages:
+                try:
+                    raw = zf.read(f"{prefix}data/{key}")
+                except KeyError:
+                    raise pickle.UnpicklingError(f"storage {key} missing from the archive") from None
+                if len(raw) < numel * stype.dtype.itemsize:
+                    raise pickle.UnpicklingError(f"storage {key} has {len(raw)} bytes, needs "
+                                                 f"{numel * stype.dtype.itemsize}")
+                arr = np.frombuffer(raw, dtype=stype.dtype, count=int(numel))
+                storages[key] = (arr, stype.name == "BFloat16Storage")
+            return storages[key]
+
+    return Unpickler(io.BytesIO(zf.read(pkl[0]))).load()
+
