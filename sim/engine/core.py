@@ -12,7 +12,8 @@ Per batch and layer (the GPU stream, one SimPy process `gpu_stream`):
    copying is a late prefetch (a miss); otherwise a demand miss. With `early_preemption` the layer's queued
    speculative transfers that are not needed are dropped, the needed ones raised to high priority, and every
    demand miss is enqueued now, at high priority. With `cpu_experts`, a demand miss is computed on the CPU
-   (one CPU worker, concurrent with the GPU) when its CPU time is below copy + GPU time. The prefetcher then
+   (one CPU worker, concurrent with the GPU) when its CPU time is below copy + GPU time, and copied into the
+   cache in the background at low priority (so the cache still learns). The prefetcher then
    predicts layer l+d;
 3. experts in order: ascending id, or with `reordered_inference` resident first, then in flight (copying,
    queued high, queued low), then not started. Reaching an expert that is not resident: without early
@@ -105,6 +106,19 @@ class Simulation:
         self.cur_ids: list | None = None  # running layer's experts, not yet pinned
         self.pinned_ids: list | None = None  # running layer's experts, pinned
 
+    def warm(self, keys) -> int:
+        """Make experts resident before the run (a warm start); returns how many fit."""
+        n = 0
+        for key in keys:
+            key = (int(key[0]), int(key[1]))
+            victims = self.cache.insert(key)
+            if victims is None:
+                continue
+            self._evicted(victims)
+            self.ready.add(key)
+            n += 1
+        return n
+
     # -- cache + link glue --------------------------------------------------------------------------------------
     def _evicted(self, victims) -> None:
         for v in victims:
@@ -113,7 +127,7 @@ class Simulation:
                 self.unused_pf.discard(v)
                 self.c.n_prefetch_unused += 1
 
-    def start_transfer(self, key, *, speculative: bool, target=None) -> Transfer | None:
+    def start_transfer(self, key, *, speculative: bool, target=None, background: bool = False) -> Transfer | None:
         cache = self.cache
         if self.cur_ids is not None:  # pin the running layer's experts before anything can be evicted
             layer_ = self.cur_layer
@@ -123,7 +137,7 @@ class Simulation:
             self.cur_ids = None
         victims = cache.insert(key)
         if victims is None:
-            if speculative:
+            if speculative or background:
                 return None
             cached = False
         else:
@@ -137,7 +151,8 @@ class Simulation:
         layer = key[0]
         n = self.chunks
         chunk_s = self.cost.chunk_s[layer] if n > 1 else self.cost.xfer_s[layer]
-        t = Transfer(key, self.cost.expert_bytes[layer], n, chunk_s, high=not speculative, speculative=speculative,
+        t = Transfer(key, self.cost.expert_bytes[layer], n, chunk_s, high=not (speculative or background),
+                     speculative=speculative,
                      cached=cached, seq=self.seq, now=self.env.now, target=target)
         self.seq += 1
         if cached:
@@ -245,9 +260,9 @@ class Simulation:
                     else:
                         c.misses += 1
                         t = inflight.get(key)
-                        if t is None:
+                        if t is None or not t.speculative:  # (a background copy of a CPU-computed miss)
                             c.demand_misses += 1
-                        elif t.speculative and not t.used:
+                        elif not t.used:
                             t.used = True
                             c.prefetched_used += 1
                             c.n_prefetch_late += 1
@@ -266,7 +281,7 @@ class Simulation:
                         yield timeout(carry)
                         carry = 0.0
                     if ep:
-                        for t in [t for t in link.low if t.key[0] == layer]:
+                        for t in [t for t in link.low if t.key[0] == layer and t.speculative]:
                             if t.used:
                                 link.upgrade(t)
                             else:
@@ -285,6 +300,8 @@ class Simulation:
                                 cpu_done = self._cpu_free
                                 c.cpu_experts_computed += 1
                                 local[key] = None
+                                # copy it in the background at low priority, so the cache keeps learning
+                                self.start_transfer(key, speculative=False, background=True)
                                 if spans is not None:
                                     spans.append(("cpu", key, b, s0, cpu_s_l[n]))
                         if local:

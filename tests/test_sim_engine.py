@@ -1,0 +1,236 @@
+"""The SimPy engine: analytic cases, invariants under hypothesis, determinism, and the direction of each
+ProMoE mechanism on constructed cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from predictors.base import Prediction, Predictor
+from predictors.registry import make_predictor
+from sim.engine import Simulation
+from sim.engine.schedule import demand_lookups, iter_batches, layer_sets, load_sequences
+from sim.engine.synthetic import make_trace
+from sim.hardware import CostModel, load_profile
+from traces.format import TraceMeta
+from traces.reader import Trace
+from traces.writer import write_trace
+
+EXPERT_BYTES = 9_437_184  # a Qwen3-30B-A3B bf16 expert
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return Trace(make_trace(tmp_path_factory.mktemp("t") / "tiny", n_layers=4, n_experts=16, top_k=2, n_sequences=2,
+                            prompt_len=6, decode_len=12, seed=1))
+
+
+def build(trace, *, capacity_bytes, phase="both", policy="lru", predictor="none", chunked=False, chunks=3,
+          ep=False, ro=False, distance=1, batch_size=1, top_n=None, max_inflight=None, check=True, cpu=False,
+          profile="h200", record=False):
+    cost = CostModel(load_profile(profile), trace.meta, chunks=chunks if chunked else 1)
+    seqs = load_sequences(trace, phase, None, None)
+    pred = make_predictor(predictor) if isinstance(predictor, str) else predictor
+    return Simulation(trace.meta, seqs, cost, phase=phase, batch_size=batch_size, cache_capacity_bytes=capacity_bytes,
+                      cache_policy=policy, predictor=pred, distance=distance, top_n=top_n,
+                      max_inflight_bytes=max_inflight, chunked_prefetch=chunked, chunks=chunks, early_preemption=ep,
+                      reordered_inference=ro, cpu_experts=cpu, trace=trace, check=check, record=record)
+
+
+def analytic_parts(sim: Simulation):
+    """(compute seconds, transfer seconds of one copy per lookup) summed over the schedule."""
+    cost = sim.cost
+    compute = xfer = 0.0
+    for b in iter_batches(sim.sequences, sim.phase, sim.batch_size):
+        cost.prepare(b.tokens)
+        for layer, (ids, counts) in enumerate(layer_sets(b.experts)):
+            compute += cost.dense_s[layer][b.tokens]
+            for i, _ in enumerate(ids):
+                compute += cost.expert_s[layer][counts[i] if counts is not None else 1]
+                xfer += cost.xfer_s[layer]
+    return compute, xfer
+
+
+# -- (a) analytic cases ---------------------------------------------------------------------------------------
+def test_all_resident_gives_compute_only_time(tiny):
+    meta = tiny.meta
+    sim = build(tiny, capacity_bytes=meta.total_expert_bytes(), predictor="oracle")
+    assert sim.warm((layer, e) for layer in range(meta.n_layers) for e in range(meta.n_experts)) == \
+        meta.n_layers * meta.n_experts
+    m = sim.run()
+    compute, _ = analytic_parts(sim)
+    assert m["total_ms"] == pytest.approx(compute * 1e3, rel=1e-12)
+    assert m["hit_rate"] == 1.0 and m["stall_ms"] == 0.0 and m["bytes_h2d"] == 0
+
+
+@pytest.mark.parametrize("capacity", [0, EXPERT_BYTES - 1])
+def test_empty_cache_no_prefetch_is_sum_of_transfers_and_compute(tiny, capacity):
+    sim = build(tiny, capacity_bytes=capacity)
+    m = sim.run()
+    compute, xfer = analytic_parts(sim)
+    assert m["hits"] == 0
+    assert m["total_ms"] == pytest.approx((compute + xfer) * 1e3, rel=1e-12)
+    assert m["stall_ms"] == pytest.approx(xfer * 1e3, rel=1e-12)
+    assert m["bytes_h2d"] == m["lookups"] * EXPERT_BYTES
+
+
+def test_lookup_stream_matches_sim_access(tiny):
+    from sim.access import lookup_stream
+
+    for phase in ("prefill", "decode", "both"):
+        for bs in (1, 2):
+            ours = demand_lookups(load_sequences(tiny, phase, None, None), phase, bs)
+            theirs = lookup_stream(tiny, phase=phase, batch_size=bs).key_tuples()
+            assert ours == theirs, (phase, bs)
+
+
+# -- (b) invariants under hypothesis ------------------------------------------------------------------------------
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    cap_experts=st.integers(0, 40),
+    policy=st.sampled_from(["lru", "fifo", "lfu", "belady"]),
+    predictor=st.sampled_from(["none", "oracle", "previous_token"]),
+    chunked=st.booleans(), ep=st.booleans(), ro=st.booleans(), cpu=st.booleans(),
+    distance=st.integers(1, 2), batch_size=st.integers(1, 2),
+    phase=st.sampled_from(["prefill", "decode", "both"]),
+    inflight=st.sampled_from([None, 3 * EXPERT_BYTES]),
+)
+def test_engine_invariants(tiny, cap_experts, policy, predictor, chunked, ep, ro, cpu, distance, batch_size, phase,
+                           inflight):
+    sim = build(tiny, capacity_bytes=cap_experts * EXPERT_BYTES, policy=policy, predictor=predictor,
+                chunked=chunked, ep=ep, ro=ro, cpu=cpu, distance=distance, batch_size=batch_size, phase=phase,
+                max_inflight=inflight, check=True)  # check: capacity never exceeded, resident when computed
+    m = sim.run()
+    cache = sim.cache
+    assert sim.max_used_bytes <= cache.capacity_bytes and cache.used_bytes <= cache.capacity_bytes
+    assert m["hits"] + m["misses"] == m["lookups"] == cache.stats.lookups
+    assert m["misses"] == m["demand_misses"] + m["n_prefetch_late"]
+    assert m["prefetched_used"] + m["n_prefetch_unused"] == m["prefetches"]
+    assert m["bytes_h2d"] == m["bytes_demand"] + m["bytes_prefetch"]
+    # every transfer moved whole chunks of its expert; finished ones all of it
+    assert m["bytes_demand"] <= m["demand_loads"] * EXPERT_BYTES
+    assert m["bytes_prefetch"] <= m["prefetches"] * EXPERT_BYTES
+    if predictor == "none":
+        assert m["prefetches"] == 0
+        if not cpu:  # every demand load completes before its layer goes on
+            assert m["bytes_demand"] == m["demand_loads"] * EXPERT_BYTES
+            assert m["demand_loads"] == m["demand_misses"]
+    assert m["layer_steps"] == m["batches"] * tiny.meta.n_layers
+    assert 0.0 <= m["pcie_busy_frac"] <= 1.0 + 1e-9
+    assert m["stall_ms"] <= m["total_ms"] + 1e-9
+    assert not sim.inflight or all(not t.finished for t in sim.inflight.values())
+
+
+# -- (f) determinism -------------------------------------------------------------------------------------------------
+def test_same_config_same_metrics(tiny):
+    kw = dict(capacity_bytes=6 * EXPERT_BYTES, predictor="oracle", chunked=True, ep=True, ro=True)
+    a = build(tiny, **kw).run()
+    b = build(tiny, **kw).run()
+    assert a == b
+
+
+# -- the mechanisms, each in its expected direction --------------------------------------------------------------
+def _trace(tmp_path, name, experts, *, n_experts=16, phase="decode", expert_bytes=EXPERT_BYTES):
+    """experts: int [P, L, k] of one sequence."""
+    experts = np.asarray(experts)
+    P, L, k = experts.shape
+    meta = TraceMeta(model="constructed", source="test", n_layers=L, n_experts=n_experts, top_k=k,
+                     expert_bytes=[expert_bytes] * L, hidden_size=2048, dtype="bf16", license="CC0",
+                     attribution="test")
+    pos = np.repeat(np.arange(P), L)
+    return Trace(write_trace(tmp_path / name, meta, sequence=np.zeros(P * L, int), phase=np.array([phase] * (P * L)),
+                             position=pos, layer=np.tile(np.arange(L), P), experts=experts.reshape(P * L, k),
+                             weights=np.full((P * L, k), 1.0 / k)))
+
+
+class WrongPredictor(Predictor):
+    """Predicts experts no token uses (the upper half of the ids; the constructed traces use the lower half),
+    rotating with position and layer."""
+
+    name = "wrong"
+
+    def __init__(self, n=4):
+        self.n = n
+
+    def predict(self, view, distance, future=None):
+        half = view.meta.n_experts // 2
+        start = (int(view.positions[0]) * 3 + view.layer) % half
+        ids = half + (start + np.arange(self.n)) % half
+        return Prediction(ids, np.ones(len(ids)))
+
+
+def test_early_preemption_pipelines_misses(tmp_path):
+    rng = np.random.default_rng(0)
+    experts = np.stack([np.stack([rng.choice(8, 4, replace=False) for _ in range(6)]) for _ in range(10)])
+    tr = _trace(tmp_path, "ep", experts)
+    base = build(tr, capacity_bytes=0).run()
+    ep = build(tr, capacity_bytes=0, ep=True).run()
+    assert ep["total_ms"] < base["total_ms"] and ep["stall_ms"] < base["stall_ms"]
+    assert ep["bytes_h2d"] == base["bytes_h2d"]
+
+
+def test_early_preemption_drops_wrong_speculation(tmp_path):
+    rng = np.random.default_rng(1)
+    experts = np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(6)]) for _ in range(10)])
+    tr = _trace(tmp_path, "drop", experts)
+    cap = 12 * EXPERT_BYTES
+    base = build(tr, capacity_bytes=cap, predictor=WrongPredictor(6)).run()
+    ep = build(tr, capacity_bytes=cap, predictor=WrongPredictor(6), ep=True).run()
+    assert base["n_prefetch_dropped"] == 0 and ep["n_prefetch_dropped"] > 0
+    assert ep["prefetch_precision"] == base["prefetch_precision"] == 0.0
+    assert ep["stall_ms"] < base["stall_ms"] and ep["total_ms"] < base["total_ms"]
+
+
+def test_reordered_inference_computes_resident_first(tmp_path):
+    # one prefill batch; the odd experts are resident, the even ones must be copied
+    experts = np.array([[[e, (e + 1) % 8] for _ in range(3)] for e in range(8)])  # [P=8, L=3, k=2]
+    tr = _trace(tmp_path, "ro", experts, phase="prefill")
+    out = {}
+    for ro in (False, True):
+        sim = build(tr, capacity_bytes=64 * EXPERT_BYTES, phase="prefill", ep=True, ro=ro)
+        sim.warm((layer, e) for layer in range(3) for e in (1, 3, 5, 7))
+        out[ro] = sim.run()
+    assert out[True]["total_ms"] < out[False]["total_ms"]
+    assert out[True]["stall_ms"] < out[False]["stall_ms"]
+    assert out[True]["hits"] == out[False]["hits"]
+
+
+def test_chunking_bounds_the_wait_behind_a_prefetch(tmp_path):
+    rng = np.random.default_rng(2)
+    experts = np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(6)]) for _ in range(10)])
+    tr = _trace(tmp_path, "chunk", experts, expert_bytes=64 * EXPERT_BYTES)  # big experts: long copies
+    cap = 10**12
+    kw = dict(capacity_bytes=cap, predictor=WrongPredictor(2))
+    whole = build(tr, **kw).run()
+    chunked = build(tr, chunked=True, chunks=4, **kw).run()
+    assert chunked["stall_ms"] < whole["stall_ms"]
+    assert chunked["total_ms"] < whole["total_ms"]
+
+
+def test_cpu_experts_path(tiny):
+    sim = build(tiny, capacity_bytes=2 * EXPERT_BYTES, cpu=True, phase="decode")
+    m = sim.run()
+    assert m["cpu_experts_computed"] > 0
+    assert m["hits"] + m["misses"] == m["lookups"]
+
+
+def test_timeline_and_chrome_trace(tiny, tmp_path):
+    import json
+
+    import pandas as pd
+
+    from sim.timeline import write_chrome_trace, write_timeline
+
+    sim = build(tiny, capacity_bytes=4 * EXPERT_BYTES, predictor="oracle", chunked=True, record=True)
+    m = sim.run()
+    tl = pd.read_parquet(write_timeline(sim, tmp_path / "tl.parquet"))
+    assert len(tl) == m["batches"]
+    assert math.isclose(tl["end_ms"].iloc[-1], m["total_ms"], rel_tol=1e-12)
+    doc = json.loads(write_chrome_trace(sim, tmp_path / "trace.json").read_text())
+    xs = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert {e["cat"] for e in xs} >= {"dense", "expert", "prefetch", "demand"}
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in xs)
