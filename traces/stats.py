@@ -193,8 +193,10 @@ def lookup_groups(d: Dense):
                 yield int(lay), d.experts[t, lay]
 
 
-def reuse_distances(d: Dense, max_lookups: int = MAX_LOOKUPS) -> dict:
-    """Stack (reuse) distance of every lookup in distinct expert keys, global and per-layer scope; -1 = cold."""
+def lookup_distances(d: Dense, max_lookups: int = MAX_LOOKUPS) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Stack (reuse) distance of every lookup in distinct expert keys, global and per-layer scope; -1 = cold.
+    Returns (global distances, per-layer distances, truncated). One Python step per (layer, batch), numpy
+    within it."""
     n_keys = d.L * d.E
     last = np.full(n_keys, -1, dtype=np.int64)  # time of the last lookup of each key
     dist_g, dist_l = [], []
@@ -219,6 +221,12 @@ def reuse_distances(d: Dense, max_lookups: int = MAX_LOOKUPS) -> dict:
             break
     dg = np.concatenate(dist_g) if dist_g else np.empty(0, dtype=np.int64)
     dl = np.concatenate(dist_l) if dist_l else np.empty(0, dtype=np.int64)
+    return dg, dl, truncated
+
+
+def reuse_distances(d: Dense, max_lookups: int = MAX_LOOKUPS) -> dict:
+    dg, dl, truncated = lookup_distances(d, max_lookups)
+    n_keys = d.L * d.E
     out = {
         "unit": "distinct expert keys (layer, expert) looked up since the previous lookup of the same key",
         "lookup_semantics": "one lookup per unique expert per (layer, batch); prefill = one batch per sequence, "
@@ -227,12 +235,15 @@ def reuse_distances(d: Dense, max_lookups: int = MAX_LOOKUPS) -> dict:
         "truncated": truncated,
         "global": _distribution(dg, n_keys),
         "per_layer": _distribution(dl, d.E),
-        "lru_hit_rate_global": {str(r): float((dg >= 0)[dg < r * n_keys].sum() / max(len(dg), 1))
-                                for r in CACHE_RATES},
-        "lru_hit_rate_per_layer": {str(r): float((dl >= 0)[dl < r * d.E].sum() / max(len(dl), 1))
-                                   for r in CACHE_RATES},
+        # LRU with a capacity of floor(rate * keys) experts hits exactly the warm lookups with distance < capacity
+        "lru_hit_rate_global": {str(r): _hit_rate(dg, int(r * n_keys)) for r in CACHE_RATES},
+        "lru_hit_rate_per_layer": {str(r): _hit_rate(dl, int(r * d.E)) for r in CACHE_RATES},
     }
     return out
+
+
+def _hit_rate(dist: np.ndarray, capacity: int) -> float:
+    return float(((dist >= 0) & (dist < capacity)).sum() / max(len(dist), 1))
 
 
 def _distribution(dist: np.ndarray, max_keys: int) -> dict:
