@@ -161,41 +161,59 @@ if HAVE_NUMBA:
         return np.int64(_ctpop(x))
 
     @numba.njit(inline="always")
-    def _live_between(words, sb, lo, hi):  # pragma: no cover - compiled
-        """Set bits at positions lo..hi (inclusive); sb counts the set bits of each 64-word superblock."""
+    def _live_between(words, sb, lo, hi, wo, so):  # pragma: no cover - compiled
+        """Set bits at positions lo..hi (inclusive) of the bitmap at words[wo:]; sb[so + j] counts the set
+        bits of its words 64j..64j+63, used only to skip the middle of long ranges (short ones are a plain
+        popcount loop, which the compiler vectorizes and which beats a tree for the gaps of MoE traces)."""
         if lo > hi:
             return 0
-        wl = lo >> 6
-        wh = hi >> 6
+        wl = wo + (lo >> 6)
+        wh = wo + (hi >> 6)
         if wl == wh:
             return _pc(words[wl] & (_ALL << np.uint64(lo & 63)) & (_ALL >> np.uint64(63 - (hi & 63))))
         s = _pc(words[wl] & (_ALL << np.uint64(lo & 63))) + _pc(words[wh] & (_ALL >> np.uint64(63 - (hi & 63))))
         a = wl + 1
-        b = wh - 1
-        if b - a < 128:
-            for w in range(a, b + 1):
+        b = wh  # full words [a, b)
+        if b - a >= 512:
+            sa = ((a - wo) + 63) >> 6
+            sbb = (b - wo) >> 6
+            for j in range(so + sa, so + sbb):
+                s += sb[j]
+            for w in range(a, wo + (sa << 6)):
                 s += _pc(words[w])
-            return s
-        sa = (a + 63) >> 6
-        sbb = (b + 1) >> 6
-        for w in range(a, sa << 6):
-            s += _pc(words[w])
-        for q in range(sa, sbb):
-            s += sb[q]
-        for w in range(sbb << 6, b + 1):
+            a = wo + (sbb << 6)
+        for w in range(a, b):
             s += _pc(words[w])
         return s
 
     @numba.njit(cache=True, nogil=True)
-    def lru_hit_capacity_nb(ids, cls, sizes, n_ids):  # pragma: no cover - compiled; tested against the Python one
-        """As lru_hit_capacity_py. One bitmap per size class marks, at each key's latest lookup, that the key is
-        live; the distance is a popcount over (previous lookup, now), with per-4096 counts to skip long ranges.
-        Cost O(gap/64) word popcounts per lookup, bounded by O(64 + N/4096)."""
+    def _lru_unit_nb(ids, n_ids):  # pragma: no cover - compiled
+        n = ids.shape[0]
+        nw = (n >> 6) + 1
+        words = np.zeros(nw, np.uint64)
+        sb = np.zeros((nw >> 6) + 1, np.int64)
+        last = np.full(n_ids, -1, np.int64)
+        out = np.full(n, INF, np.int64)
+        for t in range(n):
+            k = ids[t]
+            p = last[k]
+            if p >= 0:
+                out[t] = _live_between(words, sb, p + 1, t - 1, 0, 0) + 1
+                words[p >> 6] &= ~(_ONE << np.uint64(p & 63))
+                sb[p >> 12] -= 1
+            words[t >> 6] |= _ONE << np.uint64(t & 63)
+            sb[t >> 12] += 1
+            last[k] = t
+        return out
+
+    @numba.njit(cache=True, nogil=True)
+    def _lru_sized_nb(ids, cls, sizes, n_ids):  # pragma: no cover - compiled
         n = ids.shape[0]
         n_cls = sizes.shape[0]
         nw = (n >> 6) + 1
-        words = np.zeros((n_cls, nw), np.uint64)
-        sb = np.zeros((n_cls, (nw >> 6) + 1), np.int64)
+        nsb = (nw >> 6) + 1
+        words = np.zeros(n_cls * nw, np.uint64)  # class q's bitmap at words[q * nw:]
+        sb = np.zeros(n_cls * nsb, np.int64)
         last = np.full(n_ids, -1, np.int64)
         out = np.full(n, INF, np.int64)
         for t in range(n):
@@ -205,14 +223,24 @@ if HAVE_NUMBA:
             if p >= 0:
                 tot = sizes[c]
                 for q in range(n_cls):
-                    tot += _live_between(words[q], sb[q], p + 1, t - 1) * sizes[q]
+                    tot += _live_between(words, sb, p + 1, t - 1, q * nw, q * nsb) * sizes[q]
                 out[t] = tot
-                words[c, p >> 6] &= ~(_ONE << np.uint64(p & 63))
-                sb[c, p >> 12] -= 1
-            words[c, t >> 6] |= _ONE << np.uint64(t & 63)
-            sb[c, t >> 12] += 1
+                words[c * nw + (p >> 6)] &= ~(_ONE << np.uint64(p & 63))
+                sb[c * nsb + (p >> 12)] -= 1
+            words[c * nw + (t >> 6)] |= _ONE << np.uint64(t & 63)
+            sb[c * nsb + (t >> 12)] += 1
             last[k] = t
         return out
+
+    def lru_hit_capacity_nb(ids, cls, sizes, n_ids):
+        """As lru_hit_capacity_py. One bitmap per size class over time marks each key's latest lookup; the
+        distance is a popcount over (previous lookup, now) times the class sizes. O(gap/64) per lookup (gaps
+        over 32768 lookups skip whole 4096-lookup blocks through per-block counts)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if len(sizes) == 1 and int(sizes[0]) == 1:
+            return _lru_unit_nb(ids, int(n_ids))
+        return _lru_sized_nb(ids, np.ascontiguousarray(cls, dtype=np.int64),
+                             np.ascontiguousarray(sizes, dtype=np.int64), int(n_ids))
 
     @numba.njit(cache=True, nogil=True)
     def opt_hit_capacity_nb(ids, next_use, n_ids):  # pragma: no cover - compiled; tested against the Python one
@@ -277,24 +305,41 @@ def next_use(ids: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Exact:
-    """An exact step curve: hits(C) = sum over parts of #{h <= cap_of_part(C)}; parts are (sorted h, divisor)."""
+    """An exact step curve: hits(C) = sum over parts of #{h <= (C // split) // unit}.
 
-    parts: list[tuple[np.ndarray, int]]  # (sorted finite hit capacities in part units, part size in units)
-    n_layers_split: int  # 1 for global, n_layers for per_layer (each part gets C // n_layers)
+    A part is one independent stream (the whole stream in global scope, one layer in per_layer scope) with its
+    lookups' smallest hitting capacities h (in `unit`s). Small integer h (counts of experts) are kept as a
+    cumulative histogram, large ones (bytes) sorted."""
+
+    parts: list[tuple[np.ndarray, int, bool]]  # (cumulative counts or sorted h, unit, is_histogram)
+    split: int  # 1 for global, n_layers for per_layer (each part gets C // n_layers)
     lookups: int
 
-    def hits(self, capacity: np.ndarray) -> np.ndarray:
-        capacity = np.asarray(capacity, dtype=np.int64)
-        share = capacity // self.n_layers_split
-        total = np.zeros(len(capacity), dtype=np.int64)
-        for h, unit in self.parts:
-            total += np.searchsorted(h, share // unit, side="right")
+    @staticmethod
+    def part(h: np.ndarray, unit: int) -> tuple[np.ndarray, int, bool]:
+        h = h[h != INF]
+        if len(h) == 0 or int(h.max()) <= (1 << 22):
+            return np.cumsum(np.bincount(h, minlength=1)), unit, True
+        return np.sort(h), unit, False
+
+    def hits(self, capacity) -> np.ndarray:
+        share = np.asarray(capacity, dtype=np.int64) // self.split
+        total = np.zeros(share.shape, dtype=np.int64)
+        for arr, unit, is_hist in self.parts:
+            c = share // unit
+            if is_hist:
+                total += arr[np.minimum(c, len(arr) - 1)]
+            else:
+                total += np.searchsorted(arr, c, side="right")
         return total
 
     def breakpoints(self) -> np.ndarray:
         pts = [np.zeros(1, dtype=np.int64)]
-        for h, unit in self.parts:
-            pts.append(np.unique(h) * unit * self.n_layers_split)
+        for arr, unit, is_hist in self.parts:
+            h = np.arange(len(arr), dtype=np.int64) if is_hist else np.unique(arr)
+            pts.append(h * unit * self.split)
+        if len(pts) == 2:
+            return pts[1] if is_hist else np.unique(np.concatenate(pts))
         return np.unique(np.concatenate(pts))
 
 
@@ -315,13 +360,13 @@ def _exact_curve(stream: LookupStream, policy: str, scope: str, unit: str) -> _E
         if policy == "lru":
             cls, sizes = _classes(stream, unit)
             h = lru_hit_capacity(ids, cls, sizes, n_ids)
-            return _Exact([(np.sort(h[h != INF]), 1)], 1, n)
+            return _Exact([_Exact.part(h, 1)], 1, n)
         uniform = unit == "experts" or len(set(stream.expert_bytes)) == 1
         if not uniform:
             return None
         h = opt_hit_capacity(ids, next_use(ids), n_ids)
         unit_size = 1 if unit == "experts" else stream.expert_bytes[0]
-        return _Exact([(np.sort(h[h != INF]), unit_size)], 1, n)
+        return _Exact([_Exact.part(h, unit_size)], 1, n)
     # per_layer: independent streams; counts per layer, capacity per layer = (C // L) // size
     parts = []
     for layer in range(stream.n_layers):
@@ -332,7 +377,7 @@ def _exact_curve(stream: LookupStream, policy: str, scope: str, unit: str) -> _E
         else:
             h = opt_hit_capacity(ids, next_use(ids), stream.n_experts)
         size = 1 if unit == "experts" else int(stream.expert_bytes[layer])
-        parts.append((np.sort(h[h != INF]), size))
+        parts.append(_Exact.part(h, size))
     return _Exact(parts, stream.n_layers, n)
 
 
@@ -433,15 +478,22 @@ def hit_rate_at(curve: dict, capacity: float) -> float:
 _ORACLE = np.dtype([("t", "<u4"), ("id", "<u8"), ("size", "<u4"), ("next", "<i8")])
 
 
-def _oracle_records(obj_ids: np.ndarray, obj_sizes: np.ndarray) -> np.ndarray:
+def _oracle_records(obj_ids: np.ndarray, obj_sizes: np.ndarray, with_next: bool) -> np.ndarray:
+    """libCacheSim's oracleGeneral records; the next-access time (-1 = never) only where the algorithm reads it."""
     n = len(obj_ids)
     rec = np.empty(n, dtype=_ORACLE)
     rec["t"] = np.arange(n, dtype=np.uint32)
     rec["id"] = obj_ids
     rec["size"] = obj_sizes
-    nu = next_use(obj_ids.astype(np.int64))
-    rec["next"] = np.where(nu == INF, -1, nu)
+    if with_next:
+        nu = next_use(obj_ids.astype(np.int64))
+        rec["next"] = np.where(nu == INF, -1, nu)
+    else:
+        rec["next"] = -1
     return rec
+
+
+ORACLE_ALGOS = ("belady", "beladysize", "lrb", "glcache", "threelcache")  # libCacheSim algorithms reading the future
 
 
 def run_libcachesim(stream: LookupStream, algo: str, capacity: int, *, scope: str = "global",
@@ -474,7 +526,7 @@ def run_libcachesim(stream: LookupStream, algo: str, capacity: int, *, scope: st
             if n_sel == 0:
                 continue
             path = os.path.join(tmp, f"part{i}.oracleGeneral")
-            _oracle_records(keys[sel], sizes[sel]).tofile(path)
+            _oracle_records(keys[sel], sizes[sel], algo.lower() in ORACLE_ALGOS).tofile(path)
             if cap <= 0:
                 continue
             reader = libcachesim.TraceReader(path, libcachesim.TraceType.ORACLE_GENERAL_TRACE)
