@@ -298,6 +298,15 @@ def test_vllm_jsonl_mapping_and_dropped_records(tmp_path, capsys):
     assert "inferred" in Trace(tmp_path / "u").meta.extra["n_experts"]
 
 
+def test_vllm_jsonl_model_layer_ids(tmp_path):
+    src = tmp_path / "cap.jsonl"
+    src.write_text(jsonl().replace('"layer": 1', '"layer": 4').replace('"layer": 0', '"layer": 3'))
+    assert do_import(["vllm-jsonl", src, tmp_path / "t", "--expert-bytes", "10"]) == 0
+    t = Trace(tmp_path / "t")
+    assert (t.meta.n_layers, t.meta.layer_ids) == (2, [3, 4])
+    assert sorted(set(t.table(["layer"]).column("layer").to_pylist())) == [0, 1]
+
+
 def test_vllm_jsonl_several_datasets(tmp_path):
     a = jsonl(n_problems=1).splitlines()
     b = [ln.replace("humaneval", "mbpp") for ln in a]
@@ -341,9 +350,11 @@ def test_vllm_jsonl_other_errors(tmp_path, capsys):
     src.write_text(jsonl() + jsonl().splitlines()[0] + "\n")
     assert do_import(["vllm-jsonl", src, tmp_path / "t", "--expert-bytes", "10"]) == 2
     assert "duplicate record" in capsys.readouterr().err
-    src.write_text(jsonl(n_layers=1).replace('"layer": 0', '"layer": 1'))
+    src.write_text("\n".join(ln for ln in jsonl(n_layers=3).splitlines() if '"layer": 1' not in ln))
     assert do_import(["vllm-jsonl", src, tmp_path / "t", "--expert-bytes", "10"]) == 2
-    assert "no records at all for layer(s) [0]" in capsys.readouterr().err
+    assert "no records at all for layer(s) [1]" in capsys.readouterr().err
+    assert do_import(["vllm-jsonl", src, tmp_path / "t", "--expert-bytes", "10", "--n-layers", "2"]) == 2
+    assert "layer 2 outside 0..1" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
 
 

@@ -128,16 +128,28 @@ def run(src, dst, args: argparse.Namespace) -> Path:
         n_note = "inferred as the largest expert id seen + 1 (may undercount experts never routed to)"
     if k > n_experts:
         raise TraceError(f"top-k {k} exceeds n_experts {n_experts}", path=path, where="--n-experts")
-    n_layers = args.n_layers if args.n_layers is not None else int(rec["layer"].max()) + 1
-    if rec["layer"].max() >= n_layers:
-        i = int(np.argmax(rec["layer"] >= n_layers))
-        raise TraceError(f"layer {rec['layer'][i]} outside 0..{n_layers - 1} (--n-layers {n_layers})", path=path,
-                         where=f"record {i + 1} field 'layer'")
-    absent = np.setdiff1d(np.arange(n_layers), rec["layer"])
+    layer = rec["layer"]
+    layer_ids = None
+    if args.n_layers is not None:
+        n_layers = args.n_layers
+        if layer.max() >= n_layers:
+            i = int(np.argmax(layer >= n_layers))
+            raise TraceError(f"layer {layer[i]} outside 0..{n_layers - 1} (--n-layers {n_layers})", path=path,
+                             where=f"record {i + 1} field 'layer'")
+        absent = np.setdiff1d(np.arange(n_layers), layer)
+    else:
+        # MoE layers are often numbered by the model's layer index (dense layers first): ids lo..hi become
+        # trace layers 0..n-1 and the model's ids are kept in meta.layer_ids; a gap is an error, not a shift
+        lo, hi = int(layer.min()), int(layer.max())
+        n_layers = hi - lo + 1
+        absent = np.setdiff1d(np.arange(lo, hi + 1), layer)
+        if lo > 0 and not len(absent):
+            layer_ids = list(range(lo, hi + 1))
+            layer = layer - lo
     if len(absent):
-        raise TraceError(f"no records at all for layer(s) {absent[:10].tolist()} of 0..{n_layers - 1}; every layer "
-                         f"must have records (pass --n-layers if the ids are not 0-based)", path=path,
-                         where="field 'layer'")
+        raise TraceError(f"no records at all for layer(s) {absent[:10].tolist()}; every MoE layer must have "
+                         f"records (pass --n-layers N if layer ids are 0..N-1)", path=path, where="field 'layer'")
+    rec["layer"] = layer
 
     # sequences: problem_id, or (dataset, problem_id) numbered by first appearance when several datasets mix
     datasets = rec["dataset"]
@@ -193,6 +205,7 @@ def run(src, dst, args: argparse.Namespace) -> Path:
         "top_k": k,
         "expert_bytes": [args.expert_bytes] * n_layers,
         "dense_bytes": [args.dense_bytes] * n_layers if args.dense_bytes is not None else None,
+        "layer_ids": layer_ids,
         "license": "unknown (not given at import; pass --license)",
         "attribution": "unknown (not given at import; pass --attribution)",
         "capture": ("vLLM-style JSON lines: every record is a generated token, imported as phase decode with "
