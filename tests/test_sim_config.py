@@ -1,0 +1,132 @@
+"""Run configs and hardware profiles: validation, one-line errors naming the file and field, --set, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sim.config import build_config, load_config, parse_sets
+from sim.engine.synthetic import make_trace
+from sim.hardware import CostModel, load_profile
+from sim.run import main as run_main
+from traces.errors import TraceError, run_cli
+from traces.reader import Trace
+
+
+@pytest.fixture(scope="module")
+def trace_dir(tmp_path_factory):
+    return make_trace(tmp_path_factory.mktemp("c") / "tiny", n_layers=3, n_experts=8, top_k=2, n_sequences=1,
+                      prompt_len=4, decode_len=6)
+
+
+def write(tmp_path, text, name="run.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_file_and_field(tmp_path, trace_dir):
+    p = write(tmp_path, f"trace: {trace_dir}\ncache:\n  polcy: lru\n")
+    with pytest.raises(TraceError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "cache.polcy" in str(e.value) and "cache.policy" in str(e.value)
+
+
+def test_bad_value_names_field(tmp_path, trace_dir):
+    p = write(tmp_path, f"trace: {trace_dir}\nphase: both\nprefetch: {{distance: 0}}\n")
+    with pytest.raises(TraceError) as e:
+        load_config(p)
+    assert "prefetch.distance" in str(e.value) and str(p) in str(e.value)
+
+
+def test_bad_yaml_names_line(tmp_path):
+    p = write(tmp_path, "trace: x\ncache: [unclosed\n")
+    with pytest.raises(TraceError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "line" in str(e.value)
+
+
+def test_capacity_exclusive_and_override(tmp_path, trace_dir):
+    p = write(tmp_path, f"trace: {trace_dir}\ncache: {{cache_rate: 0.5, capacity_mib: 10}}\n")
+    with pytest.raises(TraceError, match="exactly one"):
+        load_config(p)
+    p = write(tmp_path, f"trace: {trace_dir}\ncache: {{cache_rate: 0.5}}\n")
+    cfg = load_config(p, parse_sets(["cache.capacity_mib=100", "cache.policy=fifo", "early_preemption=true"]))
+    assert cfg.cache.capacity_mib == 100 and cfg.cache.cache_rate is None and cfg.cache.policy == "fifo"
+    assert cfg.early_preemption is True
+    with pytest.raises(TraceError, match="--set field 'cache.polcy'"):
+        load_config(p, {"cache.polcy": "lru"})
+
+
+def test_trace_path_relative_to_config_file(tmp_path, trace_dir):
+    sub = tmp_path / "cfgs"
+    sub.mkdir()
+    p = write(sub, "trace: ../t\n")
+    (tmp_path / "t").symlink_to(trace_dir)
+    assert load_config(p).resolve_trace() == (tmp_path / "t").resolve()
+
+
+def test_missing_trace_one_line_error(tmp_path, capsys):
+    p = write(tmp_path, "trace: no/such/trace\n")
+    assert run_cli(run_main, [str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "field 'trace'" in err and "no/such/trace" in err
+
+
+def test_run_cli_json(tmp_path, trace_dir, capsys):
+    p = write(tmp_path, f"trace: {trace_dir}\ncache: {{policy: lru, capacity_experts: 4}}\n")
+    assert run_cli(run_main, [str(p), "--json", "--set", "prefetch.predictor=oracle"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for k in ("hit_rate", "ttft_ms", "tpot_ms", "total_ms", "stall_ms", "bytes_h2d", "pcie_busy_frac",
+              "prefetch_precision", "prefetch_recall", "prefetch_late", "prefetch_unused"):
+        assert k in out["metrics"]
+    assert out["config"]["prefetch.predictor"] == "oracle"
+    # same config, same metrics and run id
+    assert run_cli(run_main, [str(p), "--json", "--set", "prefetch.predictor=oracle"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again == out
+
+
+def test_sweep_file_refused_by_run(tmp_path, trace_dir):
+    p = write(tmp_path, f"base: {{trace: {trace_dir}}}\ngrid: {{cache.policy: [lru]}}\n")
+    with pytest.raises(TraceError, match="sim.sweep"):
+        load_config(p)
+
+
+def test_profiles_load_and_lookup(trace_dir):
+    for name in ("h200", "rtx4090-promoe"):
+        prof = load_profile(name)
+        assert prof.provenance
+    h200 = load_profile("h200")
+    assert "executor.calibrate will replace" in h200.provenance
+    assert "datasheets" in load_profile("rtx4090-promoe").provenance
+    link = h200.h2d.pinned
+    assert link.gbps(1 << 20) == pytest.approx(38.4) and link.gbps(1 << 30) == pytest.approx(55.5)
+    assert 38.4 < link.gbps(2 << 20) < 49.9
+    assert link.seconds(352e6) * 1e3 == pytest.approx(6.4, rel=0.02)  # Mixtral expert: 6.4 ms measured
+    mixtral = next(t for t in h200.expert_compute if t.hidden == 4096)
+    assert mixtral.at(1) == pytest.approx(0.117) and mixtral.at(64) == pytest.approx(0.138)
+    assert 0.138 < mixtral.at(100) < 0.311
+    cost = CostModel(h200, Trace(trace_dir).meta)  # 2048 x 768 bf16 experts: the exact small table
+    assert "exact" in cost.geometry[0]
+    cost.prepare(600)
+    assert cost.expert_s[0][1] == pytest.approx(0.07e-3) and cost.expert_s[0][512] == pytest.approx(0.07e-3)
+
+
+def test_profile_errors_name_file_and_field(tmp_path):
+    p = write(tmp_path, "name: x\nprovenance: y\nh2d: {pinned: {points: []}}\nexpert_compute: []\n"
+                        "dense_compute: []\nbogus: 1\n", name="bad.yaml")
+    with pytest.raises(TraceError) as e:
+        load_profile(str(p))
+    msg = str(e.value)
+    assert str(p) in msg and "h2d.pinned.points" in msg and "bogus" in msg
+    with pytest.raises(TraceError, match="no hardware profile"):
+        load_profile("no-such-gpu")
+
+
+def test_build_config_dotted_and_nested(trace_dir):
+    cfg = build_config({"trace": str(trace_dir), "cache": {"policy": "lfu"}, "cache.cache_rate": 0.5})
+    assert cfg.cache.policy == "lfu" and cfg.cache.cache_rate == 0.5
+    assert cfg.run_hash() == build_config({"trace": str(trace_dir), "cache.policy": "lfu",
+                                           "cache.cache_rate": 0.5}).run_hash()
