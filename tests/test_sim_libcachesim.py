@@ -17,7 +17,7 @@ import pytest
 from sim import mrc
 from sim.access import lookup_stream
 from sim.cache import ExpertCache
-from sim.policies.libcachesim_adapter import libcachesim_algorithms, make_libcachesim_cache
+from sim.policies.libcachesim_adapter import NO_TO_EVICT, libcachesim_algorithms, make_libcachesim_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT / "data" / "traces"
@@ -94,3 +94,21 @@ def test_bench_mrc_keys():
     out = mrc.bench_mrc(GEMMA, repeats=1)
     for key in ("mrc_accesses_per_s", "libcachesim_accesses_per_s", "mrc_speedup_vs_libcachesim"):
         assert np.isfinite(out[key]) and out[key] > 0
+
+
+def test_algorithms_without_to_evict_are_refused():
+    import libcachesim
+
+    for name in NO_TO_EVICT:  # the list is right: these give no victim
+        lcs = make_libcachesim_cache(name, 1000, n_objects=64)
+        for i in range(1, 60):
+            lcs.get(libcachesim.Request(obj_id=i, obj_size=1))
+        assert lcs.to_evict(libcachesim.Request(obj_id=999, obj_size=1)) is None, name
+    with pytest.raises(ValueError, match="no to_evict"):
+        ExpertCache(n_layers=1, n_experts=8, expert_bytes=[1], capacity_bytes=20, policy="lcs:S3FIFO")
+    c = ExpertCache(n_layers=1, n_experts=8, expert_bytes=[1], capacity_bytes=20, policy="lcs:S3FIFO",
+                    policy_params={"fallback": True})
+    for e in range(8):
+        c.lookup((0, e))
+        c.insert((0, e))
+    assert len(c.resident) == 8

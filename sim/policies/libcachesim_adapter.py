@@ -17,9 +17,11 @@ partition's capacity in bytes; object id = layer * n_experts + expert + 1, objec
 
 Without pins this reproduces libCacheSim's own get() for algorithms whose to_evict() is pure and deterministic
 (LRU, FIFO, LFU, ARC, Sieve, Clock, SLRU, LHD, LFUDA, GDSF, MQ, LRUK, ...); tests/test_sim_libcachesim*.py checks
-LRU, FIFO and LFU. Algorithms without to_evict (S3FIFO, TwoQ, LIRS in libcachesim 0.3.5) fall back to the
-recency order for every victim, so for them the adapter is an approximation; use `run_libcachesim` in sim.mrc
-to run libCacheSim's own simulator on a lookup stream instead.
+LRU, FIFO, LFU, ARC, Sieve and Clock against libCacheSim's own simulator. Algorithms without a usable to_evict()
+(S3FIFO, TwoQ, LIRS, WTinyLFU in libcachesim 0.3.5: it returns nothing) cannot be asked for a victim without
+changing their state, so the adapter refuses them (ValueError) unless `fallback=True`, which takes the recency
+order for every victim (then it is NOT that algorithm). To get their hit rates on a lookup stream, run
+libCacheSim's own simulator with `sim.mrc.run_libcachesim`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import math
 from collections.abc import Collection, Sequence
 
 from sim.policies.base import Key, Policy, register_policy
+
+# algorithms whose to_evict() returns nothing in libcachesim 0.3.5 (checked by tests/test_sim_libcachesim.py)
+NO_TO_EVICT = frozenset({"s3fifo", "twoq", "lirs", "wtinylfu"})
 
 
 def libcachesim_algorithms() -> dict[str, type]:
@@ -73,11 +78,18 @@ class LibCacheSimPolicy(Policy):
         partition_capacity_bytes: int,
         expert_bytes: Sequence[int],
         n_experts: int,
+        fallback: bool = False,
         **algo_params,
     ) -> None:
         from libcachesim import Request
 
+        if algo.lower() in NO_TO_EVICT and not fallback:
+            raise ValueError(
+                f"libCacheSim {algo} offers no to_evict(), so it cannot choose victims for ExpertCache; "
+                "use sim.mrc.run_libcachesim for its hit rate, or fallback=True for recency-order victims"
+            )
         self._Request = Request
+        self.fallback = fallback
         self.algo = algo
         self._n_experts = n_experts
         self._sizes = list(expert_bytes)
@@ -117,6 +129,9 @@ class LibCacheSimPolicy(Policy):
         choice = self._lcs_choice((0, 0))
         if choice is not None and choice in candidates:
             return choice
+        if choice is None and self._order and not self.fallback:
+            raise RuntimeError(f"libCacheSim {self.algo}: to_evict() gave no victim (pass fallback=True to allow "
+                               "recency-order victims)")
         for key in self._order:
             if key in candidates:
                 return key
