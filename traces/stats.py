@@ -47,7 +47,7 @@ class Dense:
         phase = code_of[col.indices.to_numpy()]
         pos = _column_np(table, "position").astype(np.int64)
         layer = _column_np(table, "layer").astype(np.int64)
-        experts = _fixed_list_np(table, "experts", meta.top_k).astype(np.int64)
+        experts = _fixed_list_np(table, "experts", meta.top_k).astype(np.int16)
         order = np.lexsort((pos, phase, seq))
         key = np.stack([seq, phase, pos], axis=1)[order]
         new = np.r_[True, (key[1:] != key[:-1]).any(axis=1)]
@@ -57,7 +57,7 @@ class Dense:
         self.n_tokens = int(new.sum())
         self.seq, self.phase, self.pos = key[new, 0], key[new, 1], key[new, 2]
         self.L, self.E, self.k = meta.n_layers, meta.n_experts, meta.top_k
-        self.experts = np.full((self.n_tokens, self.L, self.k), -1, dtype=np.int64)
+        self.experts = np.full((self.n_tokens, self.L, self.k), -1, dtype=np.int16)  # int16: ids < 32768
         self.experts[tok, layer] = experts
         self.present = self.experts[:, :, 0] >= 0
         self.rows = len(seq)
@@ -203,7 +203,7 @@ def lookup_distances(d: Dense, max_lookups: int = MAX_LOOKUPS) -> tuple[np.ndarr
     t = 0
     truncated = False
     for lay, ids in lookup_groups(d):
-        keys = lay * d.E + ids
+        keys = lay * d.E + ids.astype(np.int64)
         m = len(keys)
         prev = last[keys]
         sl = last[lay * d.E:(lay + 1) * d.E]
