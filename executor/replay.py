@@ -1,0 +1,151 @@
+"""Replay a trace on the offloaded runtime: `python -m executor.replay CONFIG --geometry NAME [options]`.
+
+CONFIG is the simulator's single-run YAML (sim/config.py: trace, phase, batch size, cache policy and capacity,
+predictor, distance, ProMoE switches), so the executor and `python -m sim.run` read the same file. The geometry
+(executor.geometry) gives the expert and dense shapes; the routing is forced from the trace. Prints the metrics
+(DESIGN.md's names) and the slot count actually allocated; `--json` prints one JSON object.
+
+    python -m executor.replay configs/x.yaml --geometry qwen3-30b-a3b [--layers N] [--set cache.cache_rate=0.5]
+
+Memory is checked before anything is allocated (executor.memory): a configuration that does not fit fails with
+the numbers and the largest --layers N that fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+from executor.geometry import Geometry, parse_geometry_overrides, resolve_geometry
+from executor.memory import DEFAULT_GPU_MARGIN, DEFAULT_HOST_BUDGET, GIB, check_fit, gpu_budget, plan_memory
+from traces.errors import TraceError, run_cli
+
+
+@dataclass
+class ReplaySetup:
+    geometry: Geometry
+    meta: object  # TraceMeta with the geometry's sizes and the replayed layers
+    sequences: list
+    trace: object
+    capacity_bytes: int
+    n_layers: int
+
+
+def prepare(cfg, geom: Geometry, *, layers: int | None = None) -> ReplaySetup:
+    """Trace, sequences (first N layers), the meta both sides model, and the cache capacity in bytes."""
+    from executor.runtime import truncate_sequences
+    from sim.cache import ExpertCache
+    from sim.engine.schedule import load_sequences
+    from traces.reader import Trace
+
+    trace = Trace(cfg.resolve_trace())
+    n = layers if layers is not None else min(trace.meta.n_layers, geom.n_layers)
+    geom = geom.first_layers(n) if n < geom.n_layers else geom
+    meta = geom.trace_meta(trace.meta, n)
+    seqs = load_sequences(trace, cfg.phase, cfg.max_sequences, cfg.max_decode_tokens)
+    if n < trace.meta.n_layers:
+        seqs = truncate_sequences(seqs, n)
+    try:
+        capacity = ExpertCache.resolve_capacity_bytes(
+            expert_bytes=meta.expert_bytes, n_experts=meta.n_experts, capacity_mib=cfg.cache.capacity_mib,
+            capacity_experts=cfg.cache.capacity_experts, cache_rate=cfg.cache.cache_rate)
+    except ValueError as exc:
+        raise TraceError(str(exc), where="field 'cache'") from None
+    eb = meta.expert_bytes[0]
+    parts = n if cfg.cache.scope == "per_layer" else 1
+    capacity = (capacity // parts // eb) * parts * eb  # whole slots: what the executor allocates
+    return ReplaySetup(geom, meta, seqs, trace, capacity, n)
+
+
+def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = None, transfer_backend=None,
+                  host_budget: int = DEFAULT_HOST_BUDGET, gpu_budget_bytes: int | None = None,
+                  keep_outputs: bool = False, check: bool = False, lookahead: int = 1, copy_engines: int = 1):
+    """Check memory, allocate the host store, the model and the runtime for one config."""
+    import torch
+
+    from executor.buffers import HostExpertStore
+    from executor.model import ReplayModel, TraceWeights
+    from executor.runtime import OffloadedRuntime, max_unique_per_layer
+    from predictors.registry import make_predictor
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    geom, meta = setup.geometry, setup.meta
+    eb = meta.expert_bytes[0]
+    scratch = max(1, max_unique_per_layer(setup.sequences, cfg.phase, cfg.batch_size))
+    max_tokens = max([len(p[1]) for s in setup.sequences for p in s.prompts] + [cfg.batch_size, 1])
+    per_layer_slots = setup.capacity_bytes / eb / setup.n_layers
+
+    def plan(n: int):
+        return plan_memory(geom, n_layers=n, n_experts=meta.n_experts, slab_slots=int(per_layer_slots * n),
+                           scratch_slots=scratch, max_tokens=max_tokens, top_k=meta.top_k)
+
+    if gpu_budget_bytes is None and device.type == "cuda":
+        gpu_budget_bytes = gpu_budget(device, DEFAULT_GPU_MARGIN)
+    check_fit(plan, setup.n_layers, host_budget=host_budget, gpu_budget_bytes=gpu_budget_bytes,
+              what=f"geometry {geom.name}")
+    seed = cfg.seed if seed is None else seed
+    store = HostExpertStore(geom, n_layers=setup.n_layers, n_experts=meta.n_experts, seed=seed,
+                            pin=device.type == "cuda")
+    model = ReplayModel(geom, store, device=device, seed=seed)
+    weights = TraceWeights(setup.trace, setup.n_layers)
+    predictor = make_predictor(cfg.prefetch.predictor, **cfg.prefetch.predictor_params)
+    predictor.check_trace(setup.trace.meta)
+    inflight = cfg.prefetch.max_inflight_mib * (1 << 20) if cfg.prefetch.max_inflight_mib is not None else None
+    return OffloadedRuntime(
+        model, meta, setup.sequences, weights_fn=weights.for_batch, phase=cfg.phase, batch_size=cfg.batch_size,
+        cache_capacity_bytes=setup.capacity_bytes, cache_scope=cfg.cache.scope, cache_policy=cfg.cache.policy,
+        policy_params=cfg.cache.policy_params, predictor=predictor, distance=cfg.prefetch.distance,
+        top_n=cfg.prefetch.top_n, max_inflight_bytes=inflight, chunked_prefetch=cfg.chunked_prefetch,
+        chunks=cfg.prefetch.chunks, early_preemption=cfg.early_preemption,
+        reordered_inference=cfg.reordered_inference, cpu_experts=cfg.cpu_experts, trace=setup.trace,
+        transfer_backend=transfer_backend, keep_outputs=keep_outputs, check=check, lookahead=lookahead,
+        copy_engines=copy_engines)
+
+
+def add_memory_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--geometry", required=True, help="preset name or path to an HF config.json")
+    ap.add_argument("--set-geometry", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a geometry field (hidden, moe_intermediate, n_layers, n_experts, top_k, dtype, ...)")
+    ap.add_argument("--layers", type=int, default=None, help="replay only the model's first N layers")
+    ap.add_argument("--host-budget-gib", type=float, default=DEFAULT_HOST_BUDGET / GIB,
+                    help="pinned host memory budget (default 100 of the machine's 128 GB)")
+    ap.add_argument("--gpu-budget-gib", type=float, default=None,
+                    help="GPU memory budget (default: free memory minus 4 GiB)")
+    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+
+
+def main(argv=None) -> int:
+    from sim.config import load_config, parse_sets
+
+    ap = argparse.ArgumentParser(prog="python -m executor.replay", description=__doc__.splitlines()[0])
+    ap.add_argument("config", help="single-run YAML config (the simulator's format)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_memory_args(ap)
+    ap.add_argument("--check", action="store_true", help="check cache/slab invariants and slot contents (slow)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, parse_sets(args.set))
+    geom = resolve_geometry(args.geometry, parse_geometry_overrides(args.set_geometry))
+    setup = prepare(cfg, geom, layers=args.layers)
+    rt = build_runtime(cfg, setup, device=args.device, host_budget=int(args.host_budget_gib * GIB),
+                       gpu_budget_bytes=int(args.gpu_budget_gib * GIB) if args.gpu_budget_gib is not None else None,
+                       check=args.check)
+    metrics = rt.run()
+    out = {"config": cfg.flat(), "geometry": setup.geometry.describe(), "layers": setup.n_layers,
+           "device": str(rt.device), "metrics": metrics}
+    if args.json:
+        print(json.dumps(out, default=str))
+    else:
+        for k, v in metrics.items():
+            print(f"{k:22s} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
+
+

@@ -1,0 +1,454 @@
+"""The offloaded MoE runtime: the simulator's layer loop (sim/engine/core.py) with real copies and real kernels.
+
+Per batch and layer, on the compute stream (the default CUDA stream, or the CPU):
+
+1. dense part (`ReplayModel.dense`), then the gate: on CUDA the host waits for the GPU to reach the gate (an
+   event synchronize), as a real offloading system must to read the routing, so that "resident at the gate"
+   means what the simulator means by it; finished copies are reaped (the simulator's `_landed`).
+2. at the gate, exactly the simulator's decisions, with the same objects: one `ExpertCache.lookup` per unique
+   expert in first-occurrence order (sim.engine.schedule.layer_sets), hit = resident and fully copied, a
+   prefetch still queued or copying = late prefetch (miss), else demand miss; the layer's experts are pinned
+   until the layer is done. With early preemption the layer's queued speculative transfers are upgraded if
+   needed and dropped if not, and every demand miss is enqueued now at high priority. The prefetcher (the
+   simulator's own `sim.engine.prefetcher.Prefetcher`, with the same predictor object, distance, top_n and
+   in-flight bound; its predictor cost is real time here, so its simulated cost is 0) predicts layer l+d and
+   enqueues speculative transfers.
+3. experts in order (ascending id; reordered inference: resident, copying, queued high, queued low, not started;
+   executor.decisions). An expert not resident: without early preemption its demand load is enqueued now (or
+   its prefetch upgraded to high); the compute stream waits for the copy (stall, measured with CUDA events
+   around the wait, or perf_counter on the CPU).
+
+Copies reserve their cache slot (and a slab slot) when enqueued and stay pinned until they land; a demand miss
+the cache cannot hold is copied into a scratch buffer; a prefetch that cannot get a slot is skipped.
+`cpu_experts` (Fiddler-style CPU compute of a miss) is not implemented in the executor.
+
+Metrics: the simulator's names and definitions (`sim.engine.metrics.finalize`), from real time: per batch the
+time between CUDA events at its start and end on the compute stream (perf_counter on the CPU), link busy time
+from events around each chunk group on the copy stream.
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import torch
+
+from executor.buffers import SlotPool, chunk_ranges
+from executor.decisions import compute_order, early_preemption_plan, expert_state
+from executor.model import BatchInputs, ReplayModel, rms_norm
+from executor.transfer import Transfer, TransferEngine
+from predictors.base import Predictor
+from sim.cache import ExpertCache
+from sim.engine.metrics import Counters, finalize
+from sim.engine.prefetcher import Prefetcher
+from sim.engine.schedule import SequenceData, demand_lookups, iter_batches, layer_sets
+from traces.format import TraceMeta
+
+
+class _Clock:
+    """Timestamps on the compute stream: CUDA events (device) or perf_counter (CPU). Reporting only."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def seconds(self, a, b) -> float:
+        if self.cuda:
+            return a.elapsed_time(b) * 1e-3
+        return b - a
+
+
+class _MetaTrace:
+    """The trace as the prefetcher sees it: the executor's meta (geometry bytes, first N layers), the trace's
+    optional arrays (hidden states, router weights) by delegation."""
+
+    def __init__(self, trace, meta: TraceMeta):
+        self._trace = trace
+        self.meta = meta
+
+    def hidden_states(self, layer: int):
+        return self._trace.hidden_states(layer)
+
+    def router_weights(self, layer: int):
+        return self._trace.router_weights(layer)
+
+
+def truncate_sequences(seqs: list[SequenceData], n_layers: int) -> list[SequenceData]:
+    """The first n layers of every sequence's routing (for `--layers N`)."""
+    out = []
+    for s in seqs:
+        prompts = [(ph, ex[:, :n_layers], pos, None if hr is None else hr[:, :n_layers]) for ph, ex, pos, hr in s.prompts]
+        out.append(SequenceData(s.sequence, prompts, s.gen[:, :n_layers], s.gen_positions,
+                                None if s.gen_hidden_rows is None else s.gen_hidden_rows[:, :n_layers],
+                                s.all[:, :n_layers], s.n_before_gen))
+    return out
+
+
+def max_unique_per_layer(seqs: list[SequenceData], phase: str, batch_size: int) -> int:
+    m = 0
+    for b in iter_batches(seqs, phase, batch_size):
+        for ids, _ in layer_sets(b.experts):
+            m = max(m, len(ids))
+    return m
+
+
+class OffloadedRuntime:
+    def __init__(
+        self,
+        model: ReplayModel,
+        meta: TraceMeta,
+        sequences: list[SequenceData],
+        *,
+        weights_fn,
+        phase: str = "both",
+        batch_size: int = 1,
+        cache_capacity_bytes: int,
+        cache_scope: str = "global",
+        cache_policy: str = "lru",
+        policy_params: dict | None = None,
+        predictor: Predictor,
+        distance: int = 1,
+        top_n: int | None = None,
+        max_inflight_bytes: float | None = None,
+        chunked_prefetch: bool = False,
+        chunks: int = 3,
+        early_preemption: bool = False,
+        reordered_inference: bool = False,
+        cpu_experts: bool = False,
+        trace=None,
+        transfer_backend: str | None = None,
+        copy_engines: int = 1,
+        lookahead: int = 1,
+        pump_per_expert: int = 1,
+        pump_per_dense: int = 1,
+        keep_outputs: bool = False,
+        check: bool = False,
+    ):
+        from sim.policies import policy_class
+
+        if cpu_experts:
+            raise NotImplementedError("cpu_experts is simulated only; the executor does not compute experts on the CPU")
+        if len(set(meta.expert_bytes)) != 1:
+            raise ValueError("the executor's slab holds experts of one size; give a geometry with uniform experts")
+        self.model = model
+        self.meta = meta
+        self.sequences = sequences
+        self.weights_fn = weights_fn
+        self.phase = phase
+        self.batch_size = batch_size
+        self.device = model.device
+        self.L = meta.n_layers
+        future = None
+        if policy_class(cache_policy).needs_future:
+            future = demand_lookups(sequences, phase, batch_size)
+        self.cache = ExpertCache(n_layers=meta.n_layers, n_experts=meta.n_experts, expert_bytes=meta.expert_bytes,
+                                 capacity_bytes=cache_capacity_bytes, scope=cache_scope, policy=cache_policy,
+                                 policy_params=policy_params, future=future)
+        eb = meta.expert_bytes[0]
+        n_parts = meta.n_layers if cache_scope == "per_layer" else 1
+        self.n_slots = (cache_capacity_bytes // n_parts // eb) * n_parts
+        numel = model.store.numel
+        self.slab = SlotPool(self.n_slots, numel, model.dtype, self.device, "slab")
+        self.scratch = SlotPool(max(1, max_unique_per_layer(sequences, phase, batch_size)), numel, model.dtype,
+                                self.device, "scratch")
+        if transfer_backend is None:
+            transfer_backend = "cuda" if self.device.type == "cuda" else "pump"
+        self.engine = TransferEngine(transfer_backend, device=self.device, copy_engines=copy_engines,
+                                     lookahead=lookahead)
+        self.link = self.engine  # the prefetcher reads `eng.link.pending_bytes`
+        self.chunks = chunks if chunked_prefetch else 1
+        self.ranges = chunk_ranges(numel, self.chunks)
+        self.early_preemption = early_preemption
+        self.reordered = reordered_inference
+        self.pump_per_expert = pump_per_expert
+        self.pump_per_dense = pump_per_dense
+        self.keep_outputs = keep_outputs
+        self.check = check
+        self.ready: set = set()
+        self.inflight: dict = {}
+        self.unused_pf: set = set()
+        self.c = Counters()
+        self.seq = 0
+        self.gated = (-1, -1)
+        self.env = SimpleNamespace(now=0.0)  # the prefetcher's clock: predictions are issued at once (cost = real)
+        self.cost = SimpleNamespace(expert_bytes=list(meta.expert_bytes))
+        predictor.reset()
+        ptrace = _MetaTrace(trace, meta) if trace is not None else None
+        self.prefetcher = Prefetcher(self, predictor, distance, top_n, max_inflight_bytes, 0.0, ptrace)
+        self.clock = _Clock(self.device)
+        self.outputs: list[torch.Tensor] = []
+        self.max_used_bytes = 0
+        self.checks = {"slot_content_checks": 0, "computed_resident_checks": 0}
+
+    # -- cache + transfer glue (sim: start_transfer, _landed, _drop, _evicted) -----------------------------------
+    def _evicted(self, victims) -> None:
+        for v in victims:
+            self.ready.discard(v)
+            self.slab.release(v)
+            if v in self.unused_pf:
+                self.unused_pf.discard(v)
+                self.c.n_prefetch_unused += 1
+
+    def start_transfer(self, key, *, speculative: bool, target=None) -> Transfer | None:
+        cache = self.cache
+        victims = cache.insert(key)
+        if victims is None:
+            if speculative:
+                return None
+            cached = False
+            pool = self.scratch
+            owner = ("scratch", key)
+        else:
+            cached = True
+            if victims:
+                self._evicted(victims)
+            cache.pin(key)
+            pool = self.slab
+            owner = key
+            if self.check:
+                assert cache.used_bytes <= cache.capacity_bytes, "cache capacity exceeded"
+                assert self.slab.used < self.slab.n_slots or self.slab.free, "slab full"
+            self.max_used_bytes = max(self.max_used_bytes, cache.used_bytes)
+        slot = pool.assign(owner)
+        t = Transfer(key, self.model.store.expert(key), pool.view(slot), self.meta.expert_bytes[key[0]], self.ranges,
+                     high=not speculative, speculative=speculative, cached=cached, seq=self.seq, slot=slot,
+                     guards=pool.guards(slot), target=target)
+        self.seq += 1
+        if cached:
+            self.inflight[key] = t
+        if speculative:
+            self.c.prefetches += 1
+        else:
+            self.c.demand_loads += 1
+        self.engine.submit(t)
+        return t
+
+    def _reap(self) -> None:
+        for t in self.engine.poll():
+            self._landed(t)
+
+    def _landed(self, t: Transfer) -> None:
+        if t.reaped:
+            return
+        t.reaped = True
+        self._note_write(t)
+        if t.cached and not t.dropped:
+            key = t.key
+            del self.inflight[key]
+            self.ready.add(key)
+            self.cache.unpin(key)
+            if t.speculative and not t.used:
+                self.unused_pf.add(key)
+
+    def _drop(self, t: Transfer) -> None:
+        if not self.engine.drop(t):
+            return
+        if t.cached:
+            del self.inflight[t.key]
+            self.cache.unpin(t.key)
+            self.cache.remove(t.key)
+            self._note_write(t)  # a chunk may still be landing in this slot: later copies into it wait for it
+            self.slab.release(t.key)
+        self.c.n_prefetch_dropped += 1
+        self.c.n_prefetch_unused += 1
+
+    def _note_write(self, t: Transfer) -> None:
+        if self.device.type == "cuda" and t.group_handle is not None:
+            (self.slab if t.cached else self.scratch).last_write[t.slot] = t.group_handle[1]
+
+    def _state(self, key) -> tuple:
+        return expert_state(key, self.ready, self.inflight)
+
+    # -- checks --------------------------------------------------------------------------------------------------
+    def _check_buffer(self, key, buf: torch.Tensor, pool: SlotPool, owner) -> None:
+        slot = pool.slot_of.get(owner)
+        assert slot is not None and pool.owner[slot] == owner, f"expert {key} computed without a slot"
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        assert torch.equal(buf.cpu(), self.model.store.expert(key)), f"slot {slot} does not hold expert {key}"
+        self.checks["slot_content_checks"] += 1
+
+    def _check_slab(self) -> None:
+        """Every resident key holds a slot; slot count never exceeds capacity."""
+        assert self.slab.used <= self.n_slots, "slab over capacity"
+        assert self.cache.used_bytes <= self.cache.capacity_bytes, "cache capacity exceeded"
+        for key in self.cache.resident:
+            assert key in self.slab.slot_of, f"resident expert {key} has no slab slot"
+        assert len(self.slab.slot_of) == len(self.cache), "slab slots and cache residency disagree"
+
+    # -- the layer loop ------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        model = self.model
+        cache = self.cache
+        ready = self.ready
+        inflight = self.inflight
+        unused_pf = self.unused_pf
+        engine = self.engine
+        c = self.c
+        L = self.L
+        pf = self.prefetcher if self.prefetcher.active else None
+        ep = self.early_preemption
+        ro = self.reordered
+        check = self.check
+        cuda = self.device.type == "cuda"
+        clock = self.clock
+        batch_marks = []
+        stall_marks = []
+        stall_host_s = 0.0
+        first_mark = None
+        try:
+            for batch in iter_batches(self.sequences, self.phase, self.batch_size):
+                T = batch.tokens
+                inputs = BatchInputs(batch, self.weights_fn(batch), L, self.device, model.dtype)
+                sets = layer_sets(batch.experts[:, :L])
+                b = batch.index
+                start = clock.mark()
+                if first_mark is None:
+                    first_mark = start
+                if pf is not None:
+                    self.prefetcher.start_batch(batch)
+                x = model.embed(batch.sequences, batch.positions)
+                for layer in range(L):
+                    ids, _counts = sets[layer]
+                    x = model.dense(layer, x)
+                    engine.pump(self.pump_per_dense)
+                    if cuda:
+                        gate_ev = torch.cuda.Event()
+                        gate_ev.record()
+                        gate_ev.synchronize()
+                    self._reap()
+                    self.gated = (b, layer)
+                    # -- the gate: lookups, pins ------------------------------------------------------------------
+                    for e in ids:
+                        cache.pin((layer, e))
+                    missing = False
+                    for e in ids:
+                        key = (layer, e)
+                        cache.lookup(key)
+                        if key in ready:
+                            c.hits += 1
+                            if key in unused_pf:
+                                unused_pf.discard(key)
+                                c.prefetched_used += 1
+                        else:
+                            c.misses += 1
+                            missing = True
+                            t = inflight.get(key)
+                            if t is None or not t.speculative:
+                                c.demand_misses += 1
+                            elif not t.used:
+                                t.used = True
+                                c.prefetched_used += 1
+                                c.n_prefetch_late += 1
+                    c.lookups += len(ids)
+                    local: dict = {}
+                    if missing and ep:
+                        up, drop = early_preemption_plan(layer, engine.low_snapshot())
+                        for t in up:
+                            engine.upgrade(t)
+                        for t in drop:
+                            self._drop(t)
+                    order = compute_order(layer, ids, reordered=ro, any_missing=missing, state=self._state)
+                    if missing and ep:
+                        for e in order:
+                            key = (layer, e)
+                            if key not in ready and key not in inflight:
+                                local[key] = self.start_transfer(key, speculative=False)
+                    if pf is not None:  # the simulator's prefetcher; its CPU time is real time here
+                        r = pf.predict_at_gate(layer, L)
+                        if r is not None:
+                            pf.issue(r[0], r[1], b)
+                    # -- the experts ------------------------------------------------------------------------------
+                    h = rms_norm(x)
+                    out = torch.zeros((T, inputs.top_k, x.shape[1]), dtype=x.dtype, device=x.device)
+                    w = inputs.weights[layer]
+                    rows = inputs.rows[layer]
+                    scratch_used = []
+                    for e in order:
+                        key = (layer, e)
+                        if key in ready:
+                            pool, owner = self.slab, key
+                        else:
+                            t = local.get(key)
+                            if t is None:
+                                t = inflight.get(key)
+                            if t is None:
+                                t = local[key] = self.start_transfer(key, speculative=False)
+                            if not t.finished:
+                                if not t.high:
+                                    engine.upgrade(t)
+                                m0 = clock.mark() if cuda else time.perf_counter()
+                                ev = engine.wait(t)
+                                if cuda:
+                                    torch.cuda.current_stream(self.device).wait_event(ev)
+                                    stall_marks.append((m0, clock.mark()))
+                                else:
+                                    stall_host_s += time.perf_counter() - m0
+                            self._reap()  # (cuda: t may still be copying; the stream waits on its event)
+                            if t.cached:
+                                pool, owner = self.slab, key
+                            else:
+                                pool, owner = self.scratch, ("scratch", key)
+                                scratch_used.append(owner)
+                        slot = pool.slot_of[owner]
+                        buf = pool.view(slot)
+                        if check:
+                            assert cache.contains(key) or pool is self.scratch, f"expert {key} computed while not cached"
+                            self.checks["computed_resident_checks"] += 1
+                            self._check_buffer(key, buf, pool, owner)
+                        model.expert_into(out, buf, h, rows[e], w)
+                        if cuda:
+                            rd = torch.cuda.Event()
+                            rd.record()
+                            pool.last_read[slot] = rd
+                        engine.pump(self.pump_per_expert)
+                    x = x + out.sum(dim=1)
+                    for owner in scratch_used:
+                        self.scratch.release(owner)
+                    c.layer_steps += 1
+                    for e in ids:
+                        cache.unpin((layer, e))
+                    if check:
+                        self._check_slab()
+                end = clock.mark()
+                batch_marks.append((batch.phase, start, end, T, b))
+                if self.keep_outputs:
+                    self.outputs.append(x.detach().to("cpu"))
+                c.batches += 1
+                c.tokens += T
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            self._reap()
+        finally:
+            self.engine.close()
+        self._reap()
+        # -- timing (reporting only) -------------------------------------------------------------------------------
+        stall_s = sum(clock.seconds(a, b) for a, b in stall_marks) if cuda else stall_host_s
+        self.batch_rows = []
+        for ph, a, b_, T, bi in batch_marks:
+            dur = clock.seconds(a, b_)
+            if ph == "prefill":
+                c.prefill_batches += 1
+                c.prefill_s += dur
+            else:
+                c.decode_batches += 1
+                c.decode_s += dur
+            self.batch_rows.append({"batch": bi, "phase": ph, "tokens": T, "duration_ms": dur * 1e3})
+        c.stall_s = stall_s
+        total = clock.seconds(first_mark, batch_marks[-1][2]) if batch_marks else 0.0
+        c.n_prefetch_unused += len(unused_pf) + sum(1 for t in inflight.values() if t.speculative and not t.used)
+        m = finalize(c, total_s=total, busy_s=self.engine.busy_s(), bytes_h2d=self.engine.bytes,
+                     bytes_demand=self.engine.bytes_demand, bytes_prefetch=self.engine.bytes_prefetch)
+        m["slab_slots"] = self.n_slots
+        m["scratch_slots"] = self.scratch.n_slots
+        m["cache_capacity_bytes"] = self.cache.capacity_bytes
+        m["timing"] = "cuda_events" if cuda else "perf_counter (CPU: not a GPU measurement)"
+        return m
+

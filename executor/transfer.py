@@ -1,0 +1,361 @@
+"""The host-to-device transfer engine: the simulator's link semantics (sim/engine/link.py) with real copies.
+
+Semantics, the same as `sim.engine.link.Link`:
+
+- two FIFO queues, `high` (demand loads and upgraded prefetches) before `low` (speculative prefetches);
+- a transfer is split into chunks (1, or `chunks` when chunked prefetch is on; 3 = the expert's three
+  matrices). A copy worker takes the first transfer with chunks left, high queue first: all remaining chunks of
+  a high transfer at once, one chunk of a low one, then picks again. A chunk in flight is never preempted: a
+  demand load that arrives waits for at most the chunks already handed to the copy stream;
+- `upgrade(t)` moves a queued prefetch to the back of the high queue; `drop(t)` abandons a transfer: its
+  queued chunks are discarded, chunks already in flight complete (wasted bytes, counted);
+- `pending_bytes`: bytes of live transfers not yet moved (the prefetcher's in-flight bound reads it).
+
+Backends:
+
+- `cuda`: one worker thread per copy stream (`torch.cuda.Stream`, `copy_engines` of them; H200: 1, since
+  several H2D streams move no more than one). The worker enqueues a chunk group with `non_blocking` copies from
+  pinned memory, records a CUDA event, and keeps at most `lookahead` groups on the stream (1 = exactly the
+  simulator's "at most one chunk ahead"; 2 hides the host round trip between chunks at the price of a demand
+  load waiting for up to two chunks). A group completes when its event does; the main thread also polls events
+  (`poll`) so that completion is seen at the gate even before the worker wakes. Copies into a slot first wait
+  for the slot's guard events (the last kernel that read it, the last copy that wrote it).
+- `thread`: the same worker on the CPU; chunks are `Tensor.copy_` (a CPU stand-in with the same queue
+  semantics; real concurrency, so timing-dependent counts vary run to run).
+- `pump`: no thread; chunks move only when the caller pumps (`pump(n)`, or `wait(t)`, which pumps in priority
+  order until `t` is done). Deterministic: used by the CPU tests to exercise late prefetches, drops and
+  upgrades reproducibly.
+
+Only the main thread touches the ExpertCache: the engine reports finished transfers through `poll()` and the
+runtime does the cache bookkeeping (the simulator's `_landed`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+
+import torch
+
+BACKENDS = ("cuda", "thread", "pump")
+
+
+class Transfer:
+    """One expert copy. Fields mirror sim.engine.link.Transfer; plus the buffers and the completion handles."""
+
+    __slots__ = ("key", "nbytes", "n_chunks", "chunks_done", "enqueued", "ranges", "high", "speculative", "cached",
+                 "finished", "used", "dropped", "moved", "seq", "t_start", "target", "src", "dst", "slot", "guards",
+                 "owner", "last_handle", "group_handle", "all_enqueued", "reaped")
+
+    def __init__(self, key, src: torch.Tensor, dst: torch.Tensor, nbytes: int, ranges, *, high: bool,
+                 speculative: bool, cached: bool, seq: int, slot=None, guards=(), target=None):
+        self.key = key
+        self.src = src
+        self.dst = dst
+        self.nbytes = nbytes
+        self.ranges = ranges
+        self.n_chunks = len(ranges)
+        self.chunks_done = 0
+        self.enqueued = 0
+        self.high = high
+        self.speculative = speculative
+        self.cached = cached
+        self.finished = False
+        self.used = False
+        self.dropped = False
+        self.moved = 0
+        self.seq = seq
+        self.t_start = None  # order in which transfers started copying (a counter, comparable like a time)
+        self.target = target
+        self.slot = slot
+        self.guards = list(guards)
+        self.owner = None
+        self.last_handle = None
+        self.group_handle = None  # the latest chunk group handed to the copy stream
+        self.all_enqueued = False
+        self.reaped = False
+
+    @property
+    def chunks_left(self) -> int:
+        return self.n_chunks - self.chunks_done
+
+
+class _CpuCopier:
+    timing = "perf_counter"
+
+    def copy_group(self, worker: int, t: Transfer, c0: int, c1: int):
+        t0 = time.perf_counter()
+        a, b = t.ranges[c0][0], t.ranges[c1 - 1][1]
+        t.dst[a:b].copy_(t.src[a:b])
+        return (t0, time.perf_counter())
+
+    def wait(self, handle) -> None:
+        pass
+
+    def done(self, handle) -> bool:
+        return True
+
+    def span_s(self, handle) -> float:
+        return handle[1] - handle[0]
+
+    def wait_event(self, handle):
+        return None
+
+
+class _CudaCopier:
+    timing = "cuda_events"
+
+    def __init__(self, device, n_streams: int):
+        self.device = torch.device(device)
+        self.streams = [torch.cuda.Stream(device=self.device) for _ in range(n_streams)]
+
+    def copy_group(self, worker: int, t: Transfer, c0: int, c1: int):
+        s = self.streams[worker]
+        with torch.cuda.device(self.device), torch.cuda.stream(s):
+            if c0 == 0:
+                for ev in t.guards:
+                    s.wait_event(ev)
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record(s)
+            for c in range(c0, c1):  # one copy per chunk: each chunk is a separate DMA, as the simulator models
+                a, b = t.ranges[c]
+                t.dst[a:b].copy_(t.src[a:b], non_blocking=True)
+            end.record(s)
+        return (start, end)
+
+    def wait(self, handle) -> None:
+        handle[1].synchronize()
+
+    def done(self, handle) -> bool:
+        return handle[1].query()
+
+    def span_s(self, handle) -> float:
+        return handle[0].elapsed_time(handle[1]) * 1e-3
+
+    def wait_event(self, handle):
+        return handle[1]
+
+
+class TransferEngine:
+    def __init__(self, backend: str = "pump", *, device=None, copy_engines: int = 1, lookahead: int = 1):
+        if backend not in BACKENDS:
+            raise ValueError(f"transfer backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "cuda" and not torch.cuda.is_available():
+            raise ValueError("transfer backend 'cuda' needs a CUDA device")
+        self.backend = backend
+        # a CPU copy completes when it returns: more than one group ahead would only delay its completion
+        self.lookahead = max(1, int(lookahead)) if backend == "cuda" else 1
+        self.copy_engines = max(1, int(copy_engines)) if backend != "pump" else 1
+        self.copier = _CudaCopier(device, self.copy_engines) if backend == "cuda" else _CpuCopier()
+        self.high: deque[Transfer] = deque()
+        self.low: deque[Transfer] = deque()
+        self.cond = threading.Condition()
+        self.completed: list[Transfer] = []
+        self.outstanding = [deque() for _ in range(self.copy_engines)]
+        self.spans: list = []  # copier handles of every chunk group (busy time, computed at the end)
+        self.bytes = 0
+        self.bytes_demand = 0
+        self.bytes_prefetch = 0
+        self.pending_bytes = 0
+        self.chunk_groups = 0
+        self._start_counter = itertools.count()
+        self._closed = False
+        self._error: BaseException | None = None
+        self.workers: list[threading.Thread] = []
+        if backend != "pump":
+            for i in range(self.copy_engines):
+                th = threading.Thread(target=self._worker, args=(i,), name=f"h2d-copy-{i}", daemon=True)
+                th.start()
+                self.workers.append(th)
+
+    # -- queue operations (main thread; take the lock) ------------------------------------------------------------
+    def submit(self, t: Transfer) -> None:
+        with self.cond:
+            (self.high if t.high else self.low).append(t)
+            self.pending_bytes += t.nbytes
+            self.cond.notify_all()
+
+    def upgrade(self, t: Transfer) -> None:
+        """A queued or copying prefetch becomes a demand load (back of the high queue)."""
+        with self.cond:
+            if t.high or t.finished or t.dropped:
+                return
+            self.low.remove(t)
+            t.high = True
+            self.high.append(t)
+            self.cond.notify_all()
+
+    def drop(self, t: Transfer) -> bool:
+        """Abandon `t`; returns False when it had already finished (then nothing changes)."""
+        with self.cond:
+            if t.finished or t.dropped:
+                return False
+            (self.high if t.high else self.low).remove(t)
+            t.dropped = True
+            self.pending_bytes -= t.nbytes - t.moved
+            return True
+
+    def low_snapshot(self) -> list[Transfer]:
+        with self.cond:
+            return list(self.low)
+
+    # -- copying ------------------------------------------------------------------------------------------------
+    def _pick(self, worker: int):
+        for q in (self.high, self.low):
+            for t in q:
+                if t.enqueued < t.n_chunks and t.owner in (None, worker):
+                    c0 = t.enqueued
+                    c1 = t.n_chunks if t.high else c0 + 1
+                    t.enqueued = c1
+                    t.owner = worker
+                    if t.t_start is None:
+                        t.t_start = next(self._start_counter)
+                    return t, c0, c1
+        return None
+
+    def _complete(self, t: Transfer, c0: int, c1: int, handle) -> None:
+        """A chunk group landed (lock held)."""
+        self.chunk_groups += 1
+        self.spans.append(handle)
+        moved = t.nbytes * c1 // t.n_chunks - t.nbytes * c0 // t.n_chunks
+        t.moved += moved
+        t.chunks_done = c1
+        self.bytes += moved
+        if t.speculative:
+            self.bytes_prefetch += moved
+        else:
+            self.bytes_demand += moved
+        if t.dropped:
+            return
+        self.pending_bytes -= moved
+        if c1 == t.n_chunks:
+            (self.high if t.high else self.low).remove(t)
+            t.finished = True
+            self.completed.append(t)
+        self.cond.notify_all()
+
+    def _enqueued(self, worker: int, t: Transfer, c0: int, c1: int, handle) -> None:
+        self.outstanding[worker].append((t, c0, c1, handle))
+        t.group_handle = handle
+        if c1 == t.n_chunks:
+            t.last_handle = handle
+            t.all_enqueued = True
+        self.cond.notify_all()
+
+    def _worker(self, i: int) -> None:
+        if self.backend == "cuda":
+            torch.cuda.set_device(self.copier.device)
+        out = self.outstanding[i]
+        try:
+            while True:
+                with self.cond:
+                    while True:
+                        pick = self._pick(i) if len(out) < self.lookahead else None
+                        if pick is not None or out:
+                            break
+                        if self._closed:
+                            return
+                        self.cond.wait()
+                    head = out[0] if pick is None else None
+                if pick is not None:
+                    t, c0, c1 = pick
+                    handle = self.copier.copy_group(i, t, c0, c1)
+                    with self.cond:
+                        self._enqueued(i, t, c0, c1, handle)
+                else:
+                    self.copier.wait(head[3])
+                    with self.cond:
+                        if out and out[0] is head:
+                            out.popleft()
+                            self._complete(*head)
+        except BaseException as exc:  # surface copy errors to the main thread instead of hanging it
+            with self.cond:
+                self._error = exc
+                self.cond.notify_all()
+
+    def _step_pump(self) -> bool:
+        """Pump backend: move one chunk group now (priority order). False when nothing is queued."""
+        pick = self._pick(0)
+        if pick is None:
+            return False
+        t, c0, c1 = pick
+        handle = self.copier.copy_group(0, t, c0, c1)
+        self._enqueued(0, t, c0, c1, handle)
+        self.outstanding[0].popleft()
+        self._complete(t, c0, c1, handle)
+        return True
+
+    def pump(self, n: int = 1) -> int:
+        """Pump backend: move up to n chunk groups; returns how many moved (a no-op for threaded backends)."""
+        if self.backend != "pump":
+            return 0
+        moved = 0
+        with self.cond:
+            while moved < n and self._step_pump():
+                moved += 1
+        return moved
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"transfer worker failed: {self._error!r}") from self._error
+
+    def wait(self, t: Transfer):
+        """Block until `t` can be consumed. Returns a CUDA event the compute stream must wait on (cuda) or None.
+
+        cuda: returns once t's last chunk is on the copy stream (the GPU-side wait is the caller's); others: once
+        t's bytes are in place.
+        """
+        with self.cond:
+            if self.backend == "pump":
+                while not t.finished:
+                    if t.dropped:
+                        raise RuntimeError(f"waiting for dropped transfer {t.key}")
+                    if not self._step_pump():
+                        raise RuntimeError(f"transfer {t.key} cannot finish: nothing queued")
+                return None
+            while not (t.finished or (self.backend == "cuda" and t.all_enqueued)):
+                self._raise_if_failed()
+                if t.dropped:
+                    raise RuntimeError(f"waiting for dropped transfer {t.key}")
+                self.cond.wait(timeout=1.0)
+            return self.copier.wait_event(t.last_handle) if self.backend == "cuda" else None
+
+    def poll(self) -> list[Transfer]:
+        """Finished transfers not reported before (main thread). cuda: completes groups whose events are done."""
+        with self.cond:
+            self._raise_if_failed()
+            if self.backend == "cuda":
+                for out in self.outstanding:
+                    while out and self.copier.done(out[0][3]):
+                        self._complete(*out.popleft())
+            done, self.completed = self.completed, []
+            return done
+
+    def close(self) -> None:
+        """Drop what is queued and not started; let started transfers finish; stop the workers."""
+        with self.cond:
+            for q in (self.high, self.low):
+                for t in list(q):
+                    if t.enqueued == 0:
+                        q.remove(t)
+                        t.dropped = True
+                        self.pending_bytes -= t.nbytes - t.moved
+            if self.backend == "pump":
+                while self._step_pump():
+                    pass
+            while self.workers and (any(self.outstanding) or any(
+                    t.enqueued < t.n_chunks for q in (self.high, self.low) for t in q)):
+                self._raise_if_failed()
+                self.cond.wait(timeout=0.05)
+            self._closed = True
+            self.cond.notify_all()
+        for th in self.workers:
+            th.join(timeout=30)
+        self.workers = []
+
+    def busy_s(self) -> float:
+        """Sum of chunk-group copy times (call after the device is synchronized)."""
+        return sum(self.copier.span_s(h) for h in self.spans)
