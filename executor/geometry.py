@@ -11,7 +11,7 @@ Presets (`PRESETS`, `get_geometry(name)`), from each model's Hugging Face `confi
 | preset | hidden | moe_intermediate | layers | experts | top-k | attention (q heads / kv heads x head_dim) |
 |---|---|---|---|---|---|---|
 | qwen3-30b-a3b | 2048 | 768 | 48 | 128 | 8 | 32 / 4 x 128 |
-| gemma-4-26b-a4b | 2816 | 704 | 30 | 128 | 8 | 16 / 8 x 256 (sliding), 16 / 2 x 512 with k = v (global, every 6th) + dense MLP 2112 |
+| gemma-4-26b-a4b | 2816 | 704 | 30 | 128 | 8 | 16 / 8 x 256 sliding; 16 / 2 x 512, k = v, global (1 in 6); MLP 2112 |
 | mixtral-8x7b | 4096 | 14336 | 32 | 8 | 2 | 32 / 8 x 128 |
 | flame-moe-290m | 1024 | 704 | 8 | 64 | 6 | from the embedded trace's meta (expert and dense bytes) |
 | small-moe | from the small trained model's config.json (data/small_moe/model or $SMALL_MOE_DIR), when present |
@@ -76,7 +76,8 @@ class Geometry:
         if len(dense) == 1 and self.n_layers > 1:
             dense = dense * self.n_layers
         if len(dense) != self.n_layers:
-            raise ValueError(f"geometry {self.name!r}: dense_params has {len(dense)} entries for {self.n_layers} layers")
+            raise ValueError(f"geometry {self.name!r}: dense_params has {len(dense)} entries for "
+                             f"{self.n_layers} layers")
         object.__setattr__(self, "dense_params", dense)
 
     # -- sizes --------------------------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ PRESETS = tuple(_BUILDERS) + ("small-moe",)
 
 
 def small_moe_dir() -> Path | None:
-    """Where the small trained model's HF directory is ($SMALL_MOE_DIR, data/small_moe/model, traces/small_moe/model)."""
+    """The small trained model's HF directory: $SMALL_MOE_DIR, data/small_moe/model or traces/small_moe/model."""
     cands = []
     if os.environ.get("SMALL_MOE_DIR"):
         cands.append(Path(os.environ["SMALL_MOE_DIR"]))

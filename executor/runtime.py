@@ -84,7 +84,8 @@ def truncate_sequences(seqs: list[SequenceData], n_layers: int) -> list[Sequence
     """The first n layers of every sequence's routing (for `--layers N`)."""
     out = []
     for s in seqs:
-        prompts = [(ph, ex[:, :n_layers], pos, None if hr is None else hr[:, :n_layers]) for ph, ex, pos, hr in s.prompts]
+        prompts = [(ph, ex[:, :n_layers], pos, None if hr is None else hr[:, :n_layers])
+                   for ph, ex, pos, hr in s.prompts]
         out.append(SequenceData(s.sequence, prompts, s.gen[:, :n_layers], s.gen_positions,
                                 None if s.gen_hidden_rows is None else s.gen_hidden_rows[:, :n_layers],
                                 s.all[:, :n_layers], s.n_before_gen))
@@ -400,7 +401,7 @@ class OffloadedRuntime:
                         slot = pool.slot_of[owner]
                         buf = pool.view(slot)
                         if check:
-                            assert cache.contains(key) or pool is self.scratch, f"expert {key} computed while not cached"
+                            assert cache.contains(key) or pool is self.scratch, f"expert {key} computed uncached"
                             self.checks["computed_resident_checks"] += 1
                             self._check_buffer(key, buf, pool, owner)
                         model.expert_into(out, buf, h, rows[e], w)
