@@ -112,3 +112,23 @@ def test_public_qwen_stream_counts():
     g = s.batch * meta.n_layers + s.layer
     pairs = g * meta.n_experts + s.expert
     assert len(np.unique(pairs)) == len(pairs)
+
+
+@pytest.mark.skipif(not QWEN.exists(), reason="embedded Qwen3 trace not present")
+@pytest.mark.parametrize("phase,batch_size", [("both", 1), ("decode", 1), ("prefill", 1)])
+def test_engine_schedule_uses_the_same_lookups(phase, batch_size):
+    """One definition of a lookup: the SimPy engine's demand stream equals sim.access's."""
+    schedule = pytest.importorskip("sim.engine.schedule")
+    trace = Trace(QWEN)
+    seqs = schedule.load_sequences(trace, phase, None, None)
+    assert schedule.demand_lookups(seqs, phase, batch_size) == lookup_stream(
+        trace, phase=phase, batch_size=batch_size).key_tuples()
+
+
+@pytest.mark.parametrize("phase", ["both", "decode", "prefill"])
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_engine_schedule_same_lookups_toy(toy, phase, batch_size):
+    schedule = pytest.importorskip("sim.engine.schedule")
+    seqs = schedule.load_sequences(toy, phase, None, None)
+    assert schedule.demand_lookups(seqs, phase, batch_size) == lookup_stream(
+        toy, phase=phase, batch_size=batch_size).key_tuples()
