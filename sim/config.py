@@ -66,7 +66,8 @@ class CacheConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _default_capacity(cls, data):
-        if isinstance(data, dict) and all(data.get(k) is None for k in ("capacity_mib", "capacity_experts", "cache_rate")):
+        keys = ("capacity_mib", "capacity_experts", "cache_rate")
+        if isinstance(data, dict) and all(data.get(k) is None for k in keys):
             data = {**data, "cache_rate": 0.25}  # no capacity given: a quarter of all experts
         return data
 

@@ -171,7 +171,8 @@ class HardwareProfile(_Strict):
     default_dense: str | None = Field(default=None, description="dense table for traces without dense_bytes")
     dense_launch_floor_ms: float = Field(default=0.0, ge=0)
     cpu_expert_compute: list[ExpertTable] | None = None
-    cpu_activation_copy_us: float = Field(default=0.0, ge=0, description="moving a token's activations to the CPU and back")
+    cpu_activation_copy_us: float = Field(default=0.0, ge=0,
+                                          description="moving a token's activations to the CPU and back")
     predictor_cost_us: dict[str, float] = Field(default_factory=lambda: {"default": 0.0})
     copy_compute_overlap: float = Field(default=1.0, ge=0, le=1)
 
@@ -318,6 +319,7 @@ class CostModel:
         self._max_tokens = max_tokens
 
     def describe(self) -> dict:
-        return {"profile": self.profile.name, "expert_geometry": self.geometry[0], "dense_geometry": self.dense_geometry[0],
+        return {"profile": self.profile.name, "expert_geometry": self.geometry[0],
+                "dense_geometry": self.dense_geometry[0],
                 "expert_transfer_ms": self.xfer_s[0] * 1e3,
                 "gbps_at_expert_size": self.link.gbps(self.expert_bytes[0])}

@@ -1,17 +1,21 @@
 """Shared test fixtures (keep minimal)."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED_TRACES = REPO / "data" / "traces"
-PUBLIC_TRACES = REPO.parent / "shared" / "data" / "public-traces"
+_CANDIDATES = [Path(os.environ["PUBLIC_TRACES"])] if os.environ.get("PUBLIC_TRACES") else []
+_CANDIDATES += [REPO.parent / "shared" / "data" / "public-traces", REPO / "shared" / "data" / "public-traces"]
+PUBLIC_TRACES = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
 
 
 @pytest.fixture
 def public_traces() -> Path:
-    """The public source files (../shared/data/public-traces); tests that need them skip where they are absent."""
+    """The public source files ($PUBLIC_TRACES, ../shared/data/public-traces or shared/data/public-traces); tests
+    that need them skip where they are absent (the embedded copies in data/traces are tested everywhere)."""
     if not PUBLIC_TRACES.is_dir():
         pytest.skip(f"public traces not found at {PUBLIC_TRACES}")
     return PUBLIC_TRACES

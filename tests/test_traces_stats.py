@@ -56,6 +56,7 @@ def test_popularity_entropy_by_hand(tmp_path):
     assert s["popularity_entropy"] == pytest.approx([1.0, 0.0, want])
     assert want == pytest.approx(0.75)
     assert s["popularity_entropy_mean"] == pytest.approx((1 + 0 + 0.75) / 3)
+    assert s["popularity_top10pct_share"] == pytest.approx([0.25, 1.0, 0.5])  # ceil(0.4) = 1 expert
 
 
 def test_cross_layer_precision_perfect_mapping(tmp_path):

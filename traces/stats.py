@@ -163,13 +163,18 @@ def cross_layer_precision(d: Dense, chunk: int = 1 << 15) -> dict:
 
 
 def popularity_entropy(d: Dense) -> dict:
-    ent = []
+    """Normalized entropy of expert usage per layer, and the share of routings that go to the most popular
+    10% of experts (ceil(0.1 * n_experts) of them)."""
+    ent, top = [], []
+    n_top = max(1, math.ceil(0.1 * d.E))
     for lay in range(d.L):
         ids = d.experts[d.present[:, lay], lay].ravel()
         c = np.bincount(ids, minlength=d.E).astype(np.float64)
         p = c[c > 0] / c.sum()
         ent.append(float(-(p * np.log(p)).sum() / math.log(d.E)) if d.E > 1 and len(p) else 0.0)
-    return {"popularity_entropy": ent, "popularity_entropy_mean": float(np.mean(ent))}
+        top.append(float(np.sort(c)[::-1][:n_top].sum() / c.sum()) if c.sum() else 0.0)
+    return {"popularity_entropy": ent, "popularity_entropy_mean": float(np.mean(ent)),
+            "popularity_top10pct_share": top, "popularity_top10pct_share_mean": float(np.mean(top))}
 
 
 def lookup_groups(d: Dense):
@@ -300,7 +305,8 @@ def human(s: dict) -> str:
         f"cross-layer   precision {_fmt(s.get('cross_layer_precision'))} (popularity baseline "
         f"{_fmt(s.get('cross_layer_precision_popularity'))}; split: {s.get('cross_layer_split')})",
         f"popularity    entropy mean {_fmt(s['popularity_entropy_mean'])}, per layer min "
-        f"{_fmt(min(s['popularity_entropy']))} max {_fmt(max(s['popularity_entropy']))}",
+        f"{_fmt(min(s['popularity_entropy']))} max {_fmt(max(s['popularity_entropy']))}; the top 10% of experts "
+        f"take {_fmt(s['popularity_top10pct_share_mean'])} of the routings",
         f"reuse dist.   {rd['lookups']} lookups; global: cold {rd['global']['cold']}, "
         + ", ".join(f"{k} {v:.0f}" for k, v in rd["global"]["percentiles"].items()),
         "              per layer: " + ", ".join(f"{k} {v:.0f}" for k, v in rd["per_layer"]["percentiles"].items()),

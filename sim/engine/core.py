@@ -3,18 +3,18 @@ the prefetcher, on one SimPy environment. Simulated time only; deterministic.
 
 Per batch and layer (the GPU stream, one SimPy process `gpu_stream`):
 
-1. dense part (attention, norms, gate): one timeout, merged with the previous layer's expert compute when
-   nothing can happen in between (the GPU stream is sequential, so compute that needs no copy is advanced
-   with a single timeout);
+1. dense part (attention, norms, gate). The stream runs ahead of the SimPy clock and yields only when some
+   event is due before its own time or when it must touch the link, so a layer whose experts are all resident
+   while the link is idle costs no SimPy event at all;
 2. at the gate: one demand lookup per unique expert of the layer (ExpertCache.lookup, in first-occurrence
-   order, as sim.access.lookup_stream), each pinned until the layer's experts are done (pins are taken lazily,
-   just before the first insert that could evict one, which is equivalent and cheaper). hit = resident and fully copied; a prefetch still queued or
-   copying is a late prefetch (a miss); otherwise a demand miss. With `early_preemption` the layer's queued
-   speculative transfers that are not needed are dropped, the needed ones raised to high priority, and every
-   demand miss is enqueued now, at high priority. With `cpu_experts`, a demand miss is computed on the CPU
-   (one CPU worker, concurrent with the GPU) when its CPU time is below copy + GPU time, and copied into the
-   cache in the background at low priority (so the cache still learns). The prefetcher then
-   predicts layer l+d;
+   order, as sim.access.lookup_stream), each pinned until the layer's experts are done (pins are taken
+   lazily, just before the first insert that could evict one: equivalent and cheaper). hit = resident and
+   fully copied; a prefetch still queued or copying is a late prefetch (a miss); otherwise a demand miss.
+   With `early_preemption` the layer's queued speculative transfers that are not needed are dropped, the
+   needed ones raised to high priority, and every demand miss is enqueued now, at high priority. With
+   `cpu_experts`, a demand miss is computed on the CPU (one CPU worker, concurrent with the GPU) when its CPU
+   time is below copy + GPU time, and copied into the cache in the background at low priority (so the cache
+   still learns). The prefetcher then predicts layer l+d;
 3. experts in order: ascending id, or with `reordered_inference` resident first, then in flight (copying,
    queued high, queued low), then not started. Reaching an expert that is not resident: without early
    preemption its demand load is issued now (or its prefetch raised to high priority); the stream waits for
@@ -22,7 +22,8 @@ Per batch and layer (the GPU stream, one SimPy process `gpu_stream`):
 
 Copies reserve their cache slot when enqueued (evicting then, per policy) and stay pinned until they land.
 A demand miss that cannot get a slot (capacity 0, or everything pinned) is streamed through a scratch buffer
-outside the cache budget; a prefetch that cannot get one is skipped.
+outside the cache budget; a prefetch that cannot get one is skipped. Prefetches target layers of the same
+batch only (l + d < n_layers).
 """
 
 from __future__ import annotations
@@ -221,6 +222,7 @@ class Simulation:
         carry = 0.0
         timeout = env.timeout
         peek = env.peek
+        lookup = cache.lookup
         for batch in batches:
             T = batch.tokens
             cost.prepare(T)
@@ -251,14 +253,12 @@ class Simulation:
                 missing = None
                 for e in ids:
                     key = (layer, e)
-                    cache.lookup(key)
+                    lookup(key)
                     if key in ready:
-                        c.hits += 1
-                        if key in unused_pf:
+                        if unused_pf and key in unused_pf:
                             unused_pf.discard(key)
                             c.prefetched_used += 1
                     else:
-                        c.misses += 1
                         t = inflight.get(key)
                         if t is None or not t.speculative:  # (a background copy of a CPU-computed miss)
                             c.demand_misses += 1
@@ -270,13 +270,20 @@ class Simulation:
                             missing = [e]
                         else:
                             missing.append(e)
-                c.lookups += len(ids)
+                n_ids = len(ids)
+                n_miss = len(missing) if missing is not None else 0
+                c.lookups += n_ids
+                c.misses += n_miss
+                c.hits += n_ids - n_miss
                 es = expert_s[layer]
                 cnt = dict(zip(ids, counts)) if counts is not None else None
-                order = sorted(ids) if len(ids) > 1 else ids
-                local: dict = {}
+                order = ids
+                local: dict | None = None
                 cpu_done = 0.0
                 if missing is not None:
+                    local = {}
+                    if n_ids > 1:
+                        order = sorted(ids)
                     if carry:  # the link will be touched: bring the clock to the gate
                         yield timeout(carry)
                         carry = 0.0
@@ -328,6 +335,19 @@ class Simulation:
                                 carry = 0.0
                             pf.issue(experts, target, b)
                 # -- the experts -------------------------------------------------------------------------------------
+                if local is None and spans is None and overlap_penalty == 1.0:
+                    # all resident at the gate, and pinned before anything could evict them: compute only
+                    if cnt is None:
+                        x = es[1]
+                        for _ in ids:
+                            carry += x
+                    else:
+                        for e in sorted(ids):
+                            carry += es[cnt[e]]
+                    order = ()
+                elif local is None:
+                    local = {}
+                    order = sorted(ids) if n_ids > 1 else ids
                 for e in order:
                     key = (layer, e)
                     if key not in ready:

@@ -53,7 +53,8 @@ PHASE_SELECT = {"prefill": ("prefill", "teacher_forced"), "decode": ("decode",),
                 "both": ("prefill", "decode", "teacher_forced")}
 
 
-def load_sequences(trace: Trace, phase: str, max_sequences: int | None, max_decode_tokens: int | None) -> list[SequenceData]:
+def load_sequences(trace: Trace, phase: str, max_sequences: int | None,
+                   max_decode_tokens: int | None) -> list[SequenceData]:
     by_seq: dict[int, dict] = {}
     order: list[int] = []
     for r in trace.iter_routing():

@@ -18,7 +18,8 @@ def make_trace(dst, *, n_layers: int = 4, n_experts: int = 16, top_k: int = 2, n
     rows = {k: [] for k in ("sequence", "phase", "position", "layer", "experts", "weights")}
     for s in range(n_sequences):
         perms = [rng.permutation(n_experts) for _ in range(n_layers)]
-        for phase, positions in (("prefill", range(prompt_len)), ("decode", range(prompt_len, prompt_len + decode_len))):
+        phases = (("prefill", range(prompt_len)), ("decode", range(prompt_len, prompt_len + decode_len)))
+        for phase, positions in phases:
             for p in positions:
                 for layer in range(n_layers):
                     w = pop[perms[layer]]
