@@ -1,6 +1,6 @@
 """A learned predictor from routing history only (for traces without hidden states).
 
-Per layer l and distance d, a softmax-regression model (or, with hidden_units > 0, a two-layer MLP) over the
+Per layer l and distance d, a two-layer MLP (`hidden_units` 128; 0 gives softmax regression) over the
 multi-hot encoding of:
   - the current token's experts at layers l, l-1, ..., l-`depth`+1 (what the gates have chosen so far), and
   - in decode, the previous position's experts at the target layer l+d and at layer l (zeros in prefill: the
@@ -45,8 +45,8 @@ def features(cur: np.ndarray, prev: np.ndarray | None, layer: int, target: int, 
 class LearnedHistoryPredictor(Predictor):
     trainable = True
 
-    def __init__(self, distances=(1, 2, 3), depth: int = 3, hidden_units: int = 0, epochs: int = 60,
-                 lr: float = 3e-3, weight_decay: float = 1e-3, batch_size: int = 128, seed: int = 0, **params):
+    def __init__(self, distances=(1, 2, 3), depth: int = 3, hidden_units: int = 128, epochs: int = 60,
+                 lr: float = 1e-2, weight_decay: float = 1e-3, batch_size: int = 128, seed: int = 0, **params):
         super().__init__(distances=list(distances), depth=depth, hidden_units=hidden_units, epochs=epochs, lr=lr,
                          weight_decay=weight_decay, batch_size=batch_size, seed=seed, **params)
         self.distances = [int(d) for d in distances]
