@@ -175,6 +175,13 @@ def test_cli(tmp_path, capsys):
     assert "consecutive   overlap 0.500 on decode tokens" in out
     assert run_cli(main, [str(tmp_path)]) == 2
     assert "not a trace directory" in capsys.readouterr().err
+    meta = TraceMeta(model="m", source="s", n_layers=1, n_experts=4, top_k=1, expert_bytes=[1], license="l",
+                     attribution="a")
+    write_trace(tmp_path / "bad", meta, sequence=[0, 0], phase=["decode"] * 2, position=[0, 1], layer=[0, 0],
+                experts=[[1], [4]], weights=[[1.0], [1.0]])
+    assert run_cli(main, [str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "row 1" in err[0] and "expert id outside 0..3" in err[0]
 
 
 def test_embedded_figures(embedded_traces):

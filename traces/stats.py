@@ -266,7 +266,13 @@ def _distribution(dist: np.ndarray, max_keys: int) -> dict:
     }
 
 
-def compute(trace: Trace, max_lookups: int = MAX_LOOKUPS) -> dict:
+def compute(trace: Trace, max_lookups: int = MAX_LOOKUPS, check: bool = True) -> dict:
+    """All statistics of a trace. check: verify the invariants first (traces.check), so a malformed trace gives
+    one clear TraceError instead of wrong numbers."""
+    if check:
+        from traces.check import check_trace
+
+        check_trace(trace)
     d = Dense(trace)
     meta = trace.meta
     out: dict = {
@@ -322,8 +328,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--max-lookups", type=int, default=MAX_LOOKUPS,
                     help="stop the reuse-distance pass after this many lookups (default %(default)s)")
+    ap.add_argument("--no-check", action="store_true", help="skip the invariant check (traces.check) first")
     args = ap.parse_args(argv)
-    stats = compute(Trace(args.trace), args.max_lookups)
+    stats = compute(Trace(args.trace), args.max_lookups, check=not args.no_check)
     print(json.dumps(stats) if args.json else human(stats))
     return 0
 
