@@ -277,7 +277,10 @@ def run(src, dst, args: argparse.Namespace) -> Path:
         "dtype": _quant(model),
         "license": DEFAULT_LICENSE,
         "attribution": DEFAULT_ATTRIBUTION,
-        "capture": DEFAULT_CAPTURE,
+        "capture": DEFAULT_CAPTURE + (
+            " In prefill the last MoE layer has rows only for the output position (the engine computes only that "
+            "position there): real behaviour, kept, listed in irregularities."
+            if any(i.kind == "prefill_layer_output_position_only" for i in irregularities) else ""),
         "irregularities": irregularities,
         "extra": {
             "importer": "bigmoeonedge",
