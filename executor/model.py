@@ -50,14 +50,15 @@ class ReplayModel:
         self.device = torch.device(device)
         self.dtype = dtype or store.dtype
         self.n_layers = store.n_layers
-        g = torch.Generator(device="cpu").manual_seed(int(seed) + 7919)
+        # generated where they live (GiBs of dense weights for the large geometries: fast on the GPU)
+        g = torch.Generator(device=self.device).manual_seed(int(seed) + 7919)
         self.dense_w: list[tuple[torch.Tensor, torch.Tensor]] = []
         h = geom.hidden
         for layer in range(self.n_layers):
             m = max(1, geom.dense_params[layer] // (2 * h))
-            w1 = (torch.randn(h, m, generator=g) * h ** -0.5).to(self.dtype)
-            w2 = (torch.randn(m, h, generator=g) * m ** -0.5 * 0.5).to(self.dtype)
-            self.dense_w.append((w1.to(self.device), w2.to(self.device)))
+            w1 = torch.randn(h, m, generator=g, device=self.device).mul_(h ** -0.5).to(self.dtype)
+            w2 = torch.randn(m, h, generator=g, device=self.device).mul_(m ** -0.5 * 0.5).to(self.dtype)
+            self.dense_w.append((w1, w2))
         self._act = F.silu if geom.activation == "swiglu" else (lambda z: F.gelu(z, approximate="tanh"))
 
     # -- pieces -------------------------------------------------------------------------------------------------

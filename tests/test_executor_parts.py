@@ -1,0 +1,236 @@
+"""Executor parts on the CPU: geometry presets, the memory fit check, the transfer engine's queue semantics,
+the host store and slab, the scheduling decisions."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from executor.buffers import HostExpertStore, SlotPool, chunk_ranges, expert_matrices  # noqa: E402
+from executor.decisions import compute_order, early_preemption_plan, expert_state  # noqa: E402
+from executor.geometry import (  # noqa: E402
+    PRESETS,
+    geometry_from_hf_config,
+    get_geometry,
+    parse_geometry_overrides,
+    resolve_geometry,
+)
+from executor.memory import GIB, FitError, arena_layout, check_fit, plan_memory  # noqa: E402
+from executor.transfer import Transfer, TransferEngine  # noqa: E402
+from traces.errors import TraceError  # noqa: E402
+from traces.format import TraceMeta  # noqa: E402
+
+
+# -- geometry -----------------------------------------------------------------------------------------------------
+def test_presets_published_shapes():
+    q = get_geometry("qwen3-30b-a3b")
+    assert (q.hidden, q.moe_intermediate, q.n_layers, q.n_experts, q.top_k) == (2048, 768, 48, 128, 8)
+    assert q.expert_bytes == 3 * 2048 * 768 * 2 == 9_437_184
+    assert q.matrix_bytes * 3 == q.expert_bytes
+    assert abs(q.dense_bytes[0] / 1e6 - 38.27) < 0.01  # q/k/v/o (32 / 4 heads x 128) + router, bf16
+    g = get_geometry("gemma-4-26b-a4b")
+    assert (g.hidden, g.moe_intermediate, g.n_layers, g.n_experts, g.top_k) == (2816, 704, 30, 128, 8)
+    assert g.activation == "geglu"
+    assert g.dense_bytes[5] != g.dense_bytes[0] and g.dense_bytes[5] == g.dense_bytes[11]  # global layers
+    m = get_geometry("mixtral-8x7b")
+    assert (m.hidden, m.moe_intermediate, m.n_layers, m.n_experts, m.top_k) == (4096, 14336, 32, 8, 2)
+    assert m.expert_bytes == 352_321_536  # 352 MB, as DESIGN.md says
+    assert "small-moe" in PRESETS
+
+
+def test_presets_match_quantized_trace_sizes(embedded_traces):
+    """The public traces' GGUF sizes are exactly these shapes at Q4_K/Q5_0/Q6_K/Q8_0 block sizes."""
+    q4k, q5_0, q6k, q8_0 = 144 / 256, 22 / 32, 210 / 256, 34 / 32  # bytes per weight
+    for name, preset, mixes in [("qwen3-30b-a3b", "qwen3-30b-a3b", [(q4k, q4k, q4k), (q4k, q4k, q6k)]),
+                                ("gemma-4-26b-a4b", "gemma-4-26b-a4b", [(q4k, q4k, q5_0), (q4k, q4k, q8_0)])]:
+        meta = TraceMeta.load(embedded_traces / name / "meta.json")
+        g = get_geometry(preset)
+        expected = {round(sum(mix) * g.matrix_numel) for mix in mixes}
+        assert set(meta.expert_bytes) == expected
+        assert meta.n_layers == g.n_layers and meta.n_experts == g.n_experts
+
+
+def test_flame_from_meta_and_trace_meta(embedded_traces):
+    g = get_geometry("flame-moe-290m")
+    meta = TraceMeta.load(embedded_traces / "flame-moe-290m-decoder" / "meta.json")
+    assert g.expert_bytes == meta.expert_bytes[0] and g.hidden == 1024
+    q = get_geometry("qwen3-30b-a3b")
+    qm = TraceMeta.load(embedded_traces / "qwen3-30b-a3b" / "meta.json")
+    m2 = q.trace_meta(qm, 4)
+    assert m2.n_layers == 4 and m2.expert_bytes == [q.expert_bytes] * 4 and m2.hidden_size == 2048
+    assert m2.dtype == "bf16" and m2.dense_bytes == q.dense_bytes[:4]
+
+
+def test_overrides_layers_and_hf_config(tmp_path):
+    g = resolve_geometry("qwen3-30b-a3b", parse_geometry_overrides(["hidden=1024", "dtype=fp16"]), layers=3)
+    assert g.hidden == 1024 and g.dtype == "fp16" and g.n_layers == 3 and len(g.dense_params) == 3
+    with pytest.raises(TraceError, match="unknown geometry field"):
+        parse_geometry_overrides(["hiden=3"])
+    with pytest.raises(TraceError, match="--layers"):
+        resolve_geometry("tiny", layers=99)
+    with pytest.raises(TraceError, match="unknown geometry"):
+        get_geometry("nope")
+    cfg = {"model_type": "qwen3_moe", "hidden_size": 64, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+           "num_experts": 4, "num_experts_per_tok": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "torch_dtype": "bfloat16"}
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(cfg))
+    h = get_geometry(str(tmp_path))
+    assert (h.hidden, h.moe_intermediate, h.n_layers, h.n_experts, h.top_k, h.dtype) == (64, 32, 2, 4, 2, "bf16")
+    mix = geometry_from_hf_config({"hidden_size": 4096, "intermediate_size": 14336, "num_local_experts": 8,
+                                   "num_hidden_layers": 32, "num_experts_per_tok": 2, "num_attention_heads": 32,
+                                   "num_key_value_heads": 8})
+    assert mix.expert_bytes == get_geometry("mixtral-8x7b").expert_bytes
+    assert mix.dense_params == get_geometry("mixtral-8x7b").dense_params
+
+
+# -- memory -------------------------------------------------------------------------------------------------------
+def test_arena_layout_power_of_two():
+    arena, per, n = arena_layout(352_321_536, 256)  # Mixtral experts
+    assert arena == GIB and per == 3 and n == 86
+    arena, per, n = arena_layout(100, 10)
+    assert n == 1 and arena == 1024
+
+
+def test_fit_error_names_numbers_and_layers():
+    g = get_geometry("mixtral-8x7b")
+
+    def plan(n):
+        return plan_memory(g, n_layers=n, slab_slots=2 * n, scratch_slots=8, max_tokens=512)
+
+    with pytest.raises(FitError) as exc:
+        check_fit(plan, 32, host_budget=40 * GIB, gpu_budget_bytes=100 * GIB)
+    msg = str(exc.value)
+    assert "host memory" in msg and "40.00 GiB" in msg and "--layers 15" in msg
+    with pytest.raises(FitError, match="GPU memory"):
+        check_fit(plan, 32, host_budget=200 * GIB, gpu_budget_bytes=5 * GIB)
+    assert check_fit(plan, 32, host_budget=200 * GIB, gpu_budget_bytes=100 * GIB).n_layers == 32
+    q = get_geometry("qwen3-30b-a3b")
+    ok = check_fit(lambda n: plan_memory(q, n_layers=n, slab_slots=48 * 32, scratch_slots=128, max_tokens=512),
+                   48, gpu_budget_bytes=130 * GIB)
+    assert ok.host_pinned_bytes <= 100 * GIB  # Qwen3's 48 layers fit the default budget
+
+
+def test_replay_refuses_before_allocating(tmp_path):
+    from executor.replay import build_runtime, prepare
+    from sim.config import build_config
+    from sim.engine.synthetic import make_trace
+
+    d = make_trace(tmp_path / "t", n_layers=2, n_experts=8, top_k=2, n_sequences=1, prompt_len=2, decode_len=1)
+    cfg = build_config({"trace": str(d), "cache": {"cache_rate": 0.5}})
+    setup = prepare(cfg, get_geometry("mixtral-8x7b"), layers=2)
+    with pytest.raises(FitError, match="--layers 1"):
+        build_runtime(cfg, setup, device="cpu", host_budget=8 * GIB)
+
+
+# -- host store, slab -----------------------------------------------------------------------------------------------
+def test_store_is_seeded_and_chunked():
+    g = get_geometry("tiny")
+    a = HostExpertStore(g, seed=1, pin=False)
+    b = HostExpertStore(g, seed=1, pin=False)
+    c = HostExpertStore(g, seed=2, pin=False)
+    assert torch.equal(a.expert((3, 7)), b.expert((3, 7)))
+    assert not torch.equal(a.expert((3, 7)), c.expert((3, 7)))
+    assert not torch.equal(a.expert((3, 7)), a.expert((3, 6)))
+    assert not a.pinned and not a.arenas[0].is_pinned()
+    wg, wu, wd = expert_matrices(a.expert((0, 0)), g)
+    assert wg.shape == (16, 32) and wu.shape == (16, 32) and wd.shape == (32, 16)
+    r = chunk_ranges(g.expert_numel, 3)
+    assert r == [(0, g.matrix_numel), (g.matrix_numel, 2 * g.matrix_numel), (2 * g.matrix_numel, g.expert_numel)]
+    assert chunk_ranges(10, 4) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+
+
+def test_slot_pool():
+    p = SlotPool(2, 4, torch.float32, "cpu")
+    assert p.assign("a") == 0 and p.assign("b") == 1
+    with pytest.raises(RuntimeError, match="no free slot"):
+        p.assign("c")
+    p.release("a")
+    assert p.assign("c") == 0 and p.used == 2
+
+
+# -- transfer engine (pump backend: deterministic) ----------------------------------------------------------------
+def _t(key, high, n_chunks=3, seq=0, log=None):
+    src = torch.arange(12, dtype=torch.float32) + 100 * key[1]
+    dst = torch.zeros(12)
+    t = Transfer(key, src, dst, 48, chunk_ranges(12, n_chunks), high=high, speculative=not high, cached=True,
+                 seq=seq)
+    return t
+
+
+def test_priority_chunks_and_no_preemption():
+    eng = TransferEngine("pump")
+    low = _t((0, 1), high=False)
+    eng.submit(low)
+    assert eng.pump(1) == 1  # one chunk of the prefetch
+    assert low.chunks_done == 1 and not low.finished
+    high = _t((0, 2), high=True)
+    eng.submit(high)
+    eng.pump(1)  # a demand load goes first: all its chunks at once
+    assert high.finished and high.chunks_done == 3 and low.chunks_done == 1
+    assert torch.equal(high.dst, high.src)
+    eng.pump(5)
+    assert low.finished and torch.equal(low.dst, low.src)
+    assert [t.key for t in eng.poll()] == [(0, 2), (0, 1)]
+    assert eng.bytes == 96 and eng.bytes_prefetch == 48 and eng.pending_bytes == 0
+    eng.close()
+
+
+def test_upgrade_drop_and_wait():
+    eng = TransferEngine("pump")
+    a, b, c = _t((1, 1), False, seq=0), _t((1, 2), False, seq=1), _t((1, 3), False, seq=2)
+    for t in (a, b, c):
+        eng.submit(t)
+    eng.pump(1)  # a: chunk 1 of 3
+    assert eng.drop(a)  # the chunk already moved is wasted; the rest is discarded
+    assert a.dropped and not a.finished and eng.bytes == 16
+    eng.upgrade(c)  # c jumps the queue
+    eng.wait(c)
+    assert c.finished and b.chunks_done == 0
+    assert eng.pending_bytes == 48  # b only
+    assert not eng.drop(c)  # finished: nothing to drop
+    eng.close()  # b not started: dropped at close
+    assert b.dropped and eng.pending_bytes == 0
+
+
+def test_thread_backend_moves_everything():
+    eng = TransferEngine("thread")
+    ts = [_t((0, i), high=(i % 2 == 0), seq=i) for i in range(6)]
+    for t in ts:
+        eng.submit(t)
+    for t in ts:
+        eng.wait(t)
+    assert all(t.finished and torch.equal(t.dst, t.src) for t in ts)
+    assert len(eng.poll()) == 6
+    eng.close()
+    assert eng.busy_s() >= 0
+
+
+# -- decisions -----------------------------------------------------------------------------------------------------
+def test_compute_order_and_state():
+    ready = {(0, 5)}
+    copying = SimpleNamespace(t_start=0, seq=3, high=False)
+    q_high = SimpleNamespace(t_start=None, seq=1, high=True)
+    q_low = SimpleNamespace(t_start=None, seq=0, high=False)
+    inflight = {(0, 2): copying, (0, 7): q_high, (0, 1): q_low}
+
+    def state(k):
+        return expert_state(k, ready, inflight)
+
+    ids = [7, 1, 9, 5, 2]
+    assert compute_order(0, ids, reordered=False, any_missing=True, state=state) == [1, 2, 5, 7, 9]
+    assert compute_order(0, ids, reordered=True, any_missing=True, state=state) == [5, 2, 7, 1, 9]
+    assert compute_order(0, ids, reordered=True, any_missing=False, state=state) == [1, 2, 5, 7, 9]
+
+
+def test_early_preemption_plan():
+    ts = [SimpleNamespace(key=(2, 1), used=True, speculative=True), SimpleNamespace(key=(2, 3), used=False,
+                                                                                   speculative=True),
+          SimpleNamespace(key=(3, 1), used=False, speculative=True),
+          SimpleNamespace(key=(2, 4), used=False, speculative=False)]
+    up, drop = early_preemption_plan(2, ts)
+    assert [t.key for t in up] == [(2, 1)] and [t.key for t in drop] == [(2, 3)]
