@@ -120,6 +120,11 @@ def test_prefill_is_one_batch_of_unique_experts(tmp_path):
     groups = [(lay, ids.tolist()) for lay, ids in lookup_groups(Dense(t))]
     assert groups == [(0, [0, 1, 2]), (0, [1, 3])]
     assert lookup_distances(Dense(t))[0].tolist() == [-1, -1, -1, 1, -1]
+    # first-occurrence order inside a batch; teacher_forced sequences are one batch too
+    rows = [(0, "teacher_forced", 0, 0, [2, 1]), (0, "teacher_forced", 1, 0, [0, 2]),
+            (1, "teacher_forced", 0, 0, [3, 2])]
+    t = make(tmp_path, rows, L=1, E=4, k=2, name="tf")
+    assert [ids.tolist() for _, ids in lookup_groups(Dense(t))] == [[2, 1, 0], [3, 2]]
 
 
 def test_global_and_per_layer_scope(tmp_path):
@@ -163,6 +168,17 @@ def test_lru_hit_rate_matches_a_brute_force_lru(tmp_path, seed):
         assert rd["lru_hit_rate_per_layer"][str(r)] == pytest.approx(per_layer / len(stream))
 
 
+def test_lookup_stream_equals_the_simulators(embedded_traces):
+    """One definition of a lookup: the stream behind reuse_distance is sim.access's stream at batch size 1."""
+    access = pytest.importorskip("sim.access")
+    for name in ("qwen3-30b-a3b", "flame-moe-290m-decoder"):
+        t = Trace(embedded_traces / name)
+        d = Dense(t)
+        ours = np.concatenate([lay * d.E + ids.astype(np.int64) for lay, ids in lookup_groups(d)])
+        theirs = access.lookup_stream(t, phase="both", batch_size=1).keys
+        np.testing.assert_array_equal(ours, theirs)
+
+
 def test_cli(tmp_path, capsys):
     make(tmp_path, decode_rows(0, {0: [0, 1], 1: [1, 2]}), L=1, E=4, k=2)
     assert run_cli(main, [str(tmp_path / "t"), "--json"]) == 0
@@ -196,4 +212,4 @@ def test_embedded_figures(embedded_traces):
     assert f["consecutive_overlap_phase"] == "teacher_forced"
     assert f["consecutive_overlap"] == pytest.approx(0.105, abs=2e-3)
     assert f["popularity_entropy_mean"] > 0.99
-    assert f["reuse_distance"]["lookups"] == 2048 * 8 * 6
+    assert f["reuse_distance"]["lookups"] == 16150  # 32 one-batch sequences x 8 layers x ~63 unique experts

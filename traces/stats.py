@@ -178,24 +178,27 @@ def popularity_entropy(d: Dense) -> dict:
 
 
 def lookup_groups(d: Dense):
-    """Yield (layer, expert ids) per (layer, batch) in execution order: sequences one after another (batch size
-    1); prefill = one batch of all prompt positions, decode and teacher_forced = one token per batch. Within a
-    batch the unique experts are looked up once each: ascending id for a prefill batch, router rank otherwise."""
-    pre = PHASES.index("prefill")
-    seq_start = np.flatnonzero(np.r_[True, d.seq[1:] != d.seq[:-1]])
-    seq_end = np.r_[seq_start[1:], d.n_tokens]
-    for s0, s1 in zip(seq_start, seq_end):
-        ph = d.phase[s0:s1]
-        p_idx = np.flatnonzero(ph == pre) + s0
-        if len(p_idx):
-            for lay in range(d.L):
-                ids = d.experts[p_idx, lay]
-                ids = ids[ids >= 0]
-                if len(ids):
-                    yield lay, np.unique(ids)
-        for t in np.flatnonzero(ph != pre) + s0:
-            for lay in np.flatnonzero(d.present[t]):
-                yield int(lay), d.experts[t, lay]
+    """Yield (layer, expert ids) per (layer, batch) in execution order, with DESIGN.md's lookup semantics (the
+    same as sim.access with batch size 1): sequences one after another; the prefill of a sequence is one batch of
+    all its prompt positions, and so is a teacher_forced sequence (all positions at once, as in training); each
+    decode position is a batch. One lookup per unique expert per (layer, batch), in order of first occurrence
+    (positions in order, each token's experts in router-rank order)."""
+    whole = np.isin(d.phase, [PHASES.index("prefill"), PHASES.index("teacher_forced")])
+    # a batch = a run of tokens with the same (sequence, phase) for prefill/teacher_forced, else one token
+    new_batch = np.r_[True, (d.seq[1:] != d.seq[:-1]) | (d.phase[1:] != d.phase[:-1]) | ~whole[1:]]
+    starts = np.flatnonzero(new_batch)
+    ends = np.r_[starts[1:], d.n_tokens]
+    for b0, b1 in zip(starts, ends):
+        if b1 - b0 == 1:
+            for lay in np.flatnonzero(d.present[b0]):
+                yield int(lay), d.experts[b0, lay]
+            continue
+        for lay in range(d.L):
+            ids = d.experts[b0:b1, lay].ravel()
+            ids = ids[ids >= 0]
+            if len(ids):
+                uniq, first = np.unique(ids, return_index=True)
+                yield lay, uniq[np.argsort(first)]
 
 
 def lookup_distances(d: Dense, max_lookups: int = MAX_LOOKUPS) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -234,8 +237,9 @@ def reuse_distances(d: Dense, max_lookups: int = MAX_LOOKUPS) -> dict:
     n_keys = d.L * d.E
     out = {
         "unit": "distinct expert keys (layer, expert) looked up since the previous lookup of the same key",
-        "lookup_semantics": "one lookup per unique expert per (layer, batch); prefill = one batch per sequence, "
-                            "decode/teacher_forced = one token per batch; sequences one after another",
+        "lookup_semantics": "one lookup per unique expert per (layer, batch), first-occurrence order; prefill and "
+                            "teacher_forced = one batch per sequence, decode = one token per batch; sequences "
+                            "one after another (batch size 1), as sim.access",
         "lookups": int(len(dg)),
         "truncated": truncated,
         "global": _distribution(dg, n_keys),
