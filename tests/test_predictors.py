@@ -158,3 +158,22 @@ def test_a_view_is_what_the_predictor_interface_expects(traces):
     v = b.view(2)
     assert isinstance(v, BatchView) and v.phase == "prefill" and v.current.shape == (GEOM["prompt_len"], 3, 2)
     assert v.past[1].shape == (0, GEOM["n_layers"], 2)
+
+
+def test_report_rewrites_only_the_generated_part(traces, tmp_path):
+    from predictors.report import BEGIN, END
+    from predictors.report import main as report_main
+
+    root = tmp_path / "traces"
+    root.mkdir()
+    make_trace(root / "tiny", "cross_layer", seed=2, **GEOM)
+    doc = tmp_path / "predictors.md"
+    doc.write_text(f"# Hand-written\n\nkept\n\n{BEGIN}\nold table\n{END}\n\ntail kept\n")
+    assert report_main(["--traces", str(root), "--out", str(doc), "--predictors", "frequency", "cross_layer",
+                        "gate_reuse", "--folds", "5"]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Hand-written\n\nkept\n") and text.rstrip().endswith("tail kept")
+    assert "old table" not in text and "| cross_layer | 1.000 | 1.000 | 1.000 | 100 |" in text
+    assert "5-fold cross-validation" in text and "Not run (`gate_reuse`)" in text
+    rows = json.loads((tmp_path / "predictors-results.json").read_text())
+    assert {r["predictor"] for r in rows} == {"frequency", "cross_layer", "gate_reuse"}
