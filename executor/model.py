@@ -42,6 +42,32 @@ def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def dense_width(geom: Geometry, layer: int) -> int:
+    """m of the dense stand-in's [hidden, m] [m, hidden] pair (2 x hidden x m = the layer's dense parameters)."""
+    return max(1, geom.dense_params[layer] // (2 * geom.hidden))
+
+
+def make_dense_weights(geom: Geometry, layer: int, *, device, dtype, generator: torch.Generator):
+    h, m = geom.hidden, dense_width(geom, layer)
+    w1 = torch.randn(h, m, generator=generator, device=device).mul_(h ** -0.5).to(dtype)
+    w2 = torch.randn(m, h, generator=generator, device=device).mul_(m ** -0.5 * 0.5).to(dtype)
+    return w1, w2
+
+
+def dense_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    return x + (rms_norm(x) @ w1) @ w2
+
+
+def activation(geom: Geometry):
+    return F.silu if geom.activation == "swiglu" else (lambda z: F.gelu(z, approximate="tanh"))
+
+
+def expert_forward(flat: torch.Tensor, h: torch.Tensor, geom: Geometry, act) -> torch.Tensor:
+    """SwiGLU (or GeGLU) expert on tokens h [n, hidden] with weights in the flat buffer `flat`."""
+    wg, wu, wd = expert_matrices(flat, geom)
+    return F.linear(act(F.linear(h, wg)) * F.linear(h, wu), wd)
+
+
 class ReplayModel:
     def __init__(self, geom: Geometry, store: HostExpertStore, *, device, seed: int = 0,
                  dtype: torch.dtype | None = None):
@@ -52,14 +78,9 @@ class ReplayModel:
         self.n_layers = store.n_layers
         # generated where they live (GiBs of dense weights for the large geometries: fast on the GPU)
         g = torch.Generator(device=self.device).manual_seed(int(seed) + 7919)
-        self.dense_w: list[tuple[torch.Tensor, torch.Tensor]] = []
-        h = geom.hidden
-        for layer in range(self.n_layers):
-            m = max(1, geom.dense_params[layer] // (2 * h))
-            w1 = torch.randn(h, m, generator=g, device=self.device).mul_(h ** -0.5).to(self.dtype)
-            w2 = torch.randn(m, h, generator=g, device=self.device).mul_(m ** -0.5 * 0.5).to(self.dtype)
-            self.dense_w.append((w1, w2))
-        self._act = F.silu if geom.activation == "swiglu" else (lambda z: F.gelu(z, approximate="tanh"))
+        self.dense_w = [make_dense_weights(geom, layer, device=self.device, dtype=self.dtype, generator=g)
+                        for layer in range(self.n_layers)]
+        self._act = activation(geom)
 
     # -- pieces -------------------------------------------------------------------------------------------------
     def embed(self, sequences: np.ndarray, positions: np.ndarray) -> torch.Tensor:
@@ -70,12 +91,10 @@ class ReplayModel:
 
     def dense(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.dense_w[layer]
-        return x + (rms_norm(x) @ w1) @ w2
+        return dense_forward(x, w1, w2)
 
     def expert(self, flat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """SwiGLU (or GeGLU) expert on tokens h [n, hidden] with weights in the flat buffer `flat`."""
-        wg, wu, wd = expert_matrices(flat, self.geom)
-        return F.linear(self._act(F.linear(h, wg)) * F.linear(h, wu), wd)
+        return expert_forward(flat, h, self.geom, self._act)
 
     def expert_into(self, out: torch.Tensor, flat: torch.Tensor, h: torch.Tensor, rows: tuple, w: torch.Tensor):
         """out[t, r] = expert(h[t]) * w for the (t, r) rows routed to this expert."""
@@ -158,7 +177,7 @@ def uniform_weights(batch, n_layers: int) -> np.ndarray:
 
 
 def describe_dense(geom: Geometry) -> str:
-    m = max(1, geom.dense_params[0] // (2 * geom.hidden))
+    m = dense_width(geom, 0)
     return (f"dense stand-in: x + rms(x) [{geom.hidden}x{m}] [{m}x{geom.hidden}] "
             f"({geom.dense_bytes[0] / 2**20:.1f} MiB of weights per layer; no KV-cache attention)")
 

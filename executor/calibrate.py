@@ -1,0 +1,426 @@
+"""Measure this machine into a hardware profile: `python -m executor.calibrate --out PROFILE.yaml`.
+
+What it measures (each figure the median of `--repeats` runs, 20 by default; GPU times with CUDA events):
+
+- `h2d.pinned` / `h2d.pageable`: host-to-device bandwidth by transfer size (64 KiB .. 1 GiB, x4 steps) from a
+  pinned (resp. pageable) host buffer on a dedicated copy stream; `latency_us`: a 4 KiB copy;
+  `copy_engines`: 2 if two streams copying at once move more than 1.3x one stream's bytes, else 1;
+  `chunk_overhead_us`: (time of one expert copied in 3 chunks - in 1 piece) / 2, floored at 0.
+- `expert_compute`: one table per geometry (`--geometries`, default the validation ones): the time of one
+  expert, as the runtime runs it (gather the routed tokens, SwiGLU/GeGLU, weight, scatter), by tokens routed to it
+  (1 .. 8192), averaged over 8 different experts' weights launched back to back. The table is the launch mode
+  the executor uses (`--launch eager`, default; `graph` = CUDA-graph replay); the other mode's figures go in the
+  table's note. `expert_launch_floor_ms` = the smallest entry.
+- `dense_compute`: the executor's dense stand-in (executor.model) of each geometry, by batch tokens, keyed by
+  the geometry's dense bytes (one table per distinct layer size); `default_dense` = the first.
+- `predictor_cost_us`: CPU time of one observe + predict call per predictor (`--predictors`) on batches of an
+  embedded trace (the calling pattern of the simulator's prefetcher).
+- `copy_compute_overlap`: 2 - (expert time while a large copy runs / expert time alone), clipped to [0, 1]
+  (1 = they do not slow each other; sim.hardware applies it).
+
+On a machine without CUDA it runs as a dry run: host memcpy instead of H2D and CPU matmuls, with fewer sizes
+(`--quick` is implied), and the profile is named `cpu-dry-run` with provenance saying it is NOT a GPU profile.
+The output validates against `sim.hardware.HardwareProfile` before it is written (atomically).
+
+    python -m executor.calibrate --out profiles/h200.yaml --machine "H200 GPU machine" [--geometries ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from traces.errors import TraceError, run_cli
+
+DEFAULT_GEOMETRIES = ("qwen3-30b-a3b", "gemma-4-26b-a4b", "mixtral-8x7b", "flame-moe-290m")
+DEFAULT_PREDICTORS = ("none", "oracle", "previous_token")
+SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20, 1 << 30]
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+QUICK_SIZES = [64 << 10, 1 << 20, 16 << 20]
+QUICK_TOKENS = [1, 8, 64]
+
+
+class Timer:
+    """Median wall time of a callable: CUDA events on the device, perf_counter on the CPU."""
+
+    def __init__(self, device, repeats: int, warmup: int = 2):
+        import torch
+
+        self.torch = torch
+        self.cuda = torch.device(device).type == "cuda"
+        self.repeats = repeats
+        self.warmup = warmup
+
+    def ms(self, fn, stream=None) -> float:
+        torch = self.torch
+        for _ in range(self.warmup):
+            fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = []
+        for _ in range(self.repeats):
+            if self.cuda:
+                s = torch.cuda.Event(enable_timing=True)
+                e = torch.cuda.Event(enable_timing=True)
+                st = stream or torch.cuda.current_stream()
+                s.record(st)
+                fn()
+                e.record(st)
+                e.synchronize()
+                out.append(s.elapsed_time(e))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(out)
+
+
+# -- host to device ----------------------------------------------------------------------------------------------
+def measure_h2d(device, sizes, timer: Timer, *, pinned: bool) -> list[dict]:
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    stream = torch.cuda.Stream() if cuda else None
+    pts = []
+    for size in sizes:
+        src = torch.empty(size, dtype=torch.uint8, pin_memory=pinned and cuda)
+        src.fill_(1)
+        dst = torch.empty(size, dtype=torch.uint8, device=device)
+
+        def copy(src=src, dst=dst):
+            if cuda:
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=pinned)
+            else:
+                dst.copy_(src)
+
+        ms = timer.ms(copy, stream)
+        pts.append({"size": int(size), "gbps": round(size / (ms * 1e-3) / 1e9, 3)})
+    return pts
+
+
+def measure_copy_engines(device, size: int, timer: Timer) -> int:
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return 1
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    srcs = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    dsts = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2)]
+
+    def one():
+        with torch.cuda.stream(s1):
+            dsts[0].copy_(srcs[0], non_blocking=True)
+        torch.cuda.current_stream().wait_stream(s1)
+
+    def two():
+        for s, a, b in ((s1, srcs[0], dsts[0]), (s2, srcs[1], dsts[1])):
+            with torch.cuda.stream(s):
+                b.copy_(a, non_blocking=True)
+        torch.cuda.current_stream().wait_stream(s1)
+        torch.cuda.current_stream().wait_stream(s2)
+
+    t1, t2 = timer.ms(one), timer.ms(two)
+    return 2 if (2 * size / t2) > 1.3 * (size / t1) else 1
+
+
+def measure_chunk_overhead_us(device, nbytes: int, timer: Timer) -> float:
+    import torch
+
+    from executor.buffers import chunk_ranges
+
+    cuda = torch.device(device).type == "cuda"
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream() if cuda else None
+
+    def copy(n):
+        def fn():
+            ctx = torch.cuda.stream(stream) if cuda else _null()
+            with ctx:
+                for a, b in chunk_ranges(nbytes, n):
+                    dst[a:b].copy_(src[a:b], non_blocking=cuda)
+        return fn
+
+    t1, t3 = timer.ms(copy(1), stream), timer.ms(copy(3), stream)
+    return max(0.0, (t3 - t1) / 2 * 1e3)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# -- compute ---------------------------------------------------------------------------------------------------
+def _expert_bench(geom, device, n_tokens: int, n_experts: int = 8):
+    """A callable running the runtime's per-expert path for `n_experts` experts of `n_tokens` tokens each."""
+    import torch
+
+    from executor.model import activation, expert_forward
+
+    dt = geom.torch_dtype() if torch.device(device).type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    flats = [torch.randn(geom.expert_numel, generator=g, device=device).mul_(0.02).to(dt) for _ in range(n_experts)]
+    T, k = max(n_tokens, 1), 1
+    h = torch.randn(T, geom.hidden, generator=g, device=device).to(dt)
+    out = torch.zeros(T, k, geom.hidden, dtype=dt, device=device)
+    w = torch.ones(T, k, dtype=dt, device=device)
+    t_idx = torch.arange(n_tokens, device=device)
+    r_idx = torch.zeros(n_tokens, dtype=torch.long, device=device)
+    act = activation(geom)
+
+    def run():
+        for f in flats:
+            y = expert_forward(f, h[t_idx], geom, act)
+            out[t_idx, r_idx] = y * w[t_idx, r_idx].unsqueeze(-1)
+
+    return run, n_experts
+
+
+def _graphed(fn, device):
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def measure_expert_table(geom, device, tokens, timer: Timer, launch: str) -> dict:
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    eager, graph = [], []
+    for n in tokens:
+        fn, per = _expert_bench(geom, device, n)
+        eager.append(round(timer.ms(fn) / per, 5))
+        if cuda:
+            try:
+                graph.append(round(timer.ms(_graphed(fn, device)) / per, 5))
+            except Exception as exc:  # graph capture can fail on odd setups: keep the eager table
+                graph.append(None)
+                print(f"warning: CUDA graph capture failed for {geom.name} at {n} tokens: {exc}", file=sys.stderr)
+        if cuda:
+            torch.cuda.empty_cache()
+    main, other, other_name = (graph, eager, "eager") if (launch == "graph" and cuda) else (eager, graph, "graph")
+    note = f"measured, {geom.dtype if cuda else 'fp32 (CPU dry run)'} {geom.activation}, {launch if cuda else 'cpu'}"
+    if other and any(v is not None for v in other):
+        note += f"; {other_name}_ms: {other}"
+    return {"name": f"{geom.name}-{geom.hidden}x{geom.moe_intermediate}-{geom.dtype}", "hidden": geom.hidden,
+            "intermediate": geom.moe_intermediate, "dtype_bytes": geom.dtype_bytes, "tokens": list(tokens),
+            "ms": main, "note": note}
+
+
+def measure_dense_tables(geom, device, tokens, timer: Timer) -> list[dict]:
+    import torch
+
+    from executor.model import dense_forward, make_dense_weights
+
+    cuda = torch.device(device).type == "cuda"
+    dt = geom.torch_dtype() if cuda else torch.float32
+    out = []
+    seen = set()
+    for layer, nbytes in enumerate(geom.dense_bytes):
+        if nbytes in seen or nbytes <= 0:
+            continue
+        seen.add(nbytes)
+        g = torch.Generator(device=device).manual_seed(layer)
+        w1, w2 = make_dense_weights(geom, layer, device=device, dtype=dt, generator=g)
+        ms = []
+        for n in tokens:
+            x = torch.randn(n, geom.hidden, generator=g, device=device).to(dt)
+            ms.append(round(timer.ms(lambda x=x, w1=w1, w2=w2: dense_forward(x, w1, w2)), 5))
+        suffix = "" if len(seen) == 1 else f"-layer{layer}"
+        out.append({"name": f"{geom.name}-dense{suffix}", "dense_bytes": int(nbytes), "tokens": list(tokens),
+                    "ms": ms, "note": "executor dense stand-in (2 matmuls of the layer's dense bytes; no KV-cache "
+                                      "attention)" + ("" if cuda else "; CPU dry run")})
+    return out
+
+
+def measure_overlap(geom, device, timer: Timer) -> float:
+    """2 - (expert compute time while a copy runs on another stream / alone), both timed on the compute stream;
+    the copy is sized to outlast the compute."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return 1.0
+    fn, _per = _expert_bench(geom, device, 64)
+    alone = timer.ms(fn)
+    size = 1 << 30
+    src = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(size, dtype=torch.uint8, device=device)
+    s = torch.cuda.Stream()
+    times = []
+    for _ in range(timer.repeats):
+        torch.cuda.synchronize()
+        with torch.cuda.stream(s):
+            dst.copy_(src, non_blocking=True)  # ~20 ms at 55 GB/s: longer than the compute below
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+        torch.cuda.current_stream().wait_stream(s)
+    concurrent = statistics.median(times)
+    return float(min(1.0, max(0.0, 2.0 - concurrent / alone)))
+
+
+def measure_predictors(names, trace_path, repeats: int, max_calls: int = 400) -> dict:
+    from predictors.registry import make_predictor
+    from predictors.views import iter_batches, load_sequences
+    from traces.reader import Trace
+
+    trace = Trace(trace_path)
+    seqs = load_sequences(trace)[:2]
+    out = {}
+    for name in names:
+        pred = make_predictor(name)
+        pred.reset()
+        times = []
+        for batch in iter_batches(seqs, trace.meta):
+            for layer in range(trace.meta.n_layers - 1):
+                view = batch.view(layer)
+                t0 = time.perf_counter()
+                pred.observe(view)
+                if name != "none":
+                    pred.predict(view, 1, batch.future if pred.reads_future else None)
+                times.append(time.perf_counter() - t0)
+                if len(times) >= max_calls:
+                    break
+            if len(times) >= max_calls:
+                break
+        out[name] = round(statistics.median(times) * 1e6, 2) if times else 0.0
+    out["default"] = max(out.values()) if out else 0.0
+    return out
+
+
+# -- the profile ---------------------------------------------------------------------------------------------------
+def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, launch: str, machine: str,
+              trace_for_predictors: str, pageable: bool = True, log=print) -> dict:
+    import torch
+
+    from executor.geometry import get_geometry
+    from sim.hardware import HardwareProfile
+
+    cuda = torch.device(device).type == "cuda"
+    if not cuda:
+        quick = True
+    sizes = QUICK_SIZES if quick else SIZES
+    tokens = QUICK_TOKENS if quick else TOKENS
+    timer = Timer(device, repeats)
+    geoms = [get_geometry(g) for g in geometries]
+    if not cuda:  # tiny stand-ins of the shapes keep a CPU dry run short
+        geoms = [g.replace(hidden=min(g.hidden, 256), moe_intermediate=min(g.moe_intermediate, 128),
+                           dense_params=(min(g.dense_params[0], 2 * 256 * 256),), dtype="fp32",
+                           name=f"{g.name}-cpu-mini") for g in geoms]
+    log(f"h2d pinned: {len(sizes)} sizes")
+    pinned_pts = measure_h2d(device, sizes, timer, pinned=True)
+    pageable_pts = measure_h2d(device, sizes, timer, pinned=False) if (pageable and cuda) else None
+    lat_ms = timer.ms(lambda: None) if not cuda else None
+    small = measure_h2d(device, [4096], timer, pinned=True)[0]
+    latency_us = 4096 / (small["gbps"] * 1e9) * 1e6 if lat_ms is None else 0.0
+    engines = measure_copy_engines(device, 64 << 20, timer)
+    chunk_us = measure_chunk_overhead_us(device, geoms[0].expert_bytes, timer) if cuda else 0.0
+    expert_tables, dense_tables = [], []
+    for g in geoms:
+        log(f"expert and dense compute: {g.name}")
+        expert_tables.append(measure_expert_table(g, device, tokens, timer, launch))
+        dense_tables.extend(measure_dense_tables(g, device, tokens, timer))
+    overlap = measure_overlap(geoms[0], device, timer) if cuda else 1.0
+    log("predictor cost")
+    pcost = measure_predictors(predictors, trace_for_predictors, repeats)
+    gpu = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()})"
+    when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = "python -m executor.calibrate " + " ".join(sys.argv[1:])
+    prof = {
+        "name": "cpu-dry-run" if not cuda else (machine or gpu).lower().replace(" ", "-"),
+        "provenance": (f"measured by `{cmd}` on {machine or platform.node()} ({gpu}), torch {torch.__version__}, "
+                       f"{when}; median of {repeats}, {'CUDA events' if cuda else 'perf_counter'}")
+        if cuda else ("NOT A GPU PROFILE: CPU dry run of executor.calibrate (host memcpy as 'h2d', CPU fp32 matmuls "
+                      f"on reduced shapes), {platform.node()}, torch {torch.__version__}, {when}"),
+        "notes": f"expert tables: {launch if cuda else 'cpu'} launch; dense tables: the executor's dense stand-in",
+        "h2d": {"pinned": {"points": pinned_pts}, "latency_us": round(latency_us, 3), "copy_engines": engines,
+                "chunk_overhead_us": round(chunk_us, 3)},
+        "expert_compute": expert_tables,
+        "expert_launch_floor_ms": round(min(min(v for v in t["ms"] if v is not None) for t in expert_tables), 5),
+        "dense_compute": dense_tables,
+        "default_dense": dense_tables[0]["name"],
+        "dense_launch_floor_ms": round(min(min(t["ms"]) for t in dense_tables), 5),
+        "predictor_cost_us": pcost,
+        "copy_compute_overlap": round(overlap, 3),
+    }
+    if pageable_pts:
+        prof["h2d"]["pageable"] = {"points": pageable_pts}
+    HardwareProfile.model_validate(prof)  # the simulator must be able to read it
+    return prof
+
+
+def write_profile(prof: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# {prof['provenance']}\n# regenerate: python -m executor.calibrate --out {out}\n"
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(header)
+            yaml.safe_dump(prof, f, sort_keys=False, default_flow_style=None, width=120)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv=None) -> int:
+    from executor.geometry import REPO_ROOT
+
+    ap = argparse.ArgumentParser(prog="python -m executor.calibrate", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="profile YAML to write")
+    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu (dry run)")
+    ap.add_argument("--geometries", default=",".join(DEFAULT_GEOMETRIES), help="comma-separated presets")
+    ap.add_argument("--predictors", default=",".join(DEFAULT_PREDICTORS), help="comma-separated predictor names")
+    ap.add_argument("--trace", default=str(REPO_ROOT / "data" / "traces" / "qwen3-30b-a3b"),
+                    help="trace whose batches feed the predictor timing")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and token counts")
+    ap.add_argument("--launch", choices=("eager", "graph"), default="eager",
+                    help="which launch mode the expert tables hold (the other goes in each table's note)")
+    ap.add_argument("--machine", default="", help="machine name recorded in the profile")
+    ap.add_argument("--no-pageable", action="store_true")
+    args = ap.parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise TraceError("CUDA is not available on this machine (use --device cpu for a dry run)", where="--device")
+    if torch.device(device).type != "cuda":
+        print("note: no CUDA device: CPU dry run, NOT a GPU profile", file=sys.stderr)
+    prof = calibrate(device=device, geometries=[g for g in args.geometries.split(",") if g],
+                     predictors=[p for p in args.predictors.split(",") if p], repeats=args.repeats,
+                     quick=args.quick, launch=args.launch, machine=args.machine, trace_for_predictors=args.trace,
+                     pageable=not args.no_pageable, log=lambda m: print(m, file=sys.stderr))
+    write_profile(prof, Path(args.out))
+    print(f"wrote {args.out} ({prof['name']})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
