@@ -3,7 +3,8 @@
 Evaluates every predictor at distances 1, 2 and 3 on every trace under --traces that has the fields the
 predictor needs, and rewrites the generated part of docs/predictors.md (between the BEGIN/END GENERATED
 markers; the hand-written text around it is kept). Traces with at least --folds sequences are evaluated by
-K-fold cross-validation over sequences (each fold a 9:1 split for K=10); one-sequence traces by the position
+K-fold cross-validation over sequences (each fold a 9:1 split for K=10) when they have at most 200,000
+routing rows, larger ones by one 9:1 split; one-sequence traces by the position
 split (fit on the prompt and the first 90% of the generated positions, scored on the last 10%). Also writes the
 raw results as JSON next to the document (docs/predictors-results.json).
 """
@@ -34,12 +35,13 @@ def find_traces(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.glob("*/meta.json"))
 
 
-def run_all(paths: list[Path], predictors: list[str], folds: int, log=print) -> list[dict]:
+def run_all(paths: list[Path], predictors: list[str], folds: int, log=print, cv_max_rows: int = 200_000) -> list[dict]:
     rows = []
     for path in paths:
         trace = Trace(path)
         n_seq = len(trace.sequences())
-        k = folds if folds > 1 and n_seq >= folds else 1
+        # cross-validate small traces (more scored positions); one 9:1 split is plenty for large ones
+        k = folds if folds > 1 and n_seq >= folds and trace.n_rows <= cv_max_rows else 1
         for name in predictors:
             try:
                 build_predictor(name, 1).check_trace(trace.meta)
