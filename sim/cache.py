@@ -107,6 +107,10 @@ class ExpertCache:
             for i in range(n_parts)
         ]
         self._per_layer = n_parts > 1
+        # hot-path hooks, bound once; on_lookup is skipped for policies that do not override it
+        self._on_lookup = [pol.on_lookup if type(pol).on_lookup is not Policy.on_lookup else None
+                           for pol in self.policies]
+        self._on_hit = [pol.on_hit for pol in self.policies]
         self._size: dict[Key, int] = {}  # all resident keys -> bytes
         self._pins: dict[Key, int] = {}
         self.used_bytes = 0
@@ -177,13 +181,14 @@ class ExpertCache:
     def lookup(self, key: Key) -> bool:
         """One demand lookup: counts a hit or a miss. Does not insert on a miss."""
         st = self.stats
-        index = st.lookups
+        p = key[0] if self._per_layer else 0
+        on_lookup = self._on_lookup[p]
+        if on_lookup is not None:
+            on_lookup(key, st.lookups)
         st.lookups += 1
-        policy = self.policies[key[0] if self._per_layer else 0]
-        policy.on_lookup(key, index)
         if key in self._size:
             st.hits += 1
-            policy.on_hit(key)
+            self._on_hit[p](key)
             return True
         st.misses += 1
         return False
@@ -204,41 +209,61 @@ class ExpertCache:
         if key in self._size:
             return []
         layer = key[0]
-        if not 0 <= layer < self.n_layers or not 0 <= key[1] < self.n_experts:
+        if not (0 <= layer < self.n_layers and 0 <= key[1] < self.n_experts):
             raise KeyError(f"expert key {key} outside {self.n_layers} layers x {self.n_experts} experts")
         p = layer if self._per_layer else 0
         policy = self.policies[p]
         size = self.expert_bytes[layer]
-        cap = self._part_capacity[p]
-        if size > cap or not policy.admit(key):
+        members = self._part_members[p]
+        need = self._part_used[p] + size - self._part_capacity[p]
+        if size > self._part_capacity[p] or not policy.admit(key):
             self.stats.rejected += 1
             return None
-        need = self._part_used[p] + size - cap
         victims: list[Key] = []
         if need > 0:
-            members = self._part_members[p]
-            chosen: set[Key] = set()
-            cands = _Candidates(members, self._pins, chosen)
-            while need > 0:
-                v = policy.victim(cands)
-                if v is None:
+            order = policy.eviction_order()
+            if order is not None:  # fast path: walk the policy's order, skip pinned keys
+                pins = self._pins
+                for v in order:
+                    if v in pins:
+                        continue
+                    victims.append(v)
+                    need -= members[v]
+                    if need <= 0:
+                        break
+                if need > 0:
                     self.stats.rejected += 1
                     return None
-                if v not in cands:
-                    raise RuntimeError(f"policy {self.policy_name!r} chose {v}, which is not an eviction candidate")
-                chosen.add(v)
-                victims.append(v)
-                need -= members[v]
+            else:
+                chosen: set[Key] = set()
+                cands = _Candidates(members, self._pins, chosen)
+                victim = policy.victim
+                while need > 0:
+                    v = victim(cands)
+                    if v is None:
+                        self.stats.rejected += 1
+                        return None
+                    if v not in cands:
+                        raise RuntimeError(f"policy {self.policy_name!r} chose {v}, not an eviction candidate")
+                    chosen.add(v)
+                    victims.append(v)
+                    need -= members[v]
+            sizes = self._size
+            on_evict = policy.on_evict
             for v in victims:
-                self._drop(v, p)
-                policy.on_evict(v)
+                freed = sizes.pop(v)
+                del members[v]
+                self._part_used[p] -= freed
+                self.used_bytes -= freed
+                on_evict(v)
             self.stats.evictions += len(victims)
         self._size[key] = size
-        self._part_members[p][key] = size
+        members[key] = size
         self._part_used[p] += size
         self.used_bytes += size
-        self.stats.insertions += 1
-        self.stats.bytes_inserted += size
+        st = self.stats
+        st.insertions += 1
+        st.bytes_inserted += size
         policy.on_insert(key)
         return victims
 

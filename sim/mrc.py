@@ -444,7 +444,8 @@ def compute_mrc(stream: LookupStream, policies: Sequence[str], *, scope: str = "
             caps = grid if grid is not None else exact.breakpoints()
             if grid is None and unit == "bytes" and scope == "global":
                 big = max(stream.expert_bytes)
-                caps = caps[(caps == 0) | (caps >= big)]  # below the largest expert the curve is not defined
+                # below the largest expert the curve is not defined: its steps there move up to that size
+                caps = np.unique(np.where(caps == 0, 0, np.maximum(caps, big)))
             hits = exact.hits(caps)
             method = "stack" if policy == "lru" else "opt-stack"
         else:

@@ -7,8 +7,10 @@ The cache calls the hooks in this order:
                   on_hit(key)             then, if the key was resident
     touch(key):   on_touch(key)           a non-demand access of a resident key (default: nothing)
     insert(key):  admit(key)              False = don't cache this key at all (default: True)
-                  victim(candidates)      zero or more times, until the new key fits; must not change state,
-                                          because the insert may still be abandoned (then nothing changes)
+                  eviction_order()        if the policy has one: its resident keys, best victim first; the cache
+                                          takes the first unpinned ones it needs (fast path; no victim() calls)
+                  victim(candidates)      otherwise, zero or more times, until the new key fits; must not change
+                                          state, because the insert may still be abandoned (then nothing changes)
                   on_evict(victim)        for each chosen victim, once the insert goes ahead
                   on_insert(key)
     remove(key):  on_evict(key)           any departure of a resident key
@@ -21,7 +23,7 @@ A policy instance serves exactly one partition.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import ClassVar
 
 Key = tuple[int, int]  # (layer, expert)
@@ -54,9 +56,16 @@ class Policy:
     def on_evict(self, key: Key) -> None:
         pass
 
+    def eviction_order(self) -> Iterable[Key] | None:
+        """An iterator over this partition's resident keys, best victim first, or None (then victim() is used).
+        The cache does not change the policy while it iterates."""
+        return None
+
     def victim(self, candidates: Collection[Key]) -> Key | None:
-        for key in candidates:
-            return key
+        order = self.eviction_order()
+        for key in candidates if order is None else order:
+            if key in candidates:
+                return key
         return None
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections import OrderedDict
+from collections.abc import Iterator
 
 from sim.policies.base import Key, Policy, register_policy
 
@@ -10,7 +11,7 @@ from sim.policies.base import Key, Policy, register_policy
 @register_policy("fifo")
 class FIFO(Policy):
     def __init__(self) -> None:
-        self._order: dict[Key, None] = {}  # insertion order, oldest first
+        self._order: OrderedDict[Key, None] = OrderedDict()  # insertion order, oldest first (O(1) front)
 
     def on_insert(self, key: Key) -> None:
         self._order[key] = None
@@ -18,8 +19,5 @@ class FIFO(Policy):
     def on_evict(self, key: Key) -> None:
         del self._order[key]
 
-    def victim(self, candidates: Collection[Key]) -> Key | None:
-        for key in self._order:
-            if key in candidates:
-                return key
-        return None
+    def eviction_order(self) -> Iterator[Key]:
+        return iter(self._order)

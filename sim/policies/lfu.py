@@ -12,7 +12,8 @@ looked-up (or inserted) of them.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections import OrderedDict
+from collections.abc import Iterator
 
 from sim.policies.base import Key, Policy, register_policy
 
@@ -22,7 +23,7 @@ class LFU(Policy):
     def __init__(self, keep_history: bool = False) -> None:
         self.keep_history = keep_history
         self._freq: dict[Key, int] = {}  # resident keys -> frequency
-        self._buckets: dict[int, dict[Key, None]] = {}  # frequency -> keys in the order they reached it
+        self._buckets: dict[int, OrderedDict[Key, None]] = {}  # frequency -> keys in the order they reached it
         self._history: dict[Key, int] = {}  # keep_history: lookups per key
 
     def _move(self, key: Key, new: int) -> None:
@@ -33,7 +34,10 @@ class LFU(Policy):
             if not bucket:
                 del self._buckets[old]
         self._freq[key] = new
-        self._buckets.setdefault(new, {})[key] = None
+        bucket = self._buckets.get(new)
+        if bucket is None:
+            bucket = self._buckets[new] = OrderedDict()
+        bucket[key] = None
 
     def on_lookup(self, key: Key, index: int) -> None:
         if self.keep_history:
@@ -52,9 +56,6 @@ class LFU(Policy):
         if not bucket:
             del self._buckets[f]
 
-    def victim(self, candidates: Collection[Key]) -> Key | None:
+    def eviction_order(self) -> Iterator[Key]:
         for f in sorted(self._buckets):
-            for key in self._buckets[f]:
-                if key in candidates:
-                    return key
-        return None
+            yield from self._buckets[f]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Iterator
 
 from sim.policies.base import Key, Policy, register_policy
 
@@ -24,8 +24,5 @@ class LRU(Policy):
     def on_evict(self, key: Key) -> None:
         del self._order[key]
 
-    def victim(self, candidates: Collection[Key]) -> Key | None:
-        for key in self._order:
-            if key in candidates:
-                return key
-        return None
+    def eviction_order(self) -> Iterator[Key]:
+        return iter(self._order)
