@@ -413,6 +413,7 @@ def main(argv=None) -> int:
         raise TraceError("CUDA is not available on this machine (use --device cpu for a dry run)", where="--device")
     if torch.device(device).type != "cuda":
         print("note: no CUDA device: CPU dry run, NOT a GPU profile", file=sys.stderr)
+        torch.set_num_threads(1)
     prof = calibrate(device=device, geometries=[g for g in args.geometries.split(",") if g],
                      predictors=[p for p in args.predictors.split(",") if p], repeats=args.repeats,
                      quick=args.quick, launch=args.launch, machine=args.machine, trace_for_predictors=args.trace,

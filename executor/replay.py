@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     rt = build_runtime(cfg, setup, device=args.device, host_budget=int(args.host_budget_gib * GIB),
                        gpu_budget_bytes=int(args.gpu_budget_gib * GIB) if args.gpu_budget_gib is not None else None,
                        check=args.check)
+    rt.warmup()
     metrics = rt.run()
     out = {"config": cfg.flat(), "geometry": setup.geometry.describe(), "layers": setup.n_layers,
            "device": str(rt.device), "metrics": metrics}

@@ -1,0 +1,382 @@
+"""Real and simulated side by side: `python -m executor.validate CONFIGS --profile PROFILE --out DIR`.
+
+CONFIGS is a validation suite YAML (or a directory of them):
+
+    defaults:                 # merged into every run (the simulator's run-config keys, sim/config.py)
+      phase: both
+      max_sequences: 2
+      max_decode_tokens: 32
+    grid:                     # optional: every run is repeated for each combination (dotted keys)
+      cache.cache_rate: [0.25, 0.5]
+    runs:
+      - name: lru             # the label: policies are compared by it; "lru" is the reactive baseline
+        geometry: qwen3-30b-a3b
+        layers: null          # first N layers (see executor.memory); null = all the trace has
+        mode: replay          # replay | live (live: the small trained model; see executor.live)
+        trace: data/traces/qwen3-30b-a3b
+        cache: {policy: lru}
+      - name: promoe
+        geometry: qwen3-30b-a3b
+        trace: data/traces/qwen3-30b-a3b
+        cache: {policy: lru}
+        prefetch: {predictor: previous_token, distance: 2}
+        chunked_prefetch: true
+        early_preemption: true
+        reordered_inference: true
+
+For each run: the executor replays the trace with the geometry's shapes (executor.replay) and reports the slot
+count it allocated; the simulator then runs the same trace, policy, predictor and switches on the same meta
+(the geometry's bytes, the same first N layers), with the cache capacity = those slots x expert bytes, and the
+hardware profile PROFILE (which should be the one `executor.calibrate` measured on the same machine).
+
+Writes to DIR: `results.parquet` (one row per run: config columns, real_* and sim_* metrics, differences),
+`summary.md` (the table real / simulated / difference for TTFT, TPOT and hit rate; each label's speedup over
+"lru", real and simulated; fidelity: median and max |sim - real| / real of TTFT and TPOT, whether the ranking of
+labels by total time agrees), `plots/` (simulated vs real scatter; speedups), `meta.json` (command, machine,
+profile). Partial results are written after each run (resumable with --resume: runs already in results.parquet
+are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+from traces.errors import TraceError, run_cli
+
+EXECUTOR_KEYS = ("name", "geometry", "layers", "mode", "set_geometry")
+TIME_METRICS = ("ttft_ms", "tpot_ms", "total_ms")
+COMPARED = ("ttft_ms", "tpot_ms", "total_ms", "hit_rate", "stall_ms", "bytes_h2d", "pcie_busy_frac",
+            "prefetch_precision", "prefetch_recall")
+
+
+# -- the suite --------------------------------------------------------------------------------------------------
+def load_suite(path: str | Path) -> list[dict]:
+    """Expand a suite file (or every *.yaml of a directory) into run dicts (executor keys + run-config keys)."""
+    from sim.config import read_yaml, set_dotted, unflatten
+
+    p = Path(path)
+    files = sorted(p.glob("*.yaml")) if p.is_dir() else [p]
+    if not files:
+        raise TraceError("no *.yaml validation suites here", path=p)
+    runs: list[dict] = []
+    for f in files:
+        raw = read_yaml(f) or {}
+        if not isinstance(raw, dict) or not isinstance(raw.get("runs"), list):
+            raise TraceError("a validation suite is a mapping with a 'runs:' list", path=f)
+        unknown = set(raw) - {"defaults", "grid", "runs"}
+        if unknown:
+            raise TraceError(f"unknown top-level keys {sorted(unknown)} (defaults, grid, runs)", path=f)
+        defaults = unflatten(raw.get("defaults") or {})
+        grid = raw.get("grid") or {}
+        keys = list(grid)
+        combos = list(itertools.product(*[grid[k] for k in keys])) or [()]
+        for i, run in enumerate(raw["runs"]):
+            if not isinstance(run, dict) or "geometry" not in run:
+                raise TraceError("each run needs at least 'geometry' (and a trace)", path=f, where=f"runs[{i}]")
+            for combo in combos:
+                merged = json.loads(json.dumps(defaults))
+                for k, v in unflatten(run).items():
+                    if isinstance(v, dict) and isinstance(merged.get(k), dict):
+                        merged[k].update(v)
+                    else:
+                        merged[k] = v
+                for k, v in zip(keys, combo):
+                    set_dotted(merged, k, v)
+                merged.setdefault("name", f"run{i}")
+                merged["_suite"] = str(f)
+                merged["_base_dir"] = str(f.resolve().parent)
+                runs.append(merged)
+    return runs
+
+
+def split_run(run: dict):
+    """(executor options, RunConfig) of one expanded run."""
+    from sim.config import build_config
+
+    ex = {k: run.get(k) for k in EXECUTOR_KEYS}
+    ex["mode"] = ex["mode"] or "replay"
+    if ex["mode"] not in ("replay", "live"):
+        raise TraceError(f"mode must be replay or live, got {ex['mode']!r}", path=run.get("_suite"))
+    raw = {k: v for k, v in run.items() if k not in EXECUTOR_KEYS and not k.startswith("_")}
+    cfg = build_config(raw, path=run.get("_suite"), base_dir=run.get("_base_dir"))
+    return ex, cfg
+
+
+def run_id(ex: dict, cfg) -> str:
+    import hashlib
+
+    blob = json.dumps({"ex": ex, "cfg": cfg.identity()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# -- one run -----------------------------------------------------------------------------------------------------
+def simulate(cfg, setup, profile, capacity_bytes: int) -> dict:
+    """The simulator on exactly what the executor ran: meta, sequences (first N layers), capacity in whole slots."""
+    from executor.runtime import _MetaTrace
+    from predictors.registry import make_predictor
+    from sim.engine import Simulation
+    from sim.hardware import CostModel
+
+    cost = CostModel(profile, setup.meta, pinned=cfg.pinned_memory,
+                     chunks=cfg.prefetch.chunks if cfg.chunked_prefetch else 1)
+    inflight = cfg.prefetch.max_inflight_mib * (1 << 20) if cfg.prefetch.max_inflight_mib is not None else None
+    sim = Simulation(setup.meta, setup.sequences, cost, phase=cfg.phase, batch_size=cfg.batch_size,
+                     cache_capacity_bytes=capacity_bytes, cache_scope=cfg.cache.scope, cache_policy=cfg.cache.policy,
+                     policy_params=cfg.cache.policy_params,
+                     predictor=make_predictor(cfg.prefetch.predictor, **cfg.prefetch.predictor_params),
+                     distance=cfg.prefetch.distance, top_n=cfg.prefetch.top_n, max_inflight_bytes=inflight,
+                     predictor_cost_s=profile.predictor_cost_s(cfg.prefetch.predictor),
+                     chunked_prefetch=cfg.chunked_prefetch, chunks=cfg.prefetch.chunks,
+                     early_preemption=cfg.early_preemption, reordered_inference=cfg.reordered_inference,
+                     cpu_experts=cfg.cpu_experts, trace=_MetaTrace(setup.trace, setup.meta))
+    return sim.run()
+
+
+def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget=None, check=False) -> dict:
+    from executor.geometry import parse_geometry_overrides, resolve_geometry
+    from executor.memory import DEFAULT_HOST_BUDGET
+    from executor.replay import build_runtime, prepare
+
+    if ex["mode"] == "live":
+        from executor.live import run_live
+
+        return run_live(ex, cfg, profile, device=device)
+    geom = resolve_geometry(ex["geometry"], parse_geometry_overrides(ex.get("set_geometry")))
+    setup = prepare(cfg, geom, layers=ex.get("layers"))
+    rt = build_runtime(cfg, setup, device=device, host_budget=host_budget or DEFAULT_HOST_BUDGET,
+                       gpu_budget_bytes=gpu_budget, check=check)
+    rt.warmup()
+    real = rt.run()
+    capacity = rt.n_slots * setup.meta.expert_bytes[0]
+    sim = simulate(cfg, setup, profile, capacity)
+    row = {"status": "ok", "geometry_name": setup.geometry.name, "n_layers": setup.n_layers,
+           "slab_slots": rt.n_slots, "capacity_bytes": capacity, "device": str(rt.device), "timing": real["timing"]}
+    for k in COMPARED:
+        r, s = real.get(k), sim.get(k)
+        row[f"real_{k}"] = r
+        row[f"sim_{k}"] = s
+        if r is not None and s is not None:
+            row[f"diff_{k}"] = (s - r) if k in ("hit_rate", "pcie_busy_frac", "prefetch_precision",
+                                                "prefetch_recall") else ((s - r) / r if r else None)
+    for k in ("lookups", "hits", "prefetches", "demand_loads"):
+        row[f"real_{k}"], row[f"sim_{k}"] = real.get(k), sim.get(k)
+    return row
+
+
+# -- the report --------------------------------------------------------------------------------------------------
+def add_speedups(df):
+    """Each label's speedup over the 'lru' label of the same geometry, trace, cache capacity and phase."""
+    import numpy as np
+
+    group = ["geometry", "trace", "cache.cache_rate", "cache.capacity_mib", "cache.capacity_experts", "phase"]
+    group = [g for g in group if g in df.columns]
+    df = df.copy()
+    for side in ("real", "sim"):
+        df[f"{side}_speedup_vs_lru"] = np.nan
+    if "name" not in df.columns:
+        return df
+    for _, sub in df[df["status"] == "ok"].groupby(group, dropna=False):
+        base = sub[sub["name"] == "lru"]
+        if base.empty:
+            continue
+        for side in ("real", "sim"):
+            b = base[f"{side}_total_ms"].iloc[0]
+            df.loc[sub.index, f"{side}_speedup_vs_lru"] = b / sub[f"{side}_total_ms"]
+    return df
+
+
+def fidelity(df) -> dict:
+    import numpy as np
+
+    ok = df[df["status"] == "ok"]
+    out = {"runs": int(len(df)), "ok": int(len(ok))}
+    for k in ("ttft_ms", "tpot_ms"):
+        col = f"diff_{k}"
+        if col in ok:
+            v = ok[col].dropna().abs()
+            out[f"median_abs_rel_diff_{k}"] = float(np.median(v)) if len(v) else None
+            out[f"max_abs_rel_diff_{k}"] = float(v.max()) if len(v) else None
+    # ranking of labels by total time, per group, real vs simulated
+    agree = []
+    group = [g for g in ("geometry", "trace", "cache.cache_rate", "phase") if g in ok.columns]
+    if group and "name" in ok:
+        for _, sub in ok.groupby(group, dropna=False):
+            if len(sub) > 1:
+                agree.append(list(sub.sort_values("real_total_ms")["name"]) ==
+                             list(sub.sort_values("sim_total_ms")["name"]))
+    out["ranking_groups"] = len(agree)
+    out["ranking_agrees"] = int(sum(agree))
+    return out
+
+
+def _fmt(v, pct=False) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    if pct:
+        return f"{100 * v:+.1f}%"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def summary_markdown(df, fid: dict, meta: dict) -> str:
+    lines = [f"# Validation: real executor vs simulator ({meta.get('profile_name', '')})", "",
+             f"Machine: {meta.get('machine')}; device: {meta.get('device')}; command: `{meta.get('command')}`", "",
+             f"Profile: {meta.get('profile')} ({meta.get('profile_provenance', '')})", ""]
+    if meta.get("dry_run"):
+        lines += ["**CPU DRY RUN: timings are CPU wall times against a CPU dry-run profile; not a validation.**", ""]
+    lines += ["| run | geometry | layers | phase | rate | slots | TTFT real | TTFT sim | diff | TPOT real | TPOT sim | "
+              "diff | hit real | hit sim | diff | speedup real | speedup sim |",
+              "|" + "---|" * 17]
+    for _, r in df.iterrows():
+        if r.get("status") != "ok":
+            lines.append(f"| {r.get('name')} | {r.get('geometry')} | | | | | {r.get('status')}: "
+                         f"{str(r.get('error', ''))[:80]} |" + " |" * 10)
+            continue
+        lines.append("| " + " | ".join([
+            str(r.get("name")), str(r.get("geometry")), _fmt(r.get("n_layers")), str(r.get("phase")),
+            _fmt(r.get("cache.cache_rate")), _fmt(r.get("slab_slots")),
+            _fmt(r.get("real_ttft_ms")), _fmt(r.get("sim_ttft_ms")), _fmt(r.get("diff_ttft_ms"), True),
+            _fmt(r.get("real_tpot_ms")), _fmt(r.get("sim_tpot_ms")), _fmt(r.get("diff_tpot_ms"), True),
+            _fmt(r.get("real_hit_rate")), _fmt(r.get("sim_hit_rate")), _fmt(r.get("diff_hit_rate")),
+            _fmt(r.get("real_speedup_vs_lru")), _fmt(r.get("sim_speedup_vs_lru"))]) + " |")
+    lines += ["", "## Fidelity", ""]
+    for k, v in fid.items():
+        lines.append(f"- {k}: {_fmt(v)}")
+    lines += ["", "TTFT/TPOT differences are (sim - real) / real; hit-rate differences are sim - real.", ""]
+    return "\n".join(lines)
+
+
+def write_plots(df, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = df[df["status"] == "ok"]
+    made = []
+    pdir = out_dir / "plots"
+    pdir.mkdir(parents=True, exist_ok=True)
+    for k in ("ttft_ms", "tpot_ms"):
+        sub = ok[[f"real_{k}", f"sim_{k}"]].dropna()
+        if sub.empty:
+            continue
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.scatter(sub[f"real_{k}"], sub[f"sim_{k}"], s=14)
+        lim = [0, float(max(sub.max())) * 1.05]
+        ax.plot(lim, lim, "k--", lw=0.8)
+        ax.set_xlabel(f"real {k}")
+        ax.set_ylabel(f"simulated {k}")
+        ax.set_title(f"{k}: simulated vs real")
+        fig.tight_layout()
+        fig.savefig(pdir / f"{k}_sim_vs_real.png", dpi=120)
+        plt.close(fig)
+        made.append(f"plots/{k}_sim_vs_real.png")
+    if "real_speedup_vs_lru" in ok and ok["real_speedup_vs_lru"].notna().any():
+        sub = ok.dropna(subset=["real_speedup_vs_lru"])
+        labels = [f"{r['name']}\n{r.get('geometry')}" for _, r in sub.iterrows()]
+        fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(sub)), 4))
+        xs = range(len(sub))
+        ax.bar([x - 0.2 for x in xs], sub["real_speedup_vs_lru"], width=0.4, label="real")
+        ax.bar([x + 0.2 for x in xs], sub["sim_speedup_vs_lru"], width=0.4, label="simulated")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, rotation=90, fontsize=6)
+        ax.set_ylabel("speedup over reactive LRU")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(pdir / "speedup_vs_lru.png", dpi=120)
+        plt.close(fig)
+        made.append("plots/speedup_vs_lru.png")
+    return made
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv=None) -> int:
+    import pandas as pd
+    import torch
+
+    from executor.memory import GIB
+    from sim.config import flatten
+    from sim.hardware import load_profile
+
+    ap = argparse.ArgumentParser(prog="python -m executor.validate", description=__doc__.splitlines()[0])
+    ap.add_argument("configs", help="validation suite YAML or a directory of them")
+    ap.add_argument("--profile", required=True, help="hardware profile measured on this machine")
+    ap.add_argument("--out", required=True, help="report directory")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--only", default=None, help="run only runs whose name contains this")
+    ap.add_argument("--resume", action="store_true", help="skip runs already in DIR/results.parquet")
+    ap.add_argument("--check", action="store_true", help="executor invariant checks (slow)")
+    ap.add_argument("--host-budget-gib", type=float, default=100.0)
+    ap.add_argument("--gpu-budget-gib", type=float, default=None)
+    ap.add_argument("--machine", default=platform.node())
+    args = ap.parse_args(argv)
+    profile = load_profile(args.profile)
+    runs = load_suite(args.configs)
+    if args.only:
+        runs = [r for r in runs if args.only in str(r.get("name"))]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not device.startswith("cuda"):
+        torch.set_num_threads(1)  # CPU dry run: OpenMP spin-waiting on a shared machine makes tiny matmuls erratic
+    results = out / "results.parquet"
+    rows: list[dict] = []
+    done: set[str] = set()
+    if args.resume and results.exists():
+        prev = pd.read_parquet(results)
+        rows = prev.to_dict("records")
+        done = set(prev["run_id"])
+    for i, run in enumerate(runs):
+        ex, cfg = split_run(run)
+        rid = run_id(ex, cfg)
+        if rid in done:
+            continue
+        print(f"[{i + 1}/{len(runs)}] {ex['name']} {ex['geometry']} {cfg.cache.policy} "
+              f"rate={cfg.cache.cache_rate} phase={cfg.phase}", file=sys.stderr)
+        base = {"run_id": rid, "name": ex["name"], "geometry": ex["geometry"], "mode": ex["mode"],
+                "layers_asked": ex.get("layers"), **{k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
+                                                      for k, v in flatten(cfg.identity()).items()}}
+        try:
+            row = run_one(ex, cfg, profile, device=device, host_budget=int(args.host_budget_gib * GIB),
+                          gpu_budget=int(args.gpu_budget_gib * GIB) if args.gpu_budget_gib else None, check=args.check)
+        except NotImplementedError as exc:
+            row = {"status": "skipped", "error": str(exc)}
+        except TraceError as exc:  # FitError included: record it, go on
+            row = {"status": "error", "error": str(exc)}
+        rows.append({**base, **row})
+        df = pd.DataFrame(rows)
+        _atomic_write(results, lambda p, df=df: df.to_parquet(p, index=False))
+    df = add_speedups(pd.DataFrame(rows)) if rows else pd.DataFrame()
+    if not df.empty:
+        _atomic_write(results, lambda p: df.to_parquet(p, index=False))
+    fid = fidelity(df) if not df.empty else {}
+    meta = {"command": "python -m executor.validate " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": args.machine, "device": device,
+            "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else "none (CPU)",
+            "torch": torch.__version__, "profile": args.profile, "profile_name": profile.name,
+            "profile_provenance": profile.provenance, "dry_run": not device.startswith("cuda"), "fidelity": fid}
+    _atomic_write(out / "summary.md", lambda p: Path(p).write_text(summary_markdown(df, fid, meta)))
+    meta["plots"] = write_plots(df, out) if not df.empty else []
+    _atomic_write(out / "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=str) + "\n"))
+    print(json.dumps(fid))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,107 @@
+"""CPU smoke tests of the executor's commands: calibrate (dry run, validated by sim.hardware), validate (suite
+expansion, executor + simulator side by side, report files), replay, and their error messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from executor import calibrate, replay, validate  # noqa: E402
+from sim.engine.synthetic import make_trace  # noqa: E402
+from sim.hardware import load_profile  # noqa: E402
+
+SUITE = """
+defaults:
+  trace: syn
+  max_decode_tokens: 4
+grid:
+  cache.cache_rate: [0.25, 0.5]
+runs:
+  - {name: lru, geometry: tiny, cache: {policy: lru}}
+  - name: promoe
+    geometry: tiny
+    cache: {policy: lru}
+    prefetch: {predictor: previous_token, distance: 2}
+    chunked_prefetch: true
+    early_preemption: true
+    reordered_inference: true
+  - {name: live, geometry: tiny, mode: live}
+"""
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cal") / "cpu.yaml"
+    rc = calibrate.main(["--out", str(out), "--device", "cpu", "--repeats", "1", "--geometries", "tiny",
+                         "--predictors", "none,previous_token"])
+    assert rc == 0
+    return out
+
+
+def test_calibrate_dry_run_profile(profile_path):
+    prof = load_profile(str(profile_path))
+    assert prof.name == "cpu-dry-run" and "NOT A GPU PROFILE" in prof.provenance
+    assert prof.expert_compute[0].hidden == 32 and prof.expert_compute[0].intermediate == 16
+    assert set(prof.predictor_cost_us) >= {"none", "previous_token", "default"}
+    assert profile_path.read_text().startswith("# NOT A GPU PROFILE")
+
+
+def test_validate_suite_report(tmp_path, profile_path):
+    make_trace(tmp_path / "syn", n_layers=4, n_experts=8, top_k=2, n_sequences=1, prompt_len=5, decode_len=4,
+               expert_bytes=6144, hidden_size=32)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(SUITE)
+    runs = validate.load_suite(suite)
+    assert len(runs) == 6 and {r["cache"]["cache_rate"] for r in runs} == {0.25, 0.5}
+    out = tmp_path / "report"
+    assert validate.main([str(suite), "--profile", str(profile_path), "--out", str(out), "--device", "cpu"]) == 0
+    import pandas as pd
+
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df) == 6
+    ok = df[df["status"] == "ok"]
+    assert len(ok) == 4 and (df[df["name"] == "live"]["status"] == "skipped").all()
+    lru = ok[ok["name"] == "lru"]
+    assert (lru["real_hit_rate"] == lru["sim_hit_rate"]).all()  # no prefetch: same cache code, same hits
+    assert (lru["real_speedup_vs_lru"] == 1).all()
+    assert (ok["capacity_bytes"] == ok["slab_slots"] * 6144).all()
+    text = (out / "summary.md").read_text()
+    assert "CPU DRY RUN" in text and "| promoe |" in text
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["dry_run"] and meta["fidelity"]["ok"] == 4
+    assert (out / "plots" / "tpot_ms_sim_vs_real.png").exists()
+    # resumable: nothing is re-run
+    assert validate.main([str(suite), "--profile", str(profile_path), "--out", str(out), "--device", "cpu",
+                          "--resume"]) == 0
+    assert len(pd.read_parquet(out / "results.parquet")) == 6
+
+
+def test_suite_errors(tmp_path):
+    from traces.errors import TraceError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("runs: [{geometry: tiny}]\nextra: 1\n")
+    with pytest.raises(TraceError, match="unknown top-level"):
+        validate.load_suite(bad)
+    bad.write_text("runs: [{trace: x}]\n")
+    with pytest.raises(TraceError, match="geometry"):
+        validate.load_suite(bad)
+
+
+def test_replay_cli_json_and_fit_error(tmp_path, capsys):
+    make_trace(tmp_path / "syn", n_layers=2, n_experts=8, top_k=2, n_sequences=1, prompt_len=3, decode_len=2,
+               expert_bytes=6144, hidden_size=32)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("trace: syn\ncache: {policy: lfu, cache_rate: 0.5}\n")
+    assert replay.main([str(cfg), "--geometry", "tiny", "--device", "cpu", "--json", "--check"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["metrics"]["lookups"] == out["metrics"]["hits"] + out["metrics"]["misses"]
+    assert out["layers"] == 2 and out["metrics"]["slab_slots"] == 8
+    from traces.errors import run_cli
+
+    rc = run_cli(replay.main, [str(cfg), "--geometry", "mixtral-8x7b", "--device", "cpu", "--host-budget-gib", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not fit" in err and "GiB" in err
