@@ -28,8 +28,10 @@ Methods (the `method` key):
   (sizes are uniform within a layer); in global scope with unequal sizes no stack algorithm exists (byte-optimal
   caching is NP-hard), so it is simulated at each capacity with ExpertCache's belady policy (method
   "simulated", exact: false, i.e. farthest-next-use, not the byte optimum).
-- every other policy (fifo, lfu, static, lcs:NAME, ...): ExpertCache simulated at each capacity of the grid
+- every other policy (fifo, lfu, static, ...): ExpertCache simulated at each capacity of the grid
   (`--points`, default 16 evenly spaced sizes, or `--capacities`), method "simulated".
+- `lcs:NAME` (any libCacheSim algorithm, S3FIFO included): libCacheSim's own simulator on the same stream at each
+  capacity of the grid (`run_libcachesim`), method "libcachesim".
 Exact curves are step functions: by default their capacities are the step points (every size up to saturation
 in experts); with --points/--capacities they are evaluated at those sizes.
 """
@@ -448,6 +450,19 @@ def compute_mrc(stream: LookupStream, policies: Sequence[str], *, scope: str = "
                 caps = np.unique(np.where(caps == 0, 0, np.maximum(caps, big)))
             hits = exact.hits(caps)
             method = "stack" if policy == "lru" else "opt-stack"
+        elif policy.startswith("lcs:"):  # libCacheSim's own simulator at each size (any of its algorithms)
+            params = (policy_params or {}).get(policy) or {}
+            kept, got = [], []
+            for c in grid if grid is not None else _grid(stream, scope, unit, 16):
+                try:
+                    got.append(run_libcachesim(stream, policy[4:], int(c), scope=scope, unit=unit, **params)["hits"]
+                               if c > 0 else 0)
+                    kept.append(c)
+                except ValueError as exc:
+                    if "too small" not in str(exc):
+                        raise  # sizes libCacheSim cannot configure (it would abort) are left off the curve
+            caps, hits = np.asarray(kept, dtype=np.int64), np.asarray(got, dtype=np.int64)
+            method = "libcachesim"
         else:
             caps = grid if grid is not None else _grid(stream, scope, unit, 16)
             params = (policy_params or {}).get(policy)
@@ -627,16 +642,21 @@ def main(argv=None) -> int:
     stream = lookup_stream(args.trace, phase=args.phase, batch_size=args.batch_size)
     if len(stream) == 0:
         raise TraceError(f"no lookups in phase {args.phase!r}", path=args.trace)
-    result = compute_mrc(stream, policies, scope=args.scope, unit=args.unit, points=args.points,
-                         capacities=capacities)
+    if not args.json and capacities is None and args.points is None:  # the table shows a few sizes: compute those
+        top = saturation_capacity(stream, args.scope, args.unit)
+        capacities = sorted({int(round(top * f)) for f in (0.05, 0.1, 0.25, 0.5, 0.75, 1.0)})
+    try:
+        result = compute_mrc(stream, policies, scope=args.scope, unit=args.unit, points=args.points,
+                             capacities=capacities)
+    except (ValueError, TypeError) as exc:
+        raise TraceError(str(exc), where="--policies") from None
     result.update(trace=str(args.trace), phase=args.phase, batch_size=args.batch_size)
     if args.json:
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")
         return 0
     print(f"{args.trace}: {len(stream)} lookups, scope {args.scope}, unit {args.unit}, phase {args.phase}")
-    top = saturation_capacity(stream, args.scope, args.unit)
-    show = [int(round(top * f)) for f in (0.05, 0.1, 0.25, 0.5, 0.75, 1.0)]
+    show = sorted({c for p in policies for c in result["policies"][p]["capacity"]})
     print("capacity    " + "".join(f"{p:>12}" for p in policies))
     for c in show:
         row = "".join(f"{hit_rate_at(result['policies'][p], c):>12.4f}" for p in policies)

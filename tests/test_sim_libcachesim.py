@@ -112,3 +112,11 @@ def test_algorithms_without_to_evict_are_refused():
         c.lookup((0, e))
         c.insert((0, e))
     assert len(c.resident) == 8
+
+
+def test_mrc_lcs_policies_use_libcachesim(stream):
+    out = mrc.compute_mrc(stream, ["lru", "lcs:LRU", "lcs:S3FIFO"], capacities=[3, 900])
+    lcs_lru, s3 = out["policies"]["lcs:LRU"], out["policies"]["lcs:S3FIFO"]
+    assert lcs_lru["method"] == "libcachesim" and lcs_lru["hit_rate"] == out["policies"]["lru"]["hit_rate"]
+    assert s3["capacity"] == [900]  # 3 is too small for S3FIFO's 10% small queue: left off, not crashed
+    assert s3["hit_rate"][0] * len(stream) == pytest.approx(mrc.run_libcachesim(stream, "S3FIFO", 900)["hits"])
