@@ -1,0 +1,158 @@
+"""Hit rate against cache size for every policy, from sim.mrc's one-pass curves, as tables and figures.
+
+    python -m analysis.mrc TRACE [--out PNG] [--phase both|prefill|decode] [--points N]
+
+draws the README's figure (global and per-layer scope side by side; lru, fifo, lfu and the Belady bound; a
+line at one token's working set). The README figure is regenerated with
+
+    python -m analysis.mrc data/traces/qwen3-30b-a3b --out docs/figures/hit_rate_qwen3.png
+
+Curves are computed by `sim.mrc.compute_mrc` on `sim.access.lookup_stream` (the simulator's demand stream, no
+prefetch): exact step curves for lru and belady, simulated points for the other policies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import style
+from analysis.results import trace_model
+
+DEFAULT_POLICIES = ("lru", "fifo", "lfu", "belady")
+
+
+def lookup_stream(trace: str | Path, phase: str = "both", batch_size: int = 1):
+    from sim.access import lookup_stream as _ls
+
+    return _ls(trace, phase=phase, batch_size=batch_size)
+
+
+def mrc_table(trace: str | Path, policies: Sequence[str] = DEFAULT_POLICIES, *, scopes: Sequence[str] = ("global",),
+              phase: str = "both", batch_size: int = 1, points: int = 12, stream=None) -> pd.DataFrame:
+    """Tidy hit-rate curves: one row per (scope, policy, capacity).
+
+    Columns: trace, model, phase, scope, policy, method, capacity_experts, cache_rate_pct, hit_rate.
+    lru and belady are exact step curves (every step point); other policies are simulated at `points` sizes."""
+    from sim.mrc import compute_mrc, saturation_capacity
+
+    s = stream if stream is not None else lookup_stream(trace, phase, batch_size)
+    total = s.n_layers * s.n_experts
+    ws = len(np.unique(s.layer)) * _top_k(trace)
+    rows = []
+    for scope in scopes:
+        exact = [p for p in policies if p in ("lru", "belady")]
+        other = [p for p in policies if p not in exact]
+        parts = []
+        if exact:
+            parts.append(compute_mrc(s, exact, scope=scope, unit="experts"))
+        if other:
+            top = saturation_capacity(s, scope, "experts")
+            low = s.n_layers if scope == "per_layer" else 1
+            caps = np.r_[np.linspace(low, top, max(2, points)), ws * np.array([0.5, 0.9, 1.1, 1.5])]
+            caps = np.unique(np.clip(caps.round(), low, top).astype(int))
+            parts.append(compute_mrc(s, other, scope=scope, unit="experts", capacities=caps.tolist()))
+        for res in parts:
+            for pol, c in res["policies"].items():
+                cap = np.asarray(c["capacity"], dtype=float)
+                hr = list(c["hit_rate"])
+                if c["method"] != "simulated" and len(cap) and cap[-1] < total:
+                    cap = np.r_[cap, total]  # a step curve stays flat beyond saturation
+                    hr.append(hr[-1])
+                for x, h in zip(cap, hr):
+                    rows.append((str(trace), trace_model(trace), phase, scope, pol, c["method"], x,
+                                 100.0 * x / total, h))
+    return pd.DataFrame(rows, columns=["trace", "model", "phase", "scope", "policy", "method", "capacity_experts",
+                                       "cache_rate_pct", "hit_rate"])
+
+
+def _top_k(trace) -> int:
+    from traces.reader import Trace
+
+    return int(Trace(trace).meta.top_k)
+
+
+def token_working_set(trace: str | Path) -> dict:
+    """Experts one decode token touches: top_k in each of n_layers layers (as experts and as a cache rate, %)."""
+    from traces.reader import Trace
+
+    meta = Trace(trace).meta
+    n = meta.n_layers * meta.top_k
+    return {"experts": n, "cache_rate_pct": 100.0 * n / (meta.n_layers * meta.n_experts),
+            "n_layers": meta.n_layers, "top_k": meta.top_k, "n_experts": meta.n_experts}
+
+
+def plot_mrc(ax, table: pd.DataFrame, *, working_set: dict | None = None, title: str | None = None,
+             x: str = "cache_rate_pct") -> None:
+    """Hit rate (%) against cache size, one curve per policy (Belady drawn as the bound)."""
+    for pol in sorted(table["policy"].unique(), key=lambda p: (p == "belady", p)):
+        g = table[table["policy"] == pol].sort_values(x)
+        st = style.series_style(pol, "none")
+        st.pop("linestyle")
+        exact = g["method"].iloc[0] != "simulated"
+        label = "Belady (optimal bound)" if pol == "belady" else pol.upper() if len(pol) <= 4 else pol
+        if exact:
+            st.pop("marker")
+            ax.step(g[x], 100 * g["hit_rate"], where="post", label=label + (" (exact)" if pol != "belady" else ""),
+                    linestyle="--" if pol == "belady" else "-", **st)
+        else:
+            ax.plot(g[x], 100 * g["hit_rate"], label=label + " (simulated)", linestyle="-", **st)
+    if working_set is not None:
+        ws = working_set["cache_rate_pct"] if x == "cache_rate_pct" else working_set["experts"]
+        ax.axvline(ws, color="#d62728", linewidth=1.0, linestyle=":")
+        ax.annotate(f"one token's working set\n({working_set['n_layers']} layers x top-{working_set['top_k']}"
+                    f" = {working_set['experts']} experts)", xy=(ws, 12), xytext=(8, 0), textcoords="offset points",
+                    fontsize=8, color="#d62728", va="center",
+                    bbox=dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none", alpha=0.85))
+    ax.set_xlabel("cache rate (% of all experts)" if x == "cache_rate_pct" else "cache size (experts)")
+    ax.set_ylabel("hit rate (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_xlim(left=0)
+    if title:
+        ax.set_title(title)
+
+
+def mrc_figure(trace: str | Path, *, policies: Sequence[str] = DEFAULT_POLICIES, phase: str = "both",
+               points: int = 12, hardware: str = "any hardware (hit rate does not depend on it)",
+               xmax_pct: float | None = 60.0):
+    """Global and per-layer scope side by side for one trace; returns (fig, table)."""
+    table = mrc_table(trace, policies, scopes=("global", "per_layer"), phase=phase, points=points)
+    ws = token_working_set(trace)
+    fig, axes = style.new_figure(1, 2, sharey=True)
+    for ax, scope in zip(axes[0], ("global", "per_layer")):
+        plot_mrc(ax, table[table["scope"] == scope], working_set=ws if scope == "global" else None,
+                 title=f"{scope.replace('_', '-')} cache scope")
+        if xmax_pct:
+            ax.set_xlim(0, xmax_pct)
+    phase_txt = {"both": "prompt + decode", "prefill": "prompt only", "decode": "decode only"}[phase]
+    fig.suptitle(f"Hit rate against cache size: {trace_model(trace)} (trace {Path(str(trace)).name}, {phase_txt})\n"
+                 f"demand fetching, no prefetch; {hardware}")
+    style.legend_outside(fig, axes.ravel())
+    return fig, table
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis.mrc", description="Hit rate against cache size figure.")
+    ap.add_argument("trace", help="trace directory")
+    ap.add_argument("--out", default=None, help="PNG path (default: hit_rate_<trace>.png in the current directory)")
+    ap.add_argument("--phase", default="both", choices=("both", "prefill", "decode"))
+    ap.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
+    ap.add_argument("--points", type=int, default=12, help="sizes at which simulated policies are evaluated")
+    args = ap.parse_args(argv)
+    if not Path(args.trace).is_dir():
+        print(f"error: {args.trace}: no such trace directory", file=sys.stderr)
+        return 2
+    fig, _ = mrc_figure(args.trace, policies=[p for p in args.policies.split(",") if p], phase=args.phase,
+                        points=args.points)
+    out = args.out or f"hit_rate_{Path(args.trace).name}.png"
+    print(style.save(fig, out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
