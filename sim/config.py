@@ -11,7 +11,8 @@ A single-run config (configs/examples/*.yaml) is a mapping with these keys; dott
     batch_size            sequences decoded together (prefill batches are one prompt each)
     max_sequences         use only the first N sequences of the trace (null = all)
     max_decode_tokens     use only the first N decode positions of each sequence (null = all)
-    seed                  recorded with the results; every component is deterministic today
+    seed                  seed of the predictor's train/eval split (trainable predictors); else recorded only
+    warmup_batches        leading batches simulated but left out of the metrics (ChampSim-style warm-up)
     pinned_memory         host expert store in pinned memory (false: the profile's pageable table)
     cache.policy          lru | lfu | fifo | static | belady | lcs:<libCacheSim algorithm> ...
     cache.scope           global | per_layer
@@ -23,6 +24,10 @@ A single-run config (configs/examples/*.yaml) is a mapping with these keys; dott
     prefetch.top_n        experts prefetched per prediction (null: top_k x tokens of the batch)
     prefetch.chunks       chunks per transfer when chunked_prefetch is on
     prefetch.predictor_params   keyword arguments of the predictor
+    prefetch.artifact     a trained predictor (.npz from predictors.train); its recorded split is used
+    prefetch.train_fraction     trainable predictor without artifact: fit on this share of the trace
+                          (predictors.evaluate.prepare); only the held-out part is simulated and, for a
+                          positions split (one-sequence traces), the training positions are warm-up
     chunked_prefetch      ProMoE switch: split transfers into prefetch.chunks chunks (preemptible between chunks)
     early_preemption      ProMoE switch: at gate time drop the layer's queued speculative transfers and enqueue
                           its exact misses at high priority
@@ -89,6 +94,8 @@ class PrefetchConfig(_Strict):
     top_n: int | None = Field(default=None, ge=0)
     chunks: int = Field(default=3, ge=1)
     predictor_params: dict[str, Any] = Field(default_factory=dict)
+    artifact: str | None = None  # a trained predictor (predictors.train); resolved like `trace`
+    train_fraction: float = Field(default=0.9, gt=0, lt=1)
 
 
 class RunConfig(_Strict):
@@ -99,6 +106,7 @@ class RunConfig(_Strict):
     max_sequences: int | None = Field(default=None, ge=1)
     max_decode_tokens: int | None = Field(default=None, ge=0)
     seed: int = 0
+    warmup_batches: int = Field(default=0, ge=0)
     pinned_memory: bool = True
     cache: CacheConfig = Field(default_factory=CacheConfig)
     prefetch: PrefetchConfig = Field(default_factory=PrefetchConfig)

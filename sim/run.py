@@ -13,6 +13,8 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from sim.config import RunConfig, load_config, parse_sets
 from sim.engine import Simulation
 from sim.engine.metrics import METRIC_NAMES
@@ -67,6 +69,9 @@ def build_simulation(cfg: RunConfig, *, record: bool = False, check: bool = Fals
     except PredictorUnavailable as exc:
         raise TraceError(str(exc), where="field 'prefetch.predictor'") from None
     seqs = _sequences(trace, cfg)
+    warmup = cfg.warmup_batches
+    if cfg.prefetch.artifact or getattr(predictor, "trainable", False):
+        predictor, seqs, warmup = _trained(cfg, trace, seqs)
     inflight = cfg.prefetch.max_inflight_mib * (1 << 20) if cfg.prefetch.max_inflight_mib is not None else None
     try:
         return Simulation(
@@ -76,9 +81,47 @@ def build_simulation(cfg: RunConfig, *, record: bool = False, check: bool = Fals
             max_inflight_bytes=inflight, predictor_cost_s=profile.predictor_cost_s(cfg.prefetch.predictor),
             chunked_prefetch=cfg.chunked_prefetch, chunks=cfg.prefetch.chunks,
             early_preemption=cfg.early_preemption, reordered_inference=cfg.reordered_inference,
-            cpu_experts=cfg.cpu_experts, trace=trace, record=record, check=check)
+            cpu_experts=cfg.cpu_experts, trace=trace, record=record, check=check, warmup_batches=warmup)
     except (ValueError, TypeError) as exc:
         raise TraceError(str(exc), where="field 'cache.policy'") from None
+
+
+def _trained(cfg: RunConfig, trace: Trace, seqs):
+    """A trainable predictor fit on the training split (or loaded from an artifact): simulate the held-out
+    sequences only; with a positions split (a one-sequence trace) the training positions are warm-up."""
+    from predictors.evaluate import prepare
+    from sim.config import resolve_path
+    from sim.engine.schedule import iter_batches
+
+    artifact = None
+    if cfg.prefetch.artifact:
+        artifact = str(resolve_path(cfg.prefetch.artifact, cfg.base_dir, field="prefetch.artifact"))
+    try:
+        predictor, split = prepare(trace, cfg.prefetch.predictor, cfg.prefetch.distance,
+                                   params=cfg.prefetch.predictor_params or None, artifact=artifact,
+                                   fraction=cfg.prefetch.train_fraction, seed=cfg.seed)
+    except (ValueError, TypeError, ImportError) as exc:
+        raise TraceError(str(exc), where="field 'prefetch.predictor'") from None
+    held = set(split.eval)
+    seqs = [s for s in seqs if s.sequence in held]
+    warmup = cfg.warmup_batches
+    if split.cut:
+        n = 0
+        for b in iter_batches(seqs, cfg.phase, cfg.batch_size):
+            idx = [_time_index(seqs, s, p, b.phase) for s, p in zip(b.sequences.tolist(), b.positions.tolist())]
+            if min(idx) >= min(split.scored_from(s) for s in b.sequences.tolist()):
+                break
+            n += 1
+        warmup = max(warmup, n)
+    return predictor, seqs, warmup
+
+
+def _time_index(seqs, sequence: int, position: int, phase: str) -> int:
+    """Index of a batch token in its sequence's time-ordered positions (prompt batches start at 0)."""
+    if phase == "prefill":
+        return 0
+    sd = next(s for s in seqs if s.sequence == sequence)
+    return sd.n_before_gen + int(np.flatnonzero(sd.gen_positions == position)[0])
 
 
 def run_config(cfg: RunConfig, *, check: bool = False) -> dict:

@@ -28,6 +28,8 @@ batch only (l + d < n_layers).
 
 from __future__ import annotations
 
+import dataclasses
+
 import simpy
 
 from predictors.base import Predictor
@@ -66,6 +68,7 @@ class Simulation:
         trace=None,
         record: bool = False,
         check: bool = False,
+        warmup_batches: int = 0,
     ):
         from sim.policies import policy_class
 
@@ -102,6 +105,8 @@ class Simulation:
         predictor.reset()
         self.prefetcher = Prefetcher(self, predictor, distance, top_n, max_inflight_bytes, predictor_cost_s, trace)
         self.max_used_bytes = 0
+        self.warmup_batches = warmup_batches  # leading batches simulated but left out of the metrics
+        self._snap: tuple | None = None
         # lazy pinning: the running layer's experts are pinned only once something may be inserted
         self.cur_layer = -1
         self.cur_ids: list | None = None  # running layer's experts, not yet pinned
@@ -128,7 +133,10 @@ class Simulation:
                 self.unused_pf.discard(v)
                 self.c.n_prefetch_unused += 1
 
-    def start_transfer(self, key, *, speculative: bool, target=None, background: bool = False) -> Transfer | None:
+    def start_transfer(self, key, *, speculative: bool, target=None, background: bool = False,
+                       at: float | None = None) -> Transfer | None:
+        """Reserve a slot (or stream) and queue the copy. `at`: the caller's own time if it runs ahead of the
+        clock (see _gpu_stream); the link starts it then if an engine is idle."""
         cache = self.cache
         if self.cur_ids is not None:  # pin the running layer's experts before anything can be evicted
             layer_ = self.cur_layer
@@ -154,7 +162,7 @@ class Simulation:
         chunk_s = self.cost.chunk_s[layer] if n > 1 else self.cost.xfer_s[layer]
         t = Transfer(key, self.cost.expert_bytes[layer], n, chunk_s, high=not (speculative or background),
                      speculative=speculative,
-                     cached=cached, seq=self.seq, now=self.env.now, target=target)
+                     cached=cached, seq=self.seq, now=self.env.now if at is None else at, target=target)
         self.seq += 1
         if cached:
             self.inflight[key] = t
@@ -162,7 +170,7 @@ class Simulation:
             self.c.prefetches += 1
         else:
             self.c.demand_loads += 1
-        self.link.submit(t)
+        self.link.submit(t, at)
         return t
 
     def _landed(self, t: Transfer) -> None:
@@ -234,6 +242,10 @@ class Simulation:
             b = batch.index
             start = env.now + carry
             stall0, hits0, look0 = c.stall_s, c.hits, c.lookups
+            if b == self.warmup_batches and b > 0:  # warm-up over: metrics count from here
+                link_ = self.link
+                self._snap = (dataclasses.replace(c), start, link_.busy_s, link_.bytes, link_.bytes_demand,
+                              link_.bytes_prefetch)
             if pf is not None:
                 pf.start_batch(batch)
             for layer in range(L):
@@ -280,13 +292,11 @@ class Simulation:
                 order = ids
                 local: dict | None = None
                 cpu_done = 0.0
+                vt = env.now + carry  # the gate time; nothing is scheduled before it (checked above)
                 if missing is not None:
                     local = {}
                     if n_ids > 1:
                         order = sorted(ids)
-                    if carry:  # the link will be touched: bring the clock to the gate
-                        yield timeout(carry)
-                        carry = 0.0
                     if ep:
                         for t in [t for t in link.low if t.key[0] == layer and t.speculative]:
                             if t.used:
@@ -295,7 +305,7 @@ class Simulation:
                                 self._drop(t)
                     if cpu:
                         cpu_s_l = cpu_s[layer]
-                        now = env.now
+                        now = vt
                         for e in missing:
                             key = (layer, e)
                             if key in inflight:
@@ -308,7 +318,7 @@ class Simulation:
                                 c.cpu_experts_computed += 1
                                 local[key] = None
                                 # copy it in the background at low priority, so the cache keeps learning
-                                self.start_transfer(key, speculative=False, background=True)
+                                self.start_transfer(key, speculative=False, background=True, at=vt)
                                 if spans is not None:
                                     spans.append(("cpu", key, b, s0, cpu_s_l[n]))
                         if local:
@@ -319,21 +329,18 @@ class Simulation:
                         for e in order:
                             key = (layer, e)
                             if key not in ready and key not in inflight:
-                                local[key] = self.start_transfer(key, speculative=False)
+                                local[key] = self.start_transfer(key, speculative=False, at=vt)
                 # -- the prefetcher ----------------------------------------------------------------------------------
                 if pf is not None:
                     r = pf.predict_at_gate(layer, L)
                     if r is not None:
                         experts, target = r
-                        when = max(env.now + carry, pf.free_at) + pf.cost_s
+                        when = max(vt, pf.free_at) + pf.cost_s
                         pf.free_at = when
-                        if when > env.now + carry:
+                        if when > vt:
                             pf.schedule(experts, target, b, when - env.now)
                         else:
-                            if carry and pf.needs_link(experts, target):
-                                yield timeout(carry)
-                                carry = 0.0
-                            pf.issue(experts, target, b)
+                            pf.issue(experts, target, b, at=vt)
                 # -- the experts -------------------------------------------------------------------------------------
                 if local is None and spans is None and overlap_penalty == 1.0:
                     # all resident at the gate, and pinned before anything could evict them: compute only
@@ -351,22 +358,23 @@ class Simulation:
                 for e in order:
                     key = (layer, e)
                     if key not in ready:
-                        if carry:  # the GPU reaches this expert only now
+                        vt = env.now + carry  # the GPU reaches this expert now
+                        if carry and peek() <= vt:  # let what happens before it happen first
                             yield timeout(carry)
                             carry = 0.0
+                            vt = env.now
+                    if key not in ready:
                         t = local.get(key)
                         if t is None:
                             t = inflight.get(key)
                         if t is None:  # not requested yet: the demand load starts when the stream gets here
-                            t = local[key] = self.start_transfer(key, speculative=False)
-                        if not t.finished:
+                            t = local[key] = self.start_transfer(key, speculative=False, at=vt)
+                        if not t.finished:  # it lands after vt: nothing is scheduled before vt
                             if not t.high:
                                 link.upgrade(t)
-                            if t.done is None:
-                                t.done = env.event()
-                            w = env.now
-                            yield t.done
-                            c.stall_s += env.now - w
+                            yield link.wait_event(t)
+                            c.stall_s += env.now - vt
+                            carry = 0.0
                     if check:
                         assert key in ready or (local.get(key) is not None and local[key].finished), \
                             f"expert {key} computed while not resident"
@@ -424,5 +432,13 @@ class Simulation:
         # prefetches still unused at the end (landed, or queued/copying and never needed)
         c.n_prefetch_unused += len(self.unused_pf) + sum(
             1 for t in self.inflight.values() if t.speculative and not t.used)
-        return finalize(c, total_s=total, busy_s=self.link.busy_s, bytes_h2d=self.link.bytes,
-                        bytes_demand=self.link.bytes_demand, bytes_prefetch=self.link.bytes_prefetch)
+        link = self.link
+        busy, moved, demand, prefetch = link.busy_s, link.bytes, link.bytes_demand, link.bytes_prefetch
+        if self._snap is not None:  # leave the warm-up batches out
+            c0, t0, busy0, moved0, demand0, prefetch0 = self._snap
+            for f in dataclasses.fields(Counters):
+                setattr(c, f.name, getattr(c, f.name) - getattr(c0, f.name))
+            total, busy, moved, demand, prefetch = (total - t0, busy - busy0, moved - moved0, demand - demand0,
+                                                    prefetch - prefetch0)
+        return finalize(c, total_s=total, busy_s=busy, bytes_h2d=moved, bytes_demand=demand,
+                        bytes_prefetch=prefetch)

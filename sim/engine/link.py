@@ -1,11 +1,13 @@
 """The host-to-device link: copy engines as SimPy processes serving a two-level priority queue of transfers.
 
-- Demand loads (`high`) go before prefetches (`low`); FIFO within a level.
+- Demand loads (`high`) go before prefetches (`low`); FIFO within a level. An idle engine starts a submitted
+  transfer at once (a demand submitted later in the same instant waits for that piece, as on real hardware).
 - A transfer is split into chunks (one chunk unless chunked prefetch is on). A chunk in flight is never
   preempted: a high-priority arrival waits for at most the chunk in progress.
 - For speed a copy engine moves all remaining chunks of a high-priority transfer in one timeout (nothing can
-  preempt it), and a low-priority transfer chunk by chunk. An idle engine sleeps on an event; no process per
-  transfer or per chunk.
+  preempt it), and a low-priority transfer chunk by chunk. An idle engine sleeps on an event, which the next
+  submission schedules to fire when its first piece is done (one event per piece, none per chunk, no
+  process per transfer); a waiter sleeps on the event of the piece that lands its transfer.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import simpy
 
 class Transfer:
     __slots__ = ("key", "nbytes", "n_chunks", "chunks_left", "chunk_s", "high", "speculative", "cached", "done",
-                 "finished", "used", "dropped", "active", "moved", "seq", "t_enqueue", "t_start", "t_end", "target")
+                 "finished", "used", "dropped", "active", "moved", "seq", "t_enqueue", "t_start", "t_end", "target",
+                 "final_ev")
 
     def __init__(self, key, nbytes: int, n_chunks: int, chunk_s: float, *, high: bool, speculative: bool,
                  cached: bool, seq: int, now: float, target=None):
@@ -40,6 +43,7 @@ class Transfer:
         self.t_start: float | None = None
         self.t_end: float | None = None
         self.target = target  # (batch, layer) a prefetch was issued for
+        self.final_ev: simpy.Event | None = None  # the event of the piece that lands it, once that piece runs
 
 
 class Link:
@@ -51,7 +55,8 @@ class Link:
         self.low: deque[Transfer] = deque()
         self.on_complete = on_complete
         self.record = record  # list to append (name, start_s, dur_s, engine) chunk spans to, or None
-        self._idle: list[simpy.Event] = []
+        self._idle: list[tuple[int, simpy.Event]] = []
+        self._started: list[tuple | None] = [None] * n_engines
         self.busy_s = 0.0
         self.bytes = 0
         self.bytes_demand = 0
@@ -61,11 +66,36 @@ class Link:
         self.procs = [env.process(self._copy_engine(i)) for i in range(n_engines)]
 
     # -- queue operations (called by the layer loop and the prefetcher) ---------------------------------------
-    def submit(self, t: Transfer) -> None:
+    def submit(self, t: Transfer, at: float | None = None) -> None:
+        """Queue a transfer. `at` (>= now): the caller's own time, when it runs ahead of the clock and nothing
+        is scheduled before `at` (so nobody else can touch the link meanwhile); an idle engine starts it then."""
         (self.high if t.high else self.low).append(t)
         self.pending_bytes += t.nbytes
         if self._idle:
-            self._idle.pop().succeed()
+            engine, ev = self._idle.pop()
+            env = self.env
+            start = env.now if at is None else at
+            n = t.chunks_left if t.high else 1
+            dur = n * t.chunk_s
+            t.active = True
+            t.t_start = start
+            self.n_busy += 1
+            self._started[engine] = (t, n, start, dur)
+            if n == t.chunks_left:
+                t.final_ev = ev
+            # the idle engine's wake-up event fires when this first piece is done: one event per piece
+            ev._ok = True  # what Event.succeed() does, with a delay (SimPy 4 Environment.schedule)
+            ev._value = None
+            env.schedule(ev, delay=start - env.now + dur)
+
+    def wait_event(self, t: Transfer):
+        """An event that fires once `t` has landed: its last piece's event when that piece is in flight."""
+        ev = t.final_ev
+        if ev is not None and not ev.processed:
+            return ev
+        if t.done is None:
+            t.done = self.env.event()
+        return t.done
 
     def upgrade(self, t: Transfer) -> None:
         """Make a queued/in-flight prefetch a demand load (moved to the back of the high queue)."""
@@ -100,17 +130,25 @@ class Link:
             t = self._pick()
             if t is None:
                 ev = env.event()
-                self._idle.append(ev)
+                self._idle.append((engine, ev))
                 yield ev
-                continue
-            n = t.chunks_left if t.high else 1
-            dur = n * t.chunk_s
-            t.active = True
-            start = env.now
-            if t.t_start is None:
-                t.t_start = start
-            self.n_busy += 1
-            yield env.timeout(dur)
+                started = self._started[engine]
+                if started is None:
+                    continue
+                self._started[engine] = None
+                t, n, start, dur = started
+            else:
+                n = t.chunks_left if t.high else 1
+                dur = n * t.chunk_s
+                t.active = True
+                start = env.now
+                if t.t_start is None:
+                    t.t_start = start
+                self.n_busy += 1
+                ev = env.timeout(dur)
+                if n == t.chunks_left:
+                    t.final_ev = ev
+                yield ev
             self.n_busy -= 1
             t.active = False
             self.busy_s += dur

@@ -96,7 +96,9 @@ class Prefetcher:
         self.next_issue = self._times[0] if self._times else float("inf")
         self.issue(experts, target, batch_key)
 
-    def issue(self, experts: list[int], target: int, batch_key: int) -> None:
+    def issue(self, experts: list[int], target: int, batch_key: int, at: float | None = None) -> None:
+        """Refresh the resident predicted experts and queue copies of the others (at `at`, the caller's own
+        time when it runs ahead of the clock)."""
         eng = self.engine
         if (batch_key, target) <= eng.gated:  # its layer already passed the gate: too late to matter
             return
@@ -115,4 +117,7 @@ class Prefetcher:
                 continue
             if bound is not None and link.pending_bytes + nbytes > bound:
                 break
-            eng.start_transfer(key, speculative=True, target=(batch_key, target))
+            if at is None:
+                eng.start_transfer(key, speculative=True, target=(batch_key, target))
+            else:
+                eng.start_transfer(key, speculative=True, target=(batch_key, target), at=at)
