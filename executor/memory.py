@@ -85,14 +85,16 @@ def plan_memory(geom: Geometry, *, n_layers: int, n_experts: int | None = None, 
 
 
 def gpu_budget(device, margin: int = DEFAULT_GPU_MARGIN) -> int | None:
-    """Free device memory minus a margin; None on CPU."""
+    """Free device memory (the driver's free plus what torch's caching allocator holds unused) minus a margin;
+    None on CPU."""
     import torch
 
     dev = torch.device(device)
     if dev.type != "cuda":
         return None
     free, _total = torch.cuda.mem_get_info(dev)
-    return max(0, free - margin)
+    cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    return max(0, free + cached - margin)
 
 
 def _fmt(n: float) -> str:

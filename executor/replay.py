@@ -61,8 +61,14 @@ def prepare(cfg, geom: Geometry, *, layers: int | None = None) -> ReplaySetup:
 
 def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = None, transfer_backend=None,
                   host_budget: int = DEFAULT_HOST_BUDGET, gpu_budget_bytes: int | None = None,
-                  keep_outputs: bool = False, check: bool = False, lookahead: int = 1, copy_engines: int = 1):
-    """Check memory, allocate the host store, the model and the runtime for one config."""
+                  keep_outputs: bool = False, check: bool = False, lookahead: int = 1, copy_engines: int = 1,
+                  models: dict | None = None):
+    """Check memory, allocate the host store, the model and the runtime for one config.
+
+    `models`: a dict reused across calls (executor.validate) that keeps the last host store and replay model, so
+    runs of the same geometry, layers and seed do not re-allocate and re-initialise tens of GiB of pinned
+    memory. Only one is kept: two large geometries' experts do not fit in host memory together.
+    """
     import torch
 
     from executor.buffers import HostExpertStore
@@ -88,9 +94,17 @@ def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = No
     check_fit(plan, setup.n_layers, host_budget=host_budget, gpu_budget_bytes=gpu_budget_bytes,
               what=f"geometry {geom.name}")
     seed = cfg.seed if seed is None else seed
-    store = HostExpertStore(geom, n_layers=setup.n_layers, n_experts=meta.n_experts, seed=seed,
-                            pin=device.type == "cuda")
-    model = ReplayModel(geom, store, device=device, seed=seed)
+    key = (geom, setup.n_layers, meta.n_experts, seed, str(device))
+    if models is not None and models.get("key") == key:
+        model = models["model"]
+    else:
+        if models is not None:
+            models.clear()  # free the previous store before allocating the next one
+        store = HostExpertStore(geom, n_layers=setup.n_layers, n_experts=meta.n_experts, seed=seed,
+                                pin=device.type == "cuda")
+        model = ReplayModel(geom, store, device=device, seed=seed)
+        if models is not None:
+            models.update(key=key, model=model)
     weights = TraceWeights(setup.trace, setup.n_layers)
     predictor = make_predictor(cfg.prefetch.predictor, **cfg.prefetch.predictor_params)
     predictor.check_trace(setup.trace.meta)

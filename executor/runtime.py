@@ -283,6 +283,14 @@ class OffloadedRuntime:
         for key in self.cache.resident:
             assert key in self.slab.slot_of, f"resident expert {key} has no slab slot"
         assert len(self.slab.slot_of) == len(self.cache), "slab slots and cache residency disagree"
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for key in self.ready:  # landed: the slot holds exactly the host copy
+            assert key in self.cache, f"ready expert {key} is not resident in the cache"
+            slot = self.slab.slot_of[key]
+            assert torch.equal(self.slab.view(slot).cpu(), self.model.store.expert(key)), \
+                f"slab slot {slot} does not hold expert {key}"
+        self.checks["resident_slot_checks"] = self.checks.get("resident_slot_checks", 0) + len(self.ready)
 
     def warmup(self, token_counts=None) -> None:
         """Run the dense part and one expert once per token count (kernels, cuBLAS handles, allocator) without

@@ -139,7 +139,8 @@ def simulate(cfg, setup, profile, capacity_bytes: int) -> dict:
     return sim.run()
 
 
-def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget=None, check=False) -> dict:
+def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget=None, check=False,
+            models: dict | None = None) -> dict:
     from executor.geometry import parse_geometry_overrides, resolve_geometry
     from executor.memory import DEFAULT_HOST_BUDGET
     from executor.replay import build_runtime, prepare
@@ -151,7 +152,7 @@ def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget
     geom = resolve_geometry(ex["geometry"], parse_geometry_overrides(ex.get("set_geometry")))
     setup = prepare(cfg, geom, layers=ex.get("layers"))
     rt = build_runtime(cfg, setup, device=device, host_budget=host_budget or DEFAULT_HOST_BUDGET,
-                       gpu_budget_bytes=gpu_budget, check=check)
+                       gpu_budget_bytes=gpu_budget, check=check, models=models)
     rt.warmup()
     real = rt.run()
     capacity = rt.n_slots * setup.meta.expert_bytes[0]
@@ -342,6 +343,9 @@ def main(argv=None) -> int:
         prev = pd.read_parquet(results)
         rows = prev.to_dict("records")
         done = set(prev["run_id"])
+    # runs of one geometry together, so the host store is built once per geometry (see replay.build_runtime)
+    runs = sorted(runs, key=lambda r: (str(r.get("geometry")), str(r.get("layers")), str(r.get("trace"))))
+    models: dict = {}
     for i, run in enumerate(runs):
         ex, cfg = split_run(run)
         rid = run_id(ex, cfg)
@@ -354,7 +358,8 @@ def main(argv=None) -> int:
                                                       for k, v in flatten(cfg.identity()).items()}}
         try:
             row = run_one(ex, cfg, profile, device=device, host_budget=int(args.host_budget_gib * GIB),
-                          gpu_budget=int(args.gpu_budget_gib * GIB) if args.gpu_budget_gib else None, check=args.check)
+                          gpu_budget=int(args.gpu_budget_gib * GIB) if args.gpu_budget_gib else None, check=args.check,
+                          models=models)
         except NotImplementedError as exc:
             row = {"status": "skipped", "error": str(exc)}
         except TraceError as exc:  # FitError included: record it, go on
