@@ -71,7 +71,8 @@ def render(rows: list[dict], folds: int) -> str:
     out.append("Accuracy (ProMoE's: the predictor picks top-k experts; share of the activated experts it picked) "
                "on held-out decode positions, by predictor, distance d and trace. n_eval = scored token "
                "positions (each gives one prediction per layer l with l + d < L). Regenerate with "
-               "`python -m predictors.report`.")
+               "`python -m predictors.report`. The one-prompt bigmoeonedge traces have only 13 held-out decode "
+               "positions (x 29 or 47 target layers): differences of a few points there are within noise.")
     out.append("")
     summary = []
     for tname in traces:
