@@ -2,7 +2,7 @@
 
 CONFIGS is a validation suite YAML (or a directory of them):
 
-    defaults:                 # merged into every run (the simulator's run-config keys, sim/config.py)
+    base:                     # merged into every run (the simulator's run-config keys, sim/config.py)
       phase: both
       max_sequences: 2
       max_decode_tokens: 32
@@ -70,10 +70,11 @@ def load_suite(path: str | Path) -> list[dict]:
         raw = read_yaml(f) or {}
         if not isinstance(raw, dict) or not isinstance(raw.get("runs"), list):
             raise TraceError("a validation suite is a mapping with a 'runs:' list", path=f)
-        unknown = set(raw) - {"defaults", "grid", "runs"}
+        unknown = set(raw) - {"name", "description", "base", "defaults", "grid", "runs"}
         if unknown:
-            raise TraceError(f"unknown top-level keys {sorted(unknown)} (defaults, grid, runs)", path=f)
-        defaults = unflatten(raw.get("defaults") or {})
+            raise TraceError(f"unknown top-level keys {sorted(unknown)} (name, description, base, grid, runs)",
+                             path=f)
+        defaults = unflatten(raw.get("base") or raw.get("defaults") or {})
         grid = raw.get("grid") or {}
         keys = list(grid)
         combos = list(itertools.product(*[grid[k] for k in keys])) or [()]
@@ -326,9 +327,24 @@ def main(argv=None) -> int:
     ap.add_argument("--host-budget-gib", type=float, default=100.0)
     ap.add_argument("--gpu-budget-gib", type=float, default=None)
     ap.add_argument("--machine", default=platform.node())
+    ap.add_argument("--layers", type=int, default=None, help="replay only the first N layers in every run")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a run-config key in every run (e.g. max_decode_tokens=32)")
+    ap.add_argument("--set-geometry", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a geometry field in every run (e.g. hidden=64 for a CPU smoke run)")
     args = ap.parse_args(argv)
     profile = load_profile(args.profile)
+    from sim.config import parse_sets, set_dotted
+
     runs = load_suite(args.configs)
+    overrides = parse_sets(args.set)
+    for r in runs:
+        for k, v in overrides.items():
+            set_dotted(r, k, v)
+        if args.layers is not None:
+            r["layers"] = args.layers
+        if args.set_geometry:
+            r["set_geometry"] = list(r.get("set_geometry") or []) + list(args.set_geometry)
     if args.only:
         runs = [r for r in runs if args.only in str(r.get("name"))]
     out = Path(args.out)

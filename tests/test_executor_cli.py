@@ -14,7 +14,7 @@ from sim.engine.synthetic import make_trace  # noqa: E402
 from sim.hardware import load_profile  # noqa: E402
 
 SUITE = """
-defaults:
+base:
   trace: syn
   max_decode_tokens: 4
 grid:
