@@ -4,6 +4,7 @@ des_layer_steps_per_s     simulated layer-steps (one layer of one batch) per CPU
                           model: decode, global LRU over a quarter of the experts, next-layer prefetch (the
                           oracle predictor, d=1), the public Qwen3-30B-A3B trace, H200 profile. Best of several
                           repetitions, measured with time.process_time (CPU time of this process: one core).
+des_layer_steps_per_s_no_prefetch   the same without a predictor (the engine and cache alone)
 mrc_accesses_per_s, libcachesim_accesses_per_s, mrc_speedup_vs_libcachesim
                           from sim.mrc.bench_mrc (all-sizes miss-ratio curve vs libCacheSim's LRU at one size);
                           null when sim.mrc is not available.
@@ -76,6 +77,8 @@ def main(argv=None) -> int:
         print(f"error: {QWEN3}: the public Qwen3 trace is missing", file=sys.stderr)
         return 2
     out = bench_des(min_seconds=args.seconds)
+    no_pf = bench_des({**BENCH_CONFIG, "prefetch": {"predictor": "none"}}, min_seconds=args.seconds / 2)
+    out["des_layer_steps_per_s_no_prefetch"] = no_pf["des_layer_steps_per_s"]
     out.update(bench_mrc_figures())
     if args.json:
         print(json.dumps(out))
