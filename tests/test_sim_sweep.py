@@ -96,3 +96,36 @@ def test_dask_local_cluster(tmp_path, trace_dir):
     assert local["ran"] == 16
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "dask" / "results.parquet"),
                                   pd.read_parquet(tmp_path / "local" / "results.parquet"))
+
+
+def test_killed_sweep_loses_no_finished_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    trace = make_trace(tmp_path / "mid", n_layers=8, n_experts=16, top_k=2, n_sequences=1, prompt_len=8,
+                       decode_len=40)
+    f = tmp_path / "kill.yaml"
+    f.write_text(f"base: {{trace: {trace}}}\ngrid:\n  cache.cache_rate: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]\n"
+                 "  cache.policy: [lru, fifo, lfu]\n  prefetch.predictor: [none, oracle]\n")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "sim.sweep", str(f), "--out", str(out), "--workers", "1",
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = out / "runs"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if runs.exists() and len(list(runs.glob("*.parquet"))) >= 3:
+            break
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.stem for p in runs.glob("*.parquet")}
+    assert finished
+    for p in runs.glob("*.parquet"):  # every stored run is complete and readable
+        assert len(pd.read_parquet(p)) == 1
+    res = run_sweep(f, out, workers=1, progress=False)
+    assert res["skipped"] == len(finished) and res["ran"] == 48 - len(finished) and res["failed"] == 0
+    assert len(pd.read_parquet(out / "results.parquet")) == 48
