@@ -156,7 +156,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json-out", default=None, help="raw results (default: predictors-results.json beside --out)")
     ap.add_argument("--merge", action="store_true",
                     help="keep earlier results (from the JSON) of traces not evaluated in this run")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the document from the JSON, run nothing")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    json_out = Path(args.json_out) if args.json_out else out.with_name("predictors-results.json")
+    if args.render_only:
+        write_doc(out, render(json.loads(json_out.read_text()), args.folds))
+        print(f"wrote {out} from {json_out}", file=sys.stderr)
+        return 0
     root = Path(args.traces)
     if not root.is_dir():
         print(f"error: {root}: no such folder", file=sys.stderr)
@@ -168,8 +175,6 @@ def main(argv=None) -> int:
         print(f"error: {root}: no trace directories (with meta.json) to evaluate", file=sys.stderr)
         return 2
     rows = run_all(paths, args.predictors, args.folds, log=lambda s: print(s, file=sys.stderr))
-    out = Path(args.out)
-    json_out = Path(args.json_out) if args.json_out else out.with_name("predictors-results.json")
     if args.merge and json_out.exists():
         done = {p.name for p in paths}
         old = [r for r in json.loads(json_out.read_text())

@@ -177,3 +177,14 @@ def test_report_rewrites_only_the_generated_part(traces, tmp_path):
     assert "5-fold cross-validation" in text and "Not run (`gate_reuse`)" in text
     rows = json.loads((tmp_path / "predictors-results.json").read_text())
     assert {r["predictor"] for r in rows} == {"frequency", "cross_layer", "gate_reuse"}
+
+
+def test_on_the_embedded_public_trace_when_present():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "data" / "traces" / "qwen3-30b-a3b"
+    if not (path / "meta.json").exists():
+        pytest.skip("embedded trace data/traces/qwen3-30b-a3b not present")
+    r = evaluate(path, "cross_layer", 2)
+    assert r["split"]["kind"] == "positions" and r["n_eval"] == 13  # the last 10% of 128 generated positions
+    assert r["accuracy"] > evaluate(path, "frequency", 2)["accuracy"]
