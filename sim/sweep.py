@@ -29,7 +29,9 @@ the backend or the number of workers.
 
 Backends: `local` (default) a process pool of --workers processes (default: the number of CPUs; 1 runs
 in-process); `dask` submits to a Dask cluster at --scheduler ADDR (without an address a LocalCluster of
---workers processes is started). Results travel back to this process, which writes them.
+--workers processes is started). Results travel back to this process, which writes them. Dask workers
+need the project installed and the traces and profiles at the same absolute paths (a shared filesystem or
+the same checkout location), since payloads carry resolved paths.
 """
 
 from __future__ import annotations
