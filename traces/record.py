@@ -250,7 +250,8 @@ def record(model, prompts, dst, meta, sites, *, args, tokenizer=None) -> dict:
     texts = None
     if tokenizer is not None:
         texts = [tokenizer.decode(g) for g in generated[:3]]
-    return {"out": str(dst), "rows": rows_total, "sequences": len(prompts), "generated_tokens": sum(map(len, generated)),
+    return {"out": str(dst), "rows": rows_total, "sequences": len(prompts),
+            "generated_tokens": sum(map(len, generated)),
             "samples": texts}
 
 
@@ -263,6 +264,7 @@ def parse_args(argv):
     ap.add_argument("--num-prompts", type=int, default=8, help="random prompts when --prompts is not given")
     ap.add_argument("--prompt-len", type=int, default=16, help="longest random prompt")
     ap.add_argument("--max-prompt-tokens", type=int, help="truncate prompts to this many tokens")
+    ap.add_argument("--max-prompts", type=int, help="use only the first N prompts of --prompts")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -271,7 +273,8 @@ def parse_args(argv):
     ap.add_argument("--router-weights", action="store_true", help="store each layer's router weight matrix")
     ap.add_argument("--router-logits", action="store_true", help=f"store full router logits under {LOGITS_DIR}/")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, else float32")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on cuda, else float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", help="model name for the trace's meta")
     ap.add_argument("--license", default="unspecified", help="license of the recorded model/data, for meta")
@@ -305,7 +308,7 @@ def main(argv=None) -> int:
     except ValueError as exc:
         raise TraceError(str(exc), where="--model") from None
     if args.prompts:
-        prompts = read_prompts(args.prompts, tokenizer, args.max_prompt_tokens)
+        prompts = read_prompts(args.prompts, tokenizer, args.max_prompt_tokens)[: args.max_prompts]
     else:
         vocab = model.config.get_text_config().vocab_size
         prompts = random_prompts(args.num_prompts, args.prompt_len, vocab, args.seed)

@@ -25,7 +25,7 @@ class BatchRows:
     phase: list = field(default_factory=list)
     position: list = field(default_factory=list)
     token: list = field(default_factory=list)
-    per_layer: dict = field(default_factory=dict)  # layer -> {"ids": [...], "weights": [...], "hidden": [...], "logits": [...]}
+    per_layer: dict = field(default_factory=dict)  # layer -> {"ids"|"weights"|"hidden"|"logits": [per step]}
     generated: list = field(default_factory=list)  # per sequence: list of generated token ids
 
 

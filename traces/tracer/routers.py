@@ -10,13 +10,15 @@ router's own choice scores (sigmoid(logits) + e_score_correction_bias) without c
 
 How each family routes (read from transformers 5.17's modeling files):
 
-| family | router class | choice | weights |
-|---|---|---|---|
-| Mixtral | MixtralTopKRouter | top-k of softmax(logits) | renormalised over the k |
-| Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, Qwen3-Next | *TopKRouter | top-k of softmax(logits) | renormalised if norm_topk_prob |
-| DeepSeek-V3 | DeepseekV3TopkRouter | sigmoid(logits)+bias, best topk_group of n_group groups (sum of top-2), then top-k, unsorted | sigmoid without bias, renormalised if norm_topk_prob, times routed_scaling_factor |
-| GPT-OSS | GptOssTopKRouter | top-k of logits (with bias) | softmax over the k |
-| Granite-MoE (and -Shared) | GraniteMoe*TopKRouter | top-k of logits | softmax over the k; returns (ids, weights, logits) |
+- Mixtral (MixtralTopKRouter): top-k of softmax(logits), weights renormalised over the k.
+- Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, Qwen3-Next (*TopKRouter): top-k of softmax(logits), weights
+  renormalised if config.norm_topk_prob.
+- DeepSeek-V3 (DeepseekV3TopkRouter): choice score sigmoid(logits) + e_score_correction_bias; keep the best
+  topk_group of n_group groups (group score = sum of its top-2 choice scores); top-k of the rest, unsorted;
+  weights = sigmoid(logits) of the chosen (no bias), renormalised if norm_topk_prob, times routed_scaling_factor.
+- GPT-OSS (GptOssTopKRouter): top-k of logits (linear with bias), weights = softmax over the k.
+- Granite-MoE and Granite-MoE-Shared (GraniteMoe*TopKRouter): top-k of logits, softmax over the k; returns
+  (ids, weights, logits).
 """
 
 from __future__ import annotations
