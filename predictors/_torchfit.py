@@ -36,19 +36,29 @@ def require_torch():
 
 def train(x: np.ndarray, y: np.ndarray, *, hidden_units: int, epochs: int = 30, lr: float = 1e-3,
           weight_decay: float = 1e-4, batch_size: int = 256, seed: int = 0, standardize: bool = True,
-          patience: int = 4, threads: int = 1) -> dict[str, np.ndarray]:
+          patience: int = 4, threads: int = 1, device: str = "cpu") -> dict[str, np.ndarray]:
     """x: float [N, F]; y: multi-hot float [N, E]. Returns the network of the best validation epoch."""
     torch = require_torch()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # one thread by default: deterministic, and the machine's cores are shared
     try:
         return _train(torch, x, y, hidden_units=hidden_units, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                      batch_size=batch_size, seed=seed, standardize=standardize, patience=patience)
+                      batch_size=batch_size, seed=seed, standardize=standardize, patience=patience,
+                      device=_device(torch, device))
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _train(torch, x, y, *, hidden_units, epochs, lr, weight_decay, batch_size, seed, standardize, patience):
+def _device(torch, device: str):
+    """"cpu", "cuda" (error when absent) or "auto" (cuda when available). Only training runs there."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def _train(torch, x, y, *, hidden_units, epochs, lr, weight_decay, batch_size, seed, standardize, patience, device):
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.float32)
     n, f = x.shape
@@ -68,8 +78,10 @@ def _train(torch, x, y, *, hidden_units, epochs, lr, weight_decay, batch_size, s
         model = torch.nn.Sequential(torch.nn.Linear(f, hidden_units), torch.nn.ReLU(), torch.nn.Linear(hidden_units, e))
     else:
         model = torch.nn.Sequential(torch.nn.Linear(f, e))
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y / np.maximum(y.sum(axis=1, keepdims=True), 1.0))
+    xt = torch.from_numpy(x).to(device)
+    yt = torch.from_numpy(y / np.maximum(y.sum(axis=1, keepdims=True), 1.0)).to(device)
 
     def loss_of(idx):
         logits = model(xt[idx])
@@ -79,19 +91,19 @@ def _train(torch, x, y, *, hidden_units, epochs, lr, weight_decay, batch_size, s
         layers = [m for m in model if isinstance(m, torch.nn.Linear)]
         out = {}
         if len(layers) == 2:
-            out["w1"] = layers[0].weight.detach().numpy().T.copy()
-            out["b1"] = layers[0].bias.detach().numpy().copy()
-        out["w2"] = layers[-1].weight.detach().numpy().T.copy()
-        out["b2"] = layers[-1].bias.detach().numpy().copy()
+            out["w1"] = layers[0].weight.detach().cpu().numpy().T.copy()
+            out["b1"] = layers[0].bias.detach().cpu().numpy().copy()
+        out["w2"] = layers[-1].weight.detach().cpu().numpy().T.copy()
+        out["b2"] = layers[-1].bias.detach().cpu().numpy().copy()
         return out
 
     best, best_loss, bad = snapshot(), float("inf"), 0
     gen = torch.Generator().manual_seed(seed)
     tr_t = torch.from_numpy(tr)
-    val_t = torch.from_numpy(val)
+    val_t = torch.from_numpy(val).to(device)
     for _ in range(epochs):
         model.train()
-        order = tr_t[torch.randperm(len(tr_t), generator=gen)]
+        order = tr_t[torch.randperm(len(tr_t), generator=gen)].to(device)
         for i in range(0, len(order), batch_size):
             opt.zero_grad()
             loss = loss_of(order[i: i + batch_size])

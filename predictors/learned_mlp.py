@@ -28,10 +28,11 @@ class LearnedMLPPredictor(Predictor):
 
     def __init__(self, distances=(1, 2, 3), target_params: int = 2_000_000, min_units: int = 64,
                  max_units: int = 1024, epochs: int = 30, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 batch_size: int = 256, max_rows: int = 200_000, seed: int = 0, **params):
+                 batch_size: int = 256, max_rows: int = 200_000, seed: int = 0,
+                 device: str = "cpu", **params):
         super().__init__(distances=list(distances), target_params=target_params, min_units=min_units,
                          max_units=max_units, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                         batch_size=batch_size, max_rows=max_rows, seed=seed, **params)
+                         batch_size=batch_size, max_rows=max_rows, seed=seed, device=device, **params)
         self.distances = [int(d) for d in distances]
         self._nets: dict[str, dict[str, np.ndarray]] = {}
 
@@ -63,7 +64,7 @@ class LearnedMLPPredictor(Predictor):
                 y = _torchfit.multi_hot(experts[ok, layer + d], meta.n_experts)
                 self._nets[f"l{layer}_d{d}"] = _torchfit.train(
                     x, y, hidden_units=units, epochs=p["epochs"], lr=p["lr"], weight_decay=p["weight_decay"],
-                    batch_size=p["batch_size"], seed=p["seed"] + 1000 * layer + d)
+                    batch_size=p["batch_size"], seed=p["seed"] + 1000 * layer + d, device=p["device"])
 
     def get_state(self):
         return _torchfit.pack(self._nets)

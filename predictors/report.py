@@ -3,7 +3,7 @@
 Evaluates every predictor at distances 1, 2 and 3 on every trace under --traces that has the fields the
 predictor needs, and rewrites the generated part of docs/predictors.md (between the BEGIN/END GENERATED
 markers; the hand-written text around it is kept). Traces with at least --folds sequences are evaluated by
-K-fold cross-validation over sequences (each fold a 9:1 split for K=10) when they have at most 200,000
+K-fold cross-validation over sequences (each fold a 9:1 split for K=10) when they have at most 50,000
 routing rows, larger ones by one 9:1 split; one-sequence traces by the position
 split (fit on the prompt and the first 90% of the generated positions, scored on the last 10%). Also writes the
 raw results as JSON next to the document (docs/predictors-results.json).
@@ -35,7 +35,8 @@ def find_traces(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.glob("*/meta.json"))
 
 
-def run_all(paths: list[Path], predictors: list[str], folds: int, log=print, cv_max_rows: int = 200_000) -> list[dict]:
+def run_all(paths: list[Path], predictors: list[str], folds: int, log=print, cv_max_rows: int = 50_000,
+            artifacts: Path | None = None) -> list[dict]:
     rows = []
     for path in paths:
         trace = Trace(path)
@@ -52,7 +53,12 @@ def run_all(paths: list[Path], predictors: list[str], folds: int, log=print, cv_
                 if d >= trace.meta.n_layers:
                     continue
                 t0 = time.perf_counter()
-                r = evaluate(trace, name, d, folds=k, budgets=[trace.meta.top_k * 2])
+                art = artifacts / path.name / f"{name}_d{d}.npz" if artifacts is not None else None
+                if art is not None and art.exists():  # trained elsewhere (e.g. on a GPU); scored on its split
+                    r = evaluate(trace, name, d, artifact=str(art), budgets=[trace.meta.top_k * 2])
+                    r["artifact"] = str(art)
+                else:
+                    r = evaluate(trace, name, d, folds=k, budgets=[trace.meta.top_k * 2])
                 r["trace_name"] = path.name
                 r["seconds"] = round(time.perf_counter() - t0, 2)
                 rows.append(r)
@@ -82,9 +88,15 @@ def render(rows: list[dict], folds: int) -> str:
             continue
         r0 = res[0]
         split = r0["split"]
-        how = (f"{split['folds']}-fold cross-validation over sequences" if split["folds"] > 1 else
-               "one 9:1 split over sequences" if split["kind"] == "sequences" else
-               "position split: fit on the prompt + first 90% of generated positions, scored on the rest")
+        if split["folds"] > 1:
+            how = f"{split['folds']}-fold cross-validation over sequences"
+        elif split["kind"] == "sequences":
+            how = "one 9:1 split over sequences"
+        else:
+            how = "position split: fit on the prompt + first 90% of generated positions, scored on the rest"
+        trained = sorted({r["predictor"] for r in res if "artifact" in r})
+        if trained:
+            how += f" ({', '.join(trained)}: artifacts trained elsewhere, scored on their own 9:1 split)"
         out.append(f"### {tname}")
         out.append("")
         out.append(f"{r0['model']}: {r0['n_layers']} MoE layers, {r0['n_experts']} experts, top-{r0['top_k']}; "
@@ -156,6 +168,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json-out", default=None, help="raw results (default: predictors-results.json beside --out)")
     ap.add_argument("--merge", action="store_true",
                     help="keep earlier results (from the JSON) of traces not evaluated in this run")
+    ap.add_argument("--artifacts", default=None,
+                    help="folder with ARTIFACTS/<trace>/<predictor>_d<D>.npz from predictors.train: used instead of "
+                         "fitting here (e.g. learned_mlp trained on a GPU with --set device=cuda)")
     ap.add_argument("--render-only", action="store_true", help="rewrite the document from the JSON, run nothing")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -174,7 +189,8 @@ def main(argv=None) -> int:
     if not paths:
         print(f"error: {root}: no trace directories (with meta.json) to evaluate", file=sys.stderr)
         return 2
-    rows = run_all(paths, args.predictors, args.folds, log=lambda s: print(s, file=sys.stderr))
+    rows = run_all(paths, args.predictors, args.folds, log=lambda s: print(s, file=sys.stderr),
+                   artifacts=Path(args.artifacts) if args.artifacts else None)
     if args.merge and json_out.exists():
         done = {p.name for p in paths}
         old = [r for r in json.loads(json_out.read_text())
