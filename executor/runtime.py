@@ -308,156 +308,192 @@ class OffloadedRuntime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # -- the layer loop ------------------------------------------------------------------------------------------
-    def run(self) -> dict:
-        model = self.model
-        cache = self.cache
-        ready = self.ready
-        inflight = self.inflight
-        unused_pf = self.unused_pf
+    # -- the layer step (used by run() for replay and by executor.live from the model's MoE blocks) -------------
+    def begin_batch(self, batch) -> None:
+        """Start a forward pass. `batch` is a sim.engine.schedule.Batch (live mode fills `experts` layer by layer)."""
+        if self.prefetcher.active:
+            self.prefetcher.start_batch(batch)
+        self._batch_index = batch.index
+        self._batch_start = self.clock.mark()
+        if self._first_mark is None:
+            self._first_mark = self._batch_start
+
+    def gate(self, layer: int, ids: list[int]) -> tuple[list[int], dict]:
+        """The gate of `layer` (call after its dense part is enqueued): sync, reap, lookups, pins, early
+        preemption, prefetch. Returns (compute order, demand transfers started here)."""
+        cache, ready, inflight, unused_pf, c = self.cache, self.ready, self.inflight, self.unused_pf, self.c
         engine = self.engine
-        c = self.c
-        L = self.L
-        pf = self.prefetcher if self.prefetcher.active else None
+        engine.pump(self.pump_per_dense)
+        if self.device.type == "cuda":
+            gate_ev = torch.cuda.Event()
+            gate_ev.record()
+            gate_ev.synchronize()
+        self._reap()
+        b = self._batch_index
+        self.gated = (b, layer)
+        for e in ids:
+            cache.pin((layer, e))
+        missing = False
+        for e in ids:
+            key = (layer, e)
+            cache.lookup(key)
+            if key in ready:
+                c.hits += 1
+                if key in unused_pf:
+                    unused_pf.discard(key)
+                    c.prefetched_used += 1
+            else:
+                c.misses += 1
+                missing = True
+                t = inflight.get(key)
+                if t is None or not t.speculative:
+                    c.demand_misses += 1
+                elif not t.used:
+                    t.used = True
+                    c.prefetched_used += 1
+                    c.n_prefetch_late += 1
+        c.lookups += len(ids)
+        local: dict = {}
         ep = self.early_preemption
-        ro = self.reordered
-        check = self.check
-        cuda = self.device.type == "cuda"
-        clock = self.clock
-        batch_marks = []
-        stall_marks = []
-        stall_host_s = 0.0
-        first_mark = None
+        if missing and ep:
+            up, drop = early_preemption_plan(layer, engine.low_snapshot())
+            for t in up:
+                engine.upgrade(t)
+            for t in drop:
+                self._drop(t)
+        order = compute_order(layer, ids, reordered=self.reordered, any_missing=missing, state=self._state)
+        if missing and ep:
+            for e in order:
+                key = (layer, e)
+                if key not in ready and key not in inflight:
+                    local[key] = self.start_transfer(key, speculative=False)
+        pf = self.prefetcher
+        if pf.active:  # the simulator's prefetcher; its CPU time is real time here
+            r = pf.predict_at_gate(layer, self.L)
+            if r is not None:
+                pf.issue(r[0], r[1], b)
+        return order, local
+
+    def expert_buffer(self, layer: int, e: int, local: dict) -> tuple[torch.Tensor, SlotPool, object]:
+        """The device buffer holding expert (layer, e), waiting for its copy (starting it if needed)."""
+        key = (layer, e)
+        engine = self.engine
+        if key in self.ready:
+            pool, owner = self.slab, key
+        else:
+            t = local.get(key)
+            if t is None:
+                t = self.inflight.get(key)
+            if t is None:  # not requested yet: the demand load starts when the stream gets here
+                t = local[key] = self.start_transfer(key, speculative=False)
+            if not t.finished:
+                if not t.high:
+                    engine.upgrade(t)
+                if self.device.type == "cuda":
+                    m0 = self.clock.mark()
+                    ev = engine.wait(t)
+                    torch.cuda.current_stream(self.device).wait_event(ev)
+                    self._stall_marks.append((m0, self.clock.mark()))
+                else:
+                    m0 = time.perf_counter()
+                    engine.wait(t)
+                    self._stall_host_s += time.perf_counter() - m0
+            self._reap()  # (cuda: t may still be copying; the stream waits on its event)
+            if t.cached:
+                pool, owner = self.slab, key
+            else:
+                pool, owner = self.scratch, ("scratch", key)
+                self._scratch_used.append(owner)
+        slot = pool.slot_of[owner]
+        buf = pool.view(slot)
+        if self.check:
+            assert self.cache.contains(key) or pool is self.scratch, f"expert {key} computed uncached"
+            self.checks["computed_resident_checks"] += 1
+            self._check_buffer(key, buf, pool, owner)
+        return buf, pool, slot
+
+    def expert_done(self, pool: SlotPool, slot: int) -> None:
+        """After the expert's kernels are enqueued: guard the slot, let the link move (pump backend)."""
+        if self.device.type == "cuda":
+            rd = torch.cuda.Event()
+            rd.record()
+            pool.last_read[slot] = rd
+        self.engine.pump(self.pump_per_expert)
+
+    def end_layer(self, layer: int, ids: list[int]) -> None:
+        for owner in self._scratch_used:
+            self.scratch.release(owner)
+        self._scratch_used = []
+        self.c.layer_steps += 1
+        for e in ids:
+            self.cache.unpin((layer, e))
+        if self.check:
+            self._check_slab()
+
+    def end_batch(self, phase: str, tokens: int, output: torch.Tensor | None = None) -> None:
+        self._batch_marks.append((phase, self._batch_start, self.clock.mark(), tokens, self._batch_index))
+        if self.keep_outputs and output is not None:
+            self.outputs.append(output.detach().to("cpu"))
+        self.c.batches += 1
+        self.c.tokens += tokens
+
+    def _reset_run(self) -> None:
+        self._batch_marks: list = []
+        self._stall_marks: list = []
+        self._stall_host_s = 0.0
+        self._first_mark = None
+        self._scratch_used: list = []
+        self._batch_index = -1
+
+    # -- the replay loop -------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Replay every batch of the trace; returns the metrics."""
+        model = self.model
+        L = self.L
+        self._reset_run()
         try:
             for batch in iter_batches(self.sequences, self.phase, self.batch_size):
                 T = batch.tokens
                 inputs = BatchInputs(batch, self.weights_fn(batch), L, self.device, model.dtype)
                 sets = layer_sets(batch.experts[:, :L])
-                b = batch.index
-                start = clock.mark()
-                if first_mark is None:
-                    first_mark = start
-                if pf is not None:
-                    self.prefetcher.start_batch(batch)
+                self.begin_batch(batch)
                 x = model.embed(batch.sequences, batch.positions)
                 for layer in range(L):
-                    ids, _counts = sets[layer]
+                    ids = sets[layer][0]
                     x = model.dense(layer, x)
-                    engine.pump(self.pump_per_dense)
-                    if cuda:
-                        gate_ev = torch.cuda.Event()
-                        gate_ev.record()
-                        gate_ev.synchronize()
-                    self._reap()
-                    self.gated = (b, layer)
-                    # -- the gate: lookups, pins ------------------------------------------------------------------
-                    for e in ids:
-                        cache.pin((layer, e))
-                    missing = False
-                    for e in ids:
-                        key = (layer, e)
-                        cache.lookup(key)
-                        if key in ready:
-                            c.hits += 1
-                            if key in unused_pf:
-                                unused_pf.discard(key)
-                                c.prefetched_used += 1
-                        else:
-                            c.misses += 1
-                            missing = True
-                            t = inflight.get(key)
-                            if t is None or not t.speculative:
-                                c.demand_misses += 1
-                            elif not t.used:
-                                t.used = True
-                                c.prefetched_used += 1
-                                c.n_prefetch_late += 1
-                    c.lookups += len(ids)
-                    local: dict = {}
-                    if missing and ep:
-                        up, drop = early_preemption_plan(layer, engine.low_snapshot())
-                        for t in up:
-                            engine.upgrade(t)
-                        for t in drop:
-                            self._drop(t)
-                    order = compute_order(layer, ids, reordered=ro, any_missing=missing, state=self._state)
-                    if missing and ep:
-                        for e in order:
-                            key = (layer, e)
-                            if key not in ready and key not in inflight:
-                                local[key] = self.start_transfer(key, speculative=False)
-                    if pf is not None:  # the simulator's prefetcher; its CPU time is real time here
-                        r = pf.predict_at_gate(layer, L)
-                        if r is not None:
-                            pf.issue(r[0], r[1], b)
-                    # -- the experts ------------------------------------------------------------------------------
+                    order, local = self.gate(layer, ids)
                     h = rms_norm(x)
                     out = torch.zeros((T, inputs.top_k, x.shape[1]), dtype=x.dtype, device=x.device)
                     w = inputs.weights[layer]
                     rows = inputs.rows[layer]
-                    scratch_used = []
                     for e in order:
-                        key = (layer, e)
-                        if key in ready:
-                            pool, owner = self.slab, key
-                        else:
-                            t = local.get(key)
-                            if t is None:
-                                t = inflight.get(key)
-                            if t is None:
-                                t = local[key] = self.start_transfer(key, speculative=False)
-                            if not t.finished:
-                                if not t.high:
-                                    engine.upgrade(t)
-                                m0 = clock.mark() if cuda else time.perf_counter()
-                                ev = engine.wait(t)
-                                if cuda:
-                                    torch.cuda.current_stream(self.device).wait_event(ev)
-                                    stall_marks.append((m0, clock.mark()))
-                                else:
-                                    stall_host_s += time.perf_counter() - m0
-                            self._reap()  # (cuda: t may still be copying; the stream waits on its event)
-                            if t.cached:
-                                pool, owner = self.slab, key
-                            else:
-                                pool, owner = self.scratch, ("scratch", key)
-                                scratch_used.append(owner)
-                        slot = pool.slot_of[owner]
-                        buf = pool.view(slot)
-                        if check:
-                            assert cache.contains(key) or pool is self.scratch, f"expert {key} computed uncached"
-                            self.checks["computed_resident_checks"] += 1
-                            self._check_buffer(key, buf, pool, owner)
+                        buf, pool, slot = self.expert_buffer(layer, e, local)
                         model.expert_into(out, buf, h, rows[e], w)
-                        if cuda:
-                            rd = torch.cuda.Event()
-                            rd.record()
-                            pool.last_read[slot] = rd
-                        engine.pump(self.pump_per_expert)
+                        self.expert_done(pool, slot)
                     x = x + out.sum(dim=1)
-                    for owner in scratch_used:
-                        self.scratch.release(owner)
-                    c.layer_steps += 1
-                    for e in ids:
-                        cache.unpin((layer, e))
-                    if check:
-                        self._check_slab()
-                end = clock.mark()
-                batch_marks.append((batch.phase, start, end, T, b))
-                if self.keep_outputs:
-                    self.outputs.append(x.detach().to("cpu"))
-                c.batches += 1
-                c.tokens += T
-            if cuda:
-                torch.cuda.synchronize(self.device)
-            self._reap()
+                    self.end_layer(layer, ids)
+                self.end_batch(batch.phase, T, x)
         finally:
-            self.engine.close()
+            self.close()
+        return self.metrics()
+
+    def close(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self._reap()
-        # -- timing (reporting only) -------------------------------------------------------------------------------
-        stall_s = sum(clock.seconds(a, b) for a, b in stall_marks) if cuda else stall_host_s
+        self.engine.close()
+        self._reap()
+
+    def metrics(self) -> dict:
+        """The simulator's metrics from the real run (after close())."""
+        c = self.c
+        clock = self.clock
+        cuda = self.device.type == "cuda"
+        stall_s = sum(clock.seconds(a, b) for a, b in self._stall_marks) if cuda else self._stall_host_s
         self.batch_rows = []
-        for ph, a, b_, T, bi in batch_marks:
+        c.prefill_batches = c.decode_batches = 0
+        c.prefill_s = c.decode_s = 0.0
+        for ph, a, b_, T, bi in self._batch_marks:
             dur = clock.seconds(a, b_)
             if ph == "prefill":
                 c.prefill_batches += 1
@@ -467,13 +503,17 @@ class OffloadedRuntime:
                 c.decode_s += dur
             self.batch_rows.append({"batch": bi, "phase": ph, "tokens": T, "duration_ms": dur * 1e3})
         c.stall_s = stall_s
-        total = clock.seconds(first_mark, batch_marks[-1][2]) if batch_marks else 0.0
-        c.n_prefetch_unused += len(unused_pf) + sum(1 for t in inflight.values() if t.speculative and not t.used)
+        marks = self._batch_marks
+        total = clock.seconds(self._first_mark, marks[-1][2]) if marks else 0.0
+        unused = c.n_prefetch_unused + len(self.unused_pf) + sum(
+            1 for t in self.inflight.values() if t.speculative and not t.used)
+        saved = c.n_prefetch_unused
+        c.n_prefetch_unused = unused
         m = finalize(c, total_s=total, busy_s=self.engine.busy_s(), bytes_h2d=self.engine.bytes,
                      bytes_demand=self.engine.bytes_demand, bytes_prefetch=self.engine.bytes_prefetch)
+        c.n_prefetch_unused = saved
         m["slab_slots"] = self.n_slots
         m["scratch_slots"] = self.scratch.n_slots
         m["cache_capacity_bytes"] = self.cache.capacity_bytes
         m["timing"] = "cuda_events" if cuda else "perf_counter (CPU: not a GPU measurement)"
         return m
-
