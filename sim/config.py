@@ -118,6 +118,7 @@ class RunConfig(_Strict):
     chrome_trace: str | None = None
     # where relative paths are resolved from (the config file's directory); not part of the identity
     base_dir: str | None = Field(default=None, exclude=True)
+    source_file: str | None = Field(default=None, exclude=True)  # the YAML it came from, for error messages
 
     # -- identity ---------------------------------------------------------------------------------------------
     def identity(self) -> dict:
@@ -131,7 +132,7 @@ class RunConfig(_Strict):
         return flatten(self.identity())
 
     def resolve_trace(self) -> Path:
-        return resolve_path(self.trace, self.base_dir, field="trace")
+        return resolve_path(self.trace, self.base_dir, field="trace", source=self.source_file)
 
     def run_hash(self) -> str:
         """Hash of the resolved config: settings, simulator version, and fingerprints of the trace and profile."""
@@ -154,19 +155,19 @@ class RunConfig(_Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def resolve_path(value: str, base_dir: str | None, *, field: str) -> Path:
+def resolve_path(value: str, base_dir: str | None, *, field: str, source: str | None = None) -> Path:
     """Absolute; else relative to the config file's directory, the repository root, the current directory."""
     p = Path(value).expanduser()
     if p.is_absolute():
         if p.exists():
             return p
-        raise TraceError(f"{value}: no such file or directory", where=f"field '{field}'")
+        raise TraceError(f"{value}: no such file or directory", path=source, where=f"field '{field}'")
     candidates = ([Path(base_dir) / p] if base_dir else []) + [REPO_ROOT / p, Path.cwd() / p]
     for c in candidates:
         if c.exists():
             return c.resolve()
-    tried = ", ".join(str(c) for c in candidates)
-    raise TraceError(f"{value}: no such file or directory (tried {tried})", where=f"field '{field}'")
+    tried = ", ".join(dict.fromkeys(str(c) for c in candidates))
+    raise TraceError(f"{value}: no such file or directory (tried {tried})", path=source, where=f"field '{field}'")
 
 
 # -- dotted keys ---------------------------------------------------------------------------------------------
@@ -266,6 +267,8 @@ def build_config(raw: dict, *, path: object = None, base_dir: str | Path | None 
                 merged["cache"][other] = None
     if base_dir is not None:
         merged["base_dir"] = str(base_dir)
+    if path is not None:
+        merged["source_file"] = str(path)
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as exc:

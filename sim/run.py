@@ -46,6 +46,16 @@ def _sequences(trace: Trace, cfg: RunConfig):
 
 
 def build_simulation(cfg: RunConfig, *, record: bool = False, check: bool = False) -> Simulation:
+    """The Simulation of a config. Input errors name the config file (when the config came from one)."""
+    try:
+        return _build(cfg, record=record, check=check)
+    except TraceError as exc:
+        if exc.path is None and cfg.source_file:
+            raise TraceError(str(exc), path=cfg.source_file) from None
+        raise
+
+
+def _build(cfg: RunConfig, *, record: bool, check: bool) -> Simulation:
     from predictors.base import PredictorUnavailable
     from predictors.registry import make_predictor
     from sim.cache import ExpertCache
@@ -95,7 +105,8 @@ def _trained(cfg: RunConfig, trace: Trace, seqs):
 
     artifact = None
     if cfg.prefetch.artifact:
-        artifact = str(resolve_path(cfg.prefetch.artifact, cfg.base_dir, field="prefetch.artifact"))
+        artifact = str(resolve_path(cfg.prefetch.artifact, cfg.base_dir, field="prefetch.artifact",
+                                    source=cfg.source_file))
     try:
         predictor, split = prepare(trace, cfg.prefetch.predictor, cfg.prefetch.distance,
                                    params=cfg.prefetch.predictor_params or None, artifact=artifact,

@@ -116,12 +116,32 @@ def expand_file(path: str | Path) -> list[Task]:
             overrides.update(part)
         cfg = build_config(base, path=p, base_dir=base_dir, overrides=overrides)
         cfg.resolve_trace()  # a missing trace is reported now, naming the file
+        _check_names(cfg, p)
         rid = cfg.run_hash()
         if rid in seen:
             continue
         seen.add(rid)
         tasks.append(Task(name, str(p), i, cfg, rid))
     return tasks
+
+
+def _check_names(cfg: RunConfig, path: Path) -> None:
+    """Unknown policy, predictor or hardware profile: reported before anything runs."""
+    from predictors.registry import available_predictors
+    from sim.hardware import resolve_profile_path
+    from sim.policies import policy_class
+
+    try:
+        policy_class(cfg.cache.policy)
+    except ValueError as exc:
+        raise TraceError(str(exc), path=path, where="field 'cache.policy'") from None
+    if cfg.prefetch.predictor not in available_predictors():
+        raise TraceError(f"unknown predictor {cfg.prefetch.predictor!r}; available: "
+                         f"{', '.join(available_predictors())}", path=path, where="field 'prefetch.predictor'")
+    try:
+        resolve_profile_path(cfg.hardware, Path(cfg.base_dir) if cfg.base_dir else None)
+    except TraceError as exc:
+        raise TraceError(str(exc), path=path) from None
 
 
 def discover(target: str | Path) -> list[Path]:
@@ -165,6 +185,7 @@ def run_task(payload: dict) -> dict:
 def _payload(t: Task) -> dict:
     cfg = t.config.model_dump(mode="json")
     cfg["base_dir"] = t.config.base_dir
+    cfg["source_file"] = t.config.source_file
     return {"sweep": t.sweep, "run_id": t.run_id, "config": cfg}
 
 

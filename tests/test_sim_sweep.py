@@ -63,6 +63,12 @@ def test_bad_sweep_files(tmp_path, trace_dir):
     p.write_text(f"base: {{trace: {trace_dir}}}\ngrid: {{phase: [sideways]}}\n")
     with pytest.raises(TraceError, match="phase"):
         expand_file(p)
+    p.write_text(f"base: {{trace: {trace_dir}}}\ngrid: {{cache.policy: [lru, lruu]}}\n")
+    with pytest.raises(TraceError, match="field 'cache.policy'"):
+        expand_file(p)
+    p.write_text(f"base: {{trace: {trace_dir}}}\ngrid: {{prefetch.predictor: [oracel]}}\n")
+    with pytest.raises(TraceError, match="field 'prefetch.predictor'"):
+        expand_file(p)
     p.write_text("base: {trace: no/such/trace}\ngrid: {phase: [decode]}\n")
     with pytest.raises(TraceError, match="field 'trace'"):
         expand_file(p)
