@@ -293,16 +293,16 @@ class Simulation:
                 local: dict | None = None
                 cpu_done = 0.0
                 vt = env.now + carry  # the gate time; nothing is scheduled before it (checked above)
+                if ep and link.low:  # early preemption: this layer's queued speculation is now exact or useless
+                    for t in [t for t in link.low if t.key[0] == layer and t.speculative]:
+                        if t.used:
+                            link.upgrade(t)
+                        else:
+                            self._drop(t)
                 if missing is not None:
                     local = {}
                     if n_ids > 1:
                         order = sorted(ids)
-                    if ep:
-                        for t in [t for t in link.low if t.key[0] == layer and t.speculative]:
-                            if t.used:
-                                link.upgrade(t)
-                            else:
-                                self._drop(t)
                     if cpu:
                         cpu_s_l = cpu_s[layer]
                         now = vt
