@@ -45,7 +45,7 @@ def _expert_seed(seed: int, layer: int, expert: int) -> int:
 class HostExpertStore:
     def __init__(self, geom: Geometry, *, n_layers: int | None = None, n_experts: int | None = None, seed: int = 0,
                  pin: bool | None = None, init_device: str | torch.device | None = None,
-                 arena_bytes: int = DEFAULT_ARENA, dtype: torch.dtype | None = None):
+                 arena_bytes: int = DEFAULT_ARENA, dtype: torch.dtype | None = None, init: bool = True):
         self.geom = geom
         self.n_layers = n_layers if n_layers is not None else geom.n_layers
         self.n_experts = n_experts if n_experts is not None else geom.n_experts
@@ -61,7 +61,8 @@ class HostExpertStore:
         self.arenas = [torch.empty(arena // elem, dtype=self.dtype, pin_memory=self.pinned) for _ in range(n_arenas)]
         if init_device is None:
             init_device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._init(seed, torch.device(init_device))
+        if init:  # random weights (replay); live mode copies the model's own weights in instead
+            self._init(seed, torch.device(init_device))
 
     def _init(self, seed: int, dev: torch.device) -> None:
         g = self.geom

@@ -1,30 +1,247 @@
-"""Live mode (skeleton): the small trained HF MoE model running with its own routing through the offloaded slab.
+"""Live mode: an HF MoE model running with its own routing, its experts offloaded through the runtime's slab.
 
-Plan (to finish once the small model's checkpoint lands in data/small_moe/model, see executor.geometry):
+`LiveOffload(model, ...)` takes a transformers MoE model whose MoE blocks hold their experts as fused tensors
+(transformers 5.x: `mlp.experts.gate_up_proj` [E, 2I, H] and `mlp.experts.down_proj` [E, H, I], called as
+`experts(hidden, top_k_index, top_k_weights)`: Qwen3-MoE, which the small trained model is, Qwen2-MoE, OLMoE...):
 
-1. Load the model with transformers (`AutoModelForCausalLM.from_pretrained(dir, dtype=bfloat16)`); move the
-   dense part (embeddings, attention, norms, routers, lm head) to the GPU; copy every expert's weights into a
-   `HostExpertStore` laid out as the replay store (gate, up, down per expert; the model's fused gate_up tensors
-   split), then free the model's own expert tensors.
-2. Replace each MoE block's expert computation by a hook that receives the router's top-k ids and weights (the
-   same hook points `traces.record` uses to trace routing) and runs the offloaded layer step: the gate-time
-   lookups, early preemption, prefetch issue and the expert loop of `executor.runtime.OffloadedRuntime`, with the
-   token rows taken from the live router output instead of a trace. That needs the runtime's per-layer step split
-   out of `run()` (`OffloadedRuntime.layer_step(layer, h, rows, weights, batch_view)`), which is the next step.
-3. The predictor sees live hidden states (the learned predictor's input) through the same `BatchView`; routing
-   seen so far is accumulated per sequence as the prefetcher's `past`.
-4. Greedy decoding on the held-out prompts (data/small_moe/prompts.jsonl); the run also records its routing as a
-   trace (traces.record's format), so the simulator replays exactly what the live run did.
-5. Correctness: the offloaded model's logits equal the plain HF model's on the CPU (tiny config), as the replay
-   tests do for the replay model.
+1. every expert's weights are copied into a `HostExpertStore` (pinned on CUDA) in the replay layout (gate, up,
+   down: gate_up_proj[e] is exactly gate then up), and the model's own expert tensors are freed; the dense part
+   (embeddings, attention, norms, routers, head) stays on the device;
+2. each block's `experts` module is replaced by `OffloadedExperts`, which runs the runtime's layer step on the
+   router's live choice: `gate` (lookups, pins, early preemption, prefetch), then the experts in the runtime's
+   order from the slab (`expert_buffer`, waiting for copies), then `end_layer`. The router's top-k is read on the
+   host at that point, as any offloading system must;
+3. the prefetcher sees the live routing so far (this batch's layers and each sequence's earlier positions) and
+   the live hidden state entering the layer (for hidden-state predictors), through the same `BatchView`;
+4. `generate(prompts)` runs greedy decoding with the KV cache: one prefill batch per prompt, then one decode batch
+   per new token, timed like replay (TTFT, TPOT); `metrics()` gives the simulator's metric names.
+
+Not yet: recording the live routing as a trace (so the simulator replays exactly what ran: use
+`python -m traces.record` on the same model and prompts meanwhile), the oracle predictor (no future in a live
+run), Belady (needs the future), cpu_experts, and models whose experts are separate nn.Linear modules.
+The small trained model (traces/small_moe) is a Qwen3-MoE; its weights are not committed: its training run
+(`traces/small_moe/device_run.sh`) must save them where `SMALL_MOE_DIR` points.
 """
 
 from __future__ import annotations
 
-from executor.geometry import small_moe_dir
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from executor.buffers import HostExpertStore
+from executor.geometry import Geometry, geometry_from_hf_config, small_moe_dir
+from executor.model import activation, expert_forward
+from traces.format import TraceMeta
+
+
+def find_moe_blocks(model) -> list[tuple[int, nn.Module]]:
+    """(MoE layer index, block) for every block with fused experts, in layer order."""
+    out = []
+    for module in model.modules():
+        ex = getattr(module, "experts", None)
+        if ex is not None and hasattr(ex, "gate_up_proj") and hasattr(ex, "down_proj"):
+            out.append(module)
+    return list(enumerate(out))
+
+
+class _LiveModel:
+    """What the runtime needs of a model: the host store, dtype, device, and the expert computation."""
+
+    def __init__(self, geom: Geometry, store: HostExpertStore, device, dtype):
+        self.geom = geom
+        self.store = store
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._act = activation(geom)
+
+    def expert(self, flat, h):
+        return expert_forward(flat, h, self.geom, self._act)
+
+    def expert_into(self, out, flat, h, rows, w):
+        t_idx, r_idx = rows
+        out[t_idx, r_idx] = self.expert(flat, h[t_idx]) * w[t_idx, r_idx].unsqueeze(-1)
+
+    def embed(self, sequences, positions):  # warm-up only
+        return torch.zeros(len(positions), self.geom.hidden, dtype=self.dtype, device=self.device)
+
+    def dense(self, layer, x):  # warm-up only
+        return x
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for a fused-experts module: forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])."""
+
+    def __init__(self, layer: int, live: LiveOffload):
+        super().__init__()
+        self.layer = layer
+        self._live = [live]  # not a submodule
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return self._live[0].layer_step(self.layer, hidden_states, top_k_index, top_k_weights)
+
+
+class LiveOffload:
+    def __init__(self, model, *, cache_capacity_bytes: int | None = None, cache_rate: float | None = None,
+                 cache_policy: str = "lru", cache_scope: str = "global", policy_params: dict | None = None,
+                 predictor=None, distance: int = 1, top_n: int | None = None, max_inflight_bytes=None,
+                 chunked_prefetch: bool = False, chunks: int = 3, early_preemption: bool = False,
+                 reordered_inference: bool = False, device=None, transfer_backend: str | None = None,
+                 check: bool = False, name: str = "live"):
+        from executor.runtime import OffloadedRuntime
+        from predictors.registry import make_predictor
+        from sim.cache import ExpertCache
+        from sim.policies import policy_class
+
+        if policy_class(cache_policy).needs_future:
+            raise ValueError(f"policy {cache_policy!r} needs the future, which a live run does not have")
+        predictor = predictor if predictor is not None else make_predictor("none")
+        if predictor.reads_future:
+            raise ValueError("the oracle predictor needs the future, which a live run does not have")
+        self.model = model
+        cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+        blocks = find_moe_blocks(model)
+        if not blocks:
+            raise ValueError("no MoE block with fused experts (experts.gate_up_proj / down_proj) in this model")
+        ex0 = blocks[0][1].experts
+        n_exp, two_i, hidden = ex0.gate_up_proj.shape
+        geom = geometry_from_hf_config(cfg, name=name)
+        geom = geom.replace(n_layers=len(blocks), n_experts=n_exp, moe_intermediate=two_i // 2, hidden=hidden)
+        self.device = torch.device(device or next(model.parameters()).device)
+        dtype = ex0.gate_up_proj.dtype
+        self.geom = geom
+        store = HostExpertStore(geom, n_layers=len(blocks), n_experts=n_exp, pin=self.device.type == "cuda",
+                                dtype=dtype, init=False)
+        m = geom.matrix_numel
+        with torch.no_grad():
+            for layer, block in blocks:
+                ex = block.experts
+                for e in range(n_exp):
+                    flat = store.expert((layer, e))
+                    flat[:2 * m].copy_(ex.gate_up_proj[e].reshape(-1))
+                    flat[2 * m:].copy_(ex.down_proj[e].reshape(-1))
+                block.experts = OffloadedExperts(layer, self)  # the model's own expert tensors are freed
+        self.blocks = blocks
+        self.top_k = int(cfg.get("num_experts_per_tok") or cfg.get("top_k_experts") or geom.top_k)
+        meta = TraceMeta(model=name, source="executor.live", n_layers=len(blocks), n_experts=n_exp,
+                         top_k=self.top_k, expert_bytes=[geom.expert_bytes] * len(blocks),
+                         dense_bytes=geom.dense_bytes[:len(blocks)], hidden_size=hidden, dtype=geom.dtype,
+                         license="n/a", attribution="n/a", has_hidden_states=True)
+        self.meta = meta
+        if cache_capacity_bytes is None:
+            cache_capacity_bytes = ExpertCache.resolve_capacity_bytes(
+                expert_bytes=meta.expert_bytes, n_experts=n_exp, cache_rate=cache_rate if cache_rate is not None
+                else 0.25)
+        eb = geom.expert_bytes
+        parts = len(blocks) if cache_scope == "per_layer" else 1
+        cache_capacity_bytes = (cache_capacity_bytes // parts // eb) * parts * eb
+        self._hidden_now: dict[int, np.ndarray] = {}
+        self.rt = OffloadedRuntime(
+            _LiveModel(geom, store, self.device, dtype), meta, [], weights_fn=None,
+            cache_capacity_bytes=cache_capacity_bytes, cache_scope=cache_scope, cache_policy=cache_policy,
+            policy_params=policy_params, predictor=predictor, distance=distance, top_n=top_n,
+            max_inflight_bytes=max_inflight_bytes, chunked_prefetch=chunked_prefetch, chunks=chunks,
+            early_preemption=early_preemption, reordered_inference=reordered_inference,
+            trace=SimpleNamespace(meta=meta, hidden_states=self._hidden_states, router_weights=None),
+            transfer_backend=transfer_backend, check=check, scratch_slots=n_exp)
+        self._batch = None
+        self._past: dict[int, list[np.ndarray]] = {}
+        self._index = 0
+
+    # -- the prefetcher's view of the live run ------------------------------------------------------------------
+    def _hidden_states(self, layer: int) -> np.ndarray:
+        return self._hidden_now[layer]
+
+    def begin(self, phase: str, sequences: list[int], positions: list[int]) -> None:
+        T = len(positions)
+        past = {s: (np.concatenate(self._past[s]) if self._past.get(s) else
+                    np.full((0, self.meta.n_layers, self.top_k), -1, np.int16)) for s in set(sequences)}
+        self._batch = SimpleNamespace(
+            index=self._index, phase=phase, sequences=np.asarray(sequences, np.int64),
+            positions=np.asarray(positions, np.int64),
+            experts=np.full((T, self.meta.n_layers, self.top_k), -1, np.int16), past=past,
+            hidden_rows=np.tile(np.arange(T, dtype=np.int64)[:, None], (1, self.meta.n_layers)), starts=[],
+            tokens=T)
+        self._hidden_now = {}
+        pf = self.rt.prefetcher
+        if hasattr(pf, "_hidden_cache"):
+            pf._hidden_cache.clear()  # the live hidden states change every batch
+        self.rt.begin_batch(self._batch)
+        self._index += 1
+
+    def end(self, output=None) -> None:
+        b = self._batch
+        for i, s in enumerate(b.sequences.tolist()):
+            self._past.setdefault(s, []).append(b.experts[i:i + 1])
+        self.rt.end_batch(b.phase, b.tokens, output)
+        self._batch = None
+
+    # -- the layer step, called by OffloadedExperts ----------------------------------------------------------------
+    def layer_step(self, layer: int, hidden, top_k_index, top_k_weights):
+        from sim.engine.schedule import layer_sets
+
+        rt = self.rt
+        b = self._batch
+        if b is None:
+            raise RuntimeError("LiveOffload: call the model through LiveOffload.forward/generate")
+        T = hidden.shape[0]
+        idx = top_k_index.detach().to("cpu").numpy().astype(np.int16)  # the host reads the routing here
+        b.experts[:T, layer, :] = idx
+        if "hidden_states" in rt.prefetcher.predictor.needs:
+            self._hidden_now[layer] = hidden.detach().float().cpu().numpy()
+        ids = layer_sets(idx[:, None, :])[0][0]
+        order, local = rt.gate(layer, ids)
+        out = torch.zeros((T, idx.shape[1], hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
+        w = top_k_weights.to(hidden.dtype)
+        idx_t = top_k_index
+        for e in order:
+            t_idx, r_idx = torch.nonzero(idx_t == e, as_tuple=True)
+            buf, pool, slot = rt.expert_buffer(layer, e, local)
+            rt.model.expert_into(out, buf, hidden, (t_idx, r_idx), w)
+            rt.expert_done(pool, slot)
+        rt.end_layer(layer, ids)
+        return out.sum(dim=1)
+
+    # -- running the model -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids, *, phase: str, sequences: list[int], positions: list[int], **kwargs):
+        """One forward pass of the wrapped model as one batch (tokens flattened row-major)."""
+        self.begin(phase, sequences, positions)
+        out = self.model(input_ids=input_ids, **kwargs)
+        self.end(out.logits[:, -1].float() if hasattr(out, "logits") else None)
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy decoding, one sequence at a time (batch size 1, as the replay suites): prefill, then decode."""
+        outs = []
+        for s, prompt in enumerate(prompts):
+            ids = torch.tensor([prompt], device=self.device)
+            res = self.forward(ids, phase="prefill", sequences=[s] * len(prompt), positions=list(range(len(prompt))),
+                               use_cache=True)
+            past = res.past_key_values
+            tok = int(res.logits[0, -1].argmax())
+            gen = [tok]
+            for i in range(max_new_tokens - 1):
+                pos = len(prompt) + i
+                res = self.forward(torch.tensor([[tok]], device=self.device), phase="decode", sequences=[s],
+                                   positions=[pos], past_key_values=past, use_cache=True)
+                past = res.past_key_values
+                tok = int(res.logits[0, -1].argmax())
+                gen.append(tok)
+            outs.append(gen)
+        return outs
+
+    def finish(self) -> dict:
+        self.rt.close()
+        return self.rt.metrics()
 
 
 def run_live(ex: dict, cfg, profile, *, device=None) -> dict:
+    """A validation run in live mode: not wired yet (needs the small model's weights and its prompts)."""
     d = small_moe_dir()
-    where = f"model at {d}" if d else "no model yet (data/small_moe/model)"
-    raise NotImplementedError(f"live mode is not implemented yet ({where}); see executor/live.py for the plan")
+    where = f"model config at {d}" if d else "no small-moe model yet (set SMALL_MOE_DIR)"
+    raise NotImplementedError(f"live validation runs are not wired into executor.validate yet ({where}); "
+                              "LiveOffload in executor/live.py runs the model")

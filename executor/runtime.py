@@ -131,6 +131,7 @@ class OffloadedRuntime:
         pump_per_dense: int = 1,
         keep_outputs: bool = False,
         check: bool = False,
+        scratch_slots: int | None = None,
     ):
         from sim.policies import policy_class
 
@@ -157,8 +158,9 @@ class OffloadedRuntime:
         self.n_slots = (cache_capacity_bytes // n_parts // eb) * n_parts
         numel = model.store.numel
         self.slab = SlotPool(self.n_slots, numel, model.dtype, self.device, "slab")
-        self.scratch = SlotPool(max(1, max_unique_per_layer(sequences, phase, batch_size)), numel, model.dtype,
-                                self.device, "scratch")
+        if scratch_slots is None:
+            scratch_slots = max_unique_per_layer(sequences, phase, batch_size)
+        self.scratch = SlotPool(max(1, scratch_slots), numel, model.dtype, self.device, "scratch")
         if transfer_backend is None:
             transfer_backend = "cuda" if self.device.type == "cuda" else "pump"
         self.engine = TransferEngine(transfer_backend, device=self.device, copy_engines=copy_engines,
@@ -184,6 +186,7 @@ class OffloadedRuntime:
         ptrace = _MetaTrace(trace, meta) if trace is not None else None
         self.prefetcher = Prefetcher(self, predictor, distance, top_n, max_inflight_bytes, 0.0, ptrace)
         self.clock = _Clock(self.device)
+        self._reset_run()
         self.outputs: list[torch.Tensor] = []
         self.max_used_bytes = 0
         self.checks = {"slot_content_checks": 0, "computed_resident_checks": 0}
