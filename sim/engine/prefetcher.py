@@ -63,8 +63,9 @@ class Prefetcher:
     def predict_at_gate(self, layer: int, n_layers: int):
         """At the gate of `layer`: observe, then predict layer + d. Returns (experts best first, target) or None."""
         batch = self._batch
+        hidden = self._hidden(batch, layer) if self.needs_hidden else None
         view = BatchView(self.meta, layer, batch.sequences, batch.positions, batch.experts[:, : layer + 1],
-                         batch.past, batch.phase, self._hidden(batch, layer), self.router)
+                         batch.past, batch.phase, hidden, self.router)
         pred = self.predictor
         pred.observe(view)
         target = layer + self.distance
@@ -108,10 +109,11 @@ class Prefetcher:
         link = eng.link
         bound = self.max_inflight
         nbytes = eng.cost.expert_bytes[target]
+        touch = cache.touch
         for e in experts:
             key = (target, e)
             if key in ready:
-                cache.touch(key)  # a prefetch of a resident expert refreshes it (ProMoE)
+                touch(key)  # a prefetch of a resident expert refreshes it (ProMoE)
                 continue
             if key in inflight:
                 continue
