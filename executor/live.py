@@ -149,6 +149,7 @@ class LiveOffload:
         self._batch = None
         self._past: dict[int, list[np.ndarray]] = {}
         self._index = 0
+        self.history: list[tuple] = []  # (phase, sequences, positions, experts [T, L, k]) of every batch run
 
     # -- the prefetcher's view of the live run ------------------------------------------------------------------
     def _hidden_states(self, layer: int) -> np.ndarray:
@@ -175,6 +176,7 @@ class LiveOffload:
         b = self._batch
         for i, s in enumerate(b.sequences.tolist()):
             self._past.setdefault(s, []).append(b.experts[i:i + 1])
+        self.history.append((b.phase, b.sequences, b.positions, b.experts))
         self.rt.end_batch(b.phase, b.tokens, output)
         self._batch = None
 
@@ -239,9 +241,87 @@ class LiveOffload:
         return self.rt.metrics()
 
 
-def run_live(ex: dict, cfg, profile, *, device=None) -> dict:
-    """A validation run in live mode: not wired yet (needs the small model's weights and its prompts)."""
+def sequences_for_simulator(live: LiveOffload) -> list:
+    """The routing a live run produced, as the simulator's SequenceData (prefill batch, then decode rows)."""
+    from sim.engine.schedule import SequenceData
+
+    by_seq: dict[int, dict] = {}
+    for phase, seqs, pos, experts in live.history:
+        for s in sorted(set(seqs.tolist())):
+            sel = seqs == s
+            by_seq.setdefault(s, {"prefill": [], "decode": []})[phase].append((pos[sel], experts[sel]))
+    out = []
+    L, k = live.meta.n_layers, live.top_k
+    for s, parts in by_seq.items():
+        prompts = [("prefill", ex, p, None) for p, ex in parts["prefill"]]
+        if parts["decode"]:
+            gen = np.concatenate([ex for _, ex in parts["decode"]])
+            gpos = np.concatenate([p for p, _ in parts["decode"]])
+        else:
+            gen, gpos = np.full((0, L, k), -1, np.int16), np.zeros(0, np.int64)
+        n_before = sum(len(p[1]) for p in prompts)
+        allrows = np.concatenate([p[1] for p in prompts] + [gen]) if prompts or len(gen) else gen
+        out.append(SequenceData(s, prompts, gen, gpos, None, allrows, n_before))
+    return out
+
+
+def load_small_model(device):
+    """The small trained model (transformers) from SMALL_MOE_DIR / data/small_moe/model, or a clear error."""
     d = small_moe_dir()
-    where = f"model config at {d}" if d else "no small-moe model yet (set SMALL_MOE_DIR)"
-    raise NotImplementedError(f"live validation runs are not wired into executor.validate yet ({where}); "
-                              "LiveOffload in executor/live.py runs the model")
+    if d is None or not (list(d.glob("*.safetensors")) or list(d.glob("*.bin"))):
+        where = f"{d} has a config.json but no weights" if d else "no small-moe model directory"
+        raise NotImplementedError(f"live mode needs the small trained model's weights ({where}; set SMALL_MOE_DIR "
+                                  "to the directory traces.small_moe.train wrote)")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16 if torch.device(device).type == "cuda"
+                                                else torch.float32).to(device).eval(), d
+
+
+def read_prompt_ids(path, n: int, max_tokens: int = 24) -> list[list[int]]:
+    import json
+    from pathlib import Path
+
+    out = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            out.append([int(x) for x in json.loads(line)["ids"]][:max_tokens])
+        if len(out) >= n:
+            break
+    return out
+
+
+def run_live(ex: dict, cfg, profile, *, device=None, model=None) -> dict:
+    """A validation run in live mode: the small model generates on held-out prompts with its experts offloaded;
+    the simulator then runs the routing it produced, with the same cache, predictor and switches."""
+    from executor.geometry import REPO_ROOT
+    from executor.validate import compare_row
+    from predictors.registry import make_predictor
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if model is None:
+        model, _ = load_small_model(device)
+    prompts = read_prompt_ids(ex.get("prompts") or REPO_ROOT / "data" / "small_moe" / "prompts.jsonl",
+                              cfg.max_sequences or 4)
+    inflight = cfg.prefetch.max_inflight_mib * (1 << 20) if cfg.prefetch.max_inflight_mib is not None else None
+    live = LiveOffload(model, cache_capacity_bytes=None, cache_rate=cfg.cache.cache_rate,
+                       cache_policy=cfg.cache.policy, cache_scope=cfg.cache.scope,
+                       policy_params=cfg.cache.policy_params,
+                       predictor=make_predictor(cfg.prefetch.predictor, **cfg.prefetch.predictor_params),
+                       distance=cfg.prefetch.distance, top_n=cfg.prefetch.top_n, max_inflight_bytes=inflight,
+                       chunked_prefetch=cfg.chunked_prefetch, chunks=cfg.prefetch.chunks,
+                       early_preemption=cfg.early_preemption, reordered_inference=cfg.reordered_inference,
+                       device=device, name=ex.get("geometry") or "small-moe")
+    new_tokens = cfg.max_decode_tokens if cfg.max_decode_tokens is not None else 32
+    live.rt.warmup([1, max(len(p) for p in prompts)])
+    live.generate(prompts, max(1, new_tokens + 1))
+    real = live.finish()
+    seqs = sequences_for_simulator(live)
+    setup = SimpleNamespace(meta=live.meta, sequences=seqs, trace=None)
+    from executor.validate import simulate
+
+    capacity = live.rt.n_slots * live.meta.expert_bytes[0]
+    # a live run always prefills then decodes: the simulator runs both phases too (TTFT and TPOT both reported)
+    sim = simulate(cfg.model_copy(update={"phase": "both"}), setup, profile, capacity)
+    return compare_row(real, sim, {"geometry_name": live.geom.name, "n_layers": live.meta.n_layers,
+                                   "slab_slots": live.rt.n_slots, "capacity_bytes": capacity, "device": str(device)})

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from traces.errors import TraceError, run_cli
 
-EXECUTOR_KEYS = ("name", "geometry", "layers", "mode", "set_geometry")
+EXECUTOR_KEYS = ("name", "geometry", "layers", "mode", "set_geometry", "prompts")
 TIME_METRICS = ("ttft_ms", "tpot_ms", "total_ms")
 COMPARED = ("ttft_ms", "tpot_ms", "total_ms", "hit_rate", "stall_ms", "bytes_h2d", "pcie_busy_frac",
             "prefetch_precision", "prefetch_recall")
@@ -136,7 +136,8 @@ def simulate(cfg, setup, profile, capacity_bytes: int) -> dict:
                      predictor_cost_s=profile.predictor_cost_s(cfg.prefetch.predictor),
                      chunked_prefetch=cfg.chunked_prefetch, chunks=cfg.prefetch.chunks,
                      early_preemption=cfg.early_preemption, reordered_inference=cfg.reordered_inference,
-                     cpu_experts=cfg.cpu_experts, trace=_MetaTrace(setup.trace, setup.meta))
+                     cpu_experts=cfg.cpu_experts,
+                     trace=_MetaTrace(setup.trace, setup.meta) if setup.trace is not None else None)
     return sim.run()
 
 
@@ -158,8 +159,13 @@ def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget
     real = rt.run()
     capacity = rt.n_slots * setup.meta.expert_bytes[0]
     sim = simulate(cfg, setup, profile, capacity)
-    row = {"status": "ok", "geometry_name": setup.geometry.name, "n_layers": setup.n_layers,
-           "slab_slots": rt.n_slots, "capacity_bytes": capacity, "device": str(rt.device), "timing": real["timing"]}
+    return compare_row(real, sim, {"geometry_name": setup.geometry.name, "n_layers": setup.n_layers,
+                                   "slab_slots": rt.n_slots, "capacity_bytes": capacity, "device": str(rt.device)})
+
+
+def compare_row(real: dict, sim: dict, extra: dict) -> dict:
+    """One report row: real_*, sim_* and diff_* (relative for times and bytes, absolute for ratios)."""
+    row = {"status": "ok", **extra, "timing": real.get("timing")}
     for k in COMPARED:
         r, s = real.get(k), sim.get(k)
         row[f"real_{k}"] = r

@@ -73,3 +73,30 @@ def test_live_refuses_future_readers(tiny_model):
     with pytest.raises(ValueError, match="future"):
         LiveOffload(copy.deepcopy(tiny_model), predictor=make_predictor("oracle"))
     assert len(find_moe_blocks(tiny_model)) == 3
+
+
+def test_live_validation_run(tiny_model, tmp_path):
+    """executor.validate's live mode: the model generates, the simulator replays the routing it produced."""
+    import json
+
+    from executor.calibrate import main as calibrate_main
+    from executor.live import run_live, sequences_for_simulator
+    from sim.config import build_config
+    from sim.hardware import load_profile
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"ids": p}) for p in ([1, 5, 9, 3], [7, 2, 2, 8, 4])) + "\n")
+    prof = tmp_path / "cpu.yaml"
+    assert calibrate_main(["--out", str(prof), "--device", "cpu", "--repeats", "1", "--geometries", "tiny",
+                           "--predictors", "none"]) == 0
+    cfg = build_config({"trace": str(tmp_path), "max_sequences": 2, "max_decode_tokens": 3,
+                        "cache": {"policy": "lru", "cache_rate": 0.5}})
+    row = run_live({"geometry": "small-moe", "prompts": str(prompts)}, cfg, load_profile(str(prof)),
+                   device="cpu", model=copy.deepcopy(tiny_model))
+    assert row["status"] == "ok" and row["n_layers"] == 3
+    assert row["real_lookups"] == row["sim_lookups"] and row["real_hits"] == row["sim_hits"]  # no prefetch
+    assert row["real_ttft_ms"] is not None and row["real_tpot_ms"] is not None
+    live = LiveOffload(copy.deepcopy(tiny_model), cache_rate=0.5)
+    live.generate([[1, 2, 3]], 3)
+    seqs = sequences_for_simulator(live)
+    assert len(seqs) == 1 and seqs[0].prompts[0][1].shape == (3, 3, 2) and seqs[0].gen.shape == (2, 3, 2)
