@@ -1,37 +1,47 @@
 """Miss-ratio curves: the hit rate of a policy at every cache size, from the demand lookup stream.
 
     python -m sim.mrc TRACE --policies lru,belady,fifo,lfu [--scope global|per_layer] [--unit experts|bytes]
-                      [--phase both|prefill|decode] [--batch-size B] [--points N | --capacities C,C,...] [--json]
+                      [--phase both|prefill|decode] [--batch-size B] [--semantics gate|sequential]
+                      [--points N | --capacities C,C,...] [--json]
 
-JSON: {"unit": "experts"|"bytes", "scope": ..., "lookups": N, "policies": {"lru": {"capacity": [...],
-"hit_rate": [...], "method": ..., "exact": bool}, ...}}. `capacity` is the TOTAL cache size (experts, or bytes);
-in per_layer scope each layer gets capacity // n_layers of it, as in ExpertCache.
+JSON: {"unit": "experts"|"bytes", "scope": ..., "semantics": ..., "lookups": N, "policies": {"lru": {"capacity":
+[...], "hit_rate": [...], "method": ..., "exact": bool, "exact_from": C}, ...}}. `capacity` is the TOTAL cache
+size (experts, or bytes); in per_layer scope each layer gets capacity // n_layers of it, as in ExpertCache.
 
-Semantics. The curves are those of `sim.cache.ExpertCache` driven by the demand stream of `sim.access` with
-`hit = cache.lookup(k); if not hit: cache.insert(k)` and no pins and no prefetch (touches). Lookups are unique
-within a (layer, batch), so the rule "an expert of the running batch is never evicted" changes nothing for LRU
-whenever the cache can hold the largest (layer, batch) group (those experts are the most recent ones; below that
-size the batch cannot run from the cache at all). For Belady, pinning the running batch can change its choices;
-the curve is the unpinned optimum, an upper bound of the pinned one.
+Semantics: a curve is, at each capacity, the hit count of `sim.cache.ExpertCache` driven by `replay` over the
+demand stream of `sim.access` (one lookup per unique expert per (layer, batch)):
+- "gate" (default; DESIGN.md): all lookups of a (layer, batch) group see the cache as it is at the layer's gate,
+  the group's experts are pinned while the layer runs (never evicted by its own misses), the misses are inserted,
+  and the group's experts end up in first-occurrence recency order (they are touched in the order they are used,
+  so recency does not depend on which of them hit: that is what makes a one-pass algorithm possible). The SimPy
+  engine matches it when it touches the layer's experts in first-occurrence order after queuing its misses.
+- "sequential": one lookup at a time, insert on a miss, no pins: what libCacheSim and other trace simulators do
+  (an earlier miss of a group may evict a later expert of the same group). tests/test_sim_libcachesim.py checks
+  ExpertCache and these curves against libCacheSim's own simulator in this mode.
+The two differ by a handful of lookups on the public traces (global LRU at 4000 MiB: Qwen3 29600 vs 29596 hits of
+39526, Gemma-4 18871 vs 18862 of 24578). Curves are exact from the capacity `exact_from` up: in gate semantics
+the cache must hold the largest group (in per_layer scope each layer's share its layer's largest group; for
+Belady one expert more); below that the group itself does not fit and the engine streams experts uncached.
+Prefetches (touches of resident experts, speculative inserts) are not part of a miss-ratio curve.
 
 Methods (the `method` key):
-- `lru`, method "stack": one pass computes, for every lookup, the smallest capacity at which it hits (the LRU
-  stack distance, Mattson et al. 1970: distinct keys since the previous lookup of the key, plus one; in bytes the
-  sizes of those keys plus its own size), counted with a bitmap over time with popcounts (numba when installed,
-  numpy/Python otherwise). Exact for every size in experts. In bytes with unequal sizes (Gemma, Qwen3 here) the
-  LRU cache content is always the longest prefix of the recency stack that fits, so the byte stack distance is
-  exact for every capacity >= the largest expert (smaller capacities cannot hold the larger experts at all and are
-  not on the curve except 0).
-- `belady`, method "opt-stack": Mattson et al.'s OPT stack algorithm (priority = sooner next use) gives every
-  lookup's smallest hitting capacity under demand MIN (a missed key is always inserted; Belady with
-  farthest-next-use eviction), for all sizes in one pass. Exact in experts; in per_layer scope exact in bytes too
-  (sizes are uniform within a layer); in global scope with unequal sizes no stack algorithm exists (byte-optimal
-  caching is NP-hard), so it is simulated at each capacity with ExpertCache's belady policy (method
-  "simulated", exact: false, i.e. farthest-next-use, not the byte optimum).
-- every other policy (fifo, lfu, static, ...): ExpertCache simulated at each capacity of the grid
-  (`--points`, default 16 evenly spaced sizes, or `--capacities`), method "simulated".
+- `lru`, "stack": one pass gives every lookup the smallest capacity at which it hits (the LRU stack distance,
+  Mattson et al. 1970: the distinct keys looked up since its previous lookup, up to its group's start in gate
+  semantics, plus one; in bytes their sizes plus its own size), counted with a bitmap over time and popcounts
+  (numba when installed, plain Python otherwise; same integers). In bytes with unequal sizes (Gemma, Qwen3 here) the
+  LRU content is always the longest prefix of the recency stack that fits, so the byte stack distance is exact for
+  every capacity >= the largest expert (steps below that size are moved up to it).
+- `belady`, "opt-stack": Mattson et al.'s OPT stack algorithm (priority = sooner next use) gives every lookup's
+  smallest hitting capacity under demand MIN (farthest-next-use eviction, a missed key always inserted) for all
+  sizes in one pass; in gate semantics on the stream where each group is followed by an uncounted second reference
+  to its experts (so MIN keeps them until the group ends). Exact in experts; in per_layer scope in bytes too (sizes
+  are uniform within a layer); in global scope with unequal sizes there is no stack algorithm (byte-optimal caching
+  is NP-hard), so it is simulated at each capacity with ExpertCache's belady policy (method "simulated",
+  exact: false: farthest-next-use, not the byte optimum).
+- every other policy (fifo, lfu, static, ...): ExpertCache replayed at each capacity of the grid (`--points`,
+  default 16 evenly spaced sizes, or `--capacities`), method "simulated".
 - `lcs:NAME` (any libCacheSim algorithm, S3FIFO included): libCacheSim's own simulator on the same stream at each
-  capacity of the grid (`run_libcachesim`), method "libcachesim".
+  capacity of the grid (`run_libcachesim`, always sequential), method "libcachesim".
 Exact curves are step functions: by default their capacities are the step points (every size up to saturation
 in experts); with --points/--capacities they are evaluated at those sizes.
 """
@@ -56,46 +66,60 @@ INF = np.iinfo(np.int64).max
 UNITS = ("experts", "bytes")
 SCOPES = ("global", "per_layer")
 EXACT = ("lru", "belady")
+SEMANTICS = ("gate", "sequential")
 
 # ---------------------------------------------------------------------------------------------------------------
 # kernels: smallest hitting capacity per lookup
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def lru_hit_capacity_py(ids: np.ndarray, cls: np.ndarray, sizes: np.ndarray, n_ids: int) -> np.ndarray:
-    """Reference version (pure Python + a Fenwick tree over time): for each lookup t of key ids[t] (0..n_ids-1)
-    in size class cls[t] (size sizes[cls]), the total size of the distinct keys looked up since its previous
-    lookup plus its own size; INF for a first lookup."""
+def lru_hit_capacity_py(ids: np.ndarray, cls: np.ndarray, sizes: np.ndarray, n_ids: int,
+                        bounds: np.ndarray | None = None) -> np.ndarray:
+    """Reference version (pure Python + a Fenwick tree over time).
+
+    For each lookup t of key ids[t] (0..n_ids-1, size sizes[cls[t]]): the smallest LRU capacity at which it hits,
+    i.e. the total size of the distinct keys looked up since its previous lookup, plus its own size; INF for a
+    first lookup. `bounds` (group boundaries: 0 = b_0 < b_1 < ... < b_G = N) switches on gate semantics: every
+    lookup of a group is answered against the state at the group's start (the keys of a group are unique), so
+    keys looked up earlier in the same group do not count; None = one group per lookup (sequential semantics)."""
     n = len(ids)
+    if bounds is None:
+        bounds = np.arange(n + 1)
     tree = [0] * (n + 1)
     last = [-1] * n_ids
     out = np.full(n, INF, dtype=np.int64)
     w_all = sizes[cls].tolist() if n else []
     ids_l = ids.tolist()
-    for t in range(n):
-        k = ids_l[t]
-        w = w_all[t]
-        p = last[k]
-        if p >= 0:
-            s = 0
-            i = t
-            while i > 0:
-                s += tree[i]
-                i -= i & -i
-            i = p + 1
-            while i > 0:
-                s -= tree[i]
-                i -= i & -i
-            out[t] = s + w
-            i = p + 1
+    bl = np.asarray(bounds).tolist()
+    for g in range(len(bl) - 1):
+        g0, g1 = bl[g], bl[g + 1]
+        for t in range(g0, g1):  # queries against the state at the group start
+            p = last[ids_l[t]]
+            if p >= 0:
+                s = 0
+                i = g0
+                while i > 0:
+                    s += tree[i]
+                    i -= i & -i
+                i = p + 1
+                while i > 0:
+                    s -= tree[i]
+                    i -= i & -i
+                out[t] = s + w_all[t]
+        for t in range(g0, g1):  # then the group's updates
+            k = ids_l[t]
+            w = w_all[t]
+            p = last[k]
+            if p >= 0:
+                i = p + 1
+                while i <= n:
+                    tree[i] -= w
+                    i += i & -i
+            i = t + 1
             while i <= n:
-                tree[i] -= w
+                tree[i] += w
                 i += i & -i
-        i = t + 1
-        while i <= n:
-            tree[i] += w
-            i += i & -i
-        last[k] = t
+            last[k] = t
     return out
 
 
@@ -189,27 +213,33 @@ if HAVE_NUMBA:
         return s
 
     @numba.njit(cache=True, nogil=True)
-    def _lru_unit_nb(ids, n_ids):  # pragma: no cover - compiled
+    def _lru_unit_nb(ids, n_ids, bounds):  # pragma: no cover - compiled
         n = ids.shape[0]
         nw = (n >> 6) + 1
         words = np.zeros(nw, np.uint64)
         sb = np.zeros((nw >> 6) + 1, np.int64)
         last = np.full(n_ids, -1, np.int64)
         out = np.full(n, INF, np.int64)
-        for t in range(n):
-            k = ids[t]
-            p = last[k]
-            if p >= 0:
-                out[t] = _live_between(words, sb, p + 1, t - 1, 0, 0) + 1
-                words[p >> 6] &= ~(_ONE << np.uint64(p & 63))
-                sb[p >> 12] -= 1
-            words[t >> 6] |= _ONE << np.uint64(t & 63)
-            sb[t >> 12] += 1
-            last[k] = t
+        for g in range(bounds.shape[0] - 1):
+            g0 = bounds[g]
+            g1 = bounds[g + 1]
+            for t in range(g0, g1):
+                p = last[ids[t]]
+                if p >= 0:
+                    out[t] = _live_between(words, sb, p + 1, g0 - 1, 0, 0) + 1
+            for t in range(g0, g1):
+                k = ids[t]
+                p = last[k]
+                if p >= 0:
+                    words[p >> 6] &= ~(_ONE << np.uint64(p & 63))
+                    sb[p >> 12] -= 1
+                words[t >> 6] |= _ONE << np.uint64(t & 63)
+                sb[t >> 12] += 1
+                last[k] = t
         return out
 
     @numba.njit(cache=True, nogil=True)
-    def _lru_sized_nb(ids, cls, sizes, n_ids):  # pragma: no cover - compiled
+    def _lru_sized_nb(ids, cls, sizes, n_ids, bounds):  # pragma: no cover - compiled
         n = ids.shape[0]
         n_cls = sizes.shape[0]
         nw = (n >> 6) + 1
@@ -218,31 +248,39 @@ if HAVE_NUMBA:
         sb = np.zeros(n_cls * nsb, np.int64)
         last = np.full(n_ids, -1, np.int64)
         out = np.full(n, INF, np.int64)
-        for t in range(n):
-            k = ids[t]
-            c = cls[t]
-            p = last[k]
-            if p >= 0:
-                tot = sizes[c]
-                for q in range(n_cls):
-                    tot += _live_between(words, sb, p + 1, t - 1, q * nw, q * nsb) * sizes[q]
-                out[t] = tot
-                words[c * nw + (p >> 6)] &= ~(_ONE << np.uint64(p & 63))
-                sb[c * nsb + (p >> 12)] -= 1
-            words[c * nw + (t >> 6)] |= _ONE << np.uint64(t & 63)
-            sb[c * nsb + (t >> 12)] += 1
-            last[k] = t
+        for g in range(bounds.shape[0] - 1):
+            g0 = bounds[g]
+            g1 = bounds[g + 1]
+            for t in range(g0, g1):
+                p = last[ids[t]]
+                if p >= 0:
+                    tot = sizes[cls[t]]
+                    for q in range(n_cls):
+                        tot += _live_between(words, sb, p + 1, g0 - 1, q * nw, q * nsb) * sizes[q]
+                    out[t] = tot
+            for t in range(g0, g1):
+                k = ids[t]
+                c = cls[t]
+                p = last[k]
+                if p >= 0:
+                    words[c * nw + (p >> 6)] &= ~(_ONE << np.uint64(p & 63))
+                    sb[c * nsb + (p >> 12)] -= 1
+                words[c * nw + (t >> 6)] |= _ONE << np.uint64(t & 63)
+                sb[c * nsb + (t >> 12)] += 1
+                last[k] = t
         return out
 
-    def lru_hit_capacity_nb(ids, cls, sizes, n_ids):
+    def lru_hit_capacity_nb(ids, cls, sizes, n_ids, bounds=None):
         """As lru_hit_capacity_py. One bitmap per size class over time marks each key's latest lookup; the
-        distance is a popcount over (previous lookup, now) times the class sizes. O(gap/64) per lookup (gaps
-        over 32768 lookups skip whole 4096-lookup blocks through per-block counts)."""
+        distance is a popcount over (previous lookup, group start) times the class sizes. O(gap/64) per lookup
+        (gaps over 32768 lookups skip whole 4096-lookup blocks through per-block counts)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
+        bounds = np.arange(len(ids) + 1, dtype=np.int64) if bounds is None else np.ascontiguousarray(bounds,
+                                                                                                   dtype=np.int64)
         if len(sizes) == 1 and int(sizes[0]) == 1:
-            return _lru_unit_nb(ids, int(n_ids))
+            return _lru_unit_nb(ids, int(n_ids), bounds)
         return _lru_sized_nb(ids, np.ascontiguousarray(cls, dtype=np.int64),
-                             np.ascontiguousarray(sizes, dtype=np.int64), int(n_ids))
+                             np.ascontiguousarray(sizes, dtype=np.int64), int(n_ids), bounds)
 
     @numba.njit(cache=True, nogil=True)
     def opt_hit_capacity_nb(ids, next_use, n_ids):  # pragma: no cover - compiled; tested against the Python one
@@ -287,6 +325,25 @@ else:  # pragma: no cover
     BACKEND = "python"
     lru_hit_capacity = lru_hit_capacity_py
     opt_hit_capacity = opt_hit_capacity_py
+
+
+def opt_gate(ids: np.ndarray, bounds: np.ndarray | None, n_ids: int) -> np.ndarray:
+    """OPT stack distances under gate semantics: the running group's experts may not be evicted until the group
+    ends. That is demand MIN on the stream in which every group is followed by a second (uncounted) reference to
+    each of its experts: MIN never evicts an expert referenced again within the group, and after those references
+    every expert's priority is its true next use. Exact for capacities above the largest group."""
+    if bounds is None:
+        return opt_hit_capacity(ids, next_use(ids), n_ids)
+    bounds = np.asarray(bounds, dtype=np.int64)
+    sizes = np.diff(bounds)
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    # augmented stream: group g's lookups, then the same keys again; original lookup t sits at t + bounds[group]
+    pos = np.arange(len(ids)) + bounds[group]
+    aug = np.empty(2 * len(ids), dtype=np.int64)
+    aug[pos] = ids
+    aug[pos + sizes[group]] = ids
+    h = opt_hit_capacity(aug, next_use(aug), n_ids)
+    return h[pos]
 
 
 def next_use(ids: np.ndarray) -> np.ndarray:
@@ -353,7 +410,7 @@ def _classes(stream: LookupStream, unit: str) -> tuple[np.ndarray, np.ndarray]:
     return inv.astype(np.int64)[stream.layer], sizes.astype(np.int64)
 
 
-def _exact_curve(stream: LookupStream, policy: str, scope: str, unit: str) -> _Exact | None:
+def _exact_curve(stream: LookupStream, policy: str, scope: str, unit: str, semantics: str = "gate") -> _Exact | None:
     """The exact step curve of lru or belady, or None where no exact one-pass method applies."""
     n = len(stream)
     if scope == "global":
@@ -361,12 +418,13 @@ def _exact_curve(stream: LookupStream, policy: str, scope: str, unit: str) -> _E
         n_ids = stream.n_layers * stream.n_experts
         if policy == "lru":
             cls, sizes = _classes(stream, unit)
-            h = lru_hit_capacity(ids, cls, sizes, n_ids)
+            bounds = np.r_[stream.group_starts(), n] if semantics == "gate" else None
+            h = lru_hit_capacity(ids, cls, sizes, n_ids, bounds)
             return _Exact([_Exact.part(h, 1)], 1, n)
         uniform = unit == "experts" or len(set(stream.expert_bytes)) == 1
         if not uniform:
             return None
-        h = opt_hit_capacity(ids, next_use(ids), n_ids)
+        h = opt_gate(ids, np.r_[stream.group_starts(), n] if semantics == "gate" else None, n_ids)
         unit_size = 1 if unit == "experts" else stream.expert_bytes[0]
         return _Exact([_Exact.part(h, unit_size)], 1, n)
     # per_layer: independent streams; counts per layer, capacity per layer = (C // L) // size
@@ -374,10 +432,14 @@ def _exact_curve(stream: LookupStream, policy: str, scope: str, unit: str) -> _E
     for layer in range(stream.n_layers):
         sel = stream.layer == layer
         ids = stream.expert[sel].astype(np.int64)
+        bounds = None
+        if semantics == "gate":
+            batch = stream.batch[sel]
+            bounds = np.r_[np.flatnonzero(np.r_[True, batch[1:] != batch[:-1]]), len(ids)] if len(ids) else np.zeros(1)
         if policy == "lru":
-            h = lru_hit_capacity(ids, np.zeros(len(ids), np.int64), np.ones(1, np.int64), stream.n_experts)
+            h = lru_hit_capacity(ids, np.zeros(len(ids), np.int64), np.ones(1, np.int64), stream.n_experts, bounds)
         else:
-            h = opt_hit_capacity(ids, next_use(ids), stream.n_experts)
+            h = opt_gate(ids, bounds, stream.n_experts)
         size = 1 if unit == "experts" else int(stream.expert_bytes[layer])
         parts.append(_Exact.part(h, size))
     return _Exact(parts, stream.n_layers, n)
@@ -394,9 +456,43 @@ def saturation_capacity(stream: LookupStream, scope: str, unit: str) -> int:
     return int(per_layer.max() * stream.n_layers) if len(per_layer) else 0
 
 
+def replay(stream: LookupStream, cache, *, semantics: str = "gate"):
+    """Drive an ExpertCache with a demand lookup stream; the reference the curves are checked against.
+
+    gate (DESIGN.md; the default): for each (layer, batch) group: pin its experts; look every one up (hit = resident
+    at the gate); insert the misses in first-occurrence order (never evicting the group's experts); touch the
+    group's experts in first-occurrence order (the order they are used, so recency does not depend on which of
+    them hit); unpin. An insert that cannot fit (the group alone exceeds the cache) leaves that expert uncached.
+    sequential (as libCacheSim and other trace simulators): for each lookup: look up; insert on a miss; no pins.
+    """
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+    keys = stream.key_tuples()
+    lookup, insert = cache.lookup, cache.insert
+    if semantics == "sequential":
+        for k in keys:
+            if not lookup(k):
+                insert(k)
+        return cache
+    pin, unpin, touch = cache.pin, cache.unpin, cache.touch
+    bounds = stream.group_starts().tolist() + [len(keys)]
+    for g0, g1 in zip(bounds[:-1], bounds[1:]):
+        group = keys[g0:g1]
+        for k in group:
+            pin(k)
+        missed = [k for k in group if not lookup(k)]
+        for k in missed:
+            insert(k)
+        for k in group:
+            touch(k)
+        for k in group:
+            unpin(k)
+    return cache
+
+
 def simulate_hits(stream: LookupStream, policy: str, capacity: int, *, scope: str = "global",
-                  unit: str = "experts", policy_params: dict | None = None) -> int:
-    """Demand hits of ExpertCache with this policy at one capacity (lookup; insert on a miss; no pins)."""
+                  unit: str = "experts", policy_params: dict | None = None, semantics: str = "gate") -> int:
+    """Demand hits of ExpertCache with this policy at one capacity, driven by `replay`."""
     from sim.cache import ExpertCache
 
     sizes = [1] * stream.n_layers if unit == "experts" else stream.expert_bytes
@@ -407,11 +503,31 @@ def simulate_hits(stream: LookupStream, policy: str, capacity: int, *, scope: st
     cache = ExpertCache(n_layers=stream.n_layers, n_experts=stream.n_experts, expert_bytes=sizes,
                         capacity_bytes=int(capacity), scope=scope, policy=policy, policy_params=params,
                         future=future)
-    lookup, insert = cache.lookup, cache.insert
-    for k in future:
-        if not lookup(k):
-            insert(k)
-    return cache.stats.hits
+    return replay(stream, cache, semantics=semantics).stats.hits
+
+
+def exact_from(stream: LookupStream, policy: str, scope: str, unit: str, semantics: str = "gate") -> int:
+    """The smallest capacity from which the one-pass curve equals `replay` exactly.
+
+    sequential: every capacity (in global bytes: from the largest expert up). gate: the cache must hold the largest
+    (layer, batch) group (in per_layer scope: each layer's share its layer's largest group), and for belady one
+    expert more (then demand MIN never needs to evict an expert of the running group, so the sequential OPT stack
+    is exact for the gate too)."""
+    big = 1 if unit == "experts" else max(stream.expert_bytes)
+    if semantics == "sequential" or len(stream) == 0:
+        return big if scope == "global" else big * stream.n_layers
+    starts = stream.group_starts()
+    size = np.ones(len(stream), np.int64) if unit == "experts" else stream.sizes
+    group_size = np.add.reduceat(size, starts)
+    extra = big if policy == "belady" else 0
+    if scope == "global":
+        return max(int(group_size.max()) + extra, big)
+    layer_of_group = stream.layer[starts]
+    need = np.zeros(stream.n_layers, np.int64)
+    np.maximum.at(need, layer_of_group, group_size)
+    per_layer_size = np.ones(stream.n_layers, np.int64) if unit == "experts" else np.asarray(stream.expert_bytes)
+    return max(int(((need + (per_layer_size if policy == "belady" else 0)) * stream.n_layers).max()),
+               big * stream.n_layers)
 
 
 def _grid(stream: LookupStream, scope: str, unit: str, points: int) -> np.ndarray:
@@ -427,21 +543,24 @@ def _grid(stream: LookupStream, scope: str, unit: str, points: int) -> np.ndarra
 
 def compute_mrc(stream: LookupStream, policies: Sequence[str], *, scope: str = "global", unit: str = "experts",
                 points: int | None = None, capacities: Sequence[int] | None = None,
-                policy_params: dict[str, dict] | None = None) -> dict:
+                policy_params: dict[str, dict] | None = None, semantics: str = "gate") -> dict:
     """Hit-rate curves of several policies on one lookup stream (see the module docstring). JSON-ready."""
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
     n = len(stream)
-    out: dict = {"unit": unit, "scope": scope, "lookups": n, "backend": BACKEND, "policies": {}}
+    out: dict = {"unit": unit, "scope": scope, "semantics": semantics, "lookups": n, "backend": BACKEND,
+                 "policies": {}}
     grid = None
     if capacities is not None:
         grid = np.asarray(sorted(set(int(c) for c in capacities)), dtype=np.int64)
     elif points is not None:
         grid = _grid(stream, scope, unit, points)
     for policy in policies:
-        exact = _exact_curve(stream, policy, scope, unit) if policy in EXACT else None
+        exact = _exact_curve(stream, policy, scope, unit, semantics) if policy in EXACT else None
         if exact is not None:
             caps = grid if grid is not None else exact.breakpoints()
             if grid is None and unit == "bytes" and scope == "global":
@@ -466,8 +585,8 @@ def compute_mrc(stream: LookupStream, policies: Sequence[str], *, scope: str = "
         else:
             caps = grid if grid is not None else _grid(stream, scope, unit, 16)
             params = (policy_params or {}).get(policy)
-            hits = np.array([simulate_hits(stream, policy, int(c), scope=scope, unit=unit, policy_params=params)
-                             for c in caps], dtype=np.int64)
+            hits = np.array([simulate_hits(stream, policy, int(c), scope=scope, unit=unit, policy_params=params,
+                                           semantics=semantics) for c in caps], dtype=np.int64)
             method = "simulated"
         out["policies"][policy] = {
             "capacity": [int(c) for c in caps],
@@ -475,6 +594,8 @@ def compute_mrc(stream: LookupStream, policies: Sequence[str], *, scope: str = "
             "method": method,
             "exact": method != "simulated" or policy not in EXACT,
         }
+        if method in ("stack", "opt-stack"):
+            out["policies"][policy]["exact_from"] = exact_from(stream, policy, scope, unit, semantics)
         if policy == "belady" and method == "simulated":
             out["policies"][policy]["note"] = "farthest-next-use with unequal sizes: a heuristic, not the byte optimum"
     return out
@@ -562,23 +683,26 @@ def run_libcachesim(stream: LookupStream, algo: str, capacity: int, *, scope: st
 def bench_mrc(trace_path, *, repeats: int = 7, phase: str = "both") -> dict:
     """Speed of the all-sizes LRU MRC against libCacheSim's LRU at one size, on one core, same lookup stream.
 
-    Both sides start from the in-memory lookup stream: the MRC computes every lookup's stack distance and the
-    hit rate at every size; libCacheSim builds its oracleGeneral records, writes and reads them, and simulates one
-    size (half the distinct keys). Best of `repeats` (after a warm-up that also compiles the numba kernel).
-    Keys: mrc_accesses_per_s, libcachesim_accesses_per_s (end to end, as above), mrc_speedup_vs_libcachesim;
-    plus libcachesim_sim_accesses_per_s and mrc_speedup_vs_libcachesim_sim (process_trace alone, the stricter
-    comparison)."""
+    Both sides start from the in-memory lookup stream and answer the same question in the same (sequential)
+    semantics: the MRC computes every lookup's stack distance and the hit rate at every size; libCacheSim builds its
+    oracleGeneral records, writes and reads them, and simulates one size (half the distinct keys). Best of
+    `repeats`, after a warm-up that also compiles the numba kernel. Keys: mrc_accesses_per_s,
+    libcachesim_accesses_per_s (end to end, as above), mrc_speedup_vs_libcachesim; plus
+    libcachesim_sim_accesses_per_s and mrc_speedup_vs_libcachesim_sim (libCacheSim's process_trace alone, the
+    stricter comparison), mrc_sizes (capacities on the curve) and mrc_agrees_with_libcachesim."""
     stream = lookup_stream(trace_path, phase=phase)
     n = len(stream)
     size = max(1, len(np.unique(stream.keys)) // 2)
 
     def mrc_once():
-        curve = _exact_curve(stream, "lru", "global", "experts")
+        curve = _exact_curve(stream, "lru", "global", "experts", "sequential")
         caps = curve.breakpoints()
-        return curve.hits(caps)
+        return caps, curve.hits(caps)
 
-    mrc_once()
-    run_libcachesim(stream, "LRU", size)
+    caps, hits = mrc_once()
+    first = run_libcachesim(stream, "LRU", size)
+    curve = _exact_curve(stream, "lru", "global", "experts", "sequential")
+    agrees = int(curve.hits([size])[0]) == first["hits"]
     mrc_s = min(_timed(mrc_once) for _ in range(repeats))
     lcs = [run_libcachesim(stream, "LRU", size) for _ in range(repeats)]
     lcs_s = min(r["seconds"] for r in lcs)
@@ -590,6 +714,8 @@ def bench_mrc(trace_path, *, repeats: int = 7, phase: str = "both") -> dict:
         "libcachesim_sim_accesses_per_s": n / lcs_sim_s,
         "mrc_speedup_vs_libcachesim_sim": lcs_sim_s / mrc_s,
         "mrc_accesses": n,
+        "mrc_sizes": len(caps),
+        "mrc_agrees_with_libcachesim": agrees,
         "mrc_backend": BACKEND,
     }
 
@@ -613,6 +739,9 @@ def main(argv=None) -> int:
     ap.add_argument("--unit", choices=UNITS, default="experts")
     ap.add_argument("--phase", choices=sorted(PHASE_SELECT), default="both")
     ap.add_argument("--batch-size", type=int, default=1, help="decode batch size (sequences per forward pass)")
+    ap.add_argument("--semantics", choices=SEMANTICS, default="gate",
+                    help="gate: DESIGN.md's (a layer's lookups all see the cache as at its gate; the running batch is "
+                         "never evicted); sequential: one lookup at a time, as libCacheSim")
     grid = ap.add_mutually_exclusive_group()
     grid.add_argument("--points", type=int, help="evaluate every policy at N evenly spaced sizes")
     grid.add_argument("--capacities", help="comma-separated sizes (in --unit) to evaluate")
@@ -647,7 +776,7 @@ def main(argv=None) -> int:
         capacities = sorted({int(round(top * f)) for f in (0.05, 0.1, 0.25, 0.5, 0.75, 1.0)})
     try:
         result = compute_mrc(stream, policies, scope=args.scope, unit=args.unit, points=args.points,
-                             capacities=capacities)
+                             capacities=capacities, semantics=args.semantics)
     except (ValueError, TypeError) as exc:
         raise TraceError(str(exc), where="--policies") from None
     result.update(trace=str(args.trace), phase=args.phase, batch_size=args.batch_size)
@@ -655,7 +784,8 @@ def main(argv=None) -> int:
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")
         return 0
-    print(f"{args.trace}: {len(stream)} lookups, scope {args.scope}, unit {args.unit}, phase {args.phase}")
+    print(f"{args.trace}: {len(stream)} lookups, scope {args.scope}, unit {args.unit}, phase {args.phase}, "
+          f"semantics {args.semantics}")
     show = sorted({c for p in policies for c in result["policies"][p]["capacity"]})
     print("capacity    " + "".join(f"{p:>12}" for p in policies))
     for c in show:

@@ -1,7 +1,8 @@
 """Differential checks against libCacheSim (issue 3, correctness (c)).
 
 Same lookup semantics on both sides: the demand stream of sim.access (one lookup per unique expert per (layer,
-batch), the prompt as one prefill batch, then decode), global scope. Ours: ExpertCache (lookup, insert on a miss).
+batch), the prompt as one prefill batch, then decode), global scope, one lookup at a time (sim.mrc's "sequential"
+semantics, which is what a trace simulator does). Ours: ExpertCache (lookup, insert on a miss).
 libCacheSim's: its own C simulator (TraceReader + process_trace) on the same stream. LFU: libCacheSim's LFU keeps
 one FIFO queue per frequency, i.e. among the least frequent it evicts the one that reached that frequency first;
 our LFU documents and implements the same tie-break, so the counts must be identical.
@@ -36,20 +37,20 @@ def stream(request):
 def test_hit_counts_equal_libcachesim_experts(stream, ours, theirs):
     for capacity in (200, 900, 2000):
         want = mrc.run_libcachesim(stream, theirs, capacity)["hits"]
-        assert mrc.simulate_hits(stream, ours, capacity) == want, (ours, capacity)
+        assert mrc.simulate_hits(stream, ours, capacity, semantics="sequential") == want, (ours, capacity)
 
 
 def test_byte_lru_equals_libcachesim_sized_objects(stream):
     """libCacheSim supports sized objects: object size = the expert's bytes, capacity in bytes."""
-    curve = mrc.compute_mrc(stream, ["lru"], unit="bytes")["policies"]["lru"]
+    curve = mrc.compute_mrc(stream, ["lru"], unit="bytes", semantics="sequential")["policies"]["lru"]
     for mib in (700, 2500, 4000):
         want = mrc.run_libcachesim(stream, "LRU", mib * MIB, unit="bytes")["hits"]
-        assert mrc.simulate_hits(stream, "lru", mib * MIB, unit="bytes") == want
+        assert mrc.simulate_hits(stream, "lru", mib * MIB, unit="bytes", semantics="sequential") == want
         assert round(mrc.hit_rate_at(curve, mib * MIB) * len(stream)) == want
 
 
 def test_lru_curve_equals_libcachesim_at_sizes(stream):
-    curve = mrc.compute_mrc(stream, ["lru"])["policies"]["lru"]
+    curve = mrc.compute_mrc(stream, ["lru"], semantics="sequential")["policies"]["lru"]
     for capacity in (100, 1000, 3000):
         want = mrc.run_libcachesim(stream, "LRU", capacity)["hits"]
         assert round(mrc.hit_rate_at(curve, capacity) * len(stream)) == want
@@ -59,7 +60,7 @@ def test_per_layer_scope_equals_libcachesim(stream):
     capacity = 40 * stream.n_layers
     for ours, theirs in (("lru", "LRU"), ("fifo", "FIFO")):
         want = mrc.run_libcachesim(stream, theirs, capacity, scope="per_layer")["hits"]
-        assert mrc.simulate_hits(stream, ours, capacity, scope="per_layer") == want
+        assert mrc.simulate_hits(stream, ours, capacity, scope="per_layer", semantics="sequential") == want
 
 
 @pytest.mark.parametrize("algo", ["LRU", "FIFO", "LFU", "ARC", "Sieve", "Clock"])
@@ -67,7 +68,7 @@ def test_adapter_reproduces_libcachesim(stream, algo):
     """The lcs:NAME adapter inside ExpertCache gives libCacheSim's own hit count (no pins)."""
     capacity = 900
     want = mrc.run_libcachesim(stream, algo, capacity)["hits"]
-    assert mrc.simulate_hits(stream, f"lcs:{algo}", capacity) == want
+    assert mrc.simulate_hits(stream, f"lcs:{algo}", capacity, semantics="sequential") == want
 
 
 def test_adapter_respects_pins():
@@ -94,6 +95,7 @@ def test_bench_mrc_keys():
     out = mrc.bench_mrc(GEMMA, repeats=1)
     for key in ("mrc_accesses_per_s", "libcachesim_accesses_per_s", "mrc_speedup_vs_libcachesim"):
         assert np.isfinite(out[key]) and out[key] > 0
+    assert out["mrc_agrees_with_libcachesim"]
 
 
 def test_algorithms_without_to_evict_are_refused():
@@ -115,7 +117,7 @@ def test_algorithms_without_to_evict_are_refused():
 
 
 def test_mrc_lcs_policies_use_libcachesim(stream):
-    out = mrc.compute_mrc(stream, ["lru", "lcs:LRU", "lcs:S3FIFO"], capacities=[3, 900])
+    out = mrc.compute_mrc(stream, ["lru", "lcs:LRU", "lcs:S3FIFO"], capacities=[3, 900], semantics="sequential")
     lcs_lru, s3 = out["policies"]["lcs:LRU"], out["policies"]["lcs:S3FIFO"]
     assert lcs_lru["method"] == "libcachesim" and lcs_lru["hit_rate"] == out["policies"]["lru"]["hit_rate"]
     assert s3["capacity"] == [900]  # 3 is too small for S3FIFO's 10% small queue: left off, not crashed
