@@ -21,13 +21,25 @@ TINY = {
     "granitemoe": dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2),
 }
 
+# Further families the generic router hooks also handle (tested against the experts' own inputs only).
+TINY_EXTRA = {
+    "flex_olmo": dict(intermediate_size=24, num_experts=8, num_experts_per_tok=2),
+    "glm4_moe": dict(intermediate_size=24, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                     n_group=2, topk_group=1, first_k_dense_replace=1, head_dim=8),
+    "granitemoeshared": dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+                             shared_intermediate_size=16),
+    "ernie4_5_moe": dict(intermediate_size=24, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
+                         moe_layer_start_index=0),
+}
+
 
 def tiny_config(family: str, **overrides):
     from transformers import AutoConfig
 
-    if family not in TINY:
-        raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(sorted(TINY))}")
-    kw = {**_COMMON, **TINY[family], **overrides}
+    known = {**TINY, **TINY_EXTRA}
+    if family not in known:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(sorted(known))}")
+    kw = {**_COMMON, **known[family], **overrides}
     return AutoConfig.for_model(family, **kw)
 
 
