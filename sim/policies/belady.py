@@ -26,11 +26,13 @@ NEVER = 1 << 62
 class Belady(Policy):
     needs_future = True
 
-    def __init__(self, future: Sequence[Key]) -> None:
-        self._future = [(int(a), int(b)) for a, b in future]
+    def __init__(self, future: Sequence[Key], layer: int | None = None) -> None:
+        """`layer`: the partition's layer in per_layer scope (only its keys are indexed), None in global scope."""
+        self._future = future  # not copied: a per_layer cache holds one instance per layer
         self._positions: dict[Key, list[int]] = {}
-        for i, k in enumerate(self._future):
-            self._positions.setdefault(k, []).append(i)
+        for i, (a, b) in enumerate(future):
+            if layer is None or a == layer:
+                self._positions.setdefault((int(a), int(b)), []).append(i)
         self._cursor = 0  # index of the next demand lookup
         self._next: dict[Key, int] = {}  # resident key -> index of its next demand lookup
         self._heap: list[tuple[int, Key]] = []  # (-next use, key), lazily invalidated
@@ -43,8 +45,9 @@ class Belady(Policy):
         return pos[i] if i < len(pos) else NEVER
 
     def on_lookup(self, key: Key, index: int) -> None:
-        if index >= len(self._future) or self._future[index] != key:
-            expected = self._future[index] if index < len(self._future) else "end of the future sequence"
+        f = self._future[index] if index < len(self._future) else None
+        if f is None or (int(f[0]), int(f[1])) != key:
+            expected = tuple(f) if f is not None else "end of the future sequence"
             raise ValueError(f"belady: demand lookup #{index} is {key}, but the future sequence has {expected}")
         self._cursor = index + 1
 
