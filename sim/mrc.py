@@ -133,29 +133,36 @@ def opt_hit_capacity_py(ids: np.ndarray, next_use: np.ndarray, n_ids: int) -> np
     n = len(ids)
     stack = np.empty(n_ids, dtype=np.int64)
     prio = np.empty(n_ids, dtype=np.int64)
-    seen = np.zeros(n_ids, dtype=bool)
+    pos = np.full(n_ids, -1, dtype=np.int64)  # stack position of each key (-1 = not seen)
     depth = 0
     out = np.full(n, INF, dtype=np.int64)
+    ids_l = np.asarray(ids).tolist()
+    nu_l = np.asarray(next_use).tolist()
     for t in range(n):
-        k = ids[t]
-        if seen[k]:
-            d = int(np.flatnonzero(stack[:depth] == k)[0])
+        k = ids_l[t]
+        d = int(pos[k])
+        if d >= 0:
             out[t] = d + 1
         else:
-            seen[k] = True
             d = depth
             depth += 1
-        if d > 0:
+        if d == 1:
+            stack[1] = stack[0]
+            prio[1] = prio[0]
+            pos[stack[1]] = 1
+        elif d > 1:
             seg = prio[:d]
             run = np.maximum.accumulate(seg)
             rec = np.flatnonzero(np.r_[True, seg[1:] > run[:-1]])
-            moved_s = stack[rec].copy()
-            moved_p = prio[rec].copy()
+            moved_s = stack[rec]
+            moved_p = prio[rec]
             dst = np.r_[rec[1:], d]
             stack[dst] = moved_s
             prio[dst] = moved_p
+            pos[moved_s] = dst
         stack[0] = k
-        prio[0] = next_use[t]
+        prio[0] = nu_l[t]
+        pos[k] = 0
     return out
 
 
