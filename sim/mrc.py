@@ -603,6 +603,8 @@ def compute_mrc(stream: LookupStream, policies: Sequence[str], *, scope: str = "
         }
         if method in ("stack", "opt-stack"):
             out["policies"][policy]["exact_from"] = exact_from(stream, policy, scope, unit, semantics)
+        if method == "libcachesim":
+            out["policies"][policy]["semantics"] = "sequential"  # libCacheSim processes one lookup at a time
         if policy == "belady" and method == "simulated":
             out["policies"][policy]["note"] = "farthest-next-use with unequal sizes: a heuristic, not the byte optimum"
     return out
