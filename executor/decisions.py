@@ -36,10 +36,10 @@ def compute_order(layer: int, ids: list[int], *, reordered: bool, any_missing: b
 
 
 def early_preemption_plan(layer: int, low_queue: Iterable) -> tuple[list, list]:
-    """At the gate of `layer` with early preemption: of the queued speculative transfers of this layer, those
-    whose expert the layer needs (`used`, set by the lookups) are raised to high priority, the others dropped.
-    Returns (upgrade, drop). Mirrors the
-    `if ep: for t in [t for t in link.low if t.key[0] == layer and t.speculative]` block."""
+    """At the gate of `layer` with early preemption (every gate, whether or not the layer missed): of the queued
+    speculative transfers of this layer, those whose expert the layer needs (`used`, set by the lookups) are
+    raised to high priority, the others dropped. Returns (upgrade, drop). Mirrors the
+    `if ep and link.low: for t in [t for t in link.low if t.key[0] == layer and t.speculative]` block."""
     up, drop = [], []
     for t in low_queue:
         if t.key[0] == layer and t.speculative:

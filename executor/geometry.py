@@ -136,7 +136,7 @@ class Geometry:
         """The trace's meta with this geometry's byte sizes (what the simulator must model for a replay)."""
         n = n_layers if n_layers is not None else meta.n_layers
         if n > meta.n_layers:
-            raise ValueError(f"trace of {meta.model!r} has {meta.n_layers} layers, {n} asked")
+            raise TraceError(f"trace of {meta.model!r} has {meta.n_layers} layers, {n} asked", where="--layers")
         check_trace_fits(self, meta, n)
         return meta.model_copy(update={
             "n_layers": n,

@@ -42,6 +42,8 @@ def prepare(cfg, geom: Geometry, *, layers: int | None = None) -> ReplaySetup:
 
     trace = Trace(cfg.resolve_trace())
     n = layers if layers is not None else min(trace.meta.n_layers, geom.n_layers)
+    if n > geom.n_layers or n < 1:
+        raise TraceError(f"--layers {n}: geometry {geom.name} has {geom.n_layers} layers", where="--layers")
     geom = geom.first_layers(n) if n < geom.n_layers else geom
     meta = geom.trace_meta(trace.meta, n)
     seqs = load_sequences(trace, cfg.phase, cfg.max_sequences, cfg.max_decode_tokens)

@@ -129,6 +129,7 @@ class OffloadedRuntime:
         lookahead: int = 1,
         pump_per_expert: int = 1,
         pump_per_dense: int = 1,
+        pump_after_gate: int = 0,
         keep_outputs: bool = False,
         check: bool = False,
         scratch_slots: int | None = None,
@@ -172,6 +173,7 @@ class OffloadedRuntime:
         self.reordered = reordered_inference
         self.pump_per_expert = pump_per_expert
         self.pump_per_dense = pump_per_dense
+        self.pump_after_gate = pump_after_gate
         self.keep_outputs = keep_outputs
         self.check = check
         self.ready: set = set()
@@ -200,7 +202,9 @@ class OffloadedRuntime:
                 self.unused_pf.discard(v)
                 self.c.n_prefetch_unused += 1
 
-    def start_transfer(self, key, *, speculative: bool, target=None) -> Transfer | None:
+    def start_transfer(self, key, *, speculative: bool, target=None, at=None) -> Transfer | None:
+        """Reserve a cache slot and a slab slot (or a scratch buffer) and queue the copy. `at` (the simulator's
+        run-ahead time) is accepted for the shared prefetcher and ignored: here it is always now."""
         cache = self.cache
         victims = cache.insert(key)
         if victims is None:
@@ -358,7 +362,7 @@ class OffloadedRuntime:
         c.lookups += len(ids)
         local: dict = {}
         ep = self.early_preemption
-        if missing and ep:
+        if ep:  # at every gate, miss or not (sim: "this layer's queued speculation is now exact or useless")
             up, drop = early_preemption_plan(layer, engine.low_snapshot())
             for t in up:
                 engine.upgrade(t)
@@ -375,12 +379,16 @@ class OffloadedRuntime:
             r = pf.predict_at_gate(layer, self.L)
             if r is not None:
                 pf.issue(r[0], r[1], b)
+        if self.pump_after_gate and engine.pump(self.pump_after_gate):
+            self._reap()
         return order, local
 
     def expert_buffer(self, layer: int, e: int, local: dict) -> tuple[torch.Tensor, SlotPool, object]:
         """The device buffer holding expert (layer, e), waiting for its copy (starting it if needed)."""
         key = (layer, e)
         engine = self.engine
+        if key not in self.ready:
+            self._reap()  # copies that landed meanwhile release their pins (and may be this one) before an insert
         if key in self.ready:
             pool, owner = self.slab, key
         else:

@@ -192,3 +192,48 @@ def test_cpu_experts_refused(trace_dir):
     cfg = _cfg(trace_dir, "lru", 0.5, cpu_experts=True)
     with pytest.raises(NotImplementedError):
         _run(cfg)
+
+
+def _instant_profile(tmp_path):
+    """The H200 profile with a link a million times faster (every copy lands before the next thing happens) and
+    free predictions."""
+    import yaml
+
+    from sim.hardware import load_profile
+
+    raw = load_profile("h200").model_dump(mode="json")
+    for table in ("pinned", "pageable"):
+        if raw["h2d"].get(table):
+            for p in raw["h2d"][table]["points"]:
+                p["gbps"] = p["gbps"] * 1e6
+    raw["name"] = "instant-link"
+    # the executor's predictor cost is real time and its prediction is issued at the gate, before the experts
+    raw["predictor_cost_us"] = {"default": 0.0}
+    path = tmp_path / "instant.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_profile(str(path))
+
+
+@pytest.mark.parametrize("policy", ["lru", "belady"])
+@pytest.mark.parametrize("predictor,distance", [("oracle", 1), ("previous_token", 2), ("oracle", 2)])
+@pytest.mark.parametrize("switches", [False, True])
+def test_counts_equal_simulator_with_prefetch_on_an_instant_link(trace_dir, tmp_path, policy, predictor, distance,
+                                                                 switches):
+    """With copies that land at once (the simulator: a near-infinite link; the executor: the pump backend moving
+    everything at each gate and wait), prefetching, the in-flight bound, touches, evictions and early preemption
+    give the same counts on both sides: the same prefetcher and cache code make the same decisions."""
+    from executor.validate import simulate
+
+    cfg = _cfg(trace_dir, policy, 0.25, predictor, switches, switches, switches, distance=distance)
+    geom = get_geometry("tiny")
+    setup = prepare(cfg, geom)
+    cfg = _with_params(cfg, _policy_params(policy, setup, cfg))
+    rt = build_runtime(cfg, setup, device="cpu", check=False)
+    # the simulator's copies land an instant after they start: before the gate (dense compute is longer), after
+    # the gate's own decisions (same instant), before the next expert (its compute is longer)
+    rt.pump_per_dense = rt.pump_per_expert = 10**9
+    m = rt.run()
+    sm = simulate(cfg, setup, _instant_profile(tmp_path), rt.n_slots * setup.meta.expert_bytes[0])
+    for k in ("lookups", "hits", "misses", "demand_misses", "demand_loads", "prefetches", "prefetched_used",
+              "n_prefetch_late", "n_prefetch_unused", "n_prefetch_dropped", "bytes_h2d"):
+        assert m[k] == sm[k], f"{k}: executor {m[k]} != simulator {sm[k]}"
