@@ -43,7 +43,7 @@ def mrc_table(trace: str | Path, policies: Sequence[str] = DEFAULT_POLICIES, *, 
 
     s = stream if stream is not None else lookup_stream(trace, phase, batch_size)
     total = s.n_layers * s.n_experts
-    ws = len(np.unique(s.layer)) * _top_k(trace)
+    ws = token_working_set(trace, phase, stream=s)["experts"]
     rows = []
     for scope in scopes:
         exact = [p for p in policies if p in ("lru", "belady")]
@@ -71,20 +71,36 @@ def mrc_table(trace: str | Path, policies: Sequence[str] = DEFAULT_POLICIES, *, 
                                        "cache_rate_pct", "hit_rate"])
 
 
-def _top_k(trace) -> int:
-    from traces.reader import Trace
-
-    return int(Trace(trace).meta.top_k)
-
-
-def token_working_set(trace: str | Path) -> dict:
-    """Experts one decode token touches: top_k in each of n_layers layers (as experts and as a cache rate, %)."""
+def token_working_set(trace: str | Path, phase: str = "both", stream=None) -> dict:
+    """The experts one forward pass touches: the median over batches of the batch's lookups (unique experts per
+    layer, summed over layers). For a one-token decode batch that is n_layers x top_k; for a teacher-forced or
+    prefill batch of many tokens it is more. Returns experts, cache_rate_pct and a label for figures."""
     from traces.reader import Trace
 
     meta = Trace(trace).meta
-    n = meta.n_layers * meta.top_k
-    return {"experts": n, "cache_rate_pct": 100.0 * n / (meta.n_layers * meta.n_experts),
+    s = stream if stream is not None else lookup_stream(trace, phase)
+    per_batch = np.bincount(s.batch) if len(s) else np.zeros(1, np.int64)
+    n = int(np.median(per_batch[per_batch > 0])) if (per_batch > 0).any() else 0
+    if n == meta.n_layers * meta.top_k:
+        label = f"one token's working set\n({meta.n_layers} layers x top-{meta.top_k} = {n} experts)"
+    else:
+        label = f"one batch's working set\n(median {n} experts per forward pass)"
+    return {"experts": n, "cache_rate_pct": 100.0 * n / (meta.n_layers * meta.n_experts), "label": label,
             "n_layers": meta.n_layers, "top_k": meta.top_k, "n_experts": meta.n_experts}
+
+
+def lru_cliff(table: pd.DataFrame, working_set: dict, scope: str = "global") -> dict:
+    """LRU's hit rate one expert below a forward pass's working set, at it and at twice it (global scope): below
+    it, LRU evicts each expert before the next pass needs it again, so only the hits inside a batch remain."""
+    g = table[(table["policy"] == "lru") & (table["scope"] == scope)].sort_values("capacity_experts")
+    ws = working_set["experts"]
+
+    def at(c):
+        sel = g[g["capacity_experts"] <= c]
+        return float(sel["hit_rate"].iloc[-1]) if len(sel) else 0.0
+
+    return {"working_set_experts": ws, "lru_hit_rate_below": at(ws - 1), "lru_hit_rate_at": at(ws),
+            "lru_hit_rate_at_2x": at(2 * ws)}
 
 
 def plot_mrc(ax, table: pd.DataFrame, *, working_set: dict | None = None, title: str | None = None,
@@ -105,9 +121,9 @@ def plot_mrc(ax, table: pd.DataFrame, *, working_set: dict | None = None, title:
     if working_set is not None:
         ws = working_set["cache_rate_pct"] if x == "cache_rate_pct" else working_set["experts"]
         ax.axvline(ws, color="#d62728", linewidth=1.0, linestyle=":")
-        ax.annotate(f"one token's working set\n({working_set['n_layers']} layers x top-{working_set['top_k']}"
-                    f" = {working_set['experts']} experts)", xy=(ws, 12), xytext=(8, 0), textcoords="offset points",
-                    fontsize=8, color="#d62728", va="center",
+        left = working_set["cache_rate_pct"] > 30
+        ax.annotate(working_set["label"], xy=(ws, 12), xytext=(-8 if left else 8, 0), textcoords="offset points",
+                    fontsize=8, color="#d62728", va="center", ha="right" if left else "left",
                     bbox=dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none", alpha=0.85))
     ax.set_xlabel("cache rate (% of all experts)" if x == "cache_rate_pct" else "cache size (experts)")
     ax.set_ylabel("hit rate (%)")
@@ -121,14 +137,15 @@ def mrc_figure(trace: str | Path, *, policies: Sequence[str] = DEFAULT_POLICIES,
                points: int = 12, hardware: str = "any hardware (hit rate does not depend on it)",
                xmax_pct: float | None = 60.0):
     """Global and per-layer scope side by side for one trace; returns (fig, table)."""
-    table = mrc_table(trace, policies, scopes=("global", "per_layer"), phase=phase, points=points)
-    ws = token_working_set(trace)
+    stream = lookup_stream(trace, phase)
+    table = mrc_table(trace, policies, scopes=("global", "per_layer"), phase=phase, points=points, stream=stream)
+    ws = token_working_set(trace, phase, stream=stream)
     fig, axes = style.new_figure(1, 2, sharey=True)
     for ax, scope in zip(axes[0], ("global", "per_layer")):
         plot_mrc(ax, table[table["scope"] == scope], working_set=ws if scope == "global" else None,
                  title=f"{scope.replace('_', '-')} cache scope")
         if xmax_pct:
-            ax.set_xlim(0, xmax_pct)
+            ax.set_xlim(0, min(100.0, max(xmax_pct, 1.25 * ws["cache_rate_pct"])))
     phase_txt = {"both": "prompt + decode", "prefill": "prompt only", "decode": "decode only"}[phase]
     fig.suptitle(f"Hit rate against cache size: {trace_model(trace)} (trace {Path(str(trace)).name}, {phase_txt})\n"
                  f"demand fetching, no prefetch; {hardware}")

@@ -34,6 +34,12 @@ CAPACITY_UNITS = {"cache.cache_rate": "cache rate (% of all experts)", "cache.ca
                   "cache.capacity_experts": "cache size (experts)"}
 
 
+def embedded_traces(root: str | Path | None = None) -> list[Path]:
+    """The trace directories under data/traces/ (each with a meta.json), in name order."""
+    base = Path(root) if root is not None else REPO_ROOT / "data" / "traces"
+    return sorted(p for p in base.iterdir() if (p / "meta.json").is_file()) if base.is_dir() else []
+
+
 def results_file(results_dir: str | Path) -> Path:
     p = Path(results_dir)
     return p if p.suffix == ".parquet" else p / "results.parquet"
