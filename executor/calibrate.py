@@ -11,8 +11,10 @@ What it measures (each figure the median of `--repeats` runs, 20 by default; GPU
   (1 .. 8192), averaged over 8 different experts' weights launched back to back. The table is the launch mode
   the executor uses (`--launch eager`, default; `graph` = CUDA-graph replay); the other mode's figures go in the
   table's note. `expert_launch_floor_ms` = the smallest entry.
-- `dense_compute`: the executor's dense stand-in (executor.model) of each geometry, by batch tokens, keyed by
-  the geometry's dense bytes (one table per distinct layer size); `default_dense` = the first.
+- `dense_compute`: everything of the runtime's layer step but the experts (`layer_skeleton`: the dense stand-in
+  of executor.model, the gate synchronisation and its launch bubble, the norm, the combine buffer), by batch
+  tokens, keyed by the geometry's dense bytes (one table per distinct layer size); `default_dense` = the first.
+  Not in it: the runtime's host-side bookkeeping at the gate (lookups, predictor), which the GPU waits for.
 - `predictor_cost_us`: CPU time of one observe + predict call per predictor (`--predictors`) on batches of an
   embedded trace (the calling pattern of the simulator's prefetcher).
 - `copy_compute_overlap`: 2 - (expert time while a large copy runs / expert time alone), clipped to [0, 1]
@@ -229,10 +231,29 @@ def measure_expert_table(geom, device, tokens, timer: Timer, launch: str) -> dic
             "ms": main, "note": note}
 
 
-def measure_dense_tables(geom, device, tokens, timer: Timer) -> list[dict]:
+def layer_skeleton(x, w1, w2, top_k: int, cuda: bool):
+    """Everything of one runtime layer step but the experts: the dense stand-in, the gate synchronisation (the
+    host waits for the GPU, then has to launch what follows: a bubble), the norm, the combine buffer and its sum."""
     import torch
 
-    from executor.model import dense_forward, make_dense_weights
+    from executor.model import dense_forward, rms_norm
+
+    x = dense_forward(x, w1, w2)
+    if cuda:
+        ev = torch.cuda.Event()
+        ev.record()
+        ev.synchronize()
+    h = rms_norm(x)
+    out = torch.zeros((x.shape[0], top_k, x.shape[1]), dtype=x.dtype, device=x.device)
+    return x + out.sum(dim=1) + 0 * h[:, :1]
+
+
+def measure_dense_tables(geom, device, tokens, timer: Timer) -> list[dict]:
+    """The layer skeleton (`layer_skeleton`: dense stand-in + gate sync + norm + combine) by batch tokens, one
+    table per distinct dense size of the geometry; the simulator charges it as the dense part of a layer."""
+    import torch
+
+    from executor.model import make_dense_weights
 
     cuda = torch.device(device).type == "cuda"
     dt = geom.torch_dtype() if cuda else torch.float32
@@ -247,11 +268,12 @@ def measure_dense_tables(geom, device, tokens, timer: Timer) -> list[dict]:
         ms = []
         for n in tokens:
             x = torch.randn(n, geom.hidden, generator=g, device=device).to(dt)
-            ms.append(round(timer.ms(lambda x=x, w1=w1, w2=w2: dense_forward(x, w1, w2)), 5))
+            ms.append(round(timer.ms(lambda x=x, w1=w1, w2=w2: layer_skeleton(x, w1, w2, geom.top_k, cuda)), 5))
         suffix = "" if len(seen) == 1 else f"-layer{layer}"
         out.append({"name": f"{geom.name}-dense{suffix}", "dense_bytes": int(nbytes), "tokens": list(tokens),
-                    "ms": ms, "note": "executor dense stand-in (2 matmuls of the layer's dense bytes; no KV-cache "
-                                      "attention)" + ("" if cuda else "; CPU dry run")})
+                    "ms": ms, "note": "executor layer skeleton: dense stand-in (2 matmuls of the layer's dense "
+                                      "bytes; no KV-cache attention) + gate sync + norm + combine"
+                                      + ("" if cuda else "; CPU dry run")})
     return out
 
 
