@@ -125,19 +125,20 @@ def render(rows: list[dict], folds: int) -> str:
             if freq and hist:
                 best, bname = max(hist)
                 mlp = by.get(("learned_mlp", d))
+                gate = by.get(("gate_reuse", d))
                 best_all = max([a for a, _ in hist] + [freq["accuracy"]])
                 summary.append((tname, d, bname, best, freq["accuracy"], mlp["accuracy"] if mlp else None,
-                                best_all))
+                                best_all, gate["accuracy"] if gate else None))
     if summary:
         out.append("### Best history-based predictor against frequency, and learned_mlp against targets")
         out.append("")
         out.append("| trace | d | best history predictor | its accuracy | frequency | gain (points) | "
-                   "learned_mlp | learned_mlp - best history |")
-        out.append("|---|---|---|---|---|---|---|---|")
-        for tname, d, bname, best, freq, mlp, best_all in summary:
+                   "gate_reuse | learned_mlp | learned_mlp - best history (points) |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for tname, d, bname, best, freq, mlp, best_all, gate in summary:
             gap = "–" if mlp is None else f"{100 * (mlp - best_all):+.1f}"
             out.append(f"| {tname} | {d} | {bname} | {_fmt(best)} | {_fmt(freq)} | {100 * (best - freq):+.1f} | "
-                       f"{_fmt(mlp)} | {gap} |")
+                       f"{_fmt(gate)} | {_fmt(mlp)} | {gap} |")
         out.append("")
         out.append("Targets (issue 4): learned_mlp >= 0.90 at d=1 and >= 0.85 at d=2 on traces with hidden "
                    "states, above every history-based predictor; on public traces the best history-based "
