@@ -222,6 +222,8 @@ def measure_expert_table(geom, device, tokens, timer: Timer, launch: str) -> dic
                 print(f"warning: CUDA graph capture failed for {geom.name} at {n} tokens: {exc}", file=sys.stderr)
         if cuda:
             torch.cuda.empty_cache()
+    if launch == "graph" and cuda:  # a failed capture falls back to the eager figure
+        graph = [g if g is not None else e for g, e in zip(graph, eager)]
     main, other, other_name = (graph, eager, "eager") if (launch == "graph" and cuda) else (eager, graph, "graph")
     note = f"measured, {geom.dtype if cuda else 'fp32 (CPU dry run)'} {geom.activation}, {launch if cuda else 'cpu'}"
     if other and any(v is not None for v in other):

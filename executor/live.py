@@ -110,6 +110,10 @@ class LiveOffload:
         geom = geometry_from_hf_config(cfg, name=name)
         geom = geom.replace(n_layers=len(blocks), n_experts=n_exp, moe_intermediate=two_i // 2, hidden=hidden)
         self.device = torch.device(device or next(model.parameters()).device)
+        if self.device.type == "cuda":
+            from executor.transfer import cuda_device
+
+            self.device = cuda_device(self.device)
         dtype = ex0.gate_up_proj.dtype
         self.geom = geom
         store = HostExpertStore(geom, n_layers=len(blocks), n_experts=n_exp, pin=self.device.type == "cuda",

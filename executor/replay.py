@@ -81,6 +81,10 @@ def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = No
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cuda":
+        from executor.transfer import cuda_device
+
+        device = cuda_device(device)
     geom, meta = setup.geometry, setup.meta
     eb = meta.expert_bytes[0]
     scratch = max(1, max_unique_per_layer(setup.sequences, cfg.phase, cfg.batch_size))

@@ -104,11 +104,17 @@ class _CpuCopier:
         return None
 
 
+def cuda_device(device) -> torch.device:
+    """A CUDA device with an explicit index (torch.cuda.set_device in a worker thread needs one)."""
+    dev = torch.device(device if device is not None else "cuda")
+    return torch.device("cuda", torch.cuda.current_device()) if dev.index is None else dev
+
+
 class _CudaCopier:
     timing = "cuda_events"
 
     def __init__(self, device, n_streams: int):
-        self.device = torch.device(device)
+        self.device = cuda_device(device)
         self.streams = [torch.cuda.Stream(device=self.device) for _ in range(n_streams)]
 
     def copy_group(self, worker: int, t: Transfer, c0: int, c1: int):
