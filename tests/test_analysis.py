@@ -229,3 +229,16 @@ def test_report_long_and_wide_layouts(tmp_path):
         validation.tidy(pd.DataFrame({"a": [1]}))
     fig = validation.plot_sim_vs_real(t)
     assert "h200" in fig._suptitle.get_text()
+
+
+def test_report_in_executor_validate_layout(tmp_path):
+    """executor.validate writes results.parquet (real_*, sim_*, diff_* columns), summary.md, meta.json."""
+    pd.DataFrame({"name": ["lru", "promoe"], "real_tpot_ms": [10.0, 8.0], "sim_tpot_ms": [9.0, 8.8],
+                  "diff_tpot_ms": [-0.1, 0.1], "real_hit_rate": [0.5, 0.9], "sim_hit_rate": [0.5, 0.9]}).to_parquet(
+        tmp_path / "results.parquet")
+    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "summary.md").write_text("# x")
+    assert validation.find_report(tmp_path).name == "results.parquet"
+    t = validation.tidy(validation.read_table(validation.find_report(tmp_path)))
+    assert sorted(t["metric"].unique()) == ["hit_rate", "tpot_ms"]
+    assert t[t["metric"] == "tpot_ms"]["rel_error"].round(3).tolist() == [-0.1, 0.1]
