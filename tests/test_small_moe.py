@@ -78,7 +78,7 @@ def pipeline(tmp_path_factory):
     model_dir = tmp / "model"
     rc = train.main(["--data", str(data), "--tokenizer-dir", str(tok_dir), "--out", str(model_dir), "--tiny",
                      "--device", "cpu", "--max-steps", "3", "--batch-size", "2", "--seq-len", "32",
-                     "--eval-every", "2", "--eval-tokens", "128", "--warmup", "2"])
+                     "--eval-every", "2", "--eval-tokens", "128", "--warmup", "2", "--balance", "per-layer"])
     assert rc == 0
     return tmp, data, tok_dir, model_dir
 
@@ -102,7 +102,8 @@ def test_training_report_and_recording(pipeline, tmp_path):
     _, data, tok_dir, model_dir = pipeline
     report = json.loads((model_dir / "train_report.json").read_text())
     assert report["steps"] == 3 and report["held_out"]["unigram_perplexity"] > 1
-    assert len(report["held_out"]["usage_entropy_normalized"]) == 2
+    assert len(report["held_out"]["usage_entropy_normalized"]) == 2 and report["balance"] == "per-layer"
+    assert len(report["held_out"]["unused_experts"]) == 2
     assert all(0 < e <= 1 for e in report["held_out"]["usage_entropy_normalized"])
     from traces.reader import Trace
     from traces.record import main as record_main

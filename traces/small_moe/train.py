@@ -1,13 +1,15 @@
 """Train the small fine-grained MoE on the tokenized corpus (one command, time-boxed), evaluate, save.
 
-    python -m traces.small_moe.train --data .smallmoe --out /tmp/small-moe --time-budget 480
+    python -m traces.small_moe.train --data .smallmoe --out /tmp/small-moe --time-budget 420
 
-Architecture: Hugging Face Qwen3-MoE (`Qwen3MoeForCausalLM`), every layer sparse, with a load-balancing auxiliary
-loss (transformers' own, `router_aux_loss_coef`) so routing does not collapse. Mixed precision: float32 master
-weights, bf16 autocast. The learning rate follows linear warm-up then a cosine over the wall-clock budget, and
-the checkpoint with the best loss on the first half of the held-out tokens is kept; figures are reported on the
-second half, never used for selection. The report (train_report.json in --out) holds held-out
-perplexity, the unigram baseline's perplexity on the same tokens, and per-layer expert-usage entropy.
+Architecture: Hugging Face Qwen3-MoE (`Qwen3MoeForCausalLM`), every layer sparse, with a load-balancing
+auxiliary loss so routing does not collapse: transformers' own (`router_aux_loss_coef`, pooled over layers; the
+default, which trained the committed trace's model) or one computed per layer (`--balance per-layer`). Mixed
+precision: float32 master weights, bf16 autocast. The learning rate follows linear warm-up then a cosine over
+the wall-clock budget, and the checkpoint with the best loss on the first half of the held-out tokens is kept;
+figures are reported on the second half, never used for selection. The report (train_report.json in --out)
+holds held-out perplexity, the unigram baseline's perplexity on the same tokens, and per-layer expert-usage
+entropy.
 """
 
 from __future__ import annotations
@@ -47,6 +49,24 @@ def make_config(vocab_size: int, eot_id: int, pad_id: int, tiny: bool = False):
     if getattr(cfg, "rope_parameters", None) is not None:
         cfg.rope_parameters = {**cfg.rope_parameters, "rope_theta": rope_theta}
     return cfg
+
+
+def per_layer_balance_loss(router_logits, top_k: int):
+    """Switch-style load-balancing loss computed per layer and averaged (1.0 when perfectly balanced).
+
+    transformers' own load_balancing_loss_func pools all layers into one count, so an expert that is dead in one
+    layer can hide behind busy ones in another; this version balances every layer on its own.
+    """
+    import torch
+
+    total = 0.0
+    for logits in router_logits:
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        probs = torch.softmax(logits, dim=-1)
+        chosen = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, dim=-1).indices, 1.0)
+        f = chosen.mean(0) / top_k
+        total = total + logits.shape[-1] * (f * probs.mean(0)).sum()
+    return total / len(router_logits)
 
 
 def unigram_perplexity(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
@@ -90,7 +110,9 @@ def evaluate(model, val, seq_len: int, batch: int, device, max_tokens: int | Non
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count,
             "usage_entropy": [round(float(x), 4) for x in ent],
-            "max_expert_share": [round(float(x), 4) for x in p.max(1)]}
+            "max_expert_share": [round(float(x), 4) for x in p.max(1)],
+            "unused_experts": [int(x) for x in (usage == 0).sum(1)],
+            "min_expert_share": [round(float(x), 5) for x in p.min(1)]}
 
 
 def train(args) -> dict:
@@ -115,11 +137,13 @@ def train(args) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    if args.balance == "per-layer":  # out.loss is then the LM loss alone; the per-layer balance loss is added below
+        model.router_aux_loss_coef = 0.0
     fwd = torch.compile(model) if args.compile else model
     data = torch.as_tensor(train_tok.astype(np.int64), device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     span = args.seq_len + 1
-    coef = cfg.router_aux_loss_coef
+    coef = args.aux_coef
     best = {"loss": float("inf")}
     best_state = None
     history = []
@@ -146,7 +170,14 @@ def train(args) -> dict:
         x = data[starts[:, None] + torch.arange(args.seq_len, device=device)[None, :]]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = fwd(input_ids=x, labels=x, output_router_logits=True)
-        loss = out.loss
+            if args.balance == "per-layer":
+                aux = per_layer_balance_loss(out.router_logits, cfg.num_experts_per_tok)
+                loss = out.loss + coef * aux
+                lm = out.loss
+            else:  # transformers' own loss, pooled over layers, already added to out.loss with the config's coef
+                aux = out.aux_loss
+                loss = out.loss
+                lm = out.loss - cfg.router_aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -154,8 +185,8 @@ def train(args) -> dict:
         step += 1
         tokens_seen += x.numel()
         if step % args.log_every == 0 or step == 1:
-            lv, av = loss.item(), out.aux_loss.item()
-            print(f"step {step} lr {lr:.2e} loss {lv - coef * av:.4f} aux {av:.4f} "
+            lv, av = lm.item(), aux.item()
+            print(f"step {step} lr {lr:.2e} loss {lv:.4f} aux {av:.4f} "
                   f"tok/s {tokens_seen / max(train_time + time.perf_counter() - ts, 1e-9):.0f} "
                   f"t {train_time:.0f}s", flush=True)
         if device.type == "cuda" and step % 10 == 0:
@@ -186,12 +217,14 @@ def train(args) -> dict:
         "tokens_per_s": round(tokens_seen / max(train_time, 1e-9)), "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, "experts_implementation": args.experts_impl, "compile": args.compile,
+        "balance": args.balance, "aux_coef": args.aux_coef if args.balance == "per-layer" else cfg.router_aux_loss_coef,
         "held_out": {"tokens": full["tokens"], "loss": round(full["loss"], 4),
                      "perplexity": round(full["perplexity"], 2),
                      "unigram_perplexity": round(unigram_perplexity(train_tok, test_tok, info["vocab_size"]), 2),
                      "selection_loss": round(best["loss"] if best_state is not None else final["loss"], 4),
                      "usage_entropy_normalized": full["usage_entropy"],
-                     "max_expert_share": full["max_expert_share"]},
+                     "max_expert_share": full["max_expert_share"], "min_expert_share": full["min_expert_share"],
+                     "unused_experts": full["unused_experts"]},
         "history": history, "args": {k: str(v) for k, v in vars(args).items()},
     }
     return model, report
@@ -216,7 +249,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=Path(".smallmoe"), help="output of traces.small_moe.corpus")
     ap.add_argument("--tokenizer-dir", type=Path, default=Path("data/small_moe/tokenizer"))
     ap.add_argument("--out", type=Path, required=True, help="model directory to write (save_pretrained)")
-    ap.add_argument("--time-budget", type=float, default=480.0, help="seconds of training steps")
+    ap.add_argument("--time-budget", type=float, default=420.0, help="seconds of training steps")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps instead (tests)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -224,6 +257,10 @@ def main(argv=None) -> int:
     ap.add_argument("--min-lr-frac", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--balance", choices=["pooled", "per-layer"], default="pooled",
+                    help="load-balancing loss: transformers' own (pooled over layers, router_aux_loss_coef 0.01) "
+                         "or per_layer_balance_loss with --aux-coef")
+    ap.add_argument("--aux-coef", type=float, default=0.01, help="weight of the per-layer load-balancing loss")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-tokens", type=int, default=131072, help="held-out tokens per periodic evaluation")
     ap.add_argument("--log-every", type=int, default=50)
