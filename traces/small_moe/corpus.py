@@ -1,6 +1,6 @@
 """Build the training corpus from Debian documentation packages, train the BPE tokenizer, tokenize.
 
-    python -m traces.small_moe.corpus --download --work /tmp/smallmoe-debs --out .smallmoe
+    python -m traces.small_moe.corpus --download --work /tmp/smallmoe-debs --out build/small_moe
 
 The packages (all Debian 12 "bookworm", section doc, DFSG-free; `apt-get download` then `dpkg -x`):
 
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--root", type=Path, help="directory the packages were extracted into (dpkg -x)")
     ap.add_argument("--download", action="store_true", help="apt-get download and dpkg -x the packages into --work")
     ap.add_argument("--work", type=Path, default=Path("/tmp/smallmoe-debs"))
-    ap.add_argument("--out", type=Path, default=Path(".smallmoe"))
+    ap.add_argument("--out", type=Path, default=Path("build/small_moe"))
     ap.add_argument("--tokenizer-dir", type=Path, default=Path("data/small_moe/tokenizer"))
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--prompts", type=int, default=96)

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The one device call: train the small MoE (time-boxed), record a trace, bring results back in $OUT.
-# Needs .smallmoe (python -m traces.small_moe.corpus) carried; on a machine without pydantic, install .whl first.
+# Needs build/small_moe (python -m traces.small_moe.corpus) carried; on a machine without pydantic, install .whl first.
 # Committed trace:  BUDGET=420 bash traces/small_moe/device_run.sh
 # Balanced variant: BUDGET=200 BALANCE=per-layer NAME=small-moe-qwen3moe-e32k4-balanced HIDDEN= \
 #                   bash traces/small_moe/device_run.sh
@@ -10,7 +10,7 @@ BUDGET=${BUDGET:-420}
 BALANCE=${BALANCE:-pooled}
 NAME=${NAME:-small-moe-qwen3moe-e32k4}
 HIDDEN=${HIDDEN---hidden-states}
-python3 -m traces.small_moe.train --data .smallmoe --out /tmp/small-moe --time-budget $BUDGET --balance $BALANCE 2>&1 \
+python3 -m traces.small_moe.train --data build/small_moe --out /tmp/small-moe --time-budget $BUDGET --balance $BALANCE 2>&1 \
   | grep -v -e "^Writing" -e "Loading weights" | tee $OUT/train.log || exit 1
 python3 -m traces.record --model /tmp/small-moe --prompts data/small_moe/prompts.jsonl --max-prompts 64 \
   --max-prompt-tokens 24 --max-new-tokens 128 --batch-size 64 --temperature 0.8 --seed 0 \

@@ -1,6 +1,6 @@
 """Train the small fine-grained MoE on the tokenized corpus (one command, time-boxed), evaluate, save.
 
-    python -m traces.small_moe.train --data .smallmoe --out /tmp/small-moe --time-budget 420
+    python -m traces.small_moe.train --data build/small_moe --out /tmp/small-moe --time-budget 420
 
 Architecture: Hugging Face Qwen3-MoE (`Qwen3MoeForCausalLM`), every layer sparse, with a load-balancing
 auxiliary loss so routing does not collapse: transformers' own (`router_aux_loss_coef`, pooled over layers; the
@@ -246,7 +246,7 @@ def save(model, report, out: Path, tokenizer_dir: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m traces.small_moe.train", description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path(".smallmoe"), help="output of traces.small_moe.corpus")
+    ap.add_argument("--data", type=Path, default=Path("build/small_moe"), help="output of traces.small_moe.corpus")
     ap.add_argument("--tokenizer-dir", type=Path, default=Path("data/small_moe/tokenizer"))
     ap.add_argument("--out", type=Path, required=True, help="model directory to write (save_pretrained)")
     ap.add_argument("--time-budget", type=float, default=420.0, help="seconds of training steps")
