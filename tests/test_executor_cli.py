@@ -105,3 +105,12 @@ def test_replay_cli_json_and_fit_error(tmp_path, capsys):
     rc = run_cli(replay.main, [str(cfg), "--geometry", "mixtral-8x7b", "--device", "cpu", "--host-budget-gib", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and "does not fit" in err and "GiB" in err
+
+
+def test_smoke_command_on_cpu(capsys):
+    """`python -m executor.smoke` (the first command of a GPU session) passes on the CPU backends."""
+    from executor import smoke
+
+    assert smoke.main(["--device", "cpu", "--backend", "thread"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["ok"] and summary["cases"] >= len(smoke.CASES)

@@ -1,0 +1,39 @@
+#!/bin/bash
+# The GPU session's device calls, in order (each well under the 10-minute limit of one call). Outputs in $OUT.
+#   1. bash executor/device_run.sh smoke        # ~1 min: CUDA backend, invariants, outputs = reference
+#   2. bash executor/device_run.sh calibrate    # ~2-4 min: profiles/h200.yaml (measured) -> $OUT/h200.yaml
+#   3. bash executor/device_run.sh validate     # the suite, resumable: rerun until every run is in the Parquet
+# run tool: carry [".whl"] (pydantic and simpy wheels: the GPU image lacks them; pandas, pyarrow, yaml,
+# matplotlib, transformers are there). results/validation/h200 travels as untracked files, so a second validate
+# call resumes from its results.parquet once the first call's $OUT/h200 is copied back there.
+# At most 8 files come back: gpu.txt, the step's log, and for validate h200/{summary.md,results.parquet,meta.json,
+# plots/*.png}.
+set -o pipefail
+if ! python3 -c "import pydantic, simpy" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+export PYTHONUNBUFFERED=1
+STEP=${1:-smoke}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+free -g | tee -a "$OUT/gpu.txt"
+case "$STEP" in
+  smoke)
+    python3 -m executor.smoke --device cuda 2>&1 | tee "$OUT/smoke.log"
+    python3 -m executor.smoke --device cuda --geometry flame-moe-290m --lookahead 2 2>&1 | tee -a "$OUT/smoke.log"
+    ;;
+  calibrate)
+    python3 -m executor.calibrate --out "$OUT/h200.yaml" --machine "H200 GPU machine" 2>&1 | tee "$OUT/calibrate.log"
+    ;;
+  validate)
+    PROFILE=${PROFILE:-profiles/h200.yaml}
+    timeout 560 python3 -m executor.validate executor/suites/h200.yaml --profile "$PROFILE" \
+      --out results/validation/h200 --resume --machine "H200 GPU machine" 2>&1 | tee "$OUT/validate.log"
+    mkdir -p "$OUT/h200" && cp results/validation/h200/summary.md results/validation/h200/results.parquet \
+      results/validation/h200/meta.json "$OUT/h200/" 2>/dev/null
+    cp -r results/validation/h200/plots "$OUT/h200/" 2>/dev/null
+    ;;
+  *) echo "unknown step $STEP (smoke | calibrate | validate)"; exit 2 ;;
+esac
