@@ -116,8 +116,8 @@ def plot_reuse(dist: pd.DataFrame, d, trace=None, *, ax=None):
             continue
         # LRU with capacity C hits exactly the warm lookups with distance < C: y = LRU hit rate at x + 1
         y = 100 * np.arange(1, len(warm) + 1) / n
-        ax.step(warm + 1, y, where="post", color=color,
-                label=f"{col.replace('_', '-')} scope (distance in distinct experts{' of the layer' if col != 'global' else ''})")
+        what = "distinct experts" + (" of the layer" if col != "global" else "")
+        ax.step(warm + 1, y, where="post", color=color, label=f"{col.replace('_', '-')} scope (distance in {what})")
     ax.axvline(d.L * d.k, color="#d62728", linestyle=":", linewidth=1.0, label=f"one token's working set ({d.L * d.k})")
     ax.set_xscale("log")
     ax.set_xlabel("reuse distance + 1 (= LRU capacity that hits, experts; log scale)")
