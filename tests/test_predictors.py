@@ -188,3 +188,27 @@ def test_on_the_embedded_public_trace_when_present():
     r = evaluate(path, "cross_layer", 2)
     assert r["split"]["kind"] == "positions" and r["n_eval"] == 13  # the last 10% of 128 generated positions
     assert r["accuracy"] > evaluate(path, "frequency", 2)["accuracy"]
+
+
+def test_teacher_forced_rows_replay_as_decode_or_as_one_batch(tmp_path):
+    from traces.format import TraceMeta
+    from traces.writer import write_trace
+
+    n_seq, n_pos, n_layers, k = 2, 5, 3, 2
+    rows = n_seq * n_pos * n_layers
+    seq = np.repeat(np.arange(n_seq), n_pos * n_layers)
+    pos = np.tile(np.repeat(np.arange(n_pos), n_layers), n_seq)
+    lay = np.tile(np.arange(n_layers), n_seq * n_pos)
+    meta = TraceMeta(model="tf", source="test", n_layers=n_layers, n_experts=4, top_k=k, expert_bytes=[1] * n_layers,
+                     license="CC0-1.0", attribution="test")
+    experts = np.stack([(pos + lay) % 4, (pos + lay + 1) % 4], axis=1)
+    t = Trace(write_trace(tmp_path / "tf", meta, sequence=seq, phase=np.full(rows, "teacher_forced"), position=pos,
+                          layer=lay, experts=experts, weights=np.full((rows, k), 0.5)))
+    seqs = load_sequences(t)
+    as_decode = list(iter_batches(seqs, t.meta))
+    assert [b.phase for b in as_decode] == ["decode"] * (n_seq * n_pos)
+    assert as_decode[3].view(0).past[0].shape[0] == 3
+    as_prompt = list(iter_batches(seqs, t.meta, teacher_forced="prefill"))
+    assert [(b.phase, b.n_tokens) for b in as_prompt] == [("prefill", n_pos)] * n_seq
+    r = evaluate(t, "oracle", 1)
+    assert r["headline_batches"] == "decode" and r["n_eval"] == n_pos  # one held-out sequence
