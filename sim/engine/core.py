@@ -184,8 +184,8 @@ class Simulation:
         if t.done is not None:
             t.done.succeed()
 
-    def _drop(self, t: Transfer) -> None:
-        self.link.drop(t)
+    def _drop(self, t: Transfer, at: float | None = None) -> None:
+        self.link.drop(t, at)
         if t.cached:
             del self.inflight[t.key]
             self.cache.unpin(t.key)
@@ -296,9 +296,9 @@ class Simulation:
                 if ep and link.low:  # early preemption: this layer's queued speculation is now exact or useless
                     for t in [t for t in link.low if t.key[0] == layer and t.speculative]:
                         if t.used:
-                            link.upgrade(t)
+                            link.upgrade(t, vt)
                         else:
-                            self._drop(t)
+                            self._drop(t, vt)
                 if missing is not None:
                     local = {}
                     if n_ids > 1:
@@ -371,7 +371,7 @@ class Simulation:
                             t = local[key] = self.start_transfer(key, speculative=False, at=vt)
                         if not t.finished:  # it lands after vt: nothing is scheduled before vt
                             if not t.high:
-                                link.upgrade(t)
+                                link.upgrade(t, vt)
                             yield link.wait_event(t)
                             c.stall_s += env.now - vt
                             carry = 0.0
