@@ -64,7 +64,7 @@ def prepare(cfg, geom: Geometry, *, layers: int | None = None) -> ReplaySetup:
 def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = None, transfer_backend=None,
                   host_budget: int = DEFAULT_HOST_BUDGET, gpu_budget_bytes: int | None = None,
                   keep_outputs: bool = False, check: bool = False, lookahead: int = 1, copy_engines: int = 1,
-                  models: dict | None = None):
+                  models: dict | None = None, copier=None):
     """Check memory, allocate the host store, the model and the runtime for one config.
 
     `models`: a dict reused across calls (executor.validate) that keeps the last host store and replay model, so
@@ -123,7 +123,7 @@ def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = No
         chunks=cfg.prefetch.chunks, early_preemption=cfg.early_preemption,
         reordered_inference=cfg.reordered_inference, cpu_experts=cfg.cpu_experts, trace=setup.trace,
         transfer_backend=transfer_backend, keep_outputs=keep_outputs, check=check, lookahead=lookahead,
-        copy_engines=copy_engines)
+        copy_engines=copy_engines, copier=copier)
 
 
 def add_memory_args(ap: argparse.ArgumentParser) -> None:

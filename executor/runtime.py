@@ -133,6 +133,7 @@ class OffloadedRuntime:
         keep_outputs: bool = False,
         check: bool = False,
         scratch_slots: int | None = None,
+        copier=None,
     ):
         from sim.policies import policy_class
 
@@ -165,7 +166,7 @@ class OffloadedRuntime:
         if transfer_backend is None:
             transfer_backend = "cuda" if self.device.type == "cuda" else "pump"
         self.engine = TransferEngine(transfer_backend, device=self.device, copy_engines=copy_engines,
-                                     lookahead=lookahead)
+                                     lookahead=lookahead, copier=copier)
         self.link = self.engine  # the prefetcher reads `eng.link.pending_bytes`
         self.chunks = chunks if chunked_prefetch else 1
         self.ranges = chunk_ranges(numel, self.chunks)
@@ -407,7 +408,9 @@ class OffloadedRuntime:
                     self._stall_marks.append((m0, self.clock.mark()))
                 else:
                     m0 = time.perf_counter()
-                    engine.wait(t)
+                    ev = engine.wait(t)
+                    if ev is not None:  # an asynchronous stand-in copier (tests): wait for the copy itself
+                        engine.copier.wait(ev)
                     self._stall_host_s += time.perf_counter() - m0
             self._reap()  # (cuda: t may still be copying; the stream waits on its event)
             if t.cached:

@@ -146,16 +146,25 @@ class _CudaCopier:
 
 
 class TransferEngine:
-    def __init__(self, backend: str = "pump", *, device=None, copy_engines: int = 1, lookahead: int = 1):
+    def __init__(self, backend: str = "pump", *, device=None, copy_engines: int = 1, lookahead: int = 1,
+                 copier=None):
+        """`copier`: a stand-in for the CUDA copier in tests (asynchronous copies completing later, with
+        `copy_group`, `wait`, `done`, `span_s`, `wait_event` and `asynchronous = True`); threaded backends only."""
         if backend not in BACKENDS:
             raise ValueError(f"transfer backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "cuda" and not torch.cuda.is_available():
             raise ValueError("transfer backend 'cuda' needs a CUDA device")
         self.backend = backend
         # a CPU copy completes when it returns: more than one group ahead would only delay its completion
-        self.lookahead = max(1, int(lookahead)) if backend == "cuda" else 1
         self.copy_engines = max(1, int(copy_engines)) if backend != "pump" else 1
-        self.copier = _CudaCopier(device, self.copy_engines) if backend == "cuda" else _CpuCopier()
+        if copier is None:
+            copier = _CudaCopier(device, self.copy_engines) if backend == "cuda" else _CpuCopier()
+        elif backend == "pump":
+            raise ValueError("a custom copier needs a threaded backend")
+        self.copier = copier
+        # asynchronous copies: a group completes when its event does, not when copy_group returns
+        self.asynchronous = backend == "cuda" or bool(getattr(copier, "asynchronous", False))
+        self.lookahead = max(1, int(lookahead)) if self.asynchronous else 1
         self.high: deque[Transfer] = deque()
         self.low: deque[Transfer] = deque()
         self.cond = threading.Condition()
@@ -322,18 +331,18 @@ class TransferEngine:
                     if not self._step_pump():
                         raise RuntimeError(f"transfer {t.key} cannot finish: nothing queued")
                 return None
-            while not (t.finished or (self.backend == "cuda" and t.all_enqueued)):
+            while not (t.finished or (self.asynchronous and t.all_enqueued)):
                 self._raise_if_failed()
                 if t.dropped:
                     raise RuntimeError(f"waiting for dropped transfer {t.key}")
                 self.cond.wait(timeout=1.0)
-            return self.copier.wait_event(t.last_handle) if self.backend == "cuda" else None
+            return self.copier.wait_event(t.last_handle) if self.asynchronous else None
 
     def poll(self) -> list[Transfer]:
         """Finished transfers not reported before (main thread). cuda: completes groups whose events are done."""
         with self.cond:
             self._raise_if_failed()
-            if self.backend == "cuda":
+            if self.asynchronous:
                 for out in self.outstanding:
                     while out and self.copier.done(out[0][3]):
                         self._complete(*out.popleft())

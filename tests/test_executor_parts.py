@@ -234,3 +234,81 @@ def test_early_preemption_plan():
           SimpleNamespace(key=(2, 4), used=False, speculative=False)]
     up, drop = early_preemption_plan(2, ts)
     assert [t.key for t in up] == [(2, 1)] and [t.key for t in drop] == [(2, 3)]
+
+
+class _AsyncCopier:
+    """Stands in for the CUDA copier: a copy group lands later, on a background thread (like a copy stream)."""
+
+    asynchronous = True
+
+    def __init__(self, delay=0.002):
+        import queue
+        import threading
+
+        self.delay = delay
+        self.q = queue.Queue()
+        self.order = []
+        threading.Thread(target=self._stream, daemon=True).start()
+
+    def _stream(self):
+        import time
+
+        while True:
+            t, c0, c1, ev = self.q.get()
+            time.sleep(self.delay)
+            a, b = t.ranges[c0][0], t.ranges[c1 - 1][1]
+            t.dst[a:b].copy_(t.src[a:b])
+            self.order.append((t.key, c0, c1))
+            ev.set()
+
+    def copy_group(self, worker, t, c0, c1):
+        import threading
+
+        ev = threading.Event()
+        self.q.put((t, c0, c1, ev))
+        return ev
+
+    def wait(self, h):
+        h.wait()
+
+    def done(self, h):
+        return h.is_set()
+
+    def span_s(self, h):
+        return self.delay
+
+    def wait_event(self, h):
+        return h
+
+
+@pytest.mark.parametrize("lookahead", [1, 2])
+def test_asynchronous_engine_semantics(lookahead):
+    """The CUDA backend's logic (groups completing later, lookahead, poll, wait returning the event) with a
+    stand-in copier: everything lands, demand loads overtake queued prefetches, at most `lookahead` groups ahead."""
+    cp = _AsyncCopier()
+    eng = TransferEngine("thread", copier=cp, lookahead=lookahead)
+    lows = [_t((0, i), high=False, seq=i) for i in range(4)]
+    for t in lows:
+        eng.submit(t)
+    high = _t((1, 9), high=True, seq=9)
+    eng.submit(high)
+    ev = eng.wait(high)  # returns once all its chunks are on the "stream"
+    assert ev is high.last_handle and high.all_enqueued
+    ev.wait()
+    done = []
+    for t in lows:
+        eng.wait(t).wait()
+    import time
+
+    deadline = time.time() + 5
+    while len(done) < 5 and time.time() < deadline:
+        done += eng.poll()
+        time.sleep(0.005)
+    assert {t.key for t in done} == {t.key for t in lows} | {high.key}
+    assert all(torch.equal(t.dst, t.src) for t in lows + [high])
+    # the demand load went before the prefetches' remaining chunks: at most `lookahead` prefetch groups before it
+    first_high = next(i for i, o in enumerate(cp.order) if o[0] == high.key)
+    assert first_high <= lookahead
+    assert cp.order[first_high] == (high.key, 0, 3)  # all its chunks in one group
+    eng.close()
+    assert eng.pending_bytes == 0 and eng.bytes == 48 * 5
