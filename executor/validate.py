@@ -160,7 +160,8 @@ def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget
     capacity = rt.n_slots * setup.meta.expert_bytes[0]
     sim = simulate(cfg, setup, profile, capacity)
     return compare_row(real, sim, {"geometry_name": setup.geometry.name, "n_layers": setup.n_layers,
-                                   "slab_slots": rt.n_slots, "capacity_bytes": capacity, "device": str(rt.device)})
+                                   "slab_slots": rt.n_slots, "capacity_bytes": capacity, "device": str(rt.device),
+                                   **pcie_floor(cfg, setup, profile, capacity)})
 
 
 def compare_row(real: dict, sim: dict, extra: dict) -> dict:
@@ -188,16 +189,41 @@ def add_speedups(df):
     df = df.copy()
     for side in ("real", "sim"):
         df[f"{side}_speedup_vs_lru"] = np.nan
-    if "name" not in df.columns:
+        df[f"{side}_over_oracle"] = np.nan
+    if "name" not in df.columns or "status" not in df.columns:
         return df
     for _, sub in df[df["status"] == "ok"].groupby(group, dropna=False):
-        base = sub[sub["name"] == "lru"]
-        if base.empty:
-            continue
-        for side in ("real", "sim"):
-            b = base[f"{side}_total_ms"].iloc[0]
-            df.loc[sub.index, f"{side}_speedup_vs_lru"] = b / sub[f"{side}_total_ms"]
+        for label, col, inverse in (("lru", "speedup_vs_lru", True), ("oracle", "over_oracle", False)):
+            base = sub[sub["name"] == label]
+            if base.empty:
+                continue
+            for side in ("real", "sim"):
+                b = base[f"{side}_total_ms"].iloc[0]
+                t = sub[f"{side}_total_ms"]
+                df.loc[sub.index, f"{side}_{col}"] = b / t if inverse else t / b
+    if "pcie_floor_ms" in df.columns:
+        df["real_over_pcie_floor"] = df["real_total_ms"] / df["pcie_floor_ms"]
     return df
+
+
+def pcie_floor(cfg, setup, profile, capacity_bytes: int) -> dict:
+    """The bytes that must move with this cache (Belady's misses on the run's demand lookups, each expert once per
+    miss) and the time they take at the profile's pinned bandwidth: no schedule can beat it."""
+    from sim.cache import ExpertCache
+    from sim.engine.schedule import demand_lookups
+
+    keys = demand_lookups(setup.sequences, cfg.phase, cfg.batch_size)
+    meta = setup.meta
+    cache = ExpertCache(n_layers=meta.n_layers, n_experts=meta.n_experts, expert_bytes=meta.expert_bytes,
+                        capacity_bytes=capacity_bytes, scope=cfg.cache.scope, policy="belady", future=keys)
+    moved = 0
+    for k in keys:
+        if not cache.lookup(k):
+            cache.insert(k)
+            moved += meta.expert_bytes[k[0]]
+    link = profile.h2d.pinned
+    return {"must_move_bytes": moved,
+            "pcie_floor_ms": link.seconds(meta.expert_bytes[0]) * 1e3 * moved / meta.expert_bytes[0]}
 
 
 def fidelity(df) -> dict:
@@ -253,6 +279,18 @@ def summary_markdown(df, fid: dict, meta: dict) -> str:
             _fmt(r.get("real_tpot_ms")), _fmt(r.get("sim_tpot_ms")), _fmt(r.get("diff_tpot_ms"), True),
             _fmt(r.get("real_hit_rate")), _fmt(r.get("sim_hit_rate")), _fmt(r.get("diff_hit_rate")),
             _fmt(r.get("real_speedup_vs_lru")), _fmt(r.get("sim_speedup_vs_lru"))]) + " |")
+    if "real_over_oracle" in df.columns:
+        lines += ["", "## Distance from the bounds", "",
+                  "total time / the oracle-prefetch label's (same group), and / the PCIe floor (bytes Belady must move "
+                  "with this capacity at the measured bandwidth)", "",
+                  "| run | geometry | phase | rate | total real ms | / oracle real | / oracle sim | PCIe floor ms | "
+                  "/ floor real |", "|" + "---|" * 9]
+        for _, r in df[df["status"] == "ok"].iterrows():
+            lines.append("| " + " | ".join([str(r.get("name")), str(r.get("geometry")), str(r.get("phase")),
+                                            _fmt(r.get("cache.cache_rate")), _fmt(r.get("real_total_ms")),
+                                            _fmt(r.get("real_over_oracle")), _fmt(r.get("sim_over_oracle")),
+                                            _fmt(r.get("pcie_floor_ms")), _fmt(r.get("real_over_pcie_floor"))])
+                         + " |")
     lines += ["", "## Fidelity", ""]
     for k, v in fid.items():
         lines.append(f"- {k}: {_fmt(v)}")
