@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 from executor import calibrate, replay, validate  # noqa: E402
 from sim.engine.synthetic import make_trace  # noqa: E402
@@ -30,6 +30,14 @@ runs:
     reordered_inference: true
   - {name: live, geometry: tiny, mode: live}
 """
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_threads():
+    """The commands set one CPU thread for their dry runs: give the rest of the test session its setting back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,16 @@ from executor.live import LiveOffload, find_moe_blocks  # noqa: E402
 from predictors.registry import make_predictor  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
-    torch.set_num_threads(1)
     cfg = transformers.Qwen3MoeConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
         head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=64,

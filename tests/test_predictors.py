@@ -212,3 +212,22 @@ def test_teacher_forced_rows_replay_as_decode_or_as_one_batch(tmp_path):
     assert [(b.phase, b.n_tokens) for b in as_prompt] == [("prefill", n_pos)] * n_seq
     r = evaluate(t, "oracle", 1)
     assert r["headline_batches"] == "decode" and r["n_eval"] == n_pos  # one held-out sequence
+
+
+@pytest.mark.parametrize("name", ["frequency", "previous_token", "cross_layer", "eam", "learned_history"])
+def test_a_view_without_past_entries_is_accepted(traces, name):
+    # a caller (the simulator) may leave sequences with no earlier positions out of view.past
+    from dataclasses import replace
+
+    from predictors.evaluate import build_predictor, fit_on_split
+    from predictors.split import make_split
+
+    t = traces["cross_layer"]
+    p = build_predictor(name, 1, params={"epochs": 2} if name == "learned_history" else None)
+    fit_on_split(p, t, make_split(t))
+    (seq,) = load_sequences(t, [0])
+    batches = list(iter_batches([seq], t.meta))
+    for b in (batches[0], batches[1]):
+        v = replace(b.view(1), past={})
+        p.observe(v)
+        assert p.predict(v, 1).experts.ndim == 1
