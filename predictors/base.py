@@ -94,6 +94,15 @@ class PredictorUnavailable(ValueError):
     """The predictor cannot run on this trace."""
 
 
+def past_of(view: BatchView, sequence: int) -> np.ndarray:
+    """view.past[sequence], or an empty [0, L, k] array when the caller left the sequence out (no earlier
+    positions, e.g. a prompt's prefill batch)."""
+    past = view.past.get(int(sequence))
+    if past is None:
+        return np.empty((0, view.meta.n_layers, view.meta.top_k), dtype=np.int16)
+    return past
+
+
 def rank_counts(counts: np.ndarray) -> Prediction:
     """Experts with a positive score, best first (ties broken by lower id, so results are deterministic)."""
     order = np.lexsort((np.arange(len(counts)), -counts))

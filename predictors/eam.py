@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from predictors.base import Prediction, Predictor, rank_counts
+from predictors.base import Prediction, Predictor, past_of, rank_counts
 from predictors.registry import register_predictor
 from predictors.split import training_sequences
 
@@ -68,12 +68,12 @@ class EAMPredictor(Predictor):
         self._cache = None
 
     def _past_eam(self, view) -> np.ndarray:
-        key = tuple((int(s), view.past[int(s)].shape[0]) for s in np.unique(view.sequences))
+        key = tuple((int(s), past_of(view, s).shape[0]) for s in np.unique(view.sequences))
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         m = np.zeros((view.meta.n_layers, view.meta.n_experts), np.float32)
         for s in np.unique(view.sequences):
-            past = view.past[int(s)]
+            past = past_of(view, s)
             if past.shape[0]:
                 m += eam_of(past[-self.window:], view.meta.n_layers, view.meta.n_experts)
         self._cache = (key, m)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from predictors import _torchfit
-from predictors.base import Prediction, Predictor, rank_counts
+from predictors.base import Prediction, Predictor, past_of, rank_counts
 from predictors.registry import register_predictor
 from predictors.split import training_sequences
 
@@ -102,8 +102,8 @@ class LearnedHistoryPredictor(Predictor):
         prev = None
         if view.phase != "prefill":
             empty = np.full((view.meta.n_layers, view.meta.top_k), -1, dtype=np.int16)
-            prev = np.stack([view.past[int(s)][-1] if view.past[int(s)].shape[0] else empty
-                             for s in view.sequences])
+            pasts = [past_of(view, s) for s in view.sequences]
+            prev = np.stack([p[-1] if p.shape[0] else empty for p in pasts])
         x = features(view.current, prev, view.layer, t, self.params["depth"], view.meta.n_experts)
         logits = _torchfit.forward(net, x)
         z = np.exp(logits - logits.max(axis=1, keepdims=True))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from predictors.base import Prediction, Predictor, rank_counts
+from predictors.base import Prediction, Predictor, past_of, rank_counts
 from predictors.registry import register_predictor
 
 
@@ -31,7 +31,7 @@ class PreviousTokenPredictor(Predictor):
         k = view.meta.top_k
         scores = np.zeros(n_exp, dtype=np.float64)
         for seq in np.unique(view.sequences):
-            row = last_present(view.past.get(int(seq), np.empty((0,))), target)
+            row = last_present(past_of(view, seq), target)
             if row is None:
                 continue
             ok = row >= 0
