@@ -134,6 +134,7 @@ class OffloadedRuntime:
         check: bool = False,
         scratch_slots: int | None = None,
         copier=None,
+        predict_after_resident: bool = False,
     ):
         from sim.policies import policy_class
 
@@ -175,6 +176,10 @@ class OffloadedRuntime:
         self.pump_per_expert = pump_per_expert
         self.pump_per_dense = pump_per_dense
         self.pump_after_gate = pump_after_gate
+        # False: predict at the gate, before any expert kernel is launched (the simulator's event order);
+        # True: launch the leading resident experts first, so the GPU computes while the host predicts
+        self.predict_after_resident = predict_after_resident
+        self._predict_pending = False
         self.keep_outputs = keep_outputs
         self.check = check
         self.ready: set = set()
@@ -375,19 +380,30 @@ class OffloadedRuntime:
                 key = (layer, e)
                 if key not in ready and key not in inflight:
                     local[key] = self.start_transfer(key, speculative=False)
-        pf = self.prefetcher
-        if pf.active:  # the simulator's prefetcher; its CPU time is real time here
-            r = pf.predict_at_gate(layer, self.L)
-            if r is not None:
-                pf.issue(r[0], r[1], b)
+        if self.prefetcher.active:
+            if self.predict_after_resident:
+                self._predict_pending = True  # done by expert_buffer at the first non-resident expert
+            else:
+                self.predict(layer)
         if self.pump_after_gate and engine.pump(self.pump_after_gate):
             self._reap()
         return order, local
+
+    def predict(self, layer: int) -> None:
+        """The simulator's prefetcher at this layer's gate: observe, predict layer + d, issue. Its CPU time is real
+        time here (the simulator charges the profile's predictor_cost_us instead)."""
+        self._predict_pending = False
+        pf = self.prefetcher
+        r = pf.predict_at_gate(layer, self.L)
+        if r is not None:
+            pf.issue(r[0], r[1], self._batch_index)
 
     def expert_buffer(self, layer: int, e: int, local: dict) -> tuple[torch.Tensor, SlotPool, object]:
         """The device buffer holding expert (layer, e), waiting for its copy (starting it if needed)."""
         key = (layer, e)
         engine = self.engine
+        if self._predict_pending and key not in self.ready:
+            self.predict(layer)
         if key not in self.ready:
             self._reap()  # copies that landed meanwhile release their pins (and may be this one) before an insert
         if key in self.ready:
@@ -435,6 +451,8 @@ class OffloadedRuntime:
         self.engine.pump(self.pump_per_expert)
 
     def end_layer(self, layer: int, ids: list[int]) -> None:
+        if self._predict_pending:
+            self.predict(layer)
         for owner in self._scratch_used:
             self.scratch.release(owner)
         self._scratch_used = []

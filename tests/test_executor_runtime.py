@@ -252,3 +252,16 @@ def test_asynchronous_copies_match_reference(trace_dir, reference, lookahead):
     m = rt.run()
     assert all(torch.equal(a, b) for a, b in zip(rt.outputs, reference))
     _assert_consistent(rt, m)
+
+
+@pytest.mark.parametrize("predictor", ["oracle", "previous_token"])
+def test_predict_after_resident_experts(trace_dir, reference, predictor):
+    """The GPU-friendly order (launch the resident experts, then predict) keeps outputs and invariants."""
+    cfg = _cfg(trace_dir, "lru", 0.5, predictor, True, True, True, distance=2)
+    setup = prepare(cfg, get_geometry("tiny"))
+    rt = build_runtime(cfg, setup, device="cpu", keep_outputs=True, check=True)
+    rt.predict_after_resident = True
+    m = rt.run()
+    assert all(torch.equal(a, b) for a, b in zip(rt.outputs, reference))
+    _assert_consistent(rt, m)
+    assert not rt._predict_pending and (m["prefetches"] > 0 or predictor != "oracle")

@@ -29,8 +29,9 @@ def trace(tmp_path_factory):
 @pytest.fixture(scope="module")
 def results(trace):
     out = {}
-    for name in ("frequency", "previous_token", "cross_layer", "eam", "gate_reuse", "learned_mlp"):
+    for name in ("frequency", "previous_token", "cross_layer", "eam", "gate_reuse"):
         out[name] = evaluate(trace, name, 1)
+    out["learned_mlp"] = evaluate(trace, "learned_mlp", 1, params={"max_units": 256})
     out["learned_history"] = evaluate(trace, "learned_history", 1, params={"epochs": 20})
     return out
 
@@ -80,7 +81,7 @@ def test_learned_mlp_artifact_round_trip(trace, tmp_path, capsys):
 
 
 def test_learned_mlp_inference_is_numpy_and_deterministic(trace):
-    a = evaluate(trace, "learned_mlp", 1, params={"epochs": 3})
-    b = evaluate(trace, "learned_mlp", 1, params={"epochs": 3})
+    a = evaluate(trace, "learned_mlp", 1, params={"epochs": 3, "max_units": 64})
+    b = evaluate(trace, "learned_mlp", 1, params={"epochs": 3, "max_units": 64})
     assert a["accuracy"] == b["accuracy"]
     assert np.isfinite(a["accuracy"])
