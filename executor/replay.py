@@ -64,7 +64,7 @@ def prepare(cfg, geom: Geometry, *, layers: int | None = None) -> ReplaySetup:
 def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = None, transfer_backend=None,
                   host_budget: int = DEFAULT_HOST_BUDGET, gpu_budget_bytes: int | None = None,
                   keep_outputs: bool = False, check: bool = False, lookahead: int = 1, copy_engines: int = 1,
-                  models: dict | None = None, copier=None):
+                  models: dict | None = None, copier=None, predict_after_resident: bool = False):
     """Check memory, allocate the host store, the model and the runtime for one config.
 
     `models`: a dict reused across calls (executor.validate) that keeps the last host store and replay model, so
@@ -123,7 +123,7 @@ def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = No
         chunks=cfg.prefetch.chunks, early_preemption=cfg.early_preemption,
         reordered_inference=cfg.reordered_inference, cpu_experts=cfg.cpu_experts, trace=setup.trace,
         transfer_backend=transfer_backend, keep_outputs=keep_outputs, check=check, lookahead=lookahead,
-        copy_engines=copy_engines, copier=copier)
+        copy_engines=copy_engines, copier=copier, predict_after_resident=predict_after_resident)
 
 
 def add_memory_args(ap: argparse.ArgumentParser) -> None:
@@ -136,6 +136,10 @@ def add_memory_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--gpu-budget-gib", type=float, default=None,
                     help="GPU memory budget (default: free memory minus 4 GiB)")
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    ap.add_argument("--lookahead", type=int, default=1,
+                    help="chunk groups allowed on the copy stream at once (1 = the simulator's semantics)")
+    ap.add_argument("--predict-after-resident", action="store_true",
+                    help="launch the layer's resident experts before running the predictor")
 
 
 def main(argv=None) -> int:
@@ -153,7 +157,8 @@ def main(argv=None) -> int:
     setup = prepare(cfg, geom, layers=args.layers)
     rt = build_runtime(cfg, setup, device=args.device, host_budget=int(args.host_budget_gib * GIB),
                        gpu_budget_bytes=int(args.gpu_budget_gib * GIB) if args.gpu_budget_gib is not None else None,
-                       check=args.check)
+                       check=args.check, lookahead=args.lookahead,
+                       predict_after_resident=args.predict_after_resident)
     rt.warmup()
     metrics = rt.run()
     out = {"config": cfg.flat(), "geometry": setup.geometry.describe(), "layers": setup.n_layers,

@@ -142,7 +142,7 @@ def simulate(cfg, setup, profile, capacity_bytes: int) -> dict:
 
 
 def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget=None, check=False,
-            models: dict | None = None) -> dict:
+            models: dict | None = None, lookahead: int = 1, predict_after_resident: bool = False) -> dict:
     from executor.geometry import parse_geometry_overrides, resolve_geometry
     from executor.memory import DEFAULT_HOST_BUDGET
     from executor.replay import build_runtime, prepare
@@ -154,7 +154,8 @@ def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget
     geom = resolve_geometry(ex["geometry"], parse_geometry_overrides(ex.get("set_geometry")))
     setup = prepare(cfg, geom, layers=ex.get("layers"))
     rt = build_runtime(cfg, setup, device=device, host_budget=host_budget or DEFAULT_HOST_BUDGET,
-                       gpu_budget_bytes=gpu_budget, check=check, models=models)
+                       gpu_budget_bytes=gpu_budget, check=check, models=models, lookahead=lookahead,
+                       predict_after_resident=predict_after_resident)
     rt.warmup()
     real = rt.run()
     capacity = rt.n_slots * setup.meta.expert_bytes[0]
@@ -371,6 +372,9 @@ def main(argv=None) -> int:
     ap.add_argument("--host-budget-gib", type=float, default=100.0)
     ap.add_argument("--gpu-budget-gib", type=float, default=None)
     ap.add_argument("--machine", default=platform.node())
+    ap.add_argument("--lookahead", type=int, default=1, help="chunk groups ahead on the copy stream")
+    ap.add_argument("--predict-after-resident", action="store_true",
+                    help="launch resident experts before running the predictor")
     ap.add_argument("--layers", type=int, default=None, help="replay only the first N layers in every run")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a run-config key in every run (e.g. max_decode_tokens=32)")
@@ -419,7 +423,8 @@ def main(argv=None) -> int:
         try:
             row = run_one(ex, cfg, profile, device=device, host_budget=int(args.host_budget_gib * GIB),
                           gpu_budget=int(args.gpu_budget_gib * GIB) if args.gpu_budget_gib else None, check=args.check,
-                          models=models)
+                          models=models, lookahead=args.lookahead,
+                          predict_after_resident=args.predict_after_resident)
         except NotImplementedError as exc:
             row = {"status": "skipped", "error": str(exc)}
         except TraceError as exc:  # FitError included: record it, go on
