@@ -34,11 +34,14 @@ def lookup_stream(trace: str | Path, phase: str = "both", batch_size: int = 1):
 
 
 def mrc_table(trace: str | Path, policies: Sequence[str] = DEFAULT_POLICIES, *, scopes: Sequence[str] = ("global",),
-              phase: str = "both", batch_size: int = 1, points: int = 12, stream=None) -> pd.DataFrame:
+              phase: str = "both", batch_size: int = 1, points: int = 12, stream=None,
+              sim_budget: int | None = None) -> pd.DataFrame:
     """Tidy hit-rate curves: one row per (scope, policy, capacity).
 
     Columns: trace, model, phase, scope, policy, method, capacity_experts, cache_rate_pct, hit_rate.
-    lru and belady are exact step curves (every step point); other policies are simulated at `points` sizes."""
+    lru and belady are exact step curves (every step point); other policies are simulated at `points` evenly
+    spaced sizes plus four around one forward pass's working set. `sim_budget` (lookups simulated in all, for
+    large traces) lowers the number of sizes to fit it, down to two plus one beyond the working set."""
     from sim.mrc import compute_mrc, saturation_capacity
 
     s = stream if stream is not None else lookup_stream(trace, phase, batch_size)
@@ -54,7 +57,12 @@ def mrc_table(trace: str | Path, policies: Sequence[str] = DEFAULT_POLICIES, *, 
         if other:
             top = saturation_capacity(s, scope, "experts")
             low = s.n_layers if scope == "per_layer" else 1
-            caps = np.r_[np.linspace(low, top, max(2, points)), ws * np.array([0.5, 0.9, 1.1, 1.5])]
+            n_pts, extra = max(2, points), np.array([0.5, 0.9, 1.1, 1.5])
+            if sim_budget is not None and len(s):
+                fit = sim_budget // (len(s) * len(other) * len(scopes))
+                if fit < n_pts + len(extra):
+                    n_pts, extra = max(2, int(fit) - 1), np.array([1.5])
+            caps = np.r_[np.linspace(low, top, n_pts), ws * extra]
             caps = np.unique(np.clip(caps.round(), low, top).astype(int))
             parts.append(compute_mrc(s, other, scope=scope, unit="experts", capacities=caps.tolist()))
         for res in parts:
@@ -87,6 +95,26 @@ def token_working_set(trace: str | Path, phase: str = "both", stream=None) -> di
         label = f"one batch's working set\n(median {n} experts per forward pass)"
     return {"experts": n, "cache_rate_pct": 100.0 * n / (meta.n_layers * meta.n_experts), "label": label,
             "n_layers": meta.n_layers, "top_k": meta.top_k, "n_experts": meta.n_experts}
+
+
+def hit_rate_table(table: pd.DataFrame, rates_pct: Sequence[float] = (5, 10, 25, 50)) -> pd.DataFrame:
+    """Hit rates read off mrc_table curves at cache rates (%): exact step curves at the step below, simulated
+    curves interpolated linearly between their points. Index (trace, scope, policy); a column per rate."""
+    rows = []
+    for (trace, scope, policy), g in table.groupby(["trace", "scope", "policy"], sort=True):
+        g = g.sort_values("cache_rate_pct")
+        x, y = g["cache_rate_pct"].to_numpy(), g["hit_rate"].to_numpy()
+        exact = g["method"].iloc[0] != "simulated"
+        vals = {}
+        for r in rates_pct:
+            if exact:
+                i = int(np.searchsorted(x, r, side="right")) - 1
+                vals[f"{r:g}%"] = float(y[i]) if i >= 0 else 0.0
+            else:
+                vals[f"{r:g}%"] = float(np.interp(r, np.r_[0.0, x], np.r_[0.0, y]))
+        rows.append({"trace": Path(str(trace)).name, "scope": scope, "policy": policy,
+                     "method": "exact" if exact else "simulated, interpolated", **vals})
+    return pd.DataFrame(rows).set_index(["trace", "scope", "policy"])
 
 
 def lru_cliff(table: pd.DataFrame, working_set: dict, scope: str = "global") -> dict:
@@ -133,13 +161,40 @@ def plot_mrc(ax, table: pd.DataFrame, *, working_set: dict | None = None, title:
         ax.set_title(title)
 
 
+def curves(trace: str | Path, *, policies: Sequence[str] = DEFAULT_POLICIES, phase: str = "both", points: int = 12,
+           sim_budget: int | None = None) -> tuple[pd.DataFrame, dict]:
+    """(mrc_table in global and per-layer scope, token_working_set) of one trace."""
+    stream = lookup_stream(trace, phase)
+    table = mrc_table(trace, policies, scopes=("global", "per_layer"), phase=phase, points=points, stream=stream,
+                      sim_budget=sim_budget)
+    return table, token_working_set(trace, phase, stream=stream)
+
+
+def _curves_job(args):
+    trace, kw = args
+    return curves(trace, **kw)
+
+
+def curves_parallel(traces: Sequence[str | Path], *, workers: int = 2, **kw) -> list[tuple[pd.DataFrame, dict]]:
+    """`curves` of several traces in a pool of `workers` processes (in order)."""
+    jobs = [(t, kw) for t in traces]
+    if workers <= 1 or len(jobs) <= 1:
+        return [_curves_job(j) for j in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(pool.map(_curves_job, jobs))
+
+
 def mrc_figure(trace: str | Path, *, policies: Sequence[str] = DEFAULT_POLICIES, phase: str = "both",
                points: int = 12, hardware: str = "any hardware (hit rate does not depend on it)",
-               xmax_pct: float | None = 60.0):
-    """Global and per-layer scope side by side for one trace; returns (fig, table)."""
-    stream = lookup_stream(trace, phase)
-    table = mrc_table(trace, policies, scopes=("global", "per_layer"), phase=phase, points=points, stream=stream)
-    ws = token_working_set(trace, phase, stream=stream)
+               xmax_pct: float | None = 60.0, precomputed: tuple[pd.DataFrame, dict] | None = None,
+               sim_budget: int | None = None):
+    """Global and per-layer scope side by side for one trace; returns (fig, table). `precomputed` = the
+    (table, working set) of `curves` when already computed."""
+    table, ws = precomputed or curves(trace, policies=policies, phase=phase, points=points, sim_budget=sim_budget)
     fig, axes = style.new_figure(1, 2, sharey=True)
     for ax, scope in zip(axes[0], ("global", "per_layer")):
         plot_mrc(ax, table[table["scope"] == scope], working_set=ws if scope == "global" else None,

@@ -242,3 +242,17 @@ def test_report_in_executor_validate_layout(tmp_path):
     t = validation.tidy(validation.read_table(validation.find_report(tmp_path)))
     assert sorted(t["metric"].unique()) == ["hit_rate", "tpot_ms"]
     assert t[t["metric"] == "tpot_ms"]["rel_error"].round(3).tolist() == [-0.1, 0.1]
+
+
+def test_hit_rate_table_and_parallel_curves():
+    (table, ws), = mrc.curves_parallel([FLAME], workers=1, policies=("lru", "fifo"), points=3, sim_budget=10**9)
+    assert ws["experts"] > 0 and set(table["scope"]) == {"global", "per_layer"}
+    t = mrc.hit_rate_table(table, (25, 100))
+    assert list(t.columns) == ["method", "25%", "100%"]
+    assert t.loc[("flame-moe-290m-decoder", "global", "lru"), "method"] == "exact"
+    assert t.loc[("flame-moe-290m-decoder", "global", "fifo"), "method"] == "simulated, interpolated"
+    # at 100 % every policy hits every warm lookup
+    hr = t["100%"].to_numpy(dtype=float)
+    assert np.allclose(hr, hr[0])
+    small = mrc.mrc_table(FLAME, ("fifo",), scopes=("global",), points=12, sim_budget=3 * 20030)
+    assert small["capacity_experts"].nunique() <= 3
