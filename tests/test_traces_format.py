@@ -194,10 +194,13 @@ def test_embedded_traces_are_valid_and_streamable(embedded_traces):
     from traces.check import check_trace
 
     names = sorted(p.name for p in embedded_traces.iterdir() if (p / "meta.json").exists())
-    assert names == ["flame-moe-290m-decoder", "flame-moe-290m-encoder", "gemma-4-26b-a4b", "qwen3-30b-a3b"]
+    public = {"flame-moe-290m-decoder", "flame-moe-290m-encoder", "gemma-4-26b-a4b", "qwen3-30b-a3b"}
+    assert public <= set(names)
     for name in names:
         t = Trace(embedded_traces / name)
         check_trace(t)
-        assert t.meta.license == "Apache-2.0" and t.meta.attribution
+        assert t.meta.license and t.meta.attribution
+        if name in public:
+            assert t.meta.license == "Apache-2.0"
         n = sum(int(r.present().sum()) for r in t.iter_routing(batch_rows=1000))
         assert n == t.n_rows == pq.ParquetFile(embedded_traces / name / "routing.parquet").metadata.num_rows
