@@ -14,7 +14,7 @@ Presets (`PRESETS`, `get_geometry(name)`), from each model's Hugging Face `confi
 | gemma-4-26b-a4b | 2816 | 704 | 30 | 128 | 8 | 16 / 8 x 256 sliding; 16 / 2 x 512, k = v, global (1 in 6); MLP 2112 |
 | mixtral-8x7b | 4096 | 14336 | 32 | 8 | 2 | 32 / 8 x 128 |
 | flame-moe-290m | 1024 | 704 | 8 | 64 | 6 | from the embedded trace's meta (expert and dense bytes) |
-| small-moe | from the small trained model's config.json (data/small_moe/model or $SMALL_MOE_DIR), when present |
+| small-moe | 256 | 256 | 8 | 32 | 4 | the small trained model's config (data/small_moe/model_config.json) |
 
 Cross-checks: Qwen3's 4-bit GGUF expert sizes in data/traces/qwen3-30b-a3b (3 059 712 bytes = two Q4_K matrices
 plus one Q6_K matrix of 2048 x 768) and Gemma-4's (3 593 216 = two Q4_K + one Q5_0 of 2816 x 704) match these
@@ -255,10 +255,14 @@ def get_geometry(name: str) -> Geometry:
         return _BUILDERS[name]()
     if name == "small-moe":
         d = small_moe_dir()
-        if d is None:
-            raise TraceError("the small trained model is not there yet (no config.json in $SMALL_MOE_DIR, "
-                             "data/small_moe/model or traces/small_moe/model)", where="geometry 'small-moe'")
-        return geometry_from_hf_config(d / "config.json", name="small-moe")
+        if d is not None:
+            return geometry_from_hf_config(d / "config.json", name="small-moe")
+        committed = REPO_ROOT / "data" / "small_moe" / "model_config.json"  # the trained model's config
+        if committed.is_file():
+            return geometry_from_hf_config(committed, name="small-moe")
+        raise TraceError("the small trained model's config is not there (no config.json in $SMALL_MOE_DIR, "
+                         "data/small_moe/model, traces/small_moe/model; no data/small_moe/model_config.json)",
+                         where="geometry 'small-moe'")
     p = Path(name)
     if p.is_dir():
         p = p / "config.json"

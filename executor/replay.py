@@ -31,6 +31,8 @@ class ReplaySetup:
     trace: object
     capacity_bytes: int
     n_layers: int
+    predictor: object = None  # a trained predictor (fit on the trace's training split, or from an artifact)
+    warmup_batches: int = 0
 
 
 def prepare(cfg, geom: Geometry, *, layers: int | None = None) -> ReplaySetup:
@@ -47,6 +49,13 @@ def prepare(cfg, geom: Geometry, *, layers: int | None = None) -> ReplaySetup:
     geom = geom.first_layers(n) if n < geom.n_layers else geom
     meta = geom.trace_meta(trace.meta, n)
     seqs = load_sequences(trace, cfg.phase, cfg.max_sequences, cfg.max_decode_tokens)
+    predictor, warmup = None, cfg.warmup_batches
+    if cfg.prefetch.artifact or getattr(predictor_class(cfg.prefetch.predictor), "trainable", False):
+        # exactly what `python -m sim.run` does: fit on the training split (or load the artifact), replay the
+        # held-out sequences, the training positions of a one-sequence trace as warm-up
+        from sim.run import _trained
+
+        predictor, seqs, warmup = _trained(cfg, trace, seqs)
     if n < trace.meta.n_layers:
         seqs = truncate_sequences(seqs, n)
     try:
@@ -58,7 +67,14 @@ def prepare(cfg, geom: Geometry, *, layers: int | None = None) -> ReplaySetup:
     eb = meta.expert_bytes[0]
     parts = n if cfg.cache.scope == "per_layer" else 1
     capacity = (capacity // parts // eb) * parts * eb  # whole slots: what the executor allocates
-    return ReplaySetup(geom, meta, seqs, trace, capacity, n)
+    return ReplaySetup(geom, meta, seqs, trace, capacity, n, predictor, warmup)
+
+
+def predictor_class(name: str):
+    from predictors.registry import _REGISTRY, _load_all
+
+    _load_all()
+    return _REGISTRY.get(name)
 
 
 def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = None, transfer_backend=None,
@@ -112,7 +128,9 @@ def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = No
         if models is not None:
             models.update(key=key, model=model)
     weights = TraceWeights(setup.trace, setup.n_layers)
-    predictor = make_predictor(cfg.prefetch.predictor, **cfg.prefetch.predictor_params)
+    predictor = setup.predictor
+    if predictor is None:
+        predictor = make_predictor(cfg.prefetch.predictor, **cfg.prefetch.predictor_params)
     predictor.check_trace(setup.trace.meta)
     inflight = cfg.prefetch.max_inflight_mib * (1 << 20) if cfg.prefetch.max_inflight_mib is not None else None
     return OffloadedRuntime(
@@ -123,7 +141,8 @@ def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = No
         chunks=cfg.prefetch.chunks, early_preemption=cfg.early_preemption,
         reordered_inference=cfg.reordered_inference, cpu_experts=cfg.cpu_experts, trace=setup.trace,
         transfer_backend=transfer_backend, keep_outputs=keep_outputs, check=check, lookahead=lookahead,
-        copy_engines=copy_engines, copier=copier, predict_after_resident=predict_after_resident)
+        copy_engines=copy_engines, copier=copier, predict_after_resident=predict_after_resident,
+        warmup_batches=setup.warmup_batches)
 
 
 def add_memory_args(ap: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ from events around each chunk group on the copy stream.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from types import SimpleNamespace
 
@@ -135,6 +136,7 @@ class OffloadedRuntime:
         scratch_slots: int | None = None,
         copier=None,
         predict_after_resident: bool = False,
+        warmup_batches: int = 0,
     ):
         from sim.policies import policy_class
 
@@ -180,6 +182,7 @@ class OffloadedRuntime:
         # True: launch the leading resident experts first, so the GPU computes while the host predicts
         self.predict_after_resident = predict_after_resident
         self._predict_pending = False
+        self.warmup_batches = warmup_batches  # leading batches run but left out of the metrics (as the simulator)
         self.keep_outputs = keep_outputs
         self.check = check
         self.ready: set = set()
@@ -330,6 +333,11 @@ class OffloadedRuntime:
         self._batch_start = self.clock.mark()
         if self._first_mark is None:
             self._first_mark = self._batch_start
+        if batch.index == self.warmup_batches and batch.index > 0:  # warm-up over: metrics count from here
+            e = self.engine
+            self._snap = (dataclasses.replace(self.c), len(self._batch_marks), len(self._stall_marks),
+                          self._stall_host_s, len(e.spans), e.bytes, e.bytes_demand, e.bytes_prefetch,
+                          self._batch_start)
 
     def gate(self, layer: int, ids: list[int]) -> tuple[list[int], dict]:
         """The gate of `layer` (call after its dense part is enqueued): sync, reap, lookups, pins, early
@@ -476,6 +484,7 @@ class OffloadedRuntime:
         self._first_mark = None
         self._scratch_used: list = []
         self._batch_index = -1
+        self._snap = None
 
     # -- the replay loop -------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -517,15 +526,27 @@ class OffloadedRuntime:
         self._reap()
 
     def metrics(self) -> dict:
-        """The simulator's metrics from the real run (after close())."""
-        c = self.c
+        """The simulator's metrics from the real run (after close()); warm-up batches left out as it does."""
+        c = dataclasses.replace(self.c)
         clock = self.clock
         cuda = self.device.type == "cuda"
-        stall_s = sum(clock.seconds(a, b) for a, b in self._stall_marks) if cuda else self._stall_host_s
+        e = self.engine
+        # prefetches still unused at the end (landed, or queued/copying and never needed)
+        c.n_prefetch_unused += len(self.unused_pf) + sum(
+            1 for t in self.inflight.values() if t.speculative and not t.used)
+        marks, stalls, host_stall = self._batch_marks, self._stall_marks, self._stall_host_s
+        spans, moved, demand, prefetch = e.spans, e.bytes, e.bytes_demand, e.bytes_prefetch
+        first = self._first_mark
+        if self._snap is not None:
+            c0, i0, s0, h0, k0, m0, d0, p0, first = self._snap
+            for f in dataclasses.fields(Counters):
+                setattr(c, f.name, getattr(c, f.name) - getattr(c0, f.name))
+            marks, stalls, host_stall, spans = marks[i0:], stalls[s0:], host_stall - h0, spans[k0:]
+            moved, demand, prefetch = moved - m0, demand - d0, prefetch - p0
         self.batch_rows = []
         c.prefill_batches = c.decode_batches = 0
         c.prefill_s = c.decode_s = 0.0
-        for ph, a, b_, T, bi in self._batch_marks:
+        for ph, a, b_, T, bi in marks:
             dur = clock.seconds(a, b_)
             if ph == "prefill":
                 c.prefill_batches += 1
@@ -534,16 +555,10 @@ class OffloadedRuntime:
                 c.decode_batches += 1
                 c.decode_s += dur
             self.batch_rows.append({"batch": bi, "phase": ph, "tokens": T, "duration_ms": dur * 1e3})
-        c.stall_s = stall_s
-        marks = self._batch_marks
-        total = clock.seconds(self._first_mark, marks[-1][2]) if marks else 0.0
-        unused = c.n_prefetch_unused + len(self.unused_pf) + sum(
-            1 for t in self.inflight.values() if t.speculative and not t.used)
-        saved = c.n_prefetch_unused
-        c.n_prefetch_unused = unused
-        m = finalize(c, total_s=total, busy_s=self.engine.busy_s(), bytes_h2d=self.engine.bytes,
-                     bytes_demand=self.engine.bytes_demand, bytes_prefetch=self.engine.bytes_prefetch)
-        c.n_prefetch_unused = saved
+        c.stall_s = sum(clock.seconds(a, b) for a, b in stalls) if cuda else host_stall
+        total = clock.seconds(first, marks[-1][2]) if marks else 0.0
+        busy = sum(e.copier.span_s(h) for h in spans)
+        m = finalize(c, total_s=total, busy_s=busy, bytes_h2d=moved, bytes_demand=demand, bytes_prefetch=prefetch)
         m["slab_slots"] = self.n_slots
         m["scratch_slots"] = self.scratch.n_slots
         m["cache_capacity_bytes"] = self.cache.capacity_bytes

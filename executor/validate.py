@@ -128,16 +128,20 @@ def simulate(cfg, setup, profile, capacity_bytes: int) -> dict:
     cost = CostModel(profile, setup.meta, pinned=cfg.pinned_memory,
                      chunks=cfg.prefetch.chunks if cfg.chunked_prefetch else 1)
     inflight = cfg.prefetch.max_inflight_mib * (1 << 20) if cfg.prefetch.max_inflight_mib is not None else None
+    predictor = getattr(setup, "predictor", None)
+    if predictor is None:
+        predictor = make_predictor(cfg.prefetch.predictor, **cfg.prefetch.predictor_params)
     sim = Simulation(setup.meta, setup.sequences, cost, phase=cfg.phase, batch_size=cfg.batch_size,
                      cache_capacity_bytes=capacity_bytes, cache_scope=cfg.cache.scope, cache_policy=cfg.cache.policy,
                      policy_params=cfg.cache.policy_params,
-                     predictor=make_predictor(cfg.prefetch.predictor, **cfg.prefetch.predictor_params),
-                     distance=cfg.prefetch.distance, top_n=cfg.prefetch.top_n, max_inflight_bytes=inflight,
+                     predictor=predictor, distance=cfg.prefetch.distance, top_n=cfg.prefetch.top_n,
+                     max_inflight_bytes=inflight,
                      predictor_cost_s=profile.predictor_cost_s(cfg.prefetch.predictor),
                      chunked_prefetch=cfg.chunked_prefetch, chunks=cfg.prefetch.chunks,
                      early_preemption=cfg.early_preemption, reordered_inference=cfg.reordered_inference,
                      cpu_experts=cfg.cpu_experts,
-                     trace=_MetaTrace(setup.trace, setup.meta) if setup.trace is not None else None)
+                     trace=_MetaTrace(setup.trace, setup.meta) if setup.trace is not None else None,
+                     warmup_batches=getattr(setup, "warmup_batches", cfg.warmup_batches))
     return sim.run()
 
 
