@@ -41,7 +41,7 @@ def mrc_table(trace: str | Path, policies: Sequence[str] = DEFAULT_POLICIES, *, 
     Columns: trace, model, phase, scope, policy, method, capacity_experts, cache_rate_pct, hit_rate.
     lru and belady are exact step curves (every step point); other policies are simulated at `points` evenly
     spaced sizes plus four around one forward pass's working set. `sim_budget` (lookups simulated in all, for
-    large traces) lowers the number of sizes to fit it, down to two plus one beyond the working set."""
+    large traces) lowers the number of sizes to fit it: then 3 or 4 sizes from 0.9 to 6 working sets."""
     from sim.mrc import compute_mrc, saturation_capacity
 
     s = stream if stream is not None else lookup_stream(trace, phase, batch_size)
@@ -57,12 +57,12 @@ def mrc_table(trace: str | Path, policies: Sequence[str] = DEFAULT_POLICIES, *, 
         if other:
             top = saturation_capacity(s, scope, "experts")
             low = s.n_layers if scope == "per_layer" else 1
-            n_pts, extra = max(2, points), np.array([0.5, 0.9, 1.1, 1.5])
+            grid, extra = np.linspace(low, top, max(2, points)), np.array([0.5, 0.9, 1.1, 1.5])
             if sim_budget is not None and len(s):
                 fit = sim_budget // (len(s) * len(other) * len(scopes))
-                if fit < n_pts + len(extra):
-                    n_pts, extra = max(2, int(fit) - 1), np.array([1.5])
-            caps = np.r_[np.linspace(low, top, n_pts), ws * extra]
+                if fit < len(grid) + len(extra):  # few sizes: where the curve bends, around the working set
+                    grid, extra = np.zeros(0), np.array([0.9, 1.5, 3.0, 6.0])[:max(3, min(4, int(fit)))]
+            caps = np.r_[grid, ws * extra]
             caps = np.unique(np.clip(caps.round(), low, top).astype(int))
             parts.append(compute_mrc(s, other, scope=scope, unit="experts", capacities=caps.tolist()))
         for res in parts:
