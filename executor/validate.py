@@ -185,8 +185,15 @@ def compare_row(real: dict, sim: dict, extra: dict) -> dict:
 
 
 # -- the report --------------------------------------------------------------------------------------------------
+def time_column(phase) -> str:
+    """The time a run is judged by: TTFT for prefill runs, TPOT for decode runs, total time otherwise (per-batch
+    means, so labels that replay different sequences, e.g. a trained predictor's held-out ones, compare)."""
+    return {"prefill": "ttft_ms", "decode": "tpot_ms"}.get(str(phase), "total_ms")
+
+
 def add_speedups(df):
-    """Each label's speedup over the 'lru' label of the same geometry, trace, cache capacity and phase."""
+    """Each label's speedup over the 'lru' label of the same geometry, trace, cache capacity and phase (TTFT in
+    prefill, TPOT in decode, total time for both), and its time over the 'oracle' label's."""
     import numpy as np
 
     group = ["geometry", "trace", "cache.cache_rate", "cache.capacity_mib", "cache.capacity_experts", "phase"]
@@ -203,8 +210,9 @@ def add_speedups(df):
             if base.empty:
                 continue
             for side in ("real", "sim"):
-                b = base[f"{side}_total_ms"].iloc[0]
-                t = sub[f"{side}_total_ms"]
+                tcol = f"{side}_{time_column(sub['phase'].iloc[0] if 'phase' in sub else None)}"
+                b = base[tcol].iloc[0]
+                t = sub[tcol]
                 df.loc[sub.index, f"{side}_{col}"] = b / t if inverse else t / b
     if "pcie_floor_ms" in df.columns:
         df["real_over_pcie_floor"] = df["real_total_ms"] / df["pcie_floor_ms"]
@@ -215,17 +223,21 @@ def pcie_floor(cfg, setup, profile, capacity_bytes: int) -> dict:
     """The bytes that must move with this cache (Belady's misses on the run's demand lookups, each expert once per
     miss) and the time they take at the profile's pinned bandwidth: no schedule can beat it."""
     from sim.cache import ExpertCache
-    from sim.engine.schedule import demand_lookups
+    from sim.engine.schedule import demand_lookups, iter_batches, layer_sets
 
     keys = demand_lookups(setup.sequences, cfg.phase, cfg.batch_size)
     meta = setup.meta
     cache = ExpertCache(n_layers=meta.n_layers, n_experts=meta.n_experts, expert_bytes=meta.expert_bytes,
                         capacity_bytes=capacity_bytes, scope=cfg.cache.scope, policy="belady", future=keys)
+    warmup = getattr(setup, "warmup_batches", cfg.warmup_batches)
     moved = 0
-    for k in keys:
-        if not cache.lookup(k):
-            cache.insert(k)
-            moved += meta.expert_bytes[k[0]]
+    for b in iter_batches(setup.sequences, cfg.phase, cfg.batch_size):  # the order of `keys`
+        for layer, (ids, _) in enumerate(layer_sets(b.experts)):
+            for e in ids:
+                if not cache.lookup((layer, e)):
+                    cache.insert((layer, e))
+                    if b.index >= warmup:  # warm-up batches are out of the measured time too
+                        moved += meta.expert_bytes[layer]
     link = profile.h2d.pinned
     return {"must_move_bytes": moved,
             "pcie_floor_ms": link.seconds(meta.expert_bytes[0]) * 1e3 * moved / meta.expert_bytes[0]}
@@ -248,8 +260,9 @@ def fidelity(df) -> dict:
     if group and "name" in ok:
         for _, sub in ok.groupby(group, dropna=False):
             if len(sub) > 1:
-                agree.append(list(sub.sort_values("real_total_ms")["name"]) ==
-                             list(sub.sort_values("sim_total_ms")["name"]))
+                tcol = time_column(sub["phase"].iloc[0] if "phase" in sub else None)
+                agree.append(list(sub.sort_values(f"real_{tcol}")["name"]) ==
+                             list(sub.sort_values(f"sim_{tcol}")["name"]))
     out["ranking_groups"] = len(agree)
     out["ranking_agrees"] = int(sum(agree))
     return out
@@ -286,8 +299,9 @@ def summary_markdown(df, fid: dict, meta: dict) -> str:
             _fmt(r.get("real_speedup_vs_lru")), _fmt(r.get("sim_speedup_vs_lru"))]) + " |")
     if "real_over_oracle" in df.columns:
         lines += ["", "## Distance from the bounds", "",
-                  "total time / the oracle-prefetch label's (same group), and / the PCIe floor (bytes Belady must move "
-                  "with this capacity at the measured bandwidth)", "",
+                  "time (TTFT in prefill, TPOT in decode, total for both) / the oracle-prefetch label's (same group); "
+                  "total time / the PCIe floor (the bytes Belady must move with this capacity, warm-up excluded, at "
+                  "the measured bandwidth)", "",
                   "| run | geometry | phase | rate | total real ms | / oracle real | / oracle sim | PCIe floor ms | "
                   "/ floor real |", "|" + "---|" * 9]
         for _, r in df[df["status"] == "ok"].iterrows():
