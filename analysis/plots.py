@@ -38,8 +38,9 @@ def _x_label(df: pd.DataFrame) -> str:
 
 def _title(df: pd.DataFrame, what: str, extra: str = "") -> str:
     models = ", ".join(sorted(df["model"].astype(str).unique())) if "model" in df else ""
+    names = ", ".join(sorted(df["trace_name"].astype(str).unique())) if "trace_name" in df else ""
     hw = ", ".join(sorted(df["hardware"].astype(str).unique())) if "hardware" in df else ""
-    t = f"{what}: {models} on {hw}"
+    t = f"{what}: {models} (trace {names}) on {hw}" if names and names != models else f"{what}: {models} on {hw}"
     return t + (f" ({extra})" if extra else "")
 
 
