@@ -4,7 +4,7 @@
 # Extra arguments go to `python -m sim.sweep` (e.g. --workers 4). Rerunning skips finished runs.
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh" "dask"
-OUT=${OUT:-results/default}
+OUT=results/default
 .venv/bin/python -m sim.sweep configs/ --out "$OUT" "$@"
 echo "writing figures (python -m analysis.plots $OUT) ..."
 .venv/bin/python -m analysis.plots "$OUT" | sed 's/^/  figure: /'
