@@ -95,11 +95,15 @@ def test_sweep_file_refused_by_run(tmp_path, trace_dir):
 
 
 def test_profiles_load_and_lookup(trace_dir):
-    for name in ("h200", "rtx4090-promoe"):
+    for name in ("h200", "h200-quoted", "rtx4090-promoe"):
         prof = load_profile(name)
         assert prof.provenance
-    h200 = load_profile("h200")
-    assert "executor.calibrate will replace" in h200.provenance
+    measured = load_profile("h200")
+    assert measured.provenance.startswith("measured by `python -m executor.calibrate")
+    assert "NVIDIA H200" in measured.provenance
+    assert measured.h2d.pinned.gbps(1 << 30) > measured.h2d.pinned.gbps(1 << 20) > 0
+    h200 = load_profile("h200-quoted")
+    assert "executor.calibrate" in h200.provenance
     assert "datasheets" in load_profile("rtx4090-promoe").provenance
     link = h200.h2d.pinned
     assert link.gbps(1 << 20) == pytest.approx(38.4) and link.gbps(1 << 30) == pytest.approx(55.5)

@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
 
 def build(trace, *, capacity_bytes, phase="both", policy="lru", predictor="none", chunked=False, chunks=3,
           ep=False, ro=False, distance=1, batch_size=1, top_n=None, max_inflight=None, check=True, cpu=False,
-          profile="h200", record=False, engines=1):
+          profile="h200-quoted", record=False, engines=1):
     cost = CostModel(load_profile(profile), trace.meta, chunks=chunks if chunked else 1)
     cost.copy_engines = engines
     seqs = load_sequences(trace, phase, None, None)
