@@ -28,14 +28,15 @@ TABLE_SUFFIXES = (".parquet", ".csv", ".json")
 
 
 def find_report(directory: str | Path = DEFAULT_DIR) -> Path | None:
-    """The report table in `directory` (report.* first, then any table file), or None if there is none."""
+    """The report table in `directory` (report.* or results.* first, Parquet first, then any table file; the
+    executor writes results.parquet), or None if there is none."""
     d = Path(directory)
     if not d.is_dir():
         return None
     files = [f for f in sorted(d.rglob("*")) if f.is_file() and f.suffix in TABLE_SUFFIXES]
     if not files:
         return None
-    files.sort(key=lambda f: (not f.stem.startswith("report"), f.suffix != ".parquet", str(f)))
+    files.sort(key=lambda f: (f.stem not in ("report", "results"), f.suffix != ".parquet", len(f.parts), str(f)))
     return files[0]
 
 
@@ -87,7 +88,8 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
     out["sim"] = pd.to_numeric(out["sim"], errors="coerce")
     out["diff"] = out["sim"] - out["real"]
     with np.errstate(divide="ignore", invalid="ignore"):
-        out["rel_error"] = out["diff"] / out["real"]
+        rel = out["diff"] / out["real"]
+    out["rel_error"] = rel.where(np.isfinite(rel))  # undefined where the real value is 0
     return out
 
 
@@ -111,7 +113,9 @@ def plot_sim_vs_real(t: pd.DataFrame, *, machine: str = "h200", metrics=None):
         lo = float(np.nanmin([g["real"].min(), g["sim"].min()]))
         hi = float(np.nanmax([g["real"].max(), g["sim"].max()]))
         ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8, label="sim = real")
-        unit = " (ms)" if m.endswith("_ms") else ""
+        unit = (" (ms)" if m.endswith("_ms") else " (bytes)" if m.startswith("bytes") else
+                " (x)" if m.startswith("speedup") or m.startswith("over_") else
+                " (fraction)" if m.endswith(("_rate", "_frac", "precision", "recall")) else "")
         ax.set_xlabel(f"real {m}{unit}")
         ax.set_ylabel(f"simulated {m}{unit}")
         ax.set_title(m)
