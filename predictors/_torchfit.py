@@ -36,7 +36,8 @@ def require_torch():
 
 def train(x: np.ndarray, y: np.ndarray, *, hidden_units: int, epochs: int = 30, lr: float = 1e-3,
           weight_decay: float = 1e-4, batch_size: int = 256, seed: int = 0, standardize: bool = True,
-          patience: int = 4, threads: int = 1, device: str = "cpu") -> dict[str, np.ndarray]:
+          patience: int = 4, threads: int = 1, device: str = "cpu", loss: str = "softmax",
+          dropout: float = 0.0) -> dict[str, np.ndarray]:
     """x: float [N, F]; y: multi-hot float [N, E]. Returns the network of the best validation epoch."""
     torch = require_torch()
     old_threads = torch.get_num_threads()
@@ -44,7 +45,7 @@ def train(x: np.ndarray, y: np.ndarray, *, hidden_units: int, epochs: int = 30, 
     try:
         return _train(torch, x, y, hidden_units=hidden_units, epochs=epochs, lr=lr, weight_decay=weight_decay,
                       batch_size=batch_size, seed=seed, standardize=standardize, patience=patience,
-                      device=_device(torch, device))
+                      device=_device(torch, device), loss=loss, dropout=dropout)
     finally:
         torch.set_num_threads(old_threads)
 
@@ -58,7 +59,10 @@ def _device(torch, device: str):
     return torch.device(device)
 
 
-def _train(torch, x, y, *, hidden_units, epochs, lr, weight_decay, batch_size, seed, standardize, patience, device):
+def _train(torch, x, y, *, hidden_units, epochs, lr, weight_decay, batch_size, seed, standardize, patience, device,
+           loss="softmax", dropout=0.0):
+    if loss not in ("softmax", "bce"):
+        raise ValueError(f"loss must be 'softmax' or 'bce', got {loss!r}")
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.float32)
     n, f = x.shape
@@ -75,16 +79,23 @@ def _train(torch, x, y, *, hidden_units, epochs, lr, weight_decay, batch_size, s
     val, tr = perm[:n_val], perm[n_val:]
     torch.manual_seed(seed)
     if hidden_units > 0:
-        model = torch.nn.Sequential(torch.nn.Linear(f, hidden_units), torch.nn.ReLU(), torch.nn.Linear(hidden_units, e))
+        mid = [torch.nn.Dropout(dropout)] if dropout > 0 else []
+        model = torch.nn.Sequential(torch.nn.Linear(f, hidden_units), torch.nn.ReLU(), *mid,
+                                    torch.nn.Linear(hidden_units, e))
     else:
         model = torch.nn.Sequential(torch.nn.Linear(f, e))
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     xt = torch.from_numpy(x).to(device)
-    yt = torch.from_numpy(y / np.maximum(y.sum(axis=1, keepdims=True), 1.0)).to(device)
+    if loss == "bce":
+        yt = torch.from_numpy(y).to(device)
+    else:
+        yt = torch.from_numpy(y / np.maximum(y.sum(axis=1, keepdims=True), 1.0)).to(device)
 
     def loss_of(idx):
         logits = model(xt[idx])
+        if loss == "bce":
+            return torch.nn.functional.binary_cross_entropy_with_logits(logits, yt[idx])
         return -(yt[idx] * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
     def snapshot():

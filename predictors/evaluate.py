@@ -201,7 +201,20 @@ def main(argv=None) -> int:
     ap.add_argument("--max-eval-sequences", type=int, default=None)
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="predictor parameter")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    g = ap.add_argument_group("GoodPred (accuracy x fetch rate; the fetch rate from a simulation, predictors.goodpred)")
+    g.add_argument("--goodpred", action="store_true",
+                   help="also simulate with this predictor as the prefetcher at the same distance")
+    g.add_argument("--config", help="single-run simulator config (sim.run); its trace/prefetch keys are replaced")
+    g.add_argument("--hardware", default="h200", help="hardware profile without --config (default h200)")
+    g.add_argument("--cache-rate", type=float, default=None, help="cache rate (default 0.25, or the config's)")
+    g.add_argument("--phase", default="decode", choices=["prefill", "decode", "both"],
+                   help="simulated phase without --config (default decode, as the headline accuracy)")
+    g.add_argument("--link-scale", type=float, default=1.0,
+                   help="multiply the profile's host-to-device bandwidth (inf: infinitely fast link)")
+    g.add_argument("--sim-set", action="append", metavar="KEY=VALUE", help="simulator config override")
     args = ap.parse_args(argv)
+    if args.goodpred:
+        return _main_goodpred(args)
     try:
         result = evaluate(args.trace, args.predictor, args.distance, artifact=args.artifact, fraction=args.split,
                           seed=args.seed, folds=args.folds, budgets=args.budget, params=parse_sets(args.set),
@@ -213,6 +226,40 @@ def main(argv=None) -> int:
         print(json.dumps(result))
     else:
         print(format_text(result))
+    return 0
+
+
+def _main_goodpred(args) -> int:
+    from predictors.goodpred import goodpred
+
+    if args.folds > 1 or args.batch_size != 1 or args.max_eval_sequences is not None or args.budget:
+        print("error: --goodpred takes one split (no --folds, --batch-size, --max-eval-sequences, --budget; "
+              "set the simulated batch size with --sim-set batch_size=N)", file=sys.stderr)
+        return 2
+    from sim.config import parse_sets as sim_parse_sets
+
+    try:
+        result = goodpred(args.trace, args.predictor, args.distance, config=args.config, hardware=args.hardware,
+                          cache_rate=args.cache_rate, phase=args.phase, link_scale=args.link_scale,
+                          params=parse_sets(args.set), artifact=args.artifact, fraction=args.split,
+                          seed=args.seed, sim_sets=sim_parse_sets(args.sim_set))
+    except (PredictorUnavailable, ValueError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        def f(v):
+            return "n/a" if v is None else f"{v:.3f}"
+
+        m = result["sim"]["metrics"]
+        c = result["sim"]["config"]
+        print(format_text(result))
+        print(f"  simulated ({c['hardware']}, {c['phase']}, {c['cache.policy']} {c['cache.scope']}, cache rate "
+              f"{c['cache.cache_rate']}): hit rate {f(m['hit_rate'])}, tpot {f(m['tpot_ms'])} ms, "
+              f"prefetched_used {m['prefetched_used']}, late {m['n_prefetch_late']}")
+        print(f"  accuracy {f(result['accuracy'])} x fetch rate {f(result['fetch_rate'])} = "
+              f"GoodPred {f(result['goodpred'])}")
     return 0
 
 
