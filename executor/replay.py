@@ -53,9 +53,9 @@ def prepare(cfg, geom: Geometry, *, layers: int | None = None) -> ReplaySetup:
     if cfg.prefetch.artifact or getattr(predictor_class(cfg.prefetch.predictor), "trainable", False):
         # exactly what `python -m sim.run` does: fit on the training split (or load the artifact), replay the
         # held-out sequences, the training positions of a one-sequence trace as warm-up
-        from sim.run import _trained
+        from sim.run import trained_predictor
 
-        predictor, seqs, warmup = _trained(cfg, trace, seqs)
+        predictor, seqs, warmup = trained_predictor(cfg, trace, seqs)
     if n < trace.meta.n_layers:
         seqs = truncate_sequences(seqs, n)
     try:

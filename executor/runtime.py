@@ -14,7 +14,7 @@ Per batch and layer, on the compute stream (the default CUDA stream, or the CPU)
    in-flight bound; its predictor cost is real time here, so its simulated cost is 0) predicts layer l+d and
    enqueues speculative transfers.
 3. experts in order (ascending id; reordered inference: resident, copying, queued high, queued low, not started;
-   executor.decisions). An expert not resident: without early preemption its demand load is enqueued now (or
+   sim.engine.decisions). An expert not resident: without early preemption its demand load is enqueued now (or
    its prefetch upgraded to high); the compute stream waits for the copy (stall, measured with CUDA events
    around the wait, or perf_counter on the CPU).
 
@@ -36,12 +36,20 @@ from types import SimpleNamespace
 import torch
 
 from executor.buffers import SlotPool, chunk_ranges
-from executor.decisions import compute_order, early_preemption_plan, expert_state
 from executor.model import BatchInputs, ReplayModel, rms_norm
 from executor.transfer import Transfer, TransferEngine
 from predictors.base import Predictor
 from sim.cache import ExpertCache
-from sim.engine.metrics import Counters, finalize
+from sim.engine.core import cache_touches
+from sim.engine.decisions import (
+    classify_lookups,
+    compute_order,
+    early_preemption_plan,
+    expert_state,
+    gate_demand_loads,
+    touch_in_use_order,
+)
+from sim.engine.metrics import Counters, count_unused_at_end, finalize, snapshot, subtract
 from sim.engine.prefetcher import Prefetcher
 from sim.engine.schedule import SequenceData, demand_lookups, iter_batches, layer_sets
 from traces.format import TraceMeta
@@ -64,21 +72,6 @@ class _Clock:
         if self.cuda:
             return a.elapsed_time(b) * 1e-3
         return b - a
-
-
-class _MetaTrace:
-    """The trace as the prefetcher sees it: the executor's meta (geometry bytes, first N layers), the trace's
-    optional arrays (hidden states, router weights) by delegation."""
-
-    def __init__(self, trace, meta: TraceMeta):
-        self._trace = trace
-        self.meta = meta
-
-    def hidden_states(self, layer: int):
-        return self._trace.hidden_states(layer)
-
-    def router_weights(self, layer: int):
-        return self._trace.router_weights(layer)
 
 
 def truncate_sequences(seqs: list[SequenceData], n_layers: int) -> list[SequenceData]:
@@ -137,6 +130,7 @@ class OffloadedRuntime:
         copier=None,
         predict_after_resident: bool = False,
         warmup_batches: int = 0,
+        hidden_fn=None,
     ):
         from sim.policies import policy_class
 
@@ -194,8 +188,9 @@ class OffloadedRuntime:
         self.env = SimpleNamespace(now=0.0)  # the prefetcher's clock: predictions are issued at once (cost = real)
         self.cost = SimpleNamespace(expert_bytes=list(meta.expert_bytes))
         predictor.reset()
-        ptrace = _MetaTrace(trace, meta) if trace is not None else None
-        self.prefetcher = Prefetcher(self, predictor, distance, top_n, max_inflight_bytes, 0.0, ptrace)
+        self.prefetcher = Prefetcher(self, predictor, distance, top_n, max_inflight_bytes, 0.0, trace, meta=meta,
+                                     hidden_fn=hidden_fn)
+        self._touch = self.cache.touch if cache_touches(self.cache) else None
         self.clock = _Clock(self.device)
         self._reset_run()
         self.outputs: list[torch.Tensor] = []
@@ -335,7 +330,7 @@ class OffloadedRuntime:
             self._first_mark = self._batch_start
         if batch.index == self.warmup_batches and batch.index > 0:  # warm-up over: metrics count from here
             e = self.engine
-            self._snap = (dataclasses.replace(self.c), len(self._batch_marks), len(self._stall_marks),
+            self._snap = (snapshot(self.c), len(self._batch_marks), len(self._stall_marks),
                           self._stall_host_s, len(e.spans), e.bytes, e.bytes_demand, e.bytes_prefetch,
                           self._batch_start)
 
@@ -354,40 +349,20 @@ class OffloadedRuntime:
         self.gated = (b, layer)
         for e in ids:
             cache.pin((layer, e))
-        missing = False
-        for e in ids:
-            key = (layer, e)
-            cache.lookup(key)
-            if key in ready:
-                c.hits += 1
-                if key in unused_pf:
-                    unused_pf.discard(key)
-                    c.prefetched_used += 1
-            else:
-                c.misses += 1
-                missing = True
-                t = inflight.get(key)
-                if t is None or not t.speculative:
-                    c.demand_misses += 1
-                elif not t.used:
-                    t.used = True
-                    c.prefetched_used += 1
-                    c.n_prefetch_late += 1
-        c.lookups += len(ids)
+        missing = classify_lookups(layer, ids, cache.lookup, ready, inflight, unused_pf, c)
         local: dict = {}
         ep = self.early_preemption
-        if ep:  # at every gate, miss or not (sim: "this layer's queued speculation is now exact or useless")
+        if ep:  # at every gate, miss or not (this layer's queued speculation is now exact or useless)
             up, drop = early_preemption_plan(layer, engine.low_snapshot())
             for t in up:
                 engine.upgrade(t)
             for t in drop:
                 self._drop(t)
-        order = compute_order(layer, ids, reordered=self.reordered, any_missing=missing, state=self._state)
-        if missing and ep:
-            for e in order:
-                key = (layer, e)
-                if key not in ready and key not in inflight:
-                    local[key] = self.start_transfer(key, speculative=False)
+        order = compute_order(layer, ids, reordered=self.reordered, any_missing=missing is not None,
+                              state=self._state)
+        if missing is not None and ep:
+            for e in gate_demand_loads(layer, order, ready, inflight):
+                local[(layer, e)] = self.start_transfer((layer, e), speculative=False)
         if self.prefetcher.active:
             if self.predict_after_resident:
                 self._predict_pending = True  # done by expert_buffer at the first non-resident expert
@@ -465,6 +440,8 @@ class OffloadedRuntime:
             self.scratch.release(owner)
         self._scratch_used = []
         self.c.layer_steps += 1
+        if self._touch is not None:
+            touch_in_use_order(self._touch, layer, ids)  # recency = order of first use in the batch
         for e in ids:
             self.cache.unpin((layer, e))
         if self.check:
@@ -532,15 +509,13 @@ class OffloadedRuntime:
         cuda = self.device.type == "cuda"
         e = self.engine
         # prefetches still unused at the end (landed, or queued/copying and never needed)
-        c.n_prefetch_unused += len(self.unused_pf) + sum(
-            1 for t in self.inflight.values() if t.speculative and not t.used)
+        count_unused_at_end(c, self.unused_pf, self.inflight)
         marks, stalls, host_stall = self._batch_marks, self._stall_marks, self._stall_host_s
         spans, moved, demand, prefetch = e.spans, e.bytes, e.bytes_demand, e.bytes_prefetch
         first = self._first_mark
         if self._snap is not None:
             c0, i0, s0, h0, k0, m0, d0, p0, first = self._snap
-            for f in dataclasses.fields(Counters):
-                setattr(c, f.name, getattr(c, f.name) - getattr(c0, f.name))
+            subtract(c, c0)
             marks, stalls, host_stall, spans = marks[i0:], stalls[s0:], host_stall - h0, spans[k0:]
             moved, demand, prefetch = moved - m0, demand - d0, prefetch - p0
         self.batch_rows = []

@@ -120,7 +120,6 @@ def run_id(ex: dict, cfg) -> str:
 # -- one run -----------------------------------------------------------------------------------------------------
 def simulate(cfg, setup, profile, capacity_bytes: int) -> dict:
     """The simulator on exactly what the executor ran: meta, sequences (first N layers), capacity in whole slots."""
-    from executor.runtime import _MetaTrace
     from predictors.registry import make_predictor
     from sim.engine import Simulation
     from sim.hardware import CostModel
@@ -140,7 +139,7 @@ def simulate(cfg, setup, profile, capacity_bytes: int) -> dict:
                      chunked_prefetch=cfg.chunked_prefetch, chunks=cfg.prefetch.chunks,
                      early_preemption=cfg.early_preemption, reordered_inference=cfg.reordered_inference,
                      cpu_experts=cfg.cpu_experts,
-                     trace=_MetaTrace(setup.trace, setup.meta) if setup.trace is not None else None,
+                     trace=setup.trace,
                      warmup_batches=getattr(setup, "warmup_batches", cfg.warmup_batches))
     return sim.run()
 

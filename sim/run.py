@@ -81,7 +81,7 @@ def _build(cfg: RunConfig, *, record: bool, check: bool) -> Simulation:
     seqs = _sequences(trace, cfg)
     warmup = cfg.warmup_batches
     if cfg.prefetch.artifact or getattr(predictor, "trainable", False):
-        predictor, seqs, warmup = _trained(cfg, trace, seqs)
+        predictor, seqs, warmup = trained_predictor(cfg, trace, seqs)
     inflight = cfg.prefetch.max_inflight_mib * (1 << 20) if cfg.prefetch.max_inflight_mib is not None else None
     try:
         return Simulation(
@@ -96,9 +96,10 @@ def _build(cfg: RunConfig, *, record: bool, check: bool) -> Simulation:
         raise TraceError(str(exc), where="field 'cache.policy'") from None
 
 
-def _trained(cfg: RunConfig, trace: Trace, seqs):
-    """A trainable predictor fit on the training split (or loaded from an artifact): simulate the held-out
-    sequences only; with a positions split (a one-sequence trace) the training positions are warm-up."""
+def trained_predictor(cfg: RunConfig, trace: Trace, seqs):
+    """Returns (predictor, sequences, warmup_batches). A trainable predictor is fit on the training split (or
+    loaded from an artifact): only the held-out sequences are simulated; with a positions split (a one-sequence
+    trace) the training positions are warm-up. `python -m sim.run` and `python -m executor.replay` both call it."""
     from predictors.evaluate import prepare
     from sim.config import resolve_path
     from sim.engine.schedule import iter_batches

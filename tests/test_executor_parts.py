@@ -11,7 +11,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from executor.buffers import HostExpertStore, SlotPool, chunk_ranges, expert_matrices  # noqa: E402
-from executor.decisions import compute_order, early_preemption_plan, expert_state  # noqa: E402
 from executor.geometry import (  # noqa: E402
     PRESETS,
     geometry_from_hf_config,
@@ -21,6 +20,7 @@ from executor.geometry import (  # noqa: E402
 )
 from executor.memory import GIB, FitError, arena_layout, check_fit, plan_memory  # noqa: E402
 from executor.transfer import Transfer, TransferEngine  # noqa: E402
+from sim.engine.decisions import compute_order, early_preemption_plan, expert_state  # noqa: E402
 from traces.errors import TraceError  # noqa: E402
 from traces.format import TraceMeta  # noqa: E402
 

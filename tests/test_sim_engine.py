@@ -236,3 +236,33 @@ def test_timeline_and_chrome_trace(tiny, tmp_path):
     xs = [e for e in doc["traceEvents"] if e["ph"] == "X"]
     assert {e["cat"] for e in xs} >= {"dense", "expert", "prefetch", "demand"}
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in xs)
+
+
+# -- (d) the engine's LRU equals the miss-ratio curve (gate semantics) on the public traces ------------------------
+TRACES = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "traces"
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "gemma-4-26b-a4b"])
+def test_engine_lru_hits_equal_mrc(name):
+    """No prefetch, global LRU in bytes: the engine's hits equal sim.mrc's (one-pass curve and its replay) at 1000
+    and 4000 MiB, because the engine touches a layer's experts in first-occurrence order at the layer's end."""
+    from sim import mrc
+    from sim.access import lookup_stream
+    from sim.cache import ExpertCache
+
+    path = TRACES / name
+    if not path.exists():
+        pytest.skip("embedded public traces missing")
+    trace = Trace(path)
+    stream = lookup_stream(trace)
+    seqs = load_sequences(trace, "both", None, None)
+    caps = [ExpertCache.resolve_capacity_bytes(expert_bytes=trace.meta.expert_bytes, n_experts=trace.meta.n_experts,
+                                               capacity_mib=mib) for mib in (1000, 4000)]
+    curve = mrc.compute_mrc(stream, ["lru"], unit="bytes", capacities=caps)["policies"]["lru"]
+    for cap in caps:
+        cost = CostModel(load_profile("h200-quoted"), trace.meta)
+        m = Simulation(trace.meta, seqs, cost, phase="both", cache_capacity_bytes=cap, cache_policy="lru",
+                       predictor=make_predictor("none"), trace=trace).run()
+        assert m["lookups"] == len(stream)
+        assert m["hits"] == mrc.simulate_hits(stream, "lru", cap, unit="bytes")
+        assert m["hits"] == round(mrc.hit_rate_at(curve, cap) * len(stream))

@@ -28,18 +28,31 @@ batch only (l + d < n_layers).
 
 from __future__ import annotations
 
-import dataclasses
-
 import simpy
 
 from predictors.base import Predictor
 from sim.cache import ExpertCache
+from sim.engine.decisions import (
+    classify_lookups,
+    compute_order,
+    early_preemption_plan,
+    expert_state,
+    gate_demand_loads,
+    touch_in_use_order,
+)
 from sim.engine.link import Link, Transfer
-from sim.engine.metrics import Counters, finalize
+from sim.engine.metrics import Counters, count_unused_at_end, finalize, snapshot, subtract
 from sim.engine.prefetcher import Prefetcher
 from sim.engine.schedule import SequenceData, demand_lookups, iter_batches, layer_sets
 from sim.hardware import CostModel
 from traces.format import TraceMeta
+
+
+def cache_touches(cache: ExpertCache) -> bool:
+    """Whether a touch changes anything in this cache (its policy keeps recency: LRU, libCacheSim adapters)."""
+    from sim.policies import Policy
+
+    return any(type(p).on_touch is not Policy.on_touch for p in cache.policies)
 
 
 class Simulation:
@@ -103,7 +116,8 @@ class Simulation:
         self.seq = 0
         self.gated = (-1, -1)
         predictor.reset()
-        self.prefetcher = Prefetcher(self, predictor, distance, top_n, max_inflight_bytes, predictor_cost_s, trace)
+        self.prefetcher = Prefetcher(self, predictor, distance, top_n, max_inflight_bytes, predictor_cost_s, trace,
+                                     meta=meta)
         self.max_used_bytes = 0
         self.warmup_batches = warmup_batches  # leading batches simulated but left out of the metrics
         self._snap: tuple | None = None
@@ -194,15 +208,8 @@ class Simulation:
         self.c.n_prefetch_unused += 1
 
     def _state(self, key) -> tuple:
-        """Order of reordered inference: resident, copying, queued high, queued low, not started."""
-        if key in self.ready:
-            return (0, 0)
-        t = self.inflight.get(key)
-        if t is None:
-            return (4, 0)
-        if t.t_start is not None:
-            return (1, t.t_start, t.seq)
-        return (2 if t.high else 3, t.seq)
+        """Order of reordered inference (sim.engine.decisions.expert_state)."""
+        return expert_state(key, self.ready, self.inflight)
 
     # -- the GPU compute stream -----------------------------------------------------------------------------------
     def _gpu_stream(self, batches):
@@ -231,6 +238,7 @@ class Simulation:
         timeout = env.timeout
         peek = env.peek
         lookup = cache.lookup
+        touch = cache.touch if cache_touches(cache) else None
         for batch in batches:
             T = batch.tokens
             cost.prepare(T)
@@ -244,7 +252,7 @@ class Simulation:
             stall0, hits0, look0 = c.stall_s, c.hits, c.lookups
             if b == self.warmup_batches and b > 0:  # warm-up over: metrics count from here
                 link_ = self.link
-                self._snap = (dataclasses.replace(c), start, link_.busy_s, link_.bytes, link_.bytes_demand,
+                self._snap = (snapshot(c), start, link_.busy_s, link_.bytes, link_.bytes_demand,
                               link_.bytes_prefetch)
             if pf is not None:
                 pf.start_batch(batch)
@@ -262,31 +270,8 @@ class Simulation:
                 self.cur_layer = layer
                 self.cur_ids = ids
                 self.pinned_ids = None
-                missing = None
-                for e in ids:
-                    key = (layer, e)
-                    lookup(key)
-                    if key in ready:
-                        if unused_pf and key in unused_pf:
-                            unused_pf.discard(key)
-                            c.prefetched_used += 1
-                    else:
-                        t = inflight.get(key)
-                        if t is None or not t.speculative:  # (a background copy of a CPU-computed miss)
-                            c.demand_misses += 1
-                        elif not t.used:
-                            t.used = True
-                            c.prefetched_used += 1
-                            c.n_prefetch_late += 1
-                        if missing is None:
-                            missing = [e]
-                        else:
-                            missing.append(e)
+                missing = classify_lookups(layer, ids, lookup, ready, inflight, unused_pf, c)
                 n_ids = len(ids)
-                n_miss = len(missing) if missing is not None else 0
-                c.lookups += n_ids
-                c.misses += n_miss
-                c.hits += n_ids - n_miss
                 es = expert_s[layer]
                 cnt = dict(zip(ids, counts)) if counts is not None else None
                 order = ids
@@ -294,15 +279,13 @@ class Simulation:
                 cpu_done = 0.0
                 vt = env.now + carry  # the gate time; nothing is scheduled before it (checked above)
                 if ep and link.low:  # early preemption: this layer's queued speculation is now exact or useless
-                    for t in [t for t in link.low if t.key[0] == layer and t.speculative]:
-                        if t.used:
-                            link.upgrade(t, vt)
-                        else:
-                            self._drop(t, vt)
+                    up, drop = early_preemption_plan(layer, link.low)
+                    for t in up:
+                        link.upgrade(t, vt)
+                    for t in drop:
+                        self._drop(t, vt)
                 if missing is not None:
                     local = {}
-                    if n_ids > 1:
-                        order = sorted(ids)
                     if cpu:
                         cpu_s_l = cpu_s[layer]
                         now = vt
@@ -321,15 +304,12 @@ class Simulation:
                                 self.start_transfer(key, speculative=False, background=True, at=vt)
                                 if spans is not None:
                                     spans.append(("cpu", key, b, s0, cpu_s_l[n]))
-                        if local:
-                            order = [e for e in order if (layer, e) not in local]
-                    if ro:
-                        order = sorted(order, key=lambda e: self._state((layer, e)))
+                    order = compute_order(layer, ids, reordered=ro, any_missing=True, state=self._state)
+                    if local:
+                        order = [e for e in order if (layer, e) not in local]
                     if ep:
-                        for e in order:
-                            key = (layer, e)
-                            if key not in ready and key not in inflight:
-                                local[key] = self.start_transfer(key, speculative=False, at=vt)
+                        for e in gate_demand_loads(layer, order, ready, inflight):
+                            local[(layer, e)] = self.start_transfer((layer, e), speculative=False, at=vt)
                 # -- the prefetcher ----------------------------------------------------------------------------------
                 if pf is not None:
                     r = pf.predict_at_gate(layer, L)
@@ -395,10 +375,12 @@ class Simulation:
                     if carry and pf is not None and pf.pending and pf.next_issue <= env.now + carry:
                         yield timeout(carry)
                         carry = 0.0
-                    if self.pinned_ids is not None:
-                        for e in self.pinned_ids:
-                            cache.unpin((layer, e))
-                        self.pinned_ids = None
+                if touch is not None:
+                    touch_in_use_order(touch, layer, ids)  # recency = order of first use in the batch
+                if self.pinned_ids is not None:
+                    for e in self.pinned_ids:
+                        cache.unpin((layer, e))
+                    self.pinned_ids = None
                 self.cur_ids = None
             end = env.now + carry
             dur = end - start
@@ -430,14 +412,12 @@ class Simulation:
         total = self.env.now
         c = self.c
         # prefetches still unused at the end (landed, or queued/copying and never needed)
-        c.n_prefetch_unused += len(self.unused_pf) + sum(
-            1 for t in self.inflight.values() if t.speculative and not t.used)
+        count_unused_at_end(c, self.unused_pf, self.inflight)
         link = self.link
         busy, moved, demand, prefetch = link.busy_s, link.bytes, link.bytes_demand, link.bytes_prefetch
         if self._snap is not None:  # leave the warm-up batches out
             c0, t0, busy0, moved0, demand0, prefetch0 = self._snap
-            for f in dataclasses.fields(Counters):
-                setattr(c, f.name, getattr(c, f.name) - getattr(c0, f.name))
+            subtract(c, c0)
             total, busy, moved, demand, prefetch = (total - t0, busy - busy0, moved - moved0, demand - demand0,
                                                     prefetch - prefetch0)
         return finalize(c, total_s=total, busy_s=busy, bytes_h2d=moved, bytes_demand=demand,

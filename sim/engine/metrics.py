@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 METRIC_NAMES = ("hit_rate", "ttft_ms", "tpot_ms", "total_ms", "stall_ms", "bytes_h2d", "pcie_busy_frac",
@@ -32,6 +33,24 @@ class Counters:
     stall_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+
+
+def count_unused_at_end(c: Counters, unused_pf, inflight) -> None:
+    """At the end of a run: prefetches never looked up count as unused (landed and still cached, or still queued
+    or copying and never needed)."""
+    c.n_prefetch_unused += len(unused_pf) + sum(1 for t in inflight.values() if t.speculative and not t.used)
+
+
+def snapshot(c: Counters) -> Counters:
+    """A copy of the counters (at the end of the warm-up batches)."""
+    return dataclasses.replace(c)
+
+
+def subtract(c: Counters, c0: Counters) -> Counters:
+    """`c - c0` field by field, in place (leaves the warm-up batches out); returns `c`."""
+    for f in dataclasses.fields(Counters):
+        setattr(c, f.name, getattr(c, f.name) - getattr(c0, f.name))
+    return c
 
 
 def _ratio(a: float, b: float) -> float | None:

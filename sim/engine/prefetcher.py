@@ -18,11 +18,19 @@ import numpy as np
 
 from predictors.base import BatchView, Predictor
 from sim.engine.schedule import Batch
+from traces.format import TraceMeta
 
 
 class Prefetcher:
+    """`engine`: the driver (the SimPy Simulation or the executor's runtime): its `ready`, `inflight`, `cache`,
+    `link.pending_bytes`, `cost.expert_bytes`, `gated`, `env` and `start_transfer` are used.
+    `meta`: the meta the run models (the executor's geometry sizes, its first N layers); default the engine's.
+    `trace`: where optional arrays come from (router weights, hidden states), or None.
+    `hidden_fn(batch, layer)`: the hidden state entering `layer` for the batch's tokens ([T, hidden] float32) or
+    None; default: the trace's hidden states at the batch's `hidden_rows` (live mode passes its own)."""
+
     def __init__(self, engine, predictor: Predictor, distance: int, top_n: int | None, max_inflight_bytes: float | None,
-                 cost_s: float, trace):
+                 cost_s: float, trace=None, *, meta: TraceMeta | None = None, hidden_fn=None):
         self.engine = engine
         self.predictor = predictor
         self.distance = distance
@@ -31,10 +39,12 @@ class Prefetcher:
         self.cost_s = cost_s
         self.free_at = 0.0
         self.trace = trace
-        self.meta = trace.meta if trace is not None else engine.meta
+        self.meta = meta if meta is not None else engine.meta
         self.active = predictor.name != "none"
         self.reads_future = bool(predictor.reads_future)
-        self.needs_hidden = "hidden_states" in predictor.needs and self.meta.has_hidden_states
+        self.needs_hidden = "hidden_states" in predictor.needs and (self.meta.has_hidden_states or
+                                                                      hidden_fn is not None)
+        self.hidden_fn = hidden_fn if hidden_fn is not None else self._trace_hidden
         self.router = None
         if self.meta.has_router_weights and trace is not None:
             self.router = trace.router_weights
@@ -51,8 +61,8 @@ class Prefetcher:
             experts = batch.experts
             self._future = lambda layer: experts[:, layer, :]
 
-    def _hidden(self, batch: Batch, layer: int):
-        if not self.needs_hidden or batch.hidden_rows is None:
+    def _trace_hidden(self, batch: Batch, layer: int):
+        if batch.hidden_rows is None or self.trace is None:
             return None
         arr = self._hidden_cache.get(layer)
         if arr is None:
@@ -63,7 +73,7 @@ class Prefetcher:
     def predict_at_gate(self, layer: int, n_layers: int):
         """At the gate of `layer`: observe, then predict layer + d. Returns (experts best first, target) or None."""
         batch = self._batch
-        hidden = self._hidden(batch, layer) if self.needs_hidden else None
+        hidden = self.hidden_fn(batch, layer) if self.needs_hidden else None
         view = BatchView(self.meta, layer, batch.sequences, batch.positions, batch.experts[:, : layer + 1],
                          batch.past, batch.phase, hidden, self.router)
         pred = self.predictor
