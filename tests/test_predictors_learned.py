@@ -85,3 +85,11 @@ def test_learned_mlp_inference_is_numpy_and_deterministic(trace):
     b = evaluate(trace, "learned_mlp", 1, params={"epochs": 3, "max_units": 64})
     assert a["accuracy"] == b["accuracy"]
     assert np.isfinite(a["accuracy"])
+
+
+def test_learned_mlp_multilabel_loss_and_dropout(trace, results):
+    r = evaluate(trace, "learned_mlp", 1, params={"max_units": 256, "loss": "bce", "dropout": 0.1})
+    assert r["accuracy"] > 0.75
+    assert r["accuracy"] > results["learned_history"]["accuracy"] + 0.2
+    with pytest.raises(ValueError, match="loss"):
+        evaluate(trace, "learned_mlp", 1, params={"loss": "hinge"})
