@@ -105,6 +105,6 @@ def past_of(view: BatchView, sequence: int) -> np.ndarray:
 
 def rank_counts(counts: np.ndarray) -> Prediction:
     """Experts with a positive score, best first (ties broken by lower id, so results are deterministic)."""
-    order = np.lexsort((np.arange(len(counts)), -counts))
+    order = np.argsort(-counts, kind="stable")  # stable: ties keep ascending id
     order = order[counts[order] > 0]
     return Prediction(order.astype(np.int64), counts[order].astype(np.float64))

@@ -266,3 +266,39 @@ def test_engine_lru_hits_equal_mrc(name):
         assert m["lookups"] == len(stream)
         assert m["hits"] == mrc.simulate_hits(stream, "lru", cap, unit="bytes")
         assert m["hits"] == round(mrc.hit_rate_at(curve, cap) * len(stream))
+
+
+# -- hot-path shortcuts give exactly what the plain code gives ---------------------------------------------------
+def test_oracle_small_path_equals_lexsort_ranking():
+    """The oracle's few-token path (Python counting) ranks exactly as the lexsort over all experts did."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(5)
+    oracle = make_predictor("oracle")
+    meta = SimpleNamespace(n_experts=16)
+    for _ in range(300):
+        T, k = int(rng.integers(1, 10)), int(rng.integers(1, 5))
+        target = rng.integers(-1, 16, size=(T, k)).astype(np.int16)
+        p = oracle.predict(SimpleNamespace(layer=0, meta=meta), 1, lambda layer, t=target: t)
+        ids = target[target >= 0].astype(np.int64)
+        counts = np.bincount(ids, minlength=16).astype(np.float64)
+        order = np.lexsort((np.arange(16), -counts))
+        order = order[counts[order] > 0]
+        assert p.experts.dtype == np.int64 and p.scores.dtype == np.float64
+        assert np.array_equal(p.experts, order) and np.array_equal(p.scores, counts[order])
+
+
+def test_make_view_equals_batchview():
+    import dataclasses
+
+    from predictors.base import BatchView
+    from sim.engine.prefetcher import make_view
+
+    base = {"meta": "m", "sequences": np.arange(2), "positions": np.arange(2), "past": {}, "phase": "decode",
+            "router_weights": None}
+    cur = np.zeros((2, 3, 2), np.int16)
+    v = make_view(base, 2, cur, None)
+    w = BatchView(layer=2, current=cur, hidden=None, **base)
+    assert type(v) is BatchView
+    for f in dataclasses.fields(BatchView):
+        assert getattr(v, f.name) is getattr(w, f.name), f.name

@@ -29,6 +29,7 @@ batch only (l + d < n_layers).
 from __future__ import annotations
 
 import simpy
+from simpy.events import NORMAL
 
 from predictors.base import Predictor
 from sim.cache import ExpertCache
@@ -235,8 +236,31 @@ class Simulation:
         spans = self.spans
         overlap_penalty = 2.0 - cost.overlap if cost.overlap < 1.0 else 1.0
         carry = 0.0
-        timeout = env.timeout
         peek = env.peek
+        queue = env._queue  # SimPy 4 internals: a heap of (time, priority, event id, event)
+        eids = env._eid
+        step = env.step
+
+        # The stream drives the event queue itself instead of yielding to SimPy: `sync(carry)` is exactly what
+        # `yield env.timeout(carry)` does (the same event id is taken, every event ordered before that timeout is
+        # processed by env.step() in the same order, then the clock moves to the timeout's time) and `wait(ev)` is
+        # `yield ev` (events are processed until ev has been), without a Timeout object or a process switch.
+        def sync(carry: float) -> None:
+            t = env._now + carry
+            n = next(eids)
+            while queue:
+                h = queue[0]
+                if h[0] < t or (h[0] == t and (h[1] < NORMAL or (h[1] == NORMAL and h[2] < n))):
+                    step()
+                else:
+                    break
+            env._now = t
+
+        def wait(ev) -> None:
+            while ev.callbacks is not None:
+                if not queue:
+                    raise RuntimeError("the GPU stream waits for a copy that never lands")
+                step()
         lookup = cache.lookup
         touch = cache.touch if cache_touches(cache) else None
         for batch in batches:
@@ -263,7 +287,7 @@ class Simulation:
                     spans.append(("dense", layer, b, env.now + carry, d))
                 carry += d
                 if peek() <= env.now + carry:  # something happens before the gate: let it happen first
-                    yield timeout(carry)
+                    sync(carry)
                     carry = 0.0
                 self.gated = (b, layer)
                 # -- the gate: lookups ---------------------------------------------------------------------------
@@ -340,7 +364,7 @@ class Simulation:
                     if key not in ready:
                         vt = env.now + carry  # the GPU reaches this expert now
                         if carry and peek() <= vt:  # let what happens before it happen first
-                            yield timeout(carry)
+                            sync(carry)
                             carry = 0.0
                             vt = env.now
                     if key not in ready:
@@ -352,7 +376,7 @@ class Simulation:
                         if not t.finished:  # it lands after vt: nothing is scheduled before vt
                             if not t.high:
                                 link.upgrade(t, vt)
-                            yield link.wait_event(t)
+                            wait(link.wait_event(t))
                             c.stall_s += env.now - vt
                             carry = 0.0
                     if check:
@@ -373,7 +397,7 @@ class Simulation:
                 if self.pinned_ids is not None or pf is not None:
                     # a prediction may issue (insert, evict) before this layer's end: keep the pins honest
                     if carry and pf is not None and pf.pending and pf.next_issue <= env.now + carry:
-                        yield timeout(carry)
+                        sync(carry)
                         carry = 0.0
                 if touch is not None:
                     touch_in_use_order(touch, layer, ids)  # recency = order of first use in the batch
@@ -400,7 +424,9 @@ class Simulation:
                     "lookups": c.lookups - look0, "hits": c.hits - hits0, "bytes_h2d_cum": link.bytes,
                 })
         if carry:
-            yield timeout(carry)
+            sync(carry)
+        return
+        yield  # (a SimPy process; never reached)
 
     def run(self) -> dict:
         self._cpu_free = 0.0

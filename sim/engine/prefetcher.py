@@ -20,6 +20,20 @@ from predictors.base import BatchView, Predictor
 from sim.engine.schedule import Batch
 from traces.format import TraceMeta
 
+_new = object.__new__
+
+
+def make_view(base: dict, layer: int, current: np.ndarray, hidden) -> BatchView:
+    """BatchView(**base, layer=layer, current=current, hidden=hidden), without the frozen dataclass's per-field
+    object.__setattr__ calls (one view per layer and batch is on the simulator's hot path)."""
+    v = _new(BatchView)
+    d = v.__dict__
+    d.update(base)
+    d["layer"] = layer
+    d["current"] = current
+    d["hidden"] = hidden
+    return v
+
 
 class Prefetcher:
     """`engine`: the driver (the SimPy Simulation or the executor's runtime): its `ready`, `inflight`, `cache`,
@@ -54,9 +68,17 @@ class Prefetcher:
         self._hidden_cache: dict[int, np.ndarray] = {}
         self._batch: Batch | None = None
         self._future = None
+        self._view_base: dict = {}
+        self._n = 0
+        # observe() is skipped for predictors that do not override it (the base hook does nothing)
+        self._observe = predictor.observe if type(predictor).observe is not Predictor.observe else None
 
     def start_batch(self, batch: Batch) -> None:
         self._batch = batch
+        # the view's per-batch fields, built once (predict_at_gate adds the layer's)
+        self._view_base = {"meta": self.meta, "sequences": batch.sequences, "positions": batch.positions,
+                           "past": batch.past, "phase": batch.phase, "router_weights": self.router}
+        self._n = self.top_n if self.top_n is not None else self.meta.top_k * batch.tokens
         if self.reads_future:
             experts = batch.experts
             self._future = lambda layer: experts[:, layer, :]
@@ -73,17 +95,18 @@ class Prefetcher:
     def predict_at_gate(self, layer: int, n_layers: int):
         """At the gate of `layer`: observe, then predict layer + d. Returns (experts best first, target) or None."""
         batch = self._batch
-        hidden = self.hidden_fn(batch, layer) if self.needs_hidden else None
-        view = BatchView(self.meta, layer, batch.sequences, batch.positions, batch.experts[:, : layer + 1],
-                         batch.past, batch.phase, hidden, self.router)
-        pred = self.predictor
-        pred.observe(view)
         target = layer + self.distance
+        observe = self._observe
+        if target >= n_layers and observe is None:
+            return None  # nothing to predict, nothing to observe
+        hidden = self.hidden_fn(batch, layer) if self.needs_hidden else None
+        view = make_view(self._view_base, layer, batch.experts[:, : layer + 1], hidden)
+        if observe is not None:
+            observe(view)
         if target >= n_layers:
             return None
-        p = pred.predict(view, self.distance, self._future if self.reads_future else None)
-        n = self.top_n if self.top_n is not None else self.meta.top_k * batch.tokens
-        experts = p.experts[:n].tolist()
+        p = self.predictor.predict(view, self.distance, self._future)
+        experts = p.experts[: self._n].tolist()
         return (experts, target) if experts else None
 
     def needs_link(self, experts: list[int], target: int) -> bool:
