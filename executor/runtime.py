@@ -40,13 +40,13 @@ from executor.model import BatchInputs, ReplayModel, rms_norm
 from executor.transfer import Transfer, TransferEngine
 from predictors.base import Predictor
 from sim.cache import ExpertCache
-from sim.engine.core import cache_touches
 from sim.engine.decisions import (
     classify_lookups,
     compute_order,
     early_preemption_plan,
     expert_state,
     gate_demand_loads,
+    touch_hooks,
     touch_in_use_order,
 )
 from sim.engine.metrics import Counters, count_unused_at_end, finalize, snapshot, subtract
@@ -190,7 +190,7 @@ class OffloadedRuntime:
         predictor.reset()
         self.prefetcher = Prefetcher(self, predictor, distance, top_n, max_inflight_bytes, 0.0, trace, meta=meta,
                                      hidden_fn=hidden_fn)
-        self._touch = self.cache.touch if cache_touches(self.cache) else None
+        self._touch_hooks = touch_hooks(self.cache)
         self.clock = _Clock(self.device)
         self._reset_run()
         self.outputs: list[torch.Tensor] = []
@@ -440,8 +440,9 @@ class OffloadedRuntime:
             self.scratch.release(owner)
         self._scratch_used = []
         self.c.layer_steps += 1
-        if self._touch is not None:
-            touch_in_use_order(self._touch, layer, ids)  # recency = order of first use in the batch
+        if self._touch_hooks is not None:
+            # recency = order of first use in the batch
+            touch_in_use_order(self._touch_hooks, self.cache.resident, layer, ids)
         for e in ids:
             self.cache.unpin((layer, e))
         if self.check:

@@ -39,6 +39,7 @@ from sim.engine.decisions import (
     early_preemption_plan,
     expert_state,
     gate_demand_loads,
+    touch_hooks,
     touch_in_use_order,
 )
 from sim.engine.link import Link, Transfer
@@ -47,13 +48,6 @@ from sim.engine.prefetcher import Prefetcher
 from sim.engine.schedule import SequenceData, demand_lookups, iter_batches, layer_sets
 from sim.hardware import CostModel
 from traces.format import TraceMeta
-
-
-def cache_touches(cache: ExpertCache) -> bool:
-    """Whether a touch changes anything in this cache (its policy keeps recency: LRU, libCacheSim adapters)."""
-    from sim.policies import Policy
-
-    return any(type(p).on_touch is not Policy.on_touch for p in cache.policies)
 
 
 class Simulation:
@@ -262,7 +256,8 @@ class Simulation:
                     raise RuntimeError("the GPU stream waits for a copy that never lands")
                 step()
         lookup = cache.lookup
-        touch = cache.touch if cache_touches(cache) else None
+        hooks = touch_hooks(cache)
+        resident = cache.resident
         for batch in batches:
             T = batch.tokens
             cost.prepare(T)
@@ -399,8 +394,8 @@ class Simulation:
                     if carry and pf is not None and pf.pending and pf.next_issue <= env.now + carry:
                         sync(carry)
                         carry = 0.0
-                if touch is not None:
-                    touch_in_use_order(touch, layer, ids)  # recency = order of first use in the batch
+                if hooks is not None:
+                    touch_in_use_order(hooks, resident, layer, ids)  # recency = order of first use in the batch
                 if self.pinned_ids is not None:
                     for e in self.pinned_ids:
                         cache.unpin((layer, e))

@@ -99,10 +99,27 @@ def gate_demand_loads(layer: int, order: list[int], ready, inflight) -> list[int
     return [e for e in order if (layer, e) not in ready and (layer, e) not in inflight]
 
 
-def touch_in_use_order(touch: Callable, layer: int, ids: list[int]) -> None:
-    """At the end of a layer (after its misses were inserted, before its pins go): touch its experts in
-    first-occurrence order (`ExpertCache.touch`), so their recency is the order of first use in the batch
-    whichever of them hit or missed (DESIGN.md; `sim.mrc`'s gate semantics). Only recency-keeping policies
-    (LRU, libCacheSim adapters) react to a touch."""
+def touch_hooks(cache) -> list[Callable] | None:
+    """Per layer, the `on_touch` hook of the policy instance that holds the layer's experts, or None when no
+    policy of this cache reacts to a touch (only recency-keeping ones do: LRU, libCacheSim adapters). For a
+    resident key, `hooks[key[0]](key)` is exactly `ExpertCache.touch(key)`, one call cheaper."""
+    from sim.policies import Policy
+
+    pols = cache.policies
+    if all(type(p).on_touch is Policy.on_touch for p in pols):
+        return None
+    if len(pols) == 1:
+        return [pols[0].on_touch] * cache.n_layers
+    return [p.on_touch for p in pols]
+
+
+def touch_in_use_order(hooks: list[Callable], resident, layer: int, ids: list[int]) -> None:
+    """At the end of a layer (after its misses were inserted, before its pins go): touch its resident experts in
+    first-occurrence order (`ExpertCache.touch`; `hooks` from `touch_hooks`, `resident` = `cache.resident`), so
+    their recency is the order of first use in the batch whichever of them hit or missed (DESIGN.md; `sim.mrc`'s
+    gate semantics)."""
+    on_touch = hooks[layer]
     for e in ids:
-        touch((layer, e))
+        key = (layer, e)
+        if key in resident:
+            on_touch(key)

@@ -17,6 +17,7 @@ from collections import deque
 import numpy as np
 
 from predictors.base import BatchView, Predictor
+from sim.engine.decisions import touch_hooks
 from sim.engine.schedule import Batch
 from traces.format import TraceMeta
 
@@ -69,6 +70,7 @@ class Prefetcher:
         self._batch: Batch | None = None
         self._future = None
         self._view_base: dict = {}
+        self._touch_hooks = False  # the cache's touch hooks, looked up at the first issue
         self._n = 0
         # observe() is skipped for predictors that do not override it (the base hook does nothing)
         self._observe = predictor.observe if type(predictor).observe is not Predictor.observe else None
@@ -142,11 +144,15 @@ class Prefetcher:
         link = eng.link
         bound = self.max_inflight
         nbytes = eng.cost.expert_bytes[target]
-        touch = cache.touch
+        hooks = self._touch_hooks
+        if hooks is False:
+            hooks = self._touch_hooks = touch_hooks(cache)
+        on_touch = hooks[target] if hooks is not None else None
         for e in experts:
             key = (target, e)
-            if key in ready:
-                touch(key)  # a prefetch of a resident expert refreshes it (ProMoE)
+            if key in ready:  # (ready: resident) a prefetch of a resident expert refreshes it (ProMoE)
+                if on_touch is not None:
+                    on_touch(key)  # = cache.touch(key)
                 continue
             if key in inflight:
                 continue
