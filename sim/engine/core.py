@@ -3,9 +3,9 @@ the prefetcher, on one SimPy environment. Simulated time only; deterministic.
 
 Per batch and layer (the GPU stream, one SimPy process `gpu_stream`):
 
-1. dense part (attention, norms, gate). The stream runs ahead of the SimPy clock and yields only when some
+1. dense part (attention, norms, gate). The stream runs ahead of the SimPy clock and syncs only when some
    event is due before its own time or when it must touch the link, so a layer whose experts are all resident
-   while the link is idle costs no SimPy event at all;
+   while the link is idle costs no SimPy event at all (a sync processes the due events itself: see `sync`);
 2. at the gate: one demand lookup per unique expert of the layer (ExpertCache.lookup, in first-occurrence
    order, as sim.access.lookup_stream), each pinned until the layer's experts are done (pins are taken
    lazily, just before the first insert that could evict one: equivalent and cheaper). hit = resident and
