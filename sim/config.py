@@ -51,7 +51,9 @@ from traces.errors import TraceError
 from traces.format import format_validation_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SIM_VERSION = 1  # bump when the model changes in a way that invalidates stored sweep results
+# bump when the model changes in a way that invalidates stored sweep results
+# (2: the engine touches a layer's experts in first-occurrence order at its end: LRU recency = order of first use)
+SIM_VERSION = 2
 
 OUTPUT_KEYS = ("timeline", "chrome_trace")
 
