@@ -23,7 +23,8 @@ from traces.reader import Trace
 from traces.writer import write_trace
 
 SMALL = dict(n_sequences=10, prompt_len=4, gen_len=8, n_layers=5, n_experts=8, top_k=2, hidden_size=8)
-FAST = {"learned_mlp": {"epochs": 3, "max_units": 32}, "learned_history": {"epochs": 3}}
+FAST = {"learned_mlp": {"epochs": 3, "max_units": 32}, "learned_mlp_gate": {"epochs": 3, "max_units": 32},
+        "learned_history": {"epochs": 3}}
 
 
 def _columns(trace: Trace) -> dict:

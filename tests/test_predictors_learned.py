@@ -93,3 +93,21 @@ def test_learned_mlp_multilabel_loss_and_dropout(trace, results):
     assert r["accuracy"] > results["learned_history"]["accuracy"] + 0.2
     with pytest.raises(ValueError, match="loss"):
         evaluate(trace, "learned_mlp", 1, params={"loss": "hinge"})
+
+
+def test_learned_mlp_gate_adds_the_reused_gate(trace, results):
+    r = evaluate(trace, "learned_mlp_gate", 1, params={"max_units": 256})
+    assert r["accuracy"] > 0.75
+    assert r["accuracy"] >= results["gate_reuse"]["accuracy"] - 0.05
+    for name in ("frequency", "previous_token", "cross_layer", "eam", "learned_history"):
+        assert r["accuracy"] > results[name]["accuracy"] + 0.2, name
+
+
+def test_learned_mlp_gate_needs_router_weights(tmp_path, capsys):
+    from predictors.base import PredictorUnavailable
+    from predictors.registry import make_predictor
+
+    t = Trace(make_trace(tmp_path / "cl", "cross_layer", seed=0, n_sequences=4, prompt_len=2, gen_len=3,
+                         n_layers=3, n_experts=6, top_k=2))
+    with pytest.raises(PredictorUnavailable, match="hidden states and router weights"):
+        make_predictor("learned_mlp_gate").check_trace(t.meta)
