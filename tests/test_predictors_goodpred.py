@@ -54,3 +54,21 @@ def test_goodpred_command_and_reactive_predictor(router_trace, tmp_path, capsys)
     r = json.loads(capsys.readouterr().out)
     assert r["fetch_rate"] is None and r["goodpred"] is None  # nothing prefetched: no fetch rate
     assert evaluate_main([router_trace, "--predictor", "oracle", "--distance", "1", "--goodpred", "--folds", "3"]) == 2
+
+
+def test_predictor_sweep_configs_expand_and_name_only_usable_predictors():
+    from pathlib import Path
+
+    from predictors.registry import make_predictor
+    from sim.sweep import expand_file
+    from traces.reader import Trace
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    sizes = {}
+    for f in (root / "predictors.yaml", root / "examples" / "predictors-sweep.yaml",
+              root / "examples" / "predictors-sweep-hidden.yaml"):
+        tasks = expand_file(f)
+        sizes[f.name] = len(tasks)
+        for t in tasks:  # every predictor can run on its trace (needs are met)
+            make_predictor(t.config.prefetch.predictor).check_trace(Trace(t.config.resolve_trace()).meta)
+    assert sizes["predictors.yaml"] <= 10  # it runs in the default sweep: keep it small
