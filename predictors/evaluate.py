@@ -9,6 +9,8 @@ Without --artifact a fresh predictor is fit on the training split first (trainab
 the split recorded in the artifact is used, so the scored sequences are exactly the ones it was not fit on.
 --folds K (traces with several sequences) runs K-fold cross-validation: K predictors, each fit on K-1 parts
 and scored on the remaining one, so every sequence is scored once and never by a predictor that saw it.
+--goodpred also simulates the predictor as the prefetcher and reports fetch_rate and goodpred (accuracy x
+fetch rate): see predictors.goodpred.
 """
 
 from __future__ import annotations
