@@ -6,12 +6,12 @@ figure. `new_figure` applies the style and returns (fig, axes); `save` writes a 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+
+from traces.atomic import atomic_write
 
 RC = {
     "figure.dpi": 110,
@@ -108,16 +108,7 @@ def legend_outside(fig, axes: Iterable, *, ncol: int | None = None) -> None:
 
 def save(fig, path: str | Path) -> Path:
     """Write the figure as PNG atomically (temporary name, then rename) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), suffix=".png")
     finally:
         plt.close(fig)
-    return path

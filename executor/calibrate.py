@@ -31,16 +31,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
+from traces.atomic import atomic_write
 from traces.errors import TraceError, run_cli
 
 DEFAULT_GEOMETRIES = ("qwen3-30b-a3b", "gemma-4-26b-a4b", "mixtral-8x7b", "flame-moe-290m")
@@ -400,17 +399,14 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
 
 
 def write_profile(prof: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
     header = f"# {prof['provenance']}\n# regenerate: python -m executor.calibrate --out {out}\n"
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
             f.write(header)
             yaml.safe_dump(prof, f, sort_keys=False, default_flow_style=None, width=120)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(out, write)
 
 
 def main(argv=None) -> int:

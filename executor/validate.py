@@ -42,12 +42,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
+from traces.atomic import atomic_write
 from traces.errors import TraceError, run_cli
 
 EXECUTOR_KEYS = ("name", "geometry", "layers", "mode", "set_geometry", "prompts")
@@ -359,17 +358,6 @@ def write_plots(df, out_dir: Path) -> list[str]:
     return made
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv=None) -> int:
     import pandas as pd
     import torch
@@ -448,19 +436,19 @@ def main(argv=None) -> int:
             row = {"status": "error", "error": str(exc)}
         rows.append({**base, **row})
         df = pd.DataFrame(rows)
-        _atomic_write(results, lambda p, df=df: df.to_parquet(p, index=False))
+        atomic_write(results, lambda p, df=df: df.to_parquet(p, index=False))
     df = add_speedups(pd.DataFrame(rows)) if rows else pd.DataFrame()
     if not df.empty:
-        _atomic_write(results, lambda p: df.to_parquet(p, index=False))
+        atomic_write(results, lambda p: df.to_parquet(p, index=False))
     fid = fidelity(df) if not df.empty else {}
     meta = {"command": "python -m executor.validate " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": args.machine, "device": device,
             "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else "none (CPU)",
             "torch": torch.__version__, "profile": args.profile, "profile_name": profile.name,
             "profile_provenance": profile.provenance, "dry_run": not device.startswith("cuda"), "fidelity": fid}
-    _atomic_write(out / "summary.md", lambda p: Path(p).write_text(summary_markdown(df, fid, meta)))
+    atomic_write(out / "summary.md", lambda p: Path(p).write_text(summary_markdown(df, fid, meta)))
     meta["plots"] = write_plots(df, out) if not df.empty else []
-    _atomic_write(out / "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=str) + "\n"))
+    atomic_write(out / "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=str) + "\n"))
     print(json.dumps(fid))
     return 0
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from predictors.base import Predictor
 from predictors.registry import make_predictor
+from traces.atomic import atomic_write
 
 FORMAT = "moe-offload-sim predictor artifact"
 VERSION = 1
@@ -44,16 +44,9 @@ def save_artifact(path: str | os.PathLike, predictor: Predictor, header: dict) -
     head = {"format": FORMAT, "version": VERSION, "predictor": predictor.name, "params": predictor.params,
             "n_params": int(sum(v.size for v in state.values()))}
     head.update(header)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, __header__=np.array(json.dumps(head, sort_keys=True)), **state)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(
+        path, lambda tmp: np.savez_compressed(tmp, __header__=np.array(json.dumps(head, sort_keys=True)), **state),
+        suffix=".tmp.npz")
 
 
 def read_header(path: str | os.PathLike) -> dict:

@@ -41,7 +41,6 @@ import itertools
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sim.config import SIM_VERSION, RunConfig, build_config, check_key, read_yaml
+from traces.atomic import atomic_write
 from traces.errors import TraceError, run_cli
 
 SWEEP_KEYS = {"name", "description", "base", "grid", "zip"}
@@ -192,14 +192,7 @@ def _payload(t: Task) -> dict:
 def _write_run(runs_dir: Path, row: dict) -> None:
     row = {k: v for k, v in row.items() if not k.startswith("_")}
     table = pa.Table.from_pylist([row])
-    fd, tmp = tempfile.mkstemp(prefix=f".{row['run_id']}.", suffix=".tmp", dir=runs_dir)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, runs_dir / f"{row['run_id']}.parquet")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(runs_dir / f"{row['run_id']}.parquet", lambda tmp: pq.write_table(table, tmp))
 
 
 def _iter_local(payloads: list[dict], workers: int):
@@ -304,16 +297,7 @@ def consolidate(out: Path, tasks: list[Task]) -> Path | None:
     if not frames:
         return None
     df = pd.concat(frames, ignore_index=True)
-    path = out / "results.parquet"
-    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=out)
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(out / "results.parquet", lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def main(argv=None) -> int:

@@ -5,26 +5,12 @@ the host-to-device copy engines. Both are written to a temporary name and rename
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
-def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+from traces.atomic import atomic_write
 
 
 def write_timeline(sim, path) -> Path:
@@ -32,7 +18,7 @@ def write_timeline(sim, path) -> Path:
     hits, cumulative bytes host-to-device."""
     rows = sim.batch_rows or []
     table = pa.Table.from_pylist(rows) if rows else pa.table({"batch": pa.array([], pa.int64())})
-    return _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def chrome_events(sim) -> list[dict]:
@@ -63,4 +49,4 @@ def chrome_events(sim) -> list[dict]:
 def write_chrome_trace(sim, path) -> Path:
     doc = {"traceEvents": chrome_events(sim), "displayTimeUnit": "ms",
            "otherData": {"clock": "simulated time (us)"}}
-    return _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc)))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc)))
