@@ -33,6 +33,7 @@ from torch import nn
 
 from executor.buffers import HostExpertStore
 from executor.geometry import Geometry, geometry_from_hf_config, small_moe_dir
+from executor.memory import whole_slot_capacity
 from executor.model import activation, expert_forward
 from traces.format import TraceMeta
 
@@ -138,9 +139,7 @@ class LiveOffload:
             cache_capacity_bytes = ExpertCache.resolve_capacity_bytes(
                 expert_bytes=meta.expert_bytes, n_experts=n_exp, cache_rate=cache_rate if cache_rate is not None
                 else 0.25)
-        eb = geom.expert_bytes
-        parts = len(blocks) if cache_scope == "per_layer" else 1
-        cache_capacity_bytes = (cache_capacity_bytes // parts // eb) * parts * eb
+        cache_capacity_bytes = whole_slot_capacity(cache_capacity_bytes, geom.expert_bytes, len(blocks), cache_scope)
         self._hidden_now: dict[int, np.ndarray] = {}
         self.rt = OffloadedRuntime(
             _LiveModel(geom, store, self.device, dtype), meta, [], weights_fn=None,

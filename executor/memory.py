@@ -38,6 +38,13 @@ class FitError(TraceError):
     """The configuration does not fit the memory budget (raised before allocating)."""
 
 
+def whole_slot_capacity(capacity_bytes: int, expert_bytes: int, n_layers: int, scope: str) -> int:
+    """Round a cache budget down to whole expert slots (per layer in `per_layer` scope): what the slab allocates,
+    and so the capacity the simulator must be given to model the same run."""
+    parts = n_layers if scope == "per_layer" else 1
+    return (capacity_bytes // parts // expert_bytes) * parts * expert_bytes
+
+
 def arena_layout(expert_bytes: int, n_experts_total: int, arena_bytes: int = DEFAULT_ARENA) -> tuple[int, int, int]:
     """(arena bytes, experts per arena, number of arenas) for packing `n_experts_total` experts."""
     arena = max(arena_bytes, 1 << max(0, math.ceil(math.log2(max(1, expert_bytes)))))

@@ -19,7 +19,15 @@ import sys
 from dataclasses import dataclass
 
 from executor.geometry import Geometry, parse_geometry_overrides, resolve_geometry
-from executor.memory import DEFAULT_GPU_MARGIN, DEFAULT_HOST_BUDGET, GIB, check_fit, gpu_budget, plan_memory
+from executor.memory import (
+    DEFAULT_GPU_MARGIN,
+    DEFAULT_HOST_BUDGET,
+    GIB,
+    check_fit,
+    gpu_budget,
+    plan_memory,
+    whole_slot_capacity,
+)
 from traces.errors import TraceError, run_cli
 
 
@@ -38,8 +46,8 @@ class ReplaySetup:
 def prepare(cfg, geom: Geometry, *, layers: int | None = None) -> ReplaySetup:
     """Trace, sequences (first N layers), the meta both sides model, and the cache capacity in bytes."""
     from executor.runtime import truncate_sequences
-    from sim.cache import ExpertCache
     from sim.engine.schedule import load_sequences
+    from sim.run import cache_capacity_bytes
     from traces.reader import Trace
 
     trace = Trace(cfg.resolve_trace())
@@ -58,15 +66,8 @@ def prepare(cfg, geom: Geometry, *, layers: int | None = None) -> ReplaySetup:
         predictor, seqs, warmup = trained_predictor(cfg, trace, seqs)
     if n < trace.meta.n_layers:
         seqs = truncate_sequences(seqs, n)
-    try:
-        capacity = ExpertCache.resolve_capacity_bytes(
-            expert_bytes=meta.expert_bytes, n_experts=meta.n_experts, capacity_mib=cfg.cache.capacity_mib,
-            capacity_experts=cfg.cache.capacity_experts, cache_rate=cfg.cache.cache_rate)
-    except ValueError as exc:
-        raise TraceError(str(exc), where="field 'cache'") from None
-    eb = meta.expert_bytes[0]
-    parts = n if cfg.cache.scope == "per_layer" else 1
-    capacity = (capacity // parts // eb) * parts * eb  # whole slots: what the executor allocates
+    capacity = cache_capacity_bytes(cfg, meta)
+    capacity = whole_slot_capacity(capacity, meta.expert_bytes[0], n, cfg.cache.scope)
     return ReplaySetup(geom, meta, seqs, trace, capacity, n, predictor, warmup)
 
 

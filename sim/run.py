@@ -58,18 +58,12 @@ def build_simulation(cfg: RunConfig, *, record: bool = False, check: bool = Fals
 def _build(cfg: RunConfig, *, record: bool, check: bool) -> Simulation:
     from predictors.base import PredictorUnavailable
     from predictors.registry import make_predictor
-    from sim.cache import ExpertCache
 
     trace = _trace(cfg.resolve_trace())
     meta = trace.meta
     profile = load_profile(cfg.hardware, Path(cfg.base_dir) if cfg.base_dir else None)
     cost = CostModel(profile, meta, pinned=cfg.pinned_memory, chunks=cfg.prefetch.chunks if cfg.chunked_prefetch else 1)
-    try:
-        capacity = ExpertCache.resolve_capacity_bytes(
-            expert_bytes=meta.expert_bytes, n_experts=meta.n_experts, capacity_mib=cfg.cache.capacity_mib,
-            capacity_experts=cfg.cache.capacity_experts, cache_rate=cfg.cache.cache_rate)
-    except ValueError as exc:
-        raise TraceError(str(exc), where="field 'cache'") from None
+    capacity = cache_capacity_bytes(cfg, meta)
     try:
         predictor = make_predictor(cfg.prefetch.predictor, **cfg.prefetch.predictor_params)
     except (ValueError, TypeError) as exc:
@@ -94,6 +88,18 @@ def _build(cfg: RunConfig, *, record: bool, check: bool) -> Simulation:
             cpu_experts=cfg.cpu_experts, trace=trace, record=record, check=check, warmup_batches=warmup)
     except (ValueError, TypeError) as exc:
         raise TraceError(str(exc), where="field 'cache.policy'") from None
+
+
+def cache_capacity_bytes(cfg: RunConfig, meta) -> int:
+    """The config's cache capacity (capacity_mib, capacity_experts or cache_rate) in bytes for this trace."""
+    from sim.cache import ExpertCache
+
+    try:
+        return ExpertCache.resolve_capacity_bytes(
+            expert_bytes=meta.expert_bytes, n_experts=meta.n_experts, capacity_mib=cfg.cache.capacity_mib,
+            capacity_experts=cfg.cache.capacity_experts, cache_rate=cfg.cache.cache_rate)
+    except ValueError as exc:
+        raise TraceError(str(exc), where="field 'cache'") from None
 
 
 def trained_predictor(cfg: RunConfig, trace: Trace, seqs):
