@@ -39,10 +39,11 @@ from pathlib import Path
 
 import yaml
 
+from executor.calibrate_runtime import runtime_layer_costs
 from traces.atomic import atomic_write
 from traces.errors import TraceError, run_cli
 
-DEFAULT_GEOMETRIES = ("qwen3-30b-a3b", "gemma-4-26b-a4b", "mixtral-8x7b", "flame-moe-290m")
+DEFAULT_GEOMETRIES = ("qwen3-30b-a3b", "gemma-4-26b-a4b", "small-moe", "mixtral-8x7b", "flame-moe-290m")
 DEFAULT_PREDICTORS = ("none", "oracle", "previous_token")
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20, 1 << 30]
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
@@ -338,8 +339,22 @@ def measure_predictors(names, trace_path, repeats: int, max_calls: int = 400) ->
 
 
 # -- the profile ---------------------------------------------------------------------------------------------------
+def add_runtime_costs(expert_table: dict, dense_tables: list[dict], rc: dict) -> None:
+    """Fold the runtime's measured host costs (executor.calibrate_runtime) into one geometry's tables: an expert
+    costs at least the runtime's per-expert host time (the host launches experts one by one after the gate
+    synchronisation, so the GPU waits for whichever is slower: max(kernel, host)); the layer skeleton gains the
+    runtime's per-layer bookkeeping beyond the skeleton (lookups, pins, order, reaping), a constant."""
+    pe = rc["per_expert_ms"]
+    expert_table["ms"] = [None if v is None else round(max(v, pe), 5) for v in expert_table["ms"]]
+    expert_table["note"] += f"; floored at the runtime's per-expert host cost {pe} ms"
+    for dt in dense_tables:
+        extra = max(0.0, rc["layer_base_ms"] - dt["ms"][0])
+        dt["ms"] = [round(v + extra, 5) for v in dt["ms"]]
+        dt["note"] += f"; + {round(extra, 5)} ms of the runtime's per-layer host bookkeeping (measured)"
+
+
 def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, launch: str, machine: str,
-              trace_for_predictors: str, pageable: bool = True, log=print) -> dict:
+              trace_for_predictors: str, pageable: bool = True, runtime_costs: bool = True, log=print) -> dict:
     import torch
 
     from executor.geometry import get_geometry
@@ -364,11 +379,28 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
     latency_us = 4096 / (small["gbps"] * 1e9) * 1e6 if lat_ms is None else 0.0
     engines = measure_copy_engines(device, 64 << 20, timer)
     chunk_us = measure_chunk_overhead_us(device, geoms[0].expert_bytes, timer) if cuda else 0.0
-    expert_tables, dense_tables = [], []
+    expert_tables, dense_tables, host = [], [], {}
     for g in geoms:
         log(f"expert and dense compute: {g.name}")
-        expert_tables.append(measure_expert_table(g, device, tokens, timer, launch))
-        dense_tables.extend(measure_dense_tables(g, device, tokens, timer))
+        et = measure_expert_table(g, device, tokens, timer, launch)
+        dts = measure_dense_tables(g, device, tokens, timer)
+        if runtime_costs:
+            log(f"runtime layer step: {g.name}")
+            rc = runtime_layer_costs(g, device, repeats=max(3, repeats // 4))
+            host[g.name] = rc
+            add_runtime_costs(et, dts, rc)
+        expert_tables.append(et)
+        dense_tables.extend(dts)
+    issue_us = 0.0
+    if runtime_costs and cuda:
+        from executor.calibrate_runtime import transfer_issue_overhead_us
+        from sim.hardware import LinkTable
+
+        log("copy worker issue overhead")
+        table = LinkTable(points=pinned_pts)
+        busy, _ = _expert_bench(geoms[0], device, 1, n_experts=2)
+        issue_us = transfer_issue_overhead_us(geoms[0], device, table.seconds, busy=busy)
+        host["issue_overhead_us"] = round(issue_us, 3)
     overlap = measure_overlap(geoms[0], device, timer) if cuda else 1.0
     log("predictor cost")
     pcost = measure_predictors(predictors, trace_for_predictors, repeats)
@@ -381,9 +413,13 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
                        f"{when}; median of {repeats}, {'CUDA events' if cuda else 'perf_counter'}")
         if cuda else ("NOT A GPU PROFILE: CPU dry run of executor.calibrate (host memcpy as 'h2d', CPU fp32 matmuls "
                       f"on reduced shapes), {platform.node()}, torch {torch.__version__}, {when}"),
-        "notes": f"expert tables: {launch if cuda else 'cpu'} launch; dense tables: the executor's dense stand-in",
+        "notes": (f"expert tables: {launch if cuda else 'cpu'} launch"
+                  + (", floored at the runtime's measured per-expert host cost" if runtime_costs else "")
+                  + "; dense tables: the executor's dense stand-in"
+                  + (" + the runtime's measured per-layer host cost" if runtime_costs else "")
+                  + (f"; runtime layer-step measurements: {host}" if host else "")),
         "h2d": {"pinned": {"points": pinned_pts}, "latency_us": round(latency_us, 3), "copy_engines": engines,
-                "chunk_overhead_us": round(chunk_us, 3)},
+                "chunk_overhead_us": round(chunk_us, 3), "issue_overhead_us": round(issue_us, 3)},
         "expert_compute": expert_tables,
         "expert_launch_floor_ms": round(min(min(v for v in t["ms"] if v is not None) for t in expert_tables), 5),
         "dense_compute": dense_tables,
@@ -425,6 +461,8 @@ def main(argv=None) -> int:
                     help="which launch mode the expert tables hold (the other goes in each table's note)")
     ap.add_argument("--machine", default="", help="machine name recorded in the profile")
     ap.add_argument("--no-pageable", action="store_true")
+    ap.add_argument("--no-runtime-costs", action="store_true",
+                    help="kernel tables only: leave out the runtime's measured host costs (executor.calibrate_runtime)")
     args = ap.parse_args(argv)
     import torch
 
@@ -437,7 +475,8 @@ def main(argv=None) -> int:
     prof = calibrate(device=device, geometries=[g for g in args.geometries.split(",") if g],
                      predictors=[p for p in args.predictors.split(",") if p], repeats=args.repeats,
                      quick=args.quick, launch=args.launch, machine=args.machine, trace_for_predictors=args.trace,
-                     pageable=not args.no_pageable, log=lambda m: print(m, file=sys.stderr))
+                     pageable=not args.no_pageable, runtime_costs=not args.no_runtime_costs,
+                     log=lambda m: print(m, file=sys.stderr))
     write_profile(prof, Path(args.out))
     print(f"wrote {args.out} ({prof['name']})", file=sys.stderr)
     return 0

@@ -56,16 +56,30 @@ from traces.format import TraceMeta
 
 
 class _Clock:
-    """Timestamps on the compute stream: CUDA events (device) or perf_counter (CPU). Reporting only."""
+    """Timestamps on the compute stream: CUDA events (device) or perf_counter (CPU). Reporting only.
+
+    `stream` is the compute stream, looked up once per batch (`refresh`): `Event.record()` without a stream looks
+    the current stream up on every call, tens of microseconds of Python per event, paid per expert."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.device = device
+        self.stream = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        if self.cuda:
+            self.stream = torch.cuda.current_stream(self.device)
+
+    def event(self, timing: bool = False):
+        """A CUDA event recorded now on the compute stream."""
+        ev = torch.cuda.Event(enable_timing=timing)
+        ev.record(self.stream)
+        return ev
 
     def mark(self):
         if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
+            return self.event(True)
         return time.perf_counter()
 
     def seconds(self, a, b) -> float:
@@ -325,6 +339,7 @@ class OffloadedRuntime:
         if self.prefetcher.active:
             self.prefetcher.start_batch(batch)
         self._batch_index = batch.index
+        self.clock.refresh()
         self._batch_start = self.clock.mark()
         if self._first_mark is None:
             self._first_mark = self._batch_start
@@ -341,9 +356,7 @@ class OffloadedRuntime:
         engine = self.engine
         engine.pump(self.pump_per_dense)
         if self.device.type == "cuda":
-            gate_ev = torch.cuda.Event()
-            gate_ev.record()
-            gate_ev.synchronize()
+            self.clock.event().synchronize()
         self._reap()
         b = self._batch_index
         self.gated = (b, layer)
@@ -403,7 +416,7 @@ class OffloadedRuntime:
                 if self.device.type == "cuda":
                     m0 = self.clock.mark()
                     ev = engine.wait(t)
-                    torch.cuda.current_stream(self.device).wait_event(ev)
+                    self.clock.stream.wait_event(ev)
                     self._stall_marks.append((m0, self.clock.mark()))
                 else:
                     m0 = time.perf_counter()
@@ -428,9 +441,7 @@ class OffloadedRuntime:
     def expert_done(self, pool: SlotPool, slot: int) -> None:
         """After the expert's kernels are enqueued: guard the slot, let the link move (pump backend)."""
         if self.device.type == "cuda":
-            rd = torch.cuda.Event()
-            rd.record()
-            pool.last_read[slot] = rd
+            pool.last_read[slot] = self.clock.event()
         self.engine.pump(self.pump_per_expert)
 
     def end_layer(self, layer: int, ids: list[int]) -> None:

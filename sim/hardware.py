@@ -106,6 +106,10 @@ class H2D(_Strict):
     latency_us: float = Field(default=0.0, ge=0, description="per-copy fixed cost; documentary (folded into the table)")
     copy_engines: int = Field(default=1, ge=1, description="independent copy pipes host-to-device")
     chunk_overhead_us: float = Field(default=0.0, ge=0, description="extra cost of each chunk after the first")
+    issue_overhead_us: float = Field(
+        default=0.0, ge=0,
+        description="link time lost per chunk group handed to the copy stream: the host round trip of the "
+                    "executor's copy worker (wake up, pick, launch) during which the link idles")
 
 
 class TokenTable(_Strict):
@@ -280,11 +284,14 @@ class CostModel:
         self.copy_engines = profile.h2d.copy_engines
         L = meta.n_layers
         self.expert_bytes = [int(b) for b in meta.expert_bytes]
-        self.xfer_s = [link.seconds(b) for b in self.expert_bytes]  # one expert in one piece
+        issue = profile.h2d.issue_overhead_us * 1e-6
+        self.xfer_s = [link.seconds(b) + issue for b in self.expert_bytes]  # one expert in one piece (one group)
         self.chunks = max(1, int(chunks))
         over = profile.h2d.chunk_overhead_us * 1e-6
-        # chunk time when split: the whole transfer's bandwidth, plus the per-chunk overhead after the first
-        self.chunk_s = [x / self.chunks + over * (self.chunks - 1) / self.chunks for x in self.xfer_s]
+        # chunk time when split: the whole transfer's bandwidth, plus the per-chunk overhead after the first, plus
+        # the issue overhead of each chunk (a speculative transfer's chunks are issued one group at a time)
+        self.chunk_s = [(x - issue) / self.chunks + over * (self.chunks - 1) / self.chunks + issue
+                        for x in self.xfer_s]
         self._expert_fns = []
         self.geometry: list[str] = []
         for layer in range(L):

@@ -1,0 +1,122 @@
+"""The executor's own host costs, measured by running it: what `executor.calibrate` adds to the kernel tables.
+
+Isolated kernel timings miss what the runtime pays around them on the host: per expert the slot lookup, the
+completion polling, the read-guard event and the launches of the gather/scatter; per layer the gate
+synchronisation bubble, the cache lookups and pins, the compute order; per copy the round trip of the copy worker
+thread (woken by an event or a submit, it takes the lock, picks the next chunk group and launches it) while the
+link idles. At batch size 1 these are most of a decode step. They are measured here with the runtime itself, so
+the simulator charges what the executor really spends:
+
+- `runtime_layer_costs`: the real `OffloadedRuntime` replays a synthetic decode trace (one token per batch) whose
+  experts are all resident (a warm-up pass loads them; the cache holds every expert; no prefetch), once with top-1
+  and once with top-K routing. Per layer step: time(K) = base + K x per_expert, so per_expert = (time(K) -
+  time(1)) / (K - 1) and base = time(1) - per_expert.
+- `transfer_issue_overhead_us`: the runtime's `TransferEngine` (CUDA backend, copy worker thread) moving a queue
+  of single-chunk expert copies back to back while the main thread launches expert kernels (as it does in a
+  run): (wall time - bytes / table bandwidth) / groups.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def cycle_trace(dst, *, n_layers: int, n_experts: int, top_k: int, decode_len: int, expert_bytes: int,
+                hidden: int, prompt_len: int = 1) -> Path:
+    """A one-sequence trace whose token t uses experts (t k + j) mod E at every layer: every expert is touched
+    within the first E / k tokens, so a warm-up of that many batches makes the rest all hits."""
+    from traces.format import TraceMeta
+    from traces.writer import write_trace
+
+    rows = {k: [] for k in ("sequence", "phase", "position", "layer", "experts", "weights")}
+    for p in range(prompt_len + decode_len):
+        phase = "prefill" if p < prompt_len else "decode"
+        for layer in range(n_layers):
+            rows["sequence"].append(0)
+            rows["phase"].append(phase)
+            rows["position"].append(p)
+            rows["layer"].append(layer)
+            rows["experts"].append([(p * top_k + j) % n_experts for j in range(top_k)])
+            rows["weights"].append([1.0 / top_k] * top_k)
+    meta = TraceMeta(model="calibration-cycle", source="executor.calibrate_runtime", n_layers=n_layers,
+                     n_experts=n_experts, top_k=top_k, expert_bytes=[expert_bytes] * n_layers, hidden_size=hidden,
+                     dtype="bf16", license="CC0", attribution="synthetic")
+    return write_trace(dst, meta, overwrite=True, sequence=rows["sequence"], phase=np.array(rows["phase"]),
+                       position=rows["position"], layer=rows["layer"], experts=np.array(rows["experts"]),
+                       weights=np.array(rows["weights"], dtype=np.float32))
+
+
+def _layer_step_ms(geom, device, top_k: int, *, n_layers: int, n_experts: int, tokens: int, repeats: int) -> float:
+    """Median over `repeats` runs of the runtime's mean decode layer-step time, every expert resident."""
+    from executor.replay import build_runtime, prepare
+    from sim.config import build_config
+
+    warm = -(-n_experts // top_k) + 1
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        trace = cycle_trace(Path(d) / f"k{top_k}", n_layers=n_layers, n_experts=n_experts, top_k=top_k,
+                            decode_len=warm + tokens, expert_bytes=geom.expert_bytes, hidden=geom.hidden)
+        cfg = build_config({"trace": str(trace), "phase": "decode", "warmup_batches": warm,
+                            "cache": {"policy": "lru", "scope": "global", "cache_rate": 1.0}})
+        setup = prepare(cfg, geom.first_layers(n_layers))
+        models: dict = {}
+        for _ in range(repeats):
+            rt = build_runtime(cfg, setup, device=device, models=models)
+            rt.warmup()
+            m = rt.run()
+            if m["misses"]:
+                raise RuntimeError(f"calibration run had {m['misses']} misses after its warm-up")
+            out.append(m["tpot_ms"] / n_layers)
+    return statistics.median(out)
+
+
+def runtime_layer_costs(geom, device, *, repeats: int = 5, n_layers: int = 4, tokens: int = 48) -> dict:
+    """{"per_expert_ms", "layer_base_ms", "top_k"}: the runtime's decode layer step split into a per-layer base
+    and a per-expert part (see the module docstring)."""
+    k = max(2, min(geom.top_k, 8))
+    n_experts = 2 * k
+    t1 = _layer_step_ms(geom, device, 1, n_layers=n_layers, n_experts=n_experts, tokens=tokens, repeats=repeats)
+    tk = _layer_step_ms(geom, device, k, n_layers=n_layers, n_experts=n_experts, tokens=tokens, repeats=repeats)
+    per_expert = max(0.0, (tk - t1) / (k - 1))
+    return {"per_expert_ms": round(per_expert, 5), "layer_base_ms": round(max(0.0, t1 - per_expert), 5),
+            "layer_ms_top1": round(t1, 5), f"layer_ms_top{k}": round(tk, 5), "top_k": k}
+
+
+def transfer_issue_overhead_us(geom, device, link_seconds, *, n: int = 24, repeats: int = 5, busy=None) -> float:
+    """Link time lost per chunk group by the copy worker's round trip (see the module docstring). `link_seconds`:
+    bytes -> seconds from the bandwidth table just measured; `busy`: a callable launching some GPU work from the
+    main thread (the runtime's expert launches), run while the copies move."""
+    import torch
+
+    from executor.transfer import Transfer, TransferEngine
+
+    numel = geom.expert_numel
+    dt = geom.torch_dtype()
+    src = torch.empty(numel, dtype=dt, pin_memory=True)
+    src.fill_(1)
+    dst = [torch.empty(numel, dtype=dt, device=device) for _ in range(2)]
+    nbytes = numel * src.element_size()
+    per_group = []
+    for _ in range(repeats):
+        eng = TransferEngine("cuda", device=device)
+        ts = [Transfer((0, i), src, dst[i % 2], nbytes, [(0, numel)], high=False, speculative=True, cached=True,
+                       seq=i) for i in range(n)]
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for t in ts:
+            eng.submit(t)
+        while not all(t.finished for t in ts):
+            if busy is not None:
+                busy()
+            eng.poll()
+            if busy is None:
+                time.sleep(20e-6)
+        wall = time.perf_counter() - t0
+        eng.close()
+        per_group.append((wall - n * link_seconds(nbytes)) / n * 1e6)
+    return max(0.0, statistics.median(per_group))

@@ -1,0 +1,37 @@
+"""The runtime's own host-cost calibration (executor.calibrate_runtime) and how it folds into the profile tables."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from executor.calibrate import add_runtime_costs  # noqa: E402
+from executor.calibrate_runtime import _layer_step_ms, cycle_trace, runtime_layer_costs  # noqa: E402
+from executor.geometry import get_geometry  # noqa: E402
+from traces.reader import Trace  # noqa: E402
+
+
+def test_cycle_trace_touches_every_expert_within_the_warmup(tmp_path):
+    p = cycle_trace(tmp_path / "c", n_layers=2, n_experts=6, top_k=2, decode_len=5, expert_bytes=3 * 32 * 16 * 4,
+                    hidden=32)
+    routing = Trace(p).routing(0, "decode")
+    assert routing.experts.shape == (5, 2, 2)
+    first = {int(e) for row in routing.experts[:3, 0] for e in row}
+    assert first == set(range(6))
+
+
+def test_runtime_costs_run_all_hits_on_cpu():
+    geom = get_geometry("tiny")
+    # raises if the measured steps had a miss (the warm-up must load every expert)
+    ms = _layer_step_ms(geom, "cpu", 2, n_layers=2, n_experts=4, tokens=4, repeats=1)
+    assert ms > 0
+    rc = runtime_layer_costs(geom, "cpu", repeats=1, n_layers=2, tokens=4)
+    assert rc["top_k"] == 2 and rc["per_expert_ms"] >= 0 and rc["layer_base_ms"] >= 0
+    assert rc["layer_base_ms"] + rc["per_expert_ms"] == pytest.approx(rc["layer_ms_top1"], abs=1e-4)
+
+
+def test_add_runtime_costs_floors_experts_and_adds_layer_bookkeeping():
+    et = {"ms": [0.03, 0.05, 0.4], "note": "n"}
+    dts = [{"ms": [0.2, 0.3], "note": "d"}]
+    add_runtime_costs(et, dts, {"per_expert_ms": 0.1, "layer_base_ms": 0.5})
+    assert et["ms"] == [0.1, 0.1, 0.4]  # max(kernel, host) per expert
+    assert dts[0]["ms"] == [0.5, 0.6]  # + (base - skeleton at the smallest batch)
