@@ -26,7 +26,9 @@ def test_runtime_costs_run_all_hits_on_cpu():
     assert ms > 0
     rc = runtime_layer_costs(geom, "cpu", repeats=1, n_layers=2, tokens=4)
     assert rc["top_k"] == 2 and rc["per_expert_ms"] >= 0 and rc["layer_base_ms"] >= 0
-    assert rc["layer_base_ms"] + rc["per_expert_ms"] == pytest.approx(rc["layer_ms_top1"], abs=1e-4)
+    # base = time(top-1) - per expert, clipped at 0 (timing noise on a shared CPU)
+    assert rc["layer_base_ms"] + rc["per_expert_ms"] == pytest.approx(max(rc["layer_ms_top1"], rc["per_expert_ms"]),
+                                                                      abs=1e-4)
 
 
 def test_add_runtime_costs_floors_experts_and_adds_layer_bookkeeping():
