@@ -379,6 +379,8 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
     latency_us = 4096 / (small["gbps"] * 1e9) * 1e6 if lat_ms is None else 0.0
     engines = measure_copy_engines(device, 64 << 20, timer)
     chunk_us = measure_chunk_overhead_us(device, geoms[0].expert_bytes, timer) if cuda else 0.0
+    log("predictor cost")
+    pcost = measure_predictors(predictors, trace_for_predictors, repeats)
     expert_tables, dense_tables, host = [], [], {}
     for g in geoms:
         log(f"expert and dense compute: {g.name}")
@@ -391,19 +393,31 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
             add_runtime_costs(et, dts, rc)
         expert_tables.append(et)
         dense_tables.extend(dts)
+    from sim.hardware import LinkTable
+
+    table = LinkTable(points=pinned_pts)
     issue_us = 0.0
     if runtime_costs and cuda:
         from executor.calibrate_runtime import transfer_issue_overhead_us
-        from sim.hardware import LinkTable
 
         log("copy worker issue overhead")
-        table = LinkTable(points=pinned_pts)
+        issue_us = transfer_issue_overhead_us(geoms[0], device, table.seconds)
         busy, _ = _expert_bench(geoms[0], device, 1, n_experts=2)
-        issue_us = transfer_issue_overhead_us(geoms[0], device, table.seconds, busy=busy)
         host["issue_overhead_us"] = round(issue_us, 3)
+        host["issue_overhead_us_main_thread_launching"] = round(
+            transfer_issue_overhead_us(geoms[0], device, table.seconds, busy=busy), 3)
     overlap = measure_overlap(geoms[0], device, timer) if cuda else 1.0
-    log("predictor cost")
-    pcost = measure_predictors(predictors, trace_for_predictors, repeats)
+    transfer_host = {"demand_transfer_us": 0.0, "prefetch_transfer_us": 0.0}
+    if runtime_costs:
+        from executor.calibrate_runtime import runtime_transfer_costs
+
+        g, rc = geoms[0], host[geoms[0].name]
+        log(f"runtime transfer host costs: {g.name}")
+        xfer_ms = table.seconds(g.expert_bytes) * 1e3 + issue_us * 1e-3
+        transfer_host = runtime_transfer_costs(g, device, rc[f"layer_ms_top{rc['top_k']}"], rc["top_k"],
+                                               xfer_ms=xfer_ms, predictor_us=pcost.get("oracle", 0.0),
+                                               repeats=max(3, repeats // 4))
+        host["transfer_host"] = transfer_host
     gpu = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()})"
     when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "python -m executor.calibrate " + " ".join(sys.argv[1:])
@@ -427,6 +441,8 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
         "dense_launch_floor_ms": round(min(min(t["ms"]) for t in dense_tables), 5),
         "predictor_cost_us": pcost,
         "copy_compute_overlap": round(overlap, 3),
+        "demand_transfer_host_us": transfer_host["demand_transfer_us"],
+        "prefetch_transfer_host_us": transfer_host["prefetch_transfer_us"],
     }
     if pageable_pts:
         prof["h2d"]["pageable"] = {"points": pageable_pts}

@@ -11,6 +11,9 @@ the simulator charges what the executor really spends:
   experts are all resident (a warm-up pass loads them; the cache holds every expert; no prefetch), once with top-1
   and once with top-K routing. Per layer step: time(K) = base + K x per_expert, so per_expert = (time(K) -
   time(1)) / (K - 1) and base = time(1) - per_expert.
+- `runtime_transfer_costs`: host time on the compute timeline per demand load and per prefetch the runtime issues
+  (cache insert, slot, submit, and the copy worker's share of the interpreter), from all-miss and all-prefetch
+  cycle-trace runs against the all-resident one.
 - `transfer_issue_overhead_us`: the runtime's `TransferEngine` (CUDA backend, copy worker thread) moving a queue
   of single-chunk expert copies back to back while the main thread launches expert kernels (as it does in a
   run): (wall time - bytes / table bandwidth) / groups.
@@ -51,28 +54,76 @@ def cycle_trace(dst, *, n_layers: int, n_experts: int, top_k: int, decode_len: i
                        weights=np.array(rows["weights"], dtype=np.float32))
 
 
-def _layer_step_ms(geom, device, top_k: int, *, n_layers: int, n_experts: int, tokens: int, repeats: int) -> float:
-    """Median over `repeats` runs of the runtime's mean decode layer-step time, every expert resident."""
+def _decode_runs(geom, device, top_k: int, *, n_layers: int, n_experts: int, tokens: int, repeats: int,
+                 extra: dict | None = None, warm: int | None = None) -> list[dict]:
+    """The runtime's metrics of `repeats` decode runs of a cycle trace (config `extra` on top of an LRU cache)."""
     from executor.replay import build_runtime, prepare
     from sim.config import build_config
 
-    warm = -(-n_experts // top_k) + 1
+    warm = -(-n_experts // top_k) + 1 if warm is None else warm
     out = []
     with tempfile.TemporaryDirectory() as d:
         trace = cycle_trace(Path(d) / f"k{top_k}", n_layers=n_layers, n_experts=n_experts, top_k=top_k,
                             decode_len=warm + tokens, expert_bytes=geom.expert_bytes, hidden=geom.hidden)
-        cfg = build_config({"trace": str(trace), "phase": "decode", "warmup_batches": warm,
-                            "cache": {"policy": "lru", "scope": "global", "cache_rate": 1.0}})
+        raw = {"trace": str(trace), "phase": "decode", "warmup_batches": warm,
+               "cache": {"policy": "lru", "scope": "global", "cache_rate": 1.0}}
+        for k, v in (extra or {}).items():
+            raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
+        cfg = build_config(raw)
         setup = prepare(cfg, geom.first_layers(n_layers))
         models: dict = {}
         for _ in range(repeats):
             rt = build_runtime(cfg, setup, device=device, models=models)
             rt.warmup()
-            m = rt.run()
-            if m["misses"]:
-                raise RuntimeError(f"calibration run had {m['misses']} misses after its warm-up")
-            out.append(m["tpot_ms"] / n_layers)
+            out.append(rt.run())
+    return out
+
+
+def _layer_step_ms(geom, device, top_k: int, *, n_layers: int, n_experts: int, tokens: int, repeats: int) -> float:
+    """Median over `repeats` runs of the runtime's mean decode layer-step time, every expert resident."""
+    out = []
+    for m in _decode_runs(geom, device, top_k, n_layers=n_layers, n_experts=n_experts, tokens=tokens,
+                          repeats=repeats):
+        if m["misses"]:
+            raise RuntimeError(f"calibration run had {m['misses']} misses after its warm-up")
+        out.append(m["tpot_ms"] / n_layers)
     return statistics.median(out)
+
+
+def runtime_transfer_costs(geom, device, resident_layer_ms: float, top_k: int, *, xfer_ms: float,
+                           predictor_us: float = 0.0, repeats: int = 5, n_layers: int = 4, tokens: int = 48,
+                           chunks: int = 3) -> dict:
+    """Host time on the compute timeline per transfer the runtime issues, beyond what the link model charges:
+
+    - demand: every lookup misses (cycle trace over 2k experts, per-layer capacity k, LRU, no prefetch), so each
+      expert waits for its own copy: per layer step, (time - the all-resident time) / k - `xfer_ms` (the modelled
+      link time of one expert: table bandwidth + issue overhead). What remains is the host's submit and the copy
+      worker's wake-up before the copy starts;
+    - prefetch: the same trace with the oracle predictor at distance 1, chunked (`chunks`), early preemption and
+      reordering (the validation suite's prefetching switches): every expert prefetched one layer ahead; per
+      layer step, time - stall - the all-resident time - the predictor's own cost, over the prefetches issued.
+    """
+    n_experts = 2 * top_k
+    small = {"cache": {"scope": "per_layer", "cache_rate": 0.5}}
+    pf = {**small, "prefetch": {"predictor": "oracle", "distance": 1, "chunks": chunks, "max_inflight_mib": 512},
+          "chunked_prefetch": True, "early_preemption": True, "reordered_inference": True}
+    res = {}
+    for name, extra in (("demand", small), ("prefetch", pf)):
+        per = []
+        for m in _decode_runs(geom, device, top_k, n_layers=n_layers, n_experts=n_experts, tokens=tokens,
+                              repeats=repeats, extra=extra, warm=2):
+            steps = m["decode_batches"] * n_layers
+            n = m["demand_loads"] if name == "demand" else m["prefetches"]
+            if not n:
+                raise RuntimeError(f"calibration run issued no {name} transfers")
+            if name == "demand":
+                per.append(((m["tpot_ms"] * m["decode_batches"] - resident_layer_ms * steps) / n - xfer_ms) * 1e3)
+            else:
+                extra_ms = (m["tpot_ms"] * m["decode_batches"] - m["stall_ms"] - resident_layer_ms * steps
+                            - predictor_us * 1e-3 * steps)
+                per.append(extra_ms / n * 1e3)
+        res[f"{name}_transfer_us"] = round(max(0.0, statistics.median(per)), 3)
+    return res
 
 
 def runtime_layer_costs(geom, device, *, repeats: int = 5, n_layers: int = 4, tokens: int = 48) -> dict:

@@ -179,6 +179,11 @@ class HardwareProfile(_Strict):
                                           description="moving a token's activations to the CPU and back")
     predictor_cost_us: dict[str, float] = Field(default_factory=lambda: {"default": 0.0})
     copy_compute_overlap: float = Field(default=1.0, ge=0, le=1)
+    demand_transfer_host_us: float = Field(
+        default=0.0, ge=0, description="compute-timeline (host) time per demand load issued: the executor's cache "
+                                       "insert, slot, submit and its copy worker's share of the interpreter")
+    prefetch_transfer_host_us: float = Field(
+        default=0.0, ge=0, description="the same per prefetch issued (at the gate, after the prediction)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -308,6 +313,8 @@ class CostModel:
         if profile.cpu_expert_compute:
             self._cpu_fns = [expert_time_fn(profile.cpu_expert_compute, meta, layer, 0.0)[0] for layer in range(L)]
         self.overlap = profile.copy_compute_overlap
+        self.demand_host_s = profile.demand_transfer_host_us * 1e-6
+        self.prefetch_host_s = profile.prefetch_transfer_host_us * 1e-6
         self._max_tokens = 0
         self.expert_s: list[list[float]] = [[0.0] for _ in range(L)]
         self.dense_s: list[list[float]] = [[0.0] for _ in range(L)]
