@@ -6,8 +6,9 @@ des_layer_steps_per_s     simulated layer-steps (one layer of one batch) per CPU
                           repetitions, measured with time.process_time (CPU time of this process: one core).
 des_layer_steps_per_s_no_prefetch   the same without a predictor (the engine and cache alone)
 mrc_accesses_per_s, libcachesim_accesses_per_s, mrc_speedup_vs_libcachesim
-                          from sim.mrc.bench_mrc (all-sizes miss-ratio curve vs libCacheSim's LRU at one size);
-                          null when sim.mrc is not available.
+                          from sim.mrc.bench_mrc: the exact all-sizes LRU miss-ratio curve vs libCacheSim's LRU at
+                          one size (its C loop, process_trace; *_e2e: with building and writing its trace), same
+                          lookups, one core; null when sim.mrc is not available.
 """
 
 from __future__ import annotations

@@ -72,6 +72,35 @@ def test_kernels_agree(data, gate):
     assert ref.tolist() == mrc.opt_hit_capacity(ids, nu, n_layers * 8).tolist()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_lru_kernel_long_streams(seed):
+    # long enough for the compiled kernel to use up its 2 * n_ids slots many times (compaction), skewed and
+    # uniform keys, unit and 1-3 size classes, sequential and gate: equal to the Fenwick reference
+    rng = np.random.default_rng(seed)
+    for trial in range(6):
+        n_ids = int(rng.integers(1, 700))
+        n = int(rng.integers(1, 5000))
+        ids = (rng.zipf(1.3, n) if trial % 2 else rng.integers(0, 1 << 30, n)) % n_ids
+        bounds = None
+        if trial % 3:  # groups of unique keys, as sim.access makes them
+            starts, seen = [0], set()
+            for t, k in enumerate(ids.tolist()):
+                if k in seen or rng.random() < 0.2:
+                    starts.append(t)
+                    seen = set()
+                seen.add(k)
+            bounds = np.unique(np.r_[starts, n]).astype(np.int64)
+        n_cls = int(rng.integers(1, 4))
+        sizes = np.sort(rng.choice(np.arange(1, 50), n_cls, replace=False)).astype(np.int64)
+        cls = rng.integers(0, n_cls, n_ids)[ids].astype(np.int64)
+        for c, z in ((np.zeros(n, np.int64), np.ones(1, np.int64)), (cls, sizes)):
+            assert (mrc.lru_hit_capacity(ids, c, z, n_ids, bounds).tolist()
+                    == mrc.lru_hit_capacity_py(ids, c, z, n_ids, bounds).tolist()), (seed, trial, len(z))
+        a, b = np.divmod(ids, 7)  # key = a * 7 + b
+        assert (mrc.lru_hit_counts(a, b, 7, n_ids + 7, bounds).tolist()
+                == mrc.lru_hit_counts_py(a, b, 7, n_ids + 7, bounds).tolist()), (seed, trial)
+
+
 @settings(max_examples=60, deadline=None)
 @given(random_streams, st.sampled_from(["global", "per_layer"]), st.sampled_from(["experts", "bytes"]),
        st.sampled_from(["gate", "sequential"]))
