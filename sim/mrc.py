@@ -572,10 +572,12 @@ class _Exact:
         return np.sort(h), unit, False
 
     def hits(self, capacity) -> np.ndarray:
-        share = np.asarray(capacity, dtype=np.int64) // self.split
+        share = np.asarray(capacity, dtype=np.int64)
+        if self.split != 1:
+            share = share // self.split
         total = np.zeros(share.shape, dtype=np.int64)
         for arr, unit, is_hist in self.parts:
-            c = share // unit
+            c = share // unit if unit != 1 else share
             if is_hist:
                 total += arr[np.minimum(c, len(arr) - 1)]
             else:
@@ -586,7 +588,7 @@ class _Exact:
         pts = [np.zeros(1, dtype=np.int64)]
         for arr, unit, is_hist in self.parts:
             h = np.arange(len(arr), dtype=np.int64) if is_hist else np.unique(arr)
-            pts.append(h * unit * self.split)
+            pts.append(h * (unit * self.split) if unit * self.split != 1 else h)
         if len(pts) == 2:
             return pts[1] if is_hist else np.unique(np.concatenate(pts))
         return np.unique(np.concatenate(pts))
