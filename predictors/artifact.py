@@ -7,9 +7,16 @@ Layout (numpy's .npz, readable with `np.load(path)`):
                    predictor   registered name (make_predictor(predictor, **params) rebuilds it)
                    params      constructor parameters (JSON values)
                    distance    the distance it was trained for (the --distance of `predictors.train`)
-                   trace       {path, model, n_layers, n_experts, top_k, hidden_size, has_hidden_states}
+                   trace       {path, model, n_layers, n_experts, top_k, hidden_size, has_hidden_states,
+                               routing_sha256 (content hash of routing.parquet), prompts (meta.extra.prompts),
+                               source (meta.source), n_sequences, n_rows}: the trace it was fit on
                    split       {kind, fraction, seed, train, eval, cut, folds, fold}: exactly which sequences (and
-                               positions) it was fit on; evaluation with this artifact scores split.eval only
+                               positions) it was fit on; evaluated on the same trace (same routing_sha256), the
+                               artifact scores split.eval only; kind "all" (--split 1.0) holds nothing out and
+                               is refused on its own trace
+                   fit         {sequences, tokens, rows}: what the fit read (token positions, routing rows)
+                   sequence_fingerprints  one short content hash per training sequence (token ids, positions,
+                               routing): evaluating on another trace refuses any sequence that has one of these
                    n_params    learned parameters in total
                    command     the command line that made it
     <name>       every array of predictor.get_state(), e.g. "l3_d1/w1" (learned networks: layer 3, distance 1,
@@ -20,6 +27,7 @@ Written to a temporary name in the same folder and renamed, so a crash leaves no
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -76,3 +84,29 @@ def load_artifact(path: str | os.PathLike) -> tuple[Predictor, dict]:
     predictor = make_predictor(head["predictor"], **head.get("params", {}))
     predictor.set_state(state)
     return predictor, head
+
+
+def routing_sha256(trace_path: str | os.PathLike) -> str:
+    """Content hash of a trace's routing.parquet (what identifies the trace's sequences)."""
+    h = hashlib.sha256()
+    with open(Path(trace_path) / "routing.parquet", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sequence_fingerprint(seq) -> str:
+    """16 hex digits identifying a sequence by its content: token ids, positions and routing of every position."""
+    h = hashlib.sha1(np.asarray(seq.token_ids, dtype="<i8").tobytes())
+    h.update(np.asarray(seq.positions, dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(seq.experts, dtype="<i2").tobytes())
+    return h.hexdigest()[:16]
+
+
+def trace_identity(trace) -> dict:
+    """The `trace` part of an artifact header."""
+    meta = trace.meta
+    return {"path": str(trace.path), "model": meta.model, "n_layers": meta.n_layers, "n_experts": meta.n_experts,
+            "top_k": meta.top_k, "hidden_size": meta.hidden_size, "has_hidden_states": meta.has_hidden_states,
+            "routing_sha256": routing_sha256(trace.path), "prompts": (meta.extra or {}).get("prompts"),
+            "source": meta.source, "n_sequences": len(trace.sequences()), "n_rows": trace.n_rows}

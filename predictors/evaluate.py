@@ -23,7 +23,7 @@ import sys
 from predictors.base import Predictor, PredictorUnavailable
 from predictors.metrics import Scorer, clean
 from predictors.registry import _REGISTRY, _load_all, available_predictors, make_predictor
-from predictors.split import Split, TrainingTrace, make_split
+from predictors.split import Split, TrainingTrace, evaluate_split, fit_summary, make_split
 from predictors.views import HiddenSource, iter_batches, load_sequences, replay
 from traces.errors import run_cli
 from traces.reader import Trace
@@ -78,10 +78,7 @@ def prepare(trace: Trace | str, name: str, distance: int, *, params: dict | None
         from predictors.artifact import load_artifact
 
         predictor, head = load_artifact(artifact)
-        sp = head["split"]
-        split = make_split(trace, sp["fraction"], sp["seed"], folds=sp["folds"], fold=sp["fold"], sequences=seqs)
-        if list(split.train) != list(sp["train"]):
-            raise ValueError(f"{artifact}: its training sequences do not match this trace's split")
+        split = artifact_split(trace, head, seqs, artifact)
     else:
         predictor = build_predictor(name, distance, seed, params)
         split = make_split(trace, fraction, seed, sequences=seqs)
@@ -89,6 +86,45 @@ def prepare(trace: Trace | str, name: str, distance: int, *, params: dict | None
         fit_on_split(predictor, trace, split, seqs)
     predictor.check_trace(trace.meta)
     return predictor, split
+
+
+def artifact_split(trace: Trace, head: dict, sequences, artifact) -> Split:
+    """Which sequences of `trace` an artifact may be scored on.
+
+    Fit on this very trace (same routing.parquet content hash): the held-out part of the split it recorded;
+    refused when that split held nothing out (--split 1.0). Fit on another trace: every sequence of this one,
+    refused when any of them has the fingerprint (content hash) of one of the artifact's training sequences.
+    Artifacts without a content hash (older ones) are matched by their recorded split, as before.
+    """
+    from predictors.artifact import routing_sha256, sequence_fingerprint
+
+    sp = head["split"]
+    fit_hash = head["trace"].get("routing_sha256")
+    if fit_hash is not None and fit_hash != routing_sha256(trace.path):
+        trained = set(head.get("sequence_fingerprints") or [])
+        seen = [s.sequence for s in sequences if sequence_fingerprint(s) in trained]
+        if seen:
+            raise ValueError(f"{artifact}: {len(seen)} of this trace's sequences (e.g. sequence {seen[0]}) are "
+                             f"sequences the artifact was fit on (same content hash; training trace "
+                             f"{head['trace'].get('path')}): they cannot be scored with it")
+        return evaluate_split(trace, sequences)
+    if sp["kind"] == "all":
+        raise ValueError(f"{artifact}: fit on every sequence of this trace (routing.parquet sha256 "
+                         f"{str(fit_hash)[:12]}..., --split 1.0), so none is held out; score it on another trace")
+    split = make_split(trace, sp["fraction"], sp["seed"], folds=sp["folds"], fold=sp["fold"], sequences=sequences)
+    if list(split.train) != list(sp["train"]):
+        raise ValueError(f"{artifact}: its training sequences do not match this trace's split "
+                         "(was the trace re-imported?)")
+    return split
+
+
+def fit_description(split: Split, head: dict | None, sequences) -> dict:
+    """Where the scored predictor was fit: on a split of this trace, or on a separate training trace."""
+    if split.kind == "separate":
+        t = head["trace"]
+        return {"where": "separate training trace", "trace": t.get("path"), "model": t.get("model"),
+                "routing_sha256": t.get("routing_sha256"), "prompts": t.get("prompts"), **head.get("fit", {})}
+    return {"where": f"{split.kind} split of this trace", **fit_summary(split, sequences)}
 
 
 def score_split(trace: Trace, predictor: Predictor, split: Split, distance: int, scorer: Scorer, *,
@@ -128,6 +164,7 @@ def evaluate(trace: Trace | str, name: str, distance: int, *, artifact: str | No
     scorer = Scorer(meta.n_layers, meta.top_k, budgets)
     all_seqs = load_sequences(trace)
     splits = []
+    fits = []
     if artifact is not None:
         from predictors.artifact import load_artifact
 
@@ -136,16 +173,12 @@ def evaluate(trace: Trace | str, name: str, distance: int, *, artifact: str | No
             raise ValueError(f"{artifact}: trained on a trace of {head['trace']['model']!r}, not {meta.model!r}")
         if distance != head.get("distance", distance) and not _covers(predictor, distance):
             raise ValueError(f"{artifact}: trained for distance {head['distance']}, not {distance}")
-        sp = head["split"]
-        split = make_split(trace, sp["fraction"], sp["seed"], folds=sp["folds"], fold=sp["fold"],
-                           sequences=all_seqs)
-        if list(split.train) != list(sp["train"]):
-            raise ValueError(f"{artifact}: its training sequences do not match this trace's split "
-                             "(was the trace re-imported?)")
+        split = artifact_split(trace, head, all_seqs, artifact)
         predictor.check_trace(meta)
         score_split(trace, predictor, split, distance, scorer, sequences=all_seqs, batch_size=batch_size,
                     max_eval_sequences=max_eval_sequences)
         splits.append(split)
+        fits.append(fit_description(split, head, all_seqs))
         name = head["predictor"]
     else:
         n_folds = folds if folds > 1 else 1
@@ -157,6 +190,8 @@ def evaluate(trace: Trace | str, name: str, distance: int, *, artifact: str | No
             score_split(trace, predictor, split, distance, scorer, sequences=all_seqs, batch_size=batch_size,
                         max_eval_sequences=max_eval_sequences)
             splits.append(split)
+            if getattr(predictor, "trainable", False):
+                fits.append(fit_description(split, None, all_seqs))
     out = {"trace": str(trace.path), "model": meta.model, "predictor": name, "distance": distance,
            "top_k": meta.top_k, "n_layers": meta.n_layers, "n_experts": meta.n_experts}
     out.update(scorer.summary())
@@ -164,6 +199,10 @@ def evaluate(trace: Trace | str, name: str, distance: int, *, artifact: str | No
                     "folds": len(splits) if artifact is None and folds > 1 else 1,
                     "eval_sequences": sorted({s for sp in splits for s in sp.eval}),
                     "scored_from": splits[0].cut and {str(k): v for k, v in splits[0].cut.items()}}
+    if fits:  # per fold: what it was fit on (sequences, token positions, routing rows)
+        out["fit"] = {**fits[0], "tokens": [f.get("tokens") for f in fits] if len(fits) > 1 else fits[0].get("tokens"),
+                      "rows": [f.get("rows") for f in fits] if len(fits) > 1 else fits[0].get("rows"),
+                      "sequences": [f.get("sequences") for f in fits] if len(fits) > 1 else fits[0].get("sequences")}
     return clean(out)
 
 

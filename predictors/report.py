@@ -49,6 +49,10 @@ def run_all(paths: list[Path], predictors: list[str], folds: int, log=print, cv_
             except PredictorUnavailable as exc:
                 rows.append({"trace": path.name, "predictor": name, "skipped": str(exc)})
                 continue
+            # a predictor that fits nothing costs the same under K folds as under one split, and K folds score
+            # every sequence (the same tokens as an artifact fit on a separate training trace)
+            kk = k if getattr(build_predictor(name, 1), "trainable", False) else (
+                folds if folds > 1 and n_seq >= folds else 1)
             for d in DISTANCES:
                 if d >= trace.meta.n_layers:
                     continue
@@ -58,13 +62,29 @@ def run_all(paths: list[Path], predictors: list[str], folds: int, log=print, cv_
                     r = evaluate(trace, name, d, artifact=str(art), budgets=[trace.meta.top_k * 2])
                     r["artifact"] = str(art)
                 else:
-                    r = evaluate(trace, name, d, folds=k, budgets=[trace.meta.top_k * 2])
+                    r = evaluate(trace, name, d, folds=kk, budgets=[trace.meta.top_k * 2])
                 r["trace_name"] = path.name
                 r["seconds"] = round(time.perf_counter() - t0, 2)
                 rows.append(r)
                 log(f"{path.name:28s} {name:16s} d={d} accuracy {r['accuracy']} n_eval {r['n_eval']} "
                     f"({r['seconds']} s)")
     return rows
+
+
+def fit_on(r: dict) -> str:
+    """Where the row's predictor was fit, with the training tokens (token positions; rows = x layers)."""
+    f = r.get("fit")
+    if not f:
+        return "–"
+    tok = f.get("tokens")
+    if isinstance(tok, list):  # one figure per cross-validation fold
+        return f"{len(tok)}-fold split of this trace ({round(sum(tok) / len(tok)):,} tokens per fold)"
+    if f.get("where") == "separate training trace":
+        return (f"separate trace {str(f.get('routing_sha256'))[:8]} ({f.get('sequences', 0):,} seqs, "
+                f"{tok:,} tokens)")
+    kind = r.get("split", {}).get("kind")
+    what = {"sequences": "9:1 split of this trace", "positions": "position split of this trace"}.get(kind, kind)
+    return f"{what} ({tok:,} tokens)"
 
 
 def _fmt(v) -> str:
@@ -87,23 +107,31 @@ def render(rows: list[dict], folds: int) -> str:
         if not res:
             continue
         r0 = res[0]
-        split = r0["split"]
-        if split["folds"] > 1:
-            how = f"{split['folds']}-fold cross-validation over sequences"
-        elif split["kind"] == "sequences":
-            how = "one 9:1 split over sequences"
+        groups: dict[str, list[str]] = {}
+        for r in res:
+            sp = r["split"]
+            if sp["kind"] == "separate":
+                how = ("artifacts fit on a separate training trace of the same model, scored on every sequence of "
+                       "this one")
+            elif sp["folds"] > 1:
+                how = f"{sp['folds']}-fold cross-validation over sequences (every sequence scored once)"
+            elif sp["kind"] == "sequences":
+                how = "one 9:1 split over sequences" + (" (an artifact trained elsewhere)" if "artifact" in r else "")
+            else:
+                how = "position split: fit on the prompt + first 90% of generated positions, scored on the rest"
+            if r["predictor"] not in groups.setdefault(how, []):
+                groups[how].append(r["predictor"])
+        if len(groups) == 1:
+            how = next(iter(groups))
         else:
-            how = "position split: fit on the prompt + first 90% of generated positions, scored on the rest"
-        trained = sorted({r["predictor"] for r in res if "artifact" in r})
-        if trained:
-            how += f" ({', '.join(trained)}: artifacts trained elsewhere, scored on their own 9:1 split)"
+            how = "; ".join(f"{', '.join(names)}: {g}" for g, names in groups.items())
         out.append(f"### {tname}")
         out.append("")
         out.append(f"{r0['model']}: {r0['n_layers']} MoE layers, {r0['n_experts']} experts, top-{r0['top_k']}; "
                    f"{how}.")
         out.append("")
-        out.append("| predictor | d=1 | d=2 | d=3 | n_eval | recall@2k d=1 |")
-        out.append("|---|---|---|---|---|---|")
+        out.append("| predictor | d=1 | d=2 | d=3 | n_eval | recall@2k d=1 | fit on (d=1) |")
+        out.append("|---|---|---|---|---|---|---|")
         by = {(r["predictor"], r["distance"]): r for r in res}
         for name in ORDER:
             cells = [by.get((name, d)) for d in DISTANCES]
@@ -111,8 +139,9 @@ def render(rows: list[dict], folds: int) -> str:
                 continue
             n_eval = next(c["n_eval"] for c in cells if c)
             r2k = cells[0]["budgets"].get(str(2 * r0["top_k"]), {}).get("recall") if cells[0] else None
+            first = next(c for c in cells if c)
             out.append(f"| {name} | " + " | ".join(_fmt(c["accuracy"]) if c else "–" for c in cells)
-                       + f" | {n_eval} | {_fmt(r2k)} |")
+                       + f" | {n_eval} | {_fmt(r2k)} | {fit_on(first)} |")
         if skipped:
             names = ", ".join(f"`{r['predictor']}`" for r in skipped)
             out.append("")

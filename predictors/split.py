@@ -12,6 +12,10 @@ Two kinds of split (`make_split`):
   the earlier positions exactly as a server would, but only held-out positions are scored. The seed plays no
   part here.
 
+- "all" (`fraction` 1.0): every sequence and position is training data and nothing is held out. Used to fit on
+  a separate training trace (`python -m predictors.train TRACE --split 1.0`); such an artifact is scored on all
+  sequences of ANOTHER trace (`evaluate_split`), never on the one it was fit on.
+
 `TrainingTrace` wraps a `traces.Trace` and exposes only the training part: asking it for a held-out sequence
 raises, and a position split truncates each sequence before its first held-out position.
 """
@@ -27,7 +31,7 @@ from predictors.views import SequenceRouting, load_sequences
 
 @dataclass(frozen=True)
 class Split:
-    kind: str  # "sequences" | "positions"
+    kind: str  # "sequences" | "positions" | "all"
     fraction: float
     seed: int
     train: tuple[int, ...]  # sequence ids the predictor may be fit on
@@ -52,9 +56,13 @@ class Split:
 
 def make_split(trace, fraction: float = 0.9, seed: int = 0, *, folds: int = 1, fold: int = 0,
                sequences: list[SequenceRouting] | None = None) -> Split:
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"split fraction must be in (0, 1), got {fraction}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"split fraction must be in (0, 1], got {fraction}")
     ids = [int(s) for s in trace.sequences()]
+    if fraction == 1.0:
+        if folds > 1:
+            raise ValueError("--split 1.0 (fit on everything) and cross-validation folds exclude each other")
+        return Split("all", 1.0, seed, tuple(sorted(ids)), (), None)
     if len(ids) >= 2:
         rng = np.random.default_rng(seed)
         shuffled = [ids[i] for i in rng.permutation(len(ids))]
@@ -133,3 +141,24 @@ def training_sequences(trace, sequences=None) -> list[SequenceRouting]:
         wanted = {int(s) for s in sequences}
         seqs = [s for s in seqs if s.sequence in wanted]
     return seqs
+
+
+def evaluate_split(trace, sequences: list[SequenceRouting] | None = None) -> Split:
+    """Every sequence of `trace` scored, none fit on: for an artifact fit on a separate training trace."""
+    ids = [int(s) for s in trace.sequences()] if sequences is None else [s.sequence for s in sequences]
+    return Split("separate", 1.0, 0, (), tuple(sorted(ids)), None)
+
+
+def fit_summary(split, seqs) -> dict:
+    """What a fit on `split` reads: sequences, token positions, routing rows (positions x present layers)."""
+    allowed = set(split.train)
+    n_seq = n_tok = n_rows = 0
+    for s in seqs:
+        if s.sequence not in allowed:
+            continue
+        if split.cut is not None:
+            s = s.truncated(split.cut[s.sequence])
+        n_seq += 1
+        n_tok += s.n_positions
+        n_rows += int((s.experts[:, :, 0] >= 0).sum())
+    return {"sequences": n_seq, "tokens": n_tok, "rows": n_rows}

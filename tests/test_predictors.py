@@ -231,3 +231,100 @@ def test_a_view_without_past_entries_is_accepted(traces, name):
         v = replace(b.view(1), past={})
         p.observe(v)
         assert p.predict(v, 1).experts.ndim == 1
+
+
+# -- artifacts fit on a separate training trace (--split 1.0) ---------------------------------------------------
+@pytest.fixture(scope="module")
+def two_traces(tmp_path_factory):
+    """Two traces of the same (synthetic) model with different sequences: one to fit on, one to score."""
+    d = tmp_path_factory.mktemp("separate")
+    return (Trace(make_trace(d / "train", "cross_layer", seed=1, **GEOM)),
+            Trace(make_trace(d / "eval", "cross_layer", seed=1, **{**GEOM, "n_sequences": 6, "gen_len": 7})))
+
+
+def _fit_all(trace, out, capsys, distance=1):
+    assert train_main([str(trace.path), "--predictor", "cross_layer", "--distance", str(distance), "--split", "1.0",
+                       "--out", str(out), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_fit_all_artifact_records_its_training_trace_and_scores_all_of_another(two_traces, tmp_path, capsys):
+    train_t, eval_t = two_traces
+    res = _fit_all(train_t, tmp_path / "cl.npz", capsys)
+    head = read_header(tmp_path / "cl.npz")
+    assert head["split"]["kind"] == "all" and head["split"]["eval"] == [] and res["split"] == "all"
+    assert len(head["split"]["train"]) == GEOM["n_sequences"]
+    assert head["trace"]["routing_sha256"] and head["trace"]["n_sequences"] == GEOM["n_sequences"]
+    n_pos = GEOM["prompt_len"] + GEOM["gen_len"]
+    assert head["fit"] == {"sequences": 10, "tokens": 10 * n_pos, "rows": 10 * n_pos * GEOM["n_layers"]}
+    assert len(head["sequence_fingerprints"]) == GEOM["n_sequences"]
+    r = evaluate(eval_t, "cross_layer", 1, artifact=str(tmp_path / "cl.npz"))
+    assert r["split"]["kind"] == "separate" and r["split"]["eval_sequences"] == list(range(6))
+    assert r["n_eval"] == 6 * 7  # every decode position of every sequence
+    assert r["fit"]["where"] == "separate training trace" and r["fit"]["tokens"] == 10 * n_pos
+    assert r["accuracy"] == 1.0  # the same model's cross-layer map, learned on other sequences
+    # fit in place (no artifact): the split of this trace, with its sizes
+    r2 = evaluate(eval_t, "cross_layer", 1)
+    assert r2["fit"]["where"] == "sequences split of this trace" and r2["fit"]["sequences"] == 5
+
+
+def test_fit_all_artifact_is_refused_on_its_own_trace(two_traces, tmp_path, capsys):
+    """The content-hash check: an artifact fit on every sequence of a trace must not score that trace."""
+    train_t, _ = two_traces
+    _fit_all(train_t, tmp_path / "cl.npz", capsys)
+    assert evaluate_main([str(train_t.path), "--predictor", "cross_layer", "--distance", "1", "--artifact",
+                          str(tmp_path / "cl.npz")]) == 2
+    assert "fit on every sequence of this trace (routing.parquet sha256" in capsys.readouterr().err
+
+
+def test_artifact_is_refused_on_a_trace_holding_its_training_sequences(two_traces, tmp_path, capsys):
+    """A different file (other hash) that contains training sequences: refused by their fingerprints."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train_t, _ = two_traces
+    _fit_all(train_t, tmp_path / "cl.npz", capsys)
+    sub = tmp_path / "subset"
+    shutil.copytree(train_t.path, sub)
+    table = pq.read_table(sub / "routing.parquet")
+    pq.write_table(table.filter(pa.compute.greater(table.column("sequence"), 0)), sub / "routing.parquet")
+    assert evaluate_main([str(sub), "--predictor", "cross_layer", "--distance", "1", "--artifact",
+                          str(tmp_path / "cl.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "9 of this trace's sequences (e.g. sequence 1) are sequences the artifact was fit on" in err
+
+
+def test_share_as_saves_the_same_networks_under_the_twin_name(tmp_path, capsys):
+    from predictors.artifact import load_artifact as load
+
+    t = make_trace(tmp_path / "r", "router", seed=0, n_sequences=6, prompt_len=3, gen_len=5, n_layers=3,
+                   n_experts=8, top_k=2, hidden_size=8)
+    a, b = tmp_path / "m.npz", tmp_path / "g.npz"
+    assert train_main([str(t), "--predictor", "learned_mlp", "--distance", "1", "--fit-all", "--set", "epochs=2",
+                       "--out", str(a), "--share-as", f"learned_mlp_gate:{b}"]) == 0
+    pa_, ha = load(a)
+    pb, hb = load(b)
+    assert hb["predictor"] == "learned_mlp_gate" and "learned_mlp" in hb["shared_from"]
+    assert all(np.array_equal(v, pb.get_state()[k]) for k, v in pa_.get_state().items())
+    assert train_main([str(t), "--predictor", "learned_mlp", "--distance", "1", "--fit-all", "--out", str(a),
+                       "--share-as", f"cross_layer:{b}"]) == 2
+    assert "its fit is not learned_mlp's" in capsys.readouterr().err
+
+
+def test_report_says_where_each_row_was_fit(two_traces, tmp_path, capsys):
+    from predictors.report import render, run_all
+
+    train_t, eval_t = two_traces
+    (tmp_path / "arts" / "eval").mkdir(parents=True)
+    _fit_all(train_t, tmp_path / "arts" / "eval" / "cross_layer_d1.npz", capsys)
+    rows = run_all([eval_t.path], ["frequency", "cross_layer"], folds=1, log=lambda s: None,
+                   artifacts=tmp_path / "arts")
+    text = render(rows, 1)
+    line = next(x for x in text.splitlines() if x.startswith("| cross_layer |"))
+    assert "separate trace" in line and "10 seqs, 140 tokens" in line
+    assert "artifacts fit on a separate training trace" in text
+    by = {(r["predictor"], r["distance"]): r for r in rows}
+    assert by[("cross_layer", 1)]["split"]["kind"] == "separate"
+    assert by[("cross_layer", 2)]["fit"]["where"] == "sequences split of this trace"
