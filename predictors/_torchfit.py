@@ -4,7 +4,9 @@ A network is a dict of numpy arrays: optional input standardization (`mu`, `sigm
 (`w2`, `b2`) or a two-layer MLP (`w1`, `b1`, ReLU, `w2`, `b2`). Its output scores the experts of one layer.
 Training minimizes the cross-entropy between softmax(scores) and the true experts (k-hot, normalized), with
 Adam, weight decay and early stopping on a held-back tenth of the training rows (rows, not sequences: this
-tenth is part of the training split; the evaluation split is never seen).
+tenth is part of the training split; the evaluation split is never seen). On a GPU (`device="cuda"`) the whole
+training set is copied to the device once (as given, e.g. float16) and standardized there; large training sets
+want a large `batch_size` there (thousands of rows per step), since each step costs about the same.
 """
 
 from __future__ import annotations
@@ -37,15 +39,18 @@ def require_torch():
 def train(x: np.ndarray, y: np.ndarray, *, hidden_units: int, epochs: int = 30, lr: float = 1e-3,
           weight_decay: float = 1e-4, batch_size: int = 256, seed: int = 0, standardize: bool = True,
           patience: int = 4, threads: int = 1, device: str = "cpu", loss: str = "softmax",
-          dropout: float = 0.0) -> dict[str, np.ndarray]:
-    """x: float [N, F]; y: multi-hot float [N, E]. Returns the network of the best validation epoch."""
+          dropout: float = 0.0, time_limit: float = 0.0) -> dict[str, np.ndarray]:
+    """x: float [N, F]; y: multi-hot float [N, E]. Returns the network of the best validation epoch.
+
+    time_limit > 0: no new epoch starts after that many seconds (a bound for time-boxed runs; results then
+    depend on the machine's speed, so it is off by default)."""
     torch = require_torch()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # one thread by default: deterministic, and the machine's cores are shared
     try:
         return _train(torch, x, y, hidden_units=hidden_units, epochs=epochs, lr=lr, weight_decay=weight_decay,
                       batch_size=batch_size, seed=seed, standardize=standardize, patience=patience,
-                      device=_device(torch, device), loss=loss, dropout=dropout)
+                      device=_device(torch, device), loss=loss, dropout=dropout, time_limit=time_limit)
     finally:
         torch.set_num_threads(old_threads)
 
@@ -60,19 +65,32 @@ def _device(torch, device: str):
 
 
 def _train(torch, x, y, *, hidden_units, epochs, lr, weight_decay, batch_size, seed, standardize, patience, device,
-           loss="softmax", dropout=0.0):
+           loss="softmax", dropout=0.0, time_limit=0.0):
+    import time
+
+    t_start = time.perf_counter()
     if loss not in ("softmax", "bce"):
         raise ValueError(f"loss must be 'softmax' or 'bce', got {loss!r}")
-    x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.float32)
     n, f = x.shape
     e = y.shape[1]
     net: dict[str, np.ndarray] = {}
-    if standardize:
-        mu = x.mean(axis=0)
-        sigma = x.std(axis=0) + 1e-3
-        net["mu"], net["sigma"] = mu.astype(np.float32), sigma.astype(np.float32)
-        x = (x - mu) / sigma
+    if device.type == "cpu":
+        x = np.asarray(x, dtype=np.float32)
+        if standardize:
+            mu = x.mean(axis=0)
+            sigma = x.std(axis=0) + 1e-3
+            net["mu"], net["sigma"] = mu.astype(np.float32), sigma.astype(np.float32)
+            x = (x - mu) / sigma
+        xt = torch.from_numpy(x)
+    else:  # on a GPU: copy as given (float16 hidden states stay half the size), standardize there
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(device).float()
+        if standardize:
+            mu_t = xt.double().mean(dim=0)
+            sigma_t = ((xt.double() - mu_t) ** 2).mean(dim=0).sqrt() + 1e-3
+            net["mu"] = mu_t.float().cpu().numpy()
+            net["sigma"] = sigma_t.float().cpu().numpy()
+            xt = (xt - mu_t.float()) / sigma_t.float()
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)
     n_val = max(1, n // 10) if n >= 20 else 0
@@ -85,8 +103,7 @@ def _train(torch, x, y, *, hidden_units, epochs, lr, weight_decay, batch_size, s
     else:
         model = torch.nn.Sequential(torch.nn.Linear(f, e))
     model = model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    xt = torch.from_numpy(x).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
     if loss == "bce":
         yt = torch.from_numpy(y).to(device)
     else:
@@ -113,6 +130,8 @@ def _train(torch, x, y, *, hidden_units, epochs, lr, weight_decay, batch_size, s
     tr_t = torch.from_numpy(tr)
     val_t = torch.from_numpy(val).to(device)
     for _ in range(epochs):
+        if time_limit and time.perf_counter() - t_start > time_limit:
+            break
         model.train()
         order = tr_t[torch.randperm(len(tr_t), generator=gen)].to(device)
         for i in range(0, len(order), batch_size):

@@ -47,9 +47,10 @@ class LearnedHistoryPredictor(Predictor):
 
     def __init__(self, distances=(1, 2, 3), depth: int = 3, hidden_units: int = 128, epochs: int = 60,
                  lr: float = 1e-2, weight_decay: float = 1e-3, batch_size: int = 128, seed: int = 0,
-                 device: str = "cpu", **params):
+                 device: str = "cpu", time_limit: float = 0.0, **params):
         super().__init__(distances=list(distances), depth=depth, hidden_units=hidden_units, epochs=epochs, lr=lr,
-                         weight_decay=weight_decay, batch_size=batch_size, seed=seed, device=device, **params)
+                         weight_decay=weight_decay, batch_size=batch_size, seed=seed, device=device,
+                         time_limit=time_limit, **params)
         self.distances = [int(d) for d in distances]
         self._nets: dict[str, dict[str, np.ndarray]] = {}
 
@@ -82,7 +83,7 @@ class LearnedHistoryPredictor(Predictor):
                 self._nets[f"l{layer}_d{d}"] = _torchfit.train(
                     x, y, hidden_units=p["hidden_units"], epochs=p["epochs"], lr=p["lr"],
                     weight_decay=p["weight_decay"], batch_size=p["batch_size"], seed=p["seed"] + 1000 * layer + d,
-                    device=p["device"], standardize=False)
+                    device=p["device"], standardize=False, time_limit=p.get("time_limit", 0.0))
 
     def get_state(self):
         return _torchfit.pack(self._nets)

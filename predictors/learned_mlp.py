@@ -9,7 +9,9 @@ standardized with the training rows' mean and deviation.
 Training options (`--set key=value`): `loss` "softmax" (default: cross-entropy between softmax(scores) and the
 normalized k-hot target) or "bce" (independent sigmoid per expert, multi-label), `dropout` (between the two
 layers), `patience` (epochs without validation improvement before early stopping, on a tenth of the training
-rows), `epochs`, `lr`, `weight_decay`, `max_units`, `max_rows`. Measured alternatives are in docs/predictors.md.
+rows), `epochs`, `lr`, `weight_decay`, `max_units`, `max_rows`, `batch_size`, `device` ("cuda" trains on a
+GPU), `time_limit` (seconds per network after which no new epoch starts; 0 = none, the default). Measured
+alternatives are in docs/predictors.md.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ class LearnedMLPPredictor(Predictor):
     def __init__(self, distances=(1, 2, 3), target_params: int = 2_000_000, min_units: int = 64,
                  max_units: int = 1024, epochs: int = 30, lr: float = 1e-3, weight_decay: float = 1e-4,
                  batch_size: int = 256, max_rows: int = 200_000, seed: int = 0,
-                 device: str = "cpu", loss: str = "softmax", dropout: float = 0.0, patience: int = 4, **params):
+                 device: str = "cpu", loss: str = "softmax", dropout: float = 0.0, patience: int = 4,
+                 time_limit: float = 0.0, **params):
         super().__init__(distances=list(distances), target_params=target_params, min_units=min_units,
                          max_units=max_units, epochs=epochs, lr=lr, weight_decay=weight_decay,
                          batch_size=batch_size, max_rows=max_rows, seed=seed, device=device, loss=loss,
-                         dropout=dropout, patience=patience, **params)
+                         dropout=dropout, patience=patience, time_limit=time_limit, **params)
         self.distances = [int(d) for d in distances]
         self._nets: dict[str, dict[str, np.ndarray]] = {}
 
@@ -65,13 +68,15 @@ class LearnedMLPPredictor(Predictor):
                     ok = np.sort(rng.choice(ok, p["max_rows"], replace=False))
                 src = rows[ok, layer]
                 order = np.argsort(src)  # memory-mapped reads in file order
-                x = np.empty((len(ok), hidden.shape[1]), dtype=np.float32)
+                # float32 for a CPU fit; on a GPU the stored dtype (float16) travels and is converted there
+                x = np.empty((len(ok), hidden.shape[1]), dtype=np.float32 if p["device"] == "cpu" else hidden.dtype)
                 x[order] = hidden[src[order]]
                 y = _torchfit.multi_hot(experts[ok, layer + d], meta.n_experts)
                 self._nets[f"l{layer}_d{d}"] = _torchfit.train(
                     x, y, hidden_units=units, epochs=p["epochs"], lr=p["lr"], weight_decay=p["weight_decay"],
                     batch_size=p["batch_size"], seed=p["seed"] + 1000 * layer + d, device=p["device"],
-                    loss=p["loss"], dropout=p["dropout"], patience=p["patience"])
+                    loss=p["loss"], dropout=p["dropout"], patience=p["patience"],
+                    time_limit=p.get("time_limit", 0.0))
 
     def get_state(self):
         return _torchfit.pack(self._nets)
