@@ -118,6 +118,33 @@ def test_training_report_and_recording(pipeline, tmp_path):
     assert t.routing(0, "decode").n_positions == 3
 
 
+def test_training_prompts_and_time_boxed_recording(pipeline, tmp_path, capsys):
+    """device_predictors.sh's steps 3: prompts from the training split only, recorded batch by batch."""
+    _, data, tok_dir, model_dir = pipeline
+    from traces.reader import Trace
+    from traces.small_moe import record_many, train_prompts
+
+    out = tmp_path / "p.jsonl"
+    assert train_prompts.main(["--data", str(data), "--tokenizer", str(tok_dir / "tokenizer.json"), "--held-out",
+                               str(tok_dir.parent / "prompts.jsonl"), "--n", "5", "--out", str(out)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    prompts = [json.loads(line) for line in out.read_text().splitlines()]
+    held = [json.loads(line)["ids"] for line in (tok_dir.parent / "prompts.jsonl").read_text().splitlines()]
+    assert rep["prompts"] == len(prompts) == 5 and all(16 <= len(p["ids"]) <= 32 for p in prompts)
+    assert not {tuple(p["ids"][:16]) for p in prompts} & {tuple(h[:16]) for h in held}
+    # every training prompt is a piece of the training tokens
+    assert all(train_prompts.occurs(np.load(data / "train.npy"), p["ids"]) for p in prompts)
+    dst = tmp_path / "tt"
+    assert record_many.main(["--time-budget", "600", "--model", str(model_dir), "--prompts", str(out),
+                             "--max-prompt-tokens", "24", "--max-new-tokens", "2", "--batch-size", "2",
+                             "--temperature", "0.8", "--hidden-states", "--router-weights", "--out", str(dst)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    t = Trace(dst)
+    assert summary["sequences"] == 5 and summary["batches"] == 3 and len(t.sequences()) == 5
+    assert t.meta.extra["recorded_prompts"] == 5 and "record_many" in t.meta.source
+    assert t.meta.has_hidden_states and t.routing(4, "decode").n_positions == 2
+
+
 @pytest.mark.skipif(not TRACE.exists(), reason="committed trace not present")
 def test_committed_trace_loads_with_hidden_states():
     from traces.check import check_trace

@@ -151,7 +151,8 @@ def save_hf_tokenizer(tokenizer_json: Path, dst: Path) -> None:
     t.save_pretrained(str(dst))
 
 
-def make_prompts(val_docs: list[str], tok, n: int, min_tokens: int, max_tokens: int, seed: int) -> list[dict]:
+def make_prompts(val_docs: list[str], tok, n: int, min_tokens: int, max_tokens: int, seed: int,
+                 per_doc: int = 3) -> list[dict]:
     """Held-out prompts: the start of a paragraph of real prose (>= 8 words, few symbols), cut to a token budget."""
     rng = np.random.default_rng(seed)
     candidates = []
@@ -165,7 +166,7 @@ def make_prompts(val_docs: list[str], tok, n: int, min_tokens: int, max_tokens: 
     rng.shuffle(candidates)
     prompts, used_docs = [], {}
     for d, para in candidates:
-        if used_docs.get(d, 0) >= 3:
+        if used_docs.get(d, 0) >= per_doc:
             continue
         ids = tok.encode(para).ids
         if len(ids) < min_tokens:

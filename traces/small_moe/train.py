@@ -207,7 +207,7 @@ def train(args) -> dict:
         kept = best["step"]
     else:
         kept = step
-    full = evaluate(model, test_tok, args.seq_len, args.batch_size, device)
+    full = evaluate(model, test_tok, args.seq_len, args.batch_size, device, max_tokens=args.test_tokens or None)
     report = {
         "model": "Qwen3MoeForCausalLM", "config": {k: v for k, v in (TINY if args.tiny else MODEL).items()},
         "vocab_size": info["vocab_size"], "params": n_params, "expert_params": expert_params,
@@ -263,6 +263,8 @@ def main(argv=None) -> int:
     ap.add_argument("--aux-coef", type=float, default=0.01, help="weight of the per-layer load-balancing loss")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-tokens", type=int, default=131072, help="held-out tokens per periodic evaluation")
+    ap.add_argument("--test-tokens", type=int, default=0,
+                    help="report on only this many held-out tokens (0 = all; dry runs)")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--experts-impl", default="grouped_mm", choices=["eager", "grouped_mm", "batched_mm"])
     ap.add_argument("--compile", action="store_true")
