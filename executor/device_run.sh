@@ -3,6 +3,7 @@
 #   1. bash executor/device_run.sh smoke        # ~1 min: CUDA backend, invariants, outputs = reference
 #   2. bash executor/device_run.sh calibrate    # ~2-4 min: profiles/h200.yaml (measured) -> $OUT/h200.yaml
 #   3. bash executor/device_run.sh validate     # the suite, resumable: rerun until every run is in the Parquet
+#   or 2+3 as `session` (calibrate once into /tmp, validate into /tmp/val; rerun on the warm machine to resume)
 # run tool: carry [".whl"] (pydantic and simpy wheels: the GPU image lacks them; pandas, pyarrow, yaml,
 # matplotlib, transformers are there). results/validation/h200 travels as untracked files, so a second validate
 # call resumes from its results.parquet once the first call's $OUT/h200 is copied back there.
@@ -35,5 +36,23 @@ case "$STEP" in
       results/validation/h200/meta.json "$OUT/h200/" 2>/dev/null
     cp -r results/validation/h200/plots "$OUT/h200/" 2>/dev/null
     ;;
-  *) echo "unknown step $STEP (smoke | calibrate | validate)"; exit 2 ;;
+  session)
+    # calibrate, then validate into a directory that outlives the call (/tmp/val on a warm machine): a later
+    # `session` call on the same machine skips the calibration (its profile is kept in /tmp) and resumes.
+    # The small model's re-recorded trace and weights come from traces/small_moe/device_predictors.sh run
+    # earlier on the same machine (/tmp/small-moe-qwen3moe-e32k4, build/small_moe_model).
+    if [ -d /tmp/small-moe-qwen3moe-e32k4 ]; then
+      rm -rf data/traces/small-moe-qwen3moe-e32k4 && cp -r /tmp/small-moe-qwen3moe-e32k4 data/traces/
+    fi
+    [ -d build/small_moe_model ] && export SMALL_MOE_DIR=${SMALL_MOE_DIR:-build/small_moe_model}
+    if [ ! -s /tmp/h200.yaml ]; then
+      timeout ${CALIBRATE_S:-200} python3 -m executor.calibrate --out /tmp/h200.yaml --machine "H200 GPU machine" \
+        2>&1 | tee "$OUT/calibrate.log"
+    fi
+    cp /tmp/h200.yaml "$OUT/h200.yaml"
+    timeout ${VALIDATE_S:-380} python3 -m executor.validate executor/suites/h200.yaml --profile /tmp/h200.yaml \
+      --out /tmp/val --resume --machine "H200 GPU machine" 2>&1 | tee "$OUT/validate.log"
+    mkdir -p "$OUT/h200" && cp /tmp/val/summary.md /tmp/val/results.parquet /tmp/val/meta.json "$OUT/h200/" 2>/dev/null
+    ;;
+  *) echo "unknown step $STEP (smoke | calibrate | validate | session)"; exit 2 ;;
 esac

@@ -35,6 +35,7 @@ from executor.buffers import HostExpertStore
 from executor.geometry import Geometry, geometry_from_hf_config, small_moe_dir
 from executor.memory import whole_slot_capacity
 from executor.model import activation, expert_forward
+from executor.runtime import quiet_gc
 from traces.format import TraceMeta
 
 
@@ -317,7 +318,8 @@ def run_live(ex: dict, cfg, profile, *, device=None, model=None) -> dict:
                        device=device, name=ex.get("geometry") or "small-moe")
     new_tokens = cfg.max_decode_tokens if cfg.max_decode_tokens is not None else 32
     live.rt.warmup([1, max(len(p) for p in prompts)])
-    live.generate(prompts, max(1, new_tokens + 1))
+    with quiet_gc():
+        live.generate(prompts, max(1, new_tokens + 1))
     real = live.finish()
     seqs = sequences_for_simulator(live)
     setup = SimpleNamespace(meta=live.meta, sequences=seqs, trace=None)

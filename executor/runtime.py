@@ -29,7 +29,9 @@ from events around each chunk group on the copy stream.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import time
 from types import SimpleNamespace
 
@@ -86,6 +88,24 @@ class _Clock:
         if self.cuda:
             return a.elapsed_time(b) * 1e-3
         return b - a
+
+
+@contextlib.contextmanager
+def quiet_gc():
+    """No garbage collection inside a timed run. The runtime allocates small objects per expert (events,
+    transfers, tuples) in a process that also holds traces and data frames; the collector's full passes then land
+    at random points of the layer loop and cost milliseconds each, which made the same run vary by tens of
+    percent. Everything alive before the run is frozen out of the collector's view; it runs again afterwards."""
+    was = gc.isenabled()
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+        gc.unfreeze()
 
 
 def truncate_sequences(seqs: list[SequenceData], n_layers: int) -> list[SequenceData]:
@@ -481,6 +501,11 @@ class OffloadedRuntime:
         model = self.model
         L = self.L
         self._reset_run()
+        with quiet_gc():
+            self._replay(model, L)
+        return self.metrics()
+
+    def _replay(self, model, L) -> None:
         try:
             for batch in iter_batches(self.sequences, self.phase, self.batch_size):
                 T = batch.tokens
@@ -505,7 +530,6 @@ class OffloadedRuntime:
                 self.end_batch(batch.phase, T, x)
         finally:
             self.close()
-        return self.metrics()
 
     def close(self) -> None:
         if self.device.type == "cuda":
