@@ -19,6 +19,7 @@ Semantics (DESIGN.md):
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, KeysView, Sequence
 from dataclasses import asdict, dataclass
 
@@ -111,6 +112,9 @@ class ExpertCache:
         self._on_lookup = [pol.on_lookup if type(pol).on_lookup is not Policy.on_lookup else None
                            for pol in self.policies]
         self._on_hit = [pol.on_hit for pol in self.policies]
+        self._admit = [pol.admit if type(pol).admit is not Policy.admit else None for pol in self.policies]
+        # every valid key, for insert's range check (one hash lookup)
+        self._valid = frozenset((la, e) for la in range(n_layers) for e in range(n_experts))
         self._size: dict[Key, int] = {}  # all resident keys -> bytes
         self._pins: dict[Key, int] = {}
         self.used_bytes = 0
@@ -193,6 +197,35 @@ class ExpertCache:
         st.misses += 1
         return False
 
+    def lookup_layer(self, keys: Sequence[Key]) -> int:
+        """`lookup(key)` for each key of `keys` (keys of one layer), in that order: the same hooks in the same
+        order and the same statistics, in one call. Returns the number of hits."""
+        if not keys:
+            return 0
+        st = self.stats
+        p = keys[0][0] if self._per_layer else 0
+        on_lookup = self._on_lookup[p]
+        size = self._size
+        n = len(keys)
+        if on_lookup is None and all(map(size.__contains__, keys)):  # all hits: the hooks run in C
+            deque(map(self._on_hit[p], keys), 0)
+            st.lookups += n
+            st.hits += n
+            return n
+        on_hit = self._on_hit[p]
+        hits = 0
+        for key in keys:
+            if on_lookup is not None:
+                on_lookup(key, st.lookups)
+            st.lookups += 1
+            if key in size:
+                st.hits += 1
+                hits += 1
+                on_hit(key)
+            else:
+                st.misses += 1
+        return hits
+
     def touch(self, key: Key) -> None:
         """A non-demand access of a resident key (a prefetch that finds it resident). No statistics."""
         if key in self._size:
@@ -206,20 +239,25 @@ class ExpertCache:
         partition, everything evictable is pinned, or the policy declines); then nothing has changed.
         Inserting a resident key is a no-op that returns [].
         """
-        if key in self._size:
+        sizes = self._size
+        if key in sizes:
             return []
-        layer = key[0]
-        if not (0 <= layer < self.n_layers and 0 <= key[1] < self.n_experts):
+        if key not in self._valid:
             raise KeyError(f"expert key {key} outside {self.n_layers} layers x {self.n_experts} experts")
+        layer = key[0]
         p = layer if self._per_layer else 0
-        policy = self.policies[p]
         size = self.expert_bytes[layer]
-        members = self._part_members[p]
-        need = self._part_used[p] + size - self._part_capacity[p]
-        if size > self._part_capacity[p] or not policy.admit(key):
+        cap = self._part_capacity[p]
+        admit = self._admit[p]
+        if size > cap or (admit is not None and not admit(key)):
             self.stats.rejected += 1
             return None
+        policy = self.policies[p]
+        members = self._part_members[p]
+        part_used = self._part_used
+        need = part_used[p] + size - cap
         victims: list[Key] = []
+        st = self.stats
         if need > 0:
             order = policy.eviction_order()
             if order is not None:  # fast path: walk the policy's order, skip pinned keys
@@ -232,7 +270,7 @@ class ExpertCache:
                     if need <= 0:
                         break
                 if need > 0:
-                    self.stats.rejected += 1
+                    st.rejected += 1
                     return None
             else:
                 chosen: set[Key] = set()
@@ -241,27 +279,26 @@ class ExpertCache:
                 while need > 0:
                     v = victim(cands)
                     if v is None:
-                        self.stats.rejected += 1
+                        st.rejected += 1
                         return None
                     if v not in cands:
                         raise RuntimeError(f"policy {self.policy_name!r} chose {v}, not an eviction candidate")
                     chosen.add(v)
                     victims.append(v)
                     need -= members[v]
-            sizes = self._size
             on_evict = policy.on_evict
+            freed = 0
             for v in victims:
-                freed = sizes.pop(v)
+                freed += sizes.pop(v)
                 del members[v]
-                self._part_used[p] -= freed
-                self.used_bytes -= freed
                 on_evict(v)
-            self.stats.evictions += len(victims)
-        self._size[key] = size
+            part_used[p] -= freed
+            self.used_bytes -= freed
+            st.evictions += len(victims)
+        sizes[key] = size
         members[key] = size
-        self._part_used[p] += size
+        part_used[p] += size
         self.used_bytes += size
-        st = self.stats
         st.insertions += 1
         st.bytes_inserted += size
         policy.on_insert(key)
@@ -286,6 +323,28 @@ class ExpertCache:
     def pin(self, key: Key) -> None:
         """Protect `key` from eviction (counted: n pins need n unpins). A key may be pinned before it is inserted."""
         self._pins[key] = self._pins.get(key, 0) + 1
+
+    def pin_layer(self, keys: Sequence[Key]) -> None:
+        """`pin(key)` for each key of `keys` (distinct keys)."""
+        pins = self._pins
+        if pins.keys().isdisjoint(keys):  # the common case, in C
+            pins.update(dict.fromkeys(keys, 1))
+            return
+        get = pins.get
+        for key in keys:
+            pins[key] = get(key, 0) + 1
+
+    def unpin_layer(self, keys: Sequence[Key]) -> None:
+        """`unpin(key)` for each key of `keys` (distinct keys; all pinned, else ValueError)."""
+        pins = self._pins
+        try:
+            counts = list(map(pins.pop, keys))
+        except KeyError:
+            raise ValueError(f"unpin_layer: one of {list(keys)} is not pinned") from None
+        if counts and max(counts) > 1:
+            for key, n in zip(keys, counts):
+                if n > 1:
+                    pins[key] = n - 1
 
     def unpin(self, key: Key) -> None:
         n = self._pins.get(key, 0)

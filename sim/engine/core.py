@@ -28,6 +28,8 @@ batch only (l + d < n_layers).
 
 from __future__ import annotations
 
+from heapq import heappop
+
 import simpy
 from simpy.events import NORMAL
 
@@ -42,12 +44,23 @@ from sim.engine.decisions import (
     touch_hooks,
     touch_in_use_order,
 )
-from sim.engine.link import Link, Transfer
+from sim.engine.link import Call, Link, Transfer
 from sim.engine.metrics import Counters, count_unused_at_end, finalize, snapshot, subtract
 from sim.engine.prefetcher import Prefetcher
 from sim.engine.schedule import SequenceData, demand_lookups, iter_batches, layer_sets
 from sim.hardware import CostModel
 from traces.format import TraceMeta
+
+
+def _process(event) -> None:
+    """What simpy.Environment.step does with an event once popped from the queue (SimPy 4)."""
+    callbacks, event.callbacks = event.callbacks, None
+    for callback in callbacks:
+        callback(event)
+    if not event._ok and not hasattr(event, "_defused"):
+        exc = type(event._value)(*event._value.args)
+        exc.__cause__ = event._value
+        raise exc
 
 
 class Simulation:
@@ -97,6 +110,9 @@ class Simulation:
         self.unused_pf: set = set()  # landed prefetches not yet looked up
         self.c = Counters()
         self.chunks = chunks if chunked_prefetch else 1
+        # per layer: (bytes of an expert, seconds of one chunk) of a transfer
+        self._xfer = [(cost.expert_bytes[la], cost.chunk_s[la] if self.chunks > 1 else cost.xfer_s[la])
+                      for la in range(meta.n_layers)]
         self.early_preemption = early_preemption
         self.reordered = reordered_inference
         if cpu_experts and cost.profile.cpu_expert_compute is None:
@@ -147,11 +163,10 @@ class Simulation:
         """Reserve a slot (or stream) and queue the copy. `at`: the caller's own time if it runs ahead of the
         clock (see _gpu_stream); the link starts it then if an engine is idle."""
         cache = self.cache
-        if self.cur_ids is not None:  # pin the running layer's experts before anything can be evicted
-            layer_ = self.cur_layer
-            for e in self.cur_ids:
-                cache.pin((layer_, e))
-            self.pinned_ids = self.cur_ids
+        cur = self.cur_ids
+        if cur is not None:  # pin the running layer's experts before anything can be evicted
+            cache.pin_layer(cur)
+            self.pinned_ids = cur
             self.cur_ids = None
         victims = cache.insert(key)
         if victims is None:
@@ -166,12 +181,9 @@ class Simulation:
             if self.check:
                 assert cache.used_bytes <= cache.capacity_bytes, "cache capacity exceeded"
                 self.max_used_bytes = max(self.max_used_bytes, cache.used_bytes)
-        layer = key[0]
-        n = self.chunks
-        chunk_s = self.cost.chunk_s[layer] if n > 1 else self.cost.xfer_s[layer]
-        t = Transfer(key, self.cost.expert_bytes[layer], n, chunk_s, high=not (speculative or background),
-                     speculative=speculative,
-                     cached=cached, seq=self.seq, now=self.env.now if at is None else at, target=target)
+        nbytes, chunk_s = self._xfer[key[0]]
+        t = Transfer(key, nbytes, self.chunks, chunk_s, not (speculative or background), speculative, cached,
+                     self.seq, self.env._now if at is None else at, target)
         self.seq += 1
         if cached:
             self.inflight[key] = t
@@ -209,7 +221,7 @@ class Simulation:
     # -- the GPU compute stream -----------------------------------------------------------------------------------
     def _gpu_stream(self, batches):
         """The GPU compute stream. It runs ahead of the SimPy clock: `carry` is compute time not yet yielded,
-        so the stream's own time is env.now + carry. It yields (syncs the clock) only before it touches the link
+        so the stream's own time is env._now + carry. It yields (syncs the clock) only before it touches the link
         or the cache while some event is scheduled at or before its own time; otherwise nothing else can have
         happened meanwhile and skipping the yield is exact. A layer whose experts are all resident while the
         link is idle therefore costs no SimPy event at all."""
@@ -230,22 +242,32 @@ class Simulation:
         spans = self.spans
         overlap_penalty = 2.0 - cost.overlap if cost.overlap < 1.0 else 1.0
         carry = 0.0
-        peek = env.peek
         queue = env._queue  # SimPy 4 internals: a heap of (time, priority, event id, event)
         eids = env._eid
-        step = env.step
 
         # The stream drives the event queue itself instead of yielding to SimPy: `sync(carry)` is exactly what
         # `yield env.timeout(carry)` does (the same event id is taken, every event ordered before that timeout is
         # processed by env.step() in the same order, then the clock moves to the timeout's time) and `wait(ev)` is
         # `yield ev` (events are processed until ev has been), without a Timeout object or a process switch.
+        # Events are processed as env.step() does (pop, take the callbacks, call them, fail on an unhandled failed
+        # event); the link's and the prefetcher's bare events (link.Call) run their function directly.
         def sync(carry: float) -> None:
             t = env._now + carry
             n = next(eids)
             while queue:
                 h = queue[0]
                 if h[0] < t or (h[0] == t and (h[1] < NORMAL or (h[1] == NORMAL and h[2] < n))):
-                    step()
+                    heappop(queue)
+                    env._now = h[0]
+                    ev = h[3]
+                    if type(ev) is Call:
+                        if ev.callbacks:
+                            ev.callbacks = None
+                            ev.fn(*ev.args)
+                        else:
+                            ev.callbacks = None
+                    else:
+                        _process(ev)
                 else:
                     break
             env._now = t
@@ -254,8 +276,18 @@ class Simulation:
             while ev.callbacks is not None:
                 if not queue:
                     raise RuntimeError("the GPU stream waits for a copy that never lands")
-                step()
-        lookup = cache.lookup
+                h = heappop(queue)
+                env._now = h[0]
+                e = h[3]
+                if type(e) is Call:
+                    if e.callbacks:
+                        e.callbacks = None
+                        e.fn(*e.args)
+                    else:
+                        e.callbacks = None
+                else:
+                    _process(e)
+        lookup_layer = cache.lookup_layer
         hooks = touch_hooks(cache)
         resident = cache.resident
         for batch in batches:
@@ -267,7 +299,7 @@ class Simulation:
             cpu_s = cost.cpu_s
             sets = layer_sets(batch.experts)
             b = batch.index
-            start = env.now + carry
+            start = env._now + carry
             stall0, hits0, look0 = c.stall_s, c.hits, c.lookups
             if b == self.warmup_batches and b > 0:  # warm-up over: metrics count from here
                 link_ = self.link
@@ -279,24 +311,25 @@ class Simulation:
                 ids, counts = sets[layer]
                 d = dense_s[layer][T]
                 if spans is not None:
-                    spans.append(("dense", layer, b, env.now + carry, d))
+                    spans.append(("dense", layer, b, env._now + carry, d))
                 carry += d
-                if peek() <= env.now + carry:  # something happens before the gate: let it happen first
+                if queue and queue[0][0] <= env._now + carry:  # something happens before the gate: let it happen first
                     sync(carry)
                     carry = 0.0
                 self.gated = (b, layer)
                 # -- the gate: lookups ---------------------------------------------------------------------------
-                self.cur_layer = layer
-                self.cur_ids = ids
+                keys = [(layer, e) for e in ids]
+                self.cur_ids = keys
                 self.pinned_ids = None
-                missing = classify_lookups(layer, ids, lookup, ready, inflight, unused_pf, c)
+                lookup_layer(keys)
+                missing = classify_lookups(layer, ids, None, ready, inflight, unused_pf, c, keys)
                 n_ids = len(ids)
                 es = expert_s[layer]
                 cnt = dict(zip(ids, counts)) if counts is not None else None
                 order = ids
                 local: dict | None = None
                 cpu_done = 0.0
-                vt = env.now + carry  # the gate time; nothing is scheduled before it (checked above)
+                vt = env._now + carry  # the gate time; nothing is scheduled before it (checked above)
                 if ep and link.low:  # early preemption: this layer's queued speculation is now exact or useless
                     up, drop = early_preemption_plan(layer, link.low)
                     for t in up:
@@ -337,13 +370,22 @@ class Simulation:
                         when = max(vt, pf.free_at) + pf.cost_s
                         pf.free_at = when
                         if when > vt:
-                            pf.schedule(experts, target, b, when - env.now)
+                            pf.schedule(experts, target, b, when - env._now)
                         else:
                             pf.issue(experts, target, b, at=vt)
                 # -- the experts -------------------------------------------------------------------------------------
-                if local is None and spans is None and overlap_penalty == 1.0:
-                    # all resident at the gate, and pinned before anything could evict them: compute only
-                    if cnt is None:
+                if local is None and spans is None:
+                    # all resident at the gate, and pinned before anything could evict them: compute only (no
+                    # event is processed meanwhile, so whether the link is busy does not change during the loop)
+                    if overlap_penalty != 1.0 and link.n_busy:
+                        if cnt is None:
+                            x = es[1] * overlap_penalty
+                            for _ in ids:
+                                carry += x
+                        else:
+                            for e in sorted(ids):
+                                carry += es[cnt[e]] * overlap_penalty
+                    elif cnt is None:
                         x = es[1]
                         for _ in ids:
                             carry += x
@@ -357,11 +399,11 @@ class Simulation:
                 for e in order:
                     key = (layer, e)
                     if key not in ready:
-                        vt = env.now + carry  # the GPU reaches this expert now
-                        if carry and peek() <= vt:  # let what happens before it happen first
+                        vt = env._now + carry  # the GPU reaches this expert now
+                        if carry and queue and queue[0][0] <= vt:  # let what happens before it happen first
                             sync(carry)
                             carry = 0.0
-                            vt = env.now
+                            vt = env._now
                     if key not in ready:
                         t = local.get(key)
                         if t is None:
@@ -372,7 +414,7 @@ class Simulation:
                             if not t.high:
                                 link.upgrade(t, vt)
                             wait(link.wait_event(t))
-                            c.stall_s += env.now - vt
+                            c.stall_s += env._now - vt
                             carry = 0.0
                     if check:
                         assert key in ready or (local.get(key) is not None and local[key].finished), \
@@ -381,27 +423,26 @@ class Simulation:
                     if overlap_penalty != 1.0 and link.n_busy:
                         x *= overlap_penalty
                     if spans is not None:
-                        spans.append(("expert", key, b, env.now + carry, x))
+                        spans.append(("expert", key, b, env._now + carry, x))
                     carry += x
                 if cpu_done:
-                    gpu_end = env.now + carry
+                    gpu_end = env._now + carry
                     if cpu_done > gpu_end:
                         c.stall_s += cpu_done - gpu_end
-                        carry = cpu_done - env.now
+                        carry = cpu_done - env._now
                 c.layer_steps += 1
                 if self.pinned_ids is not None or pf is not None:
                     # a prediction may issue (insert, evict) before this layer's end: keep the pins honest
-                    if carry and pf is not None and pf.pending and pf.next_issue <= env.now + carry:
+                    if carry and pf is not None and pf.pending and pf.next_issue <= env._now + carry:
                         sync(carry)
                         carry = 0.0
                 if hooks is not None:
-                    touch_in_use_order(hooks, resident, layer, ids)  # recency = order of first use in the batch
+                    touch_in_use_order(hooks, resident, layer, ids, keys)  # recency = order of first use in the batch
                 if self.pinned_ids is not None:
-                    for e in self.pinned_ids:
-                        cache.unpin((layer, e))
+                    cache.unpin_layer(self.pinned_ids)
                     self.pinned_ids = None
                 self.cur_ids = None
-            end = env.now + carry
+            end = env._now + carry
             dur = end - start
             c.batches += 1
             c.tokens += T

@@ -16,6 +16,7 @@ at the layer's end `touch_in_use_order` (recency = order of first use in the bat
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
 
 NOT_STARTED = (4, 0)
@@ -58,17 +59,34 @@ def early_preemption_plan(layer: int, low_queue: Iterable) -> tuple[list, list]:
     return up, drop
 
 
-def classify_lookups(layer: int, ids: list[int], lookup: Callable, ready, inflight, unused_pf, c) -> list[int] | None:
+def classify_lookups(layer: int, ids: list[int], lookup: Callable | None, ready, inflight, unused_pf, c,
+                     keys: list | None = None) -> list[int] | None:
     """The gate's lookups: one `lookup((layer, e))` (ExpertCache.lookup) per unique expert, in the given
     (first-occurrence) order. hit = resident and fully copied (a landed prefetch looked up for the first time
     counts as prefetched-and-used); a prefetch still queued or copying is a late prefetch (a miss; marked `used`);
     anything else is a demand miss (a background copy of a CPU-computed miss is not a prefetch). Updates the
     counters `lookups`, `hits`, `misses`, `demand_misses`, `prefetched_used`, `n_prefetch_late`.
-    Returns the missing experts in lookup order, or None when every expert is resident."""
-    missing = None
-    for e in ids:
-        key = (layer, e)
-        lookup(key)
+    Returns the missing experts in lookup order, or None when every expert is resident.
+    `lookup=None`: the driver has already made the layer's lookups (`ExpertCache.lookup_layer(keys)`, the same
+    calls in one); the classification reads only `ready` and `inflight`, which lookups do not change.
+    `keys`: the keys (layer, e) of `ids`, if the caller has them."""
+    if keys is None:
+        keys = [(layer, e) for e in ids]
+    if lookup is not None:
+        for key in keys:
+            lookup(key)
+    n_ids = len(keys)
+    c.lookups += n_ids
+    if all(map(ready.__contains__, keys)):  # all resident (the common case): set operations
+        if unused_pf:
+            used = unused_pf.intersection(keys)
+            if used:
+                unused_pf.difference_update(used)
+                c.prefetched_used += len(used)
+        c.hits += n_ids
+        return None
+    missing = []
+    for e, key in zip(ids, keys):
         if key in ready:
             if unused_pf and key in unused_pf:
                 unused_pf.discard(key)
@@ -81,13 +99,8 @@ def classify_lookups(layer: int, ids: list[int], lookup: Callable, ready, inflig
                 t.used = True
                 c.prefetched_used += 1
                 c.n_prefetch_late += 1
-            if missing is None:
-                missing = [e]
-            else:
-                missing.append(e)
-    n_ids = len(ids)
-    n_miss = len(missing) if missing is not None else 0
-    c.lookups += n_ids
+            missing.append(e)
+    n_miss = len(missing)
     c.misses += n_miss
     c.hits += n_ids - n_miss
     return missing
@@ -113,13 +126,17 @@ def touch_hooks(cache) -> list[Callable] | None:
     return [p.on_touch for p in pols]
 
 
-def touch_in_use_order(hooks: list[Callable], resident, layer: int, ids: list[int]) -> None:
+def touch_in_use_order(hooks: list[Callable], resident, layer: int, ids: list[int], keys: list | None = None) -> None:
     """At the end of a layer (after its misses were inserted, before its pins go): touch its resident experts in
     first-occurrence order (`ExpertCache.touch`; `hooks` from `touch_hooks`, `resident` = `cache.resident`), so
     their recency is the order of first use in the batch whichever of them hit or missed (DESIGN.md; `sim.mrc`'s
-    gate semantics)."""
+    gate semantics). `keys`: the keys (layer, e) of `ids`, if the caller has them."""
     on_touch = hooks[layer]
-    for e in ids:
-        key = (layer, e)
+    if keys is None:
+        keys = [(layer, e) for e in ids]
+    if all(map(resident.__contains__, keys)):  # all resident (the common case): the calls run in C
+        deque(map(on_touch, keys), 0)
+        return
+    for key in keys:
         if key in resident:
             on_touch(key)

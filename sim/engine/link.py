@@ -1,21 +1,54 @@
-"""The host-to-device link: copy engines as SimPy processes serving a two-level priority queue of transfers.
+"""The host-to-device link: copy engines serving a two-level priority queue of transfers, on the SimPy event queue.
 
 - Demand loads (`high`) go before prefetches (`low`); FIFO within a level. An idle engine starts a submitted
   transfer at once (a demand submitted later in the same instant waits for that piece, as on real hardware).
 - A transfer is split into chunks (one chunk unless chunked prefetch is on). A chunk in flight is never
   preempted: a high-priority arrival waits for at most the chunk in progress.
-- For speed a copy engine moves all remaining chunks of a transfer with one timeout (a "piece"); when a
-  demand load must not wait behind it, the engine process is interrupted and stops at the end of the chunk
-  in flight (exactly what chunk-by-chunk copying gives). An idle engine sleeps on an event, which the next
-  submission schedules to fire when its piece is done: one event per transfer, none per chunk, no process
-  per transfer; a waiter sleeps on the event of the piece that lands its transfer.
+- For speed a copy engine moves all remaining chunks of a transfer with one event (a "piece"); when a demand
+  load must not wait behind it, the engine is interrupted (an urgent event at the request) and stops at the
+  end of the chunk in flight (exactly what chunk-by-chunk copying gives). One event per piece, none per chunk,
+  no process per transfer; a waiter waits for the event of the piece that lands its transfer.
+
+The engines are callbacks on bare SimPy events (`Call`: a SimPy event without the Event machinery, pushed on the
+environment's own queue with the same (time, priority, id) key a Timeout would get, and processed by
+`Environment.step`). They used to be SimPy processes (one generator per engine); the callbacks do what the
+process did, at the same simulated instants and in the same event order, without a process switch per piece.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from heapq import heappush
 
 import simpy
+from simpy.events import NORMAL, URGENT
+
+
+def _run(ev) -> None:
+    ev.fn(*ev.args)
+
+
+class Call:
+    """A bare SimPy event that runs `fn(*args)` when the environment processes it. `callbacks is None` once
+    processed (as simpy.Event.processed); setting `callbacks = []` before then cancels it. (No reference cycles:
+    the garbage collector never has to find these.)"""
+
+    __slots__ = ("callbacks", "fn", "args")
+    _ok = True  # (what SimPy's step reads of an event: it succeeded, with no value)
+    _value = None
+
+    def __init__(self, fn, args: tuple = ()):
+        self.callbacks = [_run]
+        self.fn = fn
+        self.args = args
+
+
+def call_in(env: simpy.Environment, delay: float, fn, args: tuple = (), priority: int = NORMAL) -> Call:
+    """Schedule `fn(*args)` after `delay` (what `env.timeout(delay).callbacks.append(...)` does: the same time,
+    priority and event id, without the Timeout object)."""
+    ev = Call(fn, args)
+    heappush(env._queue, (env._now + delay, priority, next(env._eid), ev))
+    return ev
 
 
 class Transfer:
@@ -23,7 +56,7 @@ class Transfer:
                  "finished", "used", "dropped", "active", "moved", "seq", "t_enqueue", "t_start", "t_end", "target",
                  "final_ev")
 
-    def __init__(self, key, nbytes: int, n_chunks: int, chunk_s: float, *, high: bool, speculative: bool,
+    def __init__(self, key, nbytes: int, n_chunks: int, chunk_s: float, high: bool, speculative: bool,
                  cached: bool, seq: int, now: float, target=None):
         self.key = key
         self.nbytes = nbytes
@@ -44,7 +77,7 @@ class Transfer:
         self.t_start: float | None = None
         self.t_end: float | None = None
         self.target = target  # (batch, layer) a prefetch was issued for
-        self.final_ev: simpy.Event | None = None  # the event of the piece that lands it, once that piece runs
+        self.final_ev: Call | None = None  # the event of the piece that lands it, once that piece runs
 
 
 class Link:
@@ -55,10 +88,10 @@ class Link:
         self.high: deque[Transfer] = deque()
         self.low: deque[Transfer] = deque()
         self.on_complete = on_complete
-        self.record = record  # list to append (name, start_s, dur_s, engine) chunk spans to, or None
-        self._idle: list[tuple[int, simpy.Event]] = []
-        self._started: list[tuple | None] = [None] * n_engines
-        self._running: list[tuple | None] = [None] * n_engines  # (transfer, start, chunks) of the piece moving
+        self.record = record  # list to append (transfer, start_s, dur_s, engine) piece spans to, or None
+        # idle engines, a stack (the last one to go idle is used first)
+        self._idle: list[int] = list(range(n_engines))
+        self._running: list[tuple | None] = [None] * n_engines  # (transfer, start, chunks, dur, event) of the piece
         self._cut_at: list[float] = [0.0] * n_engines
         self.busy_s = 0.0
         self.bytes = 0
@@ -66,7 +99,8 @@ class Link:
         self.bytes_prefetch = 0
         self.n_busy = 0
         self.pending_bytes = 0  # bytes of live transfers not yet moved (the in-flight bound reads it)
-        self.procs = [env.process(self._copy_engine(i)) for i in range(n_engines)]
+        self._queue = env._queue  # SimPy 4 internals: a heap of (time, priority, event id, event)
+        self._eid = env._eid
 
     # -- queue operations (called by the layer loop and the prefetcher) ---------------------------------------
     def submit(self, t: Transfer, at: float | None = None) -> None:
@@ -74,29 +108,38 @@ class Link:
         is scheduled before `at` (so nobody else can touch the link meanwhile); an idle engine starts it then."""
         (self.high if t.high else self.low).append(t)
         self.pending_bytes += t.nbytes
-        env = self.env
-        start = env.now if at is None else at
-        if self._idle:
-            engine, ev = self._idle.pop()
+        idle = self._idle
+        if idle:  # an idle engine starts it (as _start, inlined: one call less per transfer)
+            now = self.env._now
+            start = now if at is None else at
+            t.t_start = start
+            engine = idle.pop()
             n = t.chunks_left
             dur = n * t.chunk_s
             t.active = True
-            t.t_start = start
             self.n_busy += 1
-            self._started[engine] = (t, n, start, dur)
-            self._running[engine] = (t, start, n)
+            ev = Call(self._finish, (engine, t, start, n, dur))
+            self._running[engine] = (t, start, n, dur, ev)
             t.final_ev = ev
-            # the idle engine's wake-up event fires when this piece is done: one event per piece
-            ev._ok = True  # what Event.succeed() does, with a delay (SimPy 4 Environment.schedule)
-            ev._value = None
-            env.schedule(ev, delay=start - env.now + dur)
+            heappush(self._queue, (now + ((start - now) + dur), NORMAL, next(self._eid), ev))
         elif t.high:
-            self._preempt(start)
+            self._preempt(self.env._now if at is None else at)
+
+    def _start(self, engine: int, t: Transfer, start: float, ahead: float) -> None:
+        """Engine `engine` moves all remaining chunks of `t` from `start` (= now + ahead) on, as one piece."""
+        n = t.chunks_left
+        dur = n * t.chunk_s
+        t.active = True
+        self.n_busy += 1
+        ev = Call(self._finish, (engine, t, start, n, dur))
+        self._running[engine] = (t, start, n, dur, ev)
+        t.final_ev = ev
+        heappush(self._queue, (self.env._now + (ahead + dur), NORMAL, next(self._eid), ev))
 
     def wait_event(self, t: Transfer):
         """An event that fires once `t` has landed: its last piece's event when that piece is in flight."""
         ev = t.final_ev
-        if ev is not None and not ev.processed:
+        if ev is not None and ev.callbacks is not None:
             return ev
         if t.done is None:
             t.done = self.env.event()
@@ -109,7 +152,7 @@ class Link:
         self.low.remove(t)
         t.high = True
         self.high.append(t)
-        self._preempt(self.env.now if at is None else at)
+        self._preempt(self.env._now if at is None else at)
 
     def drop(self, t: Transfer, at: float | None = None) -> None:
         """Abandon a transfer: its queued chunks are discarded; a chunk in flight still completes (wasted)."""
@@ -121,7 +164,7 @@ class Link:
         if t.active:
             for engine, run in enumerate(self._running):
                 if run is not None and run[0] is t:
-                    self._cut(engine, self.env.now if at is None else at)
+                    self._cut(engine, self.env._now if at is None else at)
 
     def busy(self) -> bool:
         return self.n_busy > 0
@@ -146,86 +189,63 @@ class Link:
         return False
 
     def _cut(self, engine: int, at: float) -> None:
-        t, start, n = self._running[engine]
+        run = self._running[engine]
         self._running[engine] = None
-        if n <= 1:
+        if run[2] <= 1:
             return  # one chunk: it is never preempted anyway
-        t.final_ev = None  # this piece no longer lands the transfer
+        run[0].final_ev = None  # this piece no longer lands the transfer
         self._cut_at[engine] = at
-        self.procs[engine].interrupt("preempted at a chunk boundary")
+        # the interrupt: an urgent event now (as a SimPy process interrupt)
+        call_in(self.env, 0, self._interrupted, (engine, run), URGENT)
 
-    # -- the copy engine process ---------------------------------------------------------------------------------
-    def _pick(self) -> Transfer | None:
-        for q in (self.high, self.low):
-            for t in q:
-                if not t.active:
-                    return t
-        return None
+    def _interrupted(self, engine: int, run: tuple) -> None:
+        """Finish the chunk in flight at the time of the preemption request, then give way."""
+        t, start, n, _dur, ev = run
+        ev.callbacks = []  # the piece's own end no longer means anything
+        now = self.env._now
+        x = (max(self._cut_at[engine], now) - start) / t.chunk_s
+        j = round(x)
+        k = j if (abs(x - j) < 1e-9 and j >= 1) else int(x) + 1
+        k = min(max(k, 1), n)
+        dur = k * t.chunk_s
+        if start + dur > now:
+            call_in(self.env, start + dur - now, self._finish, (engine, t, start, k, dur))
+        else:
+            self._finish(engine, t, start, k, dur)
 
-    def _copy_engine(self, engine: int):
-        """One copy engine. A piece is all remaining chunks of a transfer, moved with one timeout; a transfer
-        that must give way (a demand load arrives) is cut at the end of the chunk in flight."""
-        env = self.env
-        while True:
-            t = self._pick()
-            cut = False
-            if t is None:
-                ev = env.event()
-                self._idle.append((engine, ev))
-                try:
-                    yield ev
-                except simpy.Interrupt:
-                    cut = True
-                started = self._started[engine]
-                if started is None:
-                    continue
-                self._started[engine] = None
-                t, n, start, dur = started
-            else:
-                n = t.chunks_left
-                dur = n * t.chunk_s
-                t.active = True
-                start = env.now
-                if t.t_start is None:
-                    t.t_start = start
-                self.n_busy += 1
-                ev = env.timeout(dur)
-                t.final_ev = ev
-                self._running[engine] = (t, start, n)
-                try:
-                    yield ev
-                except simpy.Interrupt:
-                    cut = True
-            if cut:  # finish the chunk in flight at the time of the preemption request, then give way
-                x = (max(self._cut_at[engine], env.now) - start) / t.chunk_s
-                j = round(x)
-                k = j if (abs(x - j) < 1e-9 and j >= 1) else int(x) + 1
-                k = min(max(k, 1), n)
-                n, dur = k, k * t.chunk_s
-                if start + dur > env.now:
-                    yield env.timeout(start + dur - env.now)
-            else:
-                self._running[engine] = None
-            self.n_busy -= 1
-            t.active = False
-            self.busy_s += dur
-            before = t.nbytes * (t.n_chunks - t.chunks_left) // t.n_chunks
-            t.chunks_left -= n
-            after = t.nbytes * (t.n_chunks - t.chunks_left) // t.n_chunks
-            moved = after - before
-            t.moved += moved
-            self.bytes += moved
-            if t.speculative:
-                self.bytes_prefetch += moved
-            else:
-                self.bytes_demand += moved
-            if self.record is not None:
-                self.record.append((t, start, dur, engine))
-            if t.dropped:
-                continue
+    # -- a piece is done ---------------------------------------------------------------------------------------
+    def _finish(self, engine: int, t: Transfer, start: float, n: int, dur: float) -> None:
+        self._running[engine] = None  # (already None if the piece was cut)
+        self.n_busy -= 1
+        t.active = False
+        t.final_ev = None  # processed (or cut): no reference cycle transfer -> event -> transfer
+        self.busy_s += dur
+        # bytes moved by this piece: of nbytes * (chunks done) // n_chunks so far, t.moved were counted before
+        left = t.chunks_left = t.chunks_left - n
+        moved = (t.nbytes if left == 0 else t.nbytes * (t.n_chunks - left) // t.n_chunks) - t.moved
+        t.moved += moved
+        self.bytes += moved
+        if t.speculative:
+            self.bytes_prefetch += moved
+        else:
+            self.bytes_demand += moved
+        if self.record is not None:
+            self.record.append((t, start, dur, engine))
+        now = self.env._now
+        if not t.dropped:
             self.pending_bytes -= moved
-            if t.chunks_left == 0:
+            if left == 0:
                 (self.high if t.high else self.low).remove(t)
                 t.finished = True
-                t.t_end = env.now
+                t.t_end = now
                 self.on_complete(t)
+        # the next piece: the first transfer not already moving, demand loads first
+        if self.high or self.low:
+            for q in (self.high, self.low):
+                for nxt in q:
+                    if not nxt.active:
+                        if nxt.t_start is None:
+                            nxt.t_start = now
+                        self._start(engine, nxt, now, 0.0)
+                        return
+        self._idle.append(engine)

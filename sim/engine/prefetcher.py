@@ -13,15 +13,19 @@ prediction that becomes ready after its target layer's gate is discarded.
 from __future__ import annotations
 
 from collections import deque
+from heapq import heappush
 
 import numpy as np
+from simpy.events import NORMAL
 
 from predictors.base import BatchView, Predictor
 from sim.engine.decisions import touch_hooks
+from sim.engine.link import Call
 from sim.engine.schedule import Batch
 from traces.format import TraceMeta
 
 _new = object.__new__
+_INF = float("inf")
 
 
 def make_view(base: dict, layer: int, current: np.ndarray, hidden) -> BatchView:
@@ -120,16 +124,18 @@ class Prefetcher:
         """Issue after `delay` (the predictor's CPU time)."""
         env = self.engine.env
         self.pending += 1
-        when = env.now + delay
-        self._times.append(when)
-        self.next_issue = self._times[0]
-        ev = env.timeout(delay)
-        ev.callbacks.append(lambda _e, ex=experts, t=target, b=batch_key: self._delayed(ex, t, b))
+        when = env._now + delay
+        times = self._times
+        times.append(when)
+        self.next_issue = times[0]
+        # an event at `when` (link.call_in, inlined)
+        heappush(env._queue, (when, NORMAL, next(env._eid), Call(self._delayed, (experts, target, batch_key))))
 
     def _delayed(self, experts, target, batch_key) -> None:
         self.pending -= 1
-        self._times.popleft()
-        self.next_issue = self._times[0] if self._times else float("inf")
+        times = self._times
+        times.popleft()
+        self.next_issue = times[0] if times else _INF
         self.issue(experts, target, batch_key)
 
     def issue(self, experts: list[int], target: int, batch_key: int, at: float | None = None) -> None:
@@ -138,18 +144,21 @@ class Prefetcher:
         eng = self.engine
         if (batch_key, target) <= eng.gated:  # its layer already passed the gate: too late to matter
             return
-        cache = eng.cache
+        hooks = self._touch_hooks
+        if hooks is False:
+            hooks = self._touch_hooks = touch_hooks(eng.cache)
         ready = eng.ready
+        keys = [(target, e) for e in experts]
+        if all(map(ready.__contains__, keys)):  # all resident (common): refresh them, in C
+            if hooks is not None:
+                deque(map(hooks[target], keys), 0)
+            return
+        on_touch = hooks[target] if hooks is not None else None
         inflight = eng.inflight
         link = eng.link
         bound = self.max_inflight
         nbytes = eng.cost.expert_bytes[target]
-        hooks = self._touch_hooks
-        if hooks is False:
-            hooks = self._touch_hooks = touch_hooks(cache)
-        on_touch = hooks[target] if hooks is not None else None
-        for e in experts:
-            key = (target, e)
+        for key in keys:
             if key in ready:  # (ready: resident) a prefetch of a resident expert refreshes it (ProMoE)
                 if on_touch is not None:
                     on_touch(key)  # = cache.touch(key)

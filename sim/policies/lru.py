@@ -12,6 +12,10 @@ from sim.policies.base import Key, Policy, register_policy
 class LRU(Policy):
     def __init__(self) -> None:
         self._order: OrderedDict[Key, None] = OrderedDict()  # least recent first
+        # the hooks below, bound straight to the OrderedDict's own (C) methods: the same effect, no Python frame
+        self.on_hit = self.on_touch = self._order.move_to_end
+        self.on_insert = self._order.setdefault  # (a new key: sets it last, value None)
+        self.on_evict = self._order.__delitem__
 
     def on_hit(self, key: Key) -> None:
         self._order.move_to_end(key)
