@@ -4,7 +4,8 @@
 #  2. re-record the embedded eval trace from that model exactly like the committed one (64 held-out prompts,
 #     hidden states + router weights) and pack it as $OUT/trace.tar.part-*;
 #  3. record a large training trace (hidden states) from prompts of the corpus' TRAINING split
-#     (traces.small_moe.train_prompts; no overlap with the held-out prompts), time-boxed, into /tmp (not returned);
+#     (traces.small_moe.train_prompts, made during step 1; no overlap with the held-out prompts), time-boxed,
+#     into /tmp (not returned);
 #  4. fit learned_mlp (+ learned_mlp_gate: the same networks), learned_history and cross_layer on the WHOLE
 #     training trace at d = 1, 2, 3 (--split 1.0, on $DEVICE), score every artifact on ALL sequences of the eval
 #     trace; $OUT/predictors.json (accuracies, fit sizes, timings) and $OUT/artifacts.tar.part-* (artifacts,
@@ -33,7 +34,7 @@ EVAL_NEW_TOKENS=${EVAL_NEW_TOKENS:-128}
 N_TRAIN=${N_TRAIN:-8192}           # training prompts offered (the recording stops earlier if time runs out)
 TRAIN_BATCH=${TRAIN_BATCH:-1024}   # sequences per recording batch
 TRAIN_NEW_TOKENS=${TRAIN_NEW_TOKENS:-128}
-PROMPTS=${PROMPTS:-build/small_moe/train_prompts.jsonl}
+PROMPTS=${PROMPTS:-/tmp/train_prompts.jsonl}   # made beside the model's training (CPU), unless it exists
 MLP_SETS=${MLP_SETS:-"--set batch_size=4096 --set lr=0.004 --set epochs=30 --set patience=4 --set dropout=0.2 --set max_rows=100000000 --set time_limit=6"}
 HIST_SETS=${HIST_SETS:-"--set batch_size=4096 --set epochs=30 --set time_limit=5"}
 TRAIN_TRACE=/tmp/train-trace
@@ -49,6 +50,13 @@ left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 stamp start
+
+# training prompts on a CPU core while the GPU trains the model (the file is not carried: the tree's 64 MiB)
+if [ ! -s $PROMPTS ]; then
+  $PY -m traces.small_moe.train_prompts --data build/small_moe --n $N_TRAIN --per-doc 8 --out $PROMPTS \
+    > $LOGS/train_prompts.json 2> $LOGS/train_prompts.err &
+  PROMPTS_PID=$!
+fi
 
 # 1. the model
 $PY -m traces.small_moe.train --data build/small_moe --out $MODEL_DIR --time-budget $BUDGET --balance pooled \
@@ -69,8 +77,9 @@ tar cf - -C /tmp $NAME | split -b 15m - $OUT/trace.tar.part-
 stamp eval_trace
 
 # 3. the training trace: prompts from the training split (made here unless carried), checked against the held-out
-if [ ! -s $PROMPTS ]; then
-  $PY -m traces.small_moe.train_prompts --data build/small_moe --n $N_TRAIN --out $PROMPTS | tee $LOGS/train_prompts.json || exit 1
+if [ -n "$PROMPTS_PID" ]; then
+  wait $PROMPTS_PID || { cat $LOGS/train_prompts.err; exit 1; }
+  cat $LOGS/train_prompts.json
 fi
 $PY - $PROMPTS <<'EOF' | tee $LOGS/prompt_overlap.json || exit 1
 import json, sys
@@ -118,7 +127,8 @@ ls -la $ART
 stamp fitted
 
 ET=$(( $(left) - 20 ))
-ls $ART/*.npz | xargs -P ${EVAL_JOBS:-12} -I{} sh -c 'b=$(basename {} .npz); d=${b##*_d}; p=${b%_d*};
+ls $ART/learned_mlp_gate_d*.npz $ART/learned_mlp_d*.npz $ART/learned_history_d*.npz $ART/cross_layer_d*.npz \
+  2>/dev/null | xargs -P ${EVAL_JOBS:-12} -I{} sh -c 'b=$(basename {} .npz); d=${b##*_d}; p=${b%_d*};
   OMP_NUM_THREADS=1 timeout '$ET' '$PY' -m predictors.evaluate '$EVAL_TRACE' --predictor $p --distance $d --artifact {} --budget 8 --json \
     > /tmp/evals/$b.json 2> /tmp/evals/$b.err || echo "evaluation of $b failed"'
 cp /tmp/evals/* $LOGS/
