@@ -14,10 +14,11 @@
 # first (see docs/small-moe.md). Device call (carry ["build/small_moe", ".whl"]):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
 #   bash traces/small_moe/device_predictors.sh
-# CPU dry run (tiny sizes; minutes):
-#   OUT=/tmp/dry DEVICE=cpu BUDGET=5 TRAIN_EXTRA="--max-steps 2 --batch-size 4 --seq-len 64 --eval-tokens 2048 --test-tokens 2048" \
-#   N_TRAIN=96 TRAIN_BATCH=32 TRAIN_NEW_TOKENS=16 EVAL_NEW_TOKENS=16 PY=.venv/bin/python \
-#   bash traces/small_moe/device_predictors.sh
+# CPU dry run, as tested (tiny sizes; 6-20 min on two cores):
+#   OUT=/tmp/dry DEVICE=cpu BUDGET=5 N_TRAIN=48 TRAIN_BATCH=16 TRAIN_NEW_TOKENS=8 EVAL_NEW_TOKENS=8 \
+#   TRAIN_EXTRA="--max-steps 2 --batch-size 4 --seq-len 64 --eval-tokens 2048 --eval-every 1000 --test-tokens 2048" \
+#   PROMPTS=/tmp/dry_prompts.jsonl MODEL_DIR=/tmp/dry_model PY=.venv/bin/python EVAL_JOBS=2 DEADLINE=3000 \
+#   RESERVE=600 bash traces/small_moe/device_predictors.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 T0=$(date +%s)
@@ -25,7 +26,7 @@ PY=${PY:-python3}
 OUT=${OUT:?set OUT}
 DEVICE=${DEVICE:-cuda}
 DEADLINE=${DEADLINE:-530}          # seconds for the whole call
-RESERVE=${RESERVE:-190}            # seconds kept for fitting (<= 80), scoring (<= 100) and packing after the large recording
+RESERVE=${RESERVE:-190}            # seconds kept after the large recording: fits (<= 100), scoring, packing
 BUDGET=${BUDGET:-200}              # seconds of training steps for the model
 TRAIN_EXTRA=${TRAIN_EXTRA:-}
 MODEL_DIR=${MODEL_DIR:-build/small_moe_model}
