@@ -214,9 +214,17 @@ class ExpertCache:
             return n
         on_hit = self._on_hit[p]
         hits = 0
+        if on_lookup is None:
+            for key in keys:
+                if key in size:
+                    hits += 1
+                    on_hit(key)
+            st.lookups += n
+            st.hits += hits
+            st.misses += n - hits
+            return hits
         for key in keys:
-            if on_lookup is not None:
-                on_lookup(key, st.lookups)
+            on_lookup(key, st.lookups)
             st.lookups += 1
             if key in size:
                 st.hits += 1
