@@ -241,6 +241,8 @@ class Simulation:
         check = self.check
         spans = self.spans
         overlap_penalty = 2.0 - cost.overlap if cost.overlap < 1.0 else 1.0
+        demand_host = cost.demand_host_s
+        prefetch_host = cost.prefetch_host_s
         carry = 0.0
         queue = env._queue  # SimPy 4 internals: a heap of (time, priority, event id, event)
         eids = env._eid
@@ -362,6 +364,7 @@ class Simulation:
                     if ep:
                         for e in gate_demand_loads(layer, order, ready, inflight):
                             local[(layer, e)] = self.start_transfer((layer, e), speculative=False, at=vt)
+                            carry += demand_host
                 # -- the prefetcher ----------------------------------------------------------------------------------
                 if pf is not None:
                     r = pf.predict_at_gate(layer, L)
@@ -372,7 +375,9 @@ class Simulation:
                         if when > vt:
                             pf.schedule(experts, target, b, when - env._now)
                         else:
+                            n0 = c.prefetches
                             pf.issue(experts, target, b, at=vt)
+                            carry += (c.prefetches - n0) * prefetch_host  # host cost of issuing them
                 # -- the experts -------------------------------------------------------------------------------------
                 if local is None and spans is None:
                     # all resident at the gate, and pinned before anything could evict them: compute only (no
@@ -398,6 +403,8 @@ class Simulation:
                     order = sorted(ids) if n_ids > 1 else ids
                 for e in order:
                     key = (layer, e)
+                    if demand_host and key not in ready and key not in local and key not in inflight:
+                        carry += demand_host  # the host issues this demand load (profile: demand_transfer_host_us)
                     if key not in ready:
                         vt = env._now + carry  # the GPU reaches this expert now
                         if carry and queue and queue[0][0] <= vt:  # let what happens before it happen first
