@@ -248,7 +248,9 @@ def pcie_floor(cfg, setup, profile, capacity_bytes: int) -> dict:
             "pcie_floor_ms": link.seconds(meta.expert_bytes[0]) * 1e3 * moved / meta.expert_bytes[0]}
 
 
-def fidelity(df) -> dict:
+def fidelity(df, breakdown: bool = True) -> dict:
+    """Median and max |sim - real| / real of TTFT and TPOT over the ok runs, the ranking agreement of labels per
+    (geometry, trace, cache rate, phase) group, and (`breakdown`) the same per geometry and mode."""
     import numpy as np
 
     ok = df[df["status"] == "ok"]
@@ -270,6 +272,12 @@ def fidelity(df) -> dict:
                              list(sub.sort_values(f"sim_{tcol}")["name"]))
     out["ranking_groups"] = len(agree)
     out["ranking_agrees"] = int(sum(agree))
+    if breakdown and "geometry" in ok and "mode" in ok:
+        by = {}
+        for (geom, mode), sub in df.groupby(["geometry", "mode"], dropna=False):
+            f = fidelity(sub, breakdown=False)
+            by[f"{geom}/{mode}"] = {k: v for k, v in f.items() if not k.startswith("by_")}
+        out["by_geometry_mode"] = by
     return out
 
 
@@ -282,7 +290,10 @@ def _fmt(v, pct=False) -> str:
 
 
 def summary_markdown(df, fid: dict, meta: dict) -> str:
-    lines = [f"# Validation: real executor vs simulator ({meta.get('profile_name', '')})", "",
+    lines = [f"# Validation: real executor vs simulator ({meta.get('profile_name', '')})", ""]
+    if meta.get("note"):
+        lines += [f"**{meta['note']}**", ""]
+    lines += [
              f"Machine: {meta.get('machine')}; device: {meta.get('device')}; command: `{meta.get('command')}`", "",
              f"Profile: {meta.get('profile')} ({meta.get('profile_provenance', '')})", ""]
     if meta.get("dry_run"):
@@ -317,7 +328,12 @@ def summary_markdown(df, fid: dict, meta: dict) -> str:
                          + " |")
     lines += ["", "## Fidelity", ""]
     for k, v in fid.items():
-        lines.append(f"- {k}: {_fmt(v)}")
+        if isinstance(v, dict):
+            lines.append(f"- {k}:")
+            for g, sub in v.items():
+                lines.append(f"  - {g}: " + ", ".join(f"{a} {_fmt(b)}" for a, b in sub.items()))
+        else:
+            lines.append(f"- {k}: {_fmt(v)}")
     lines += ["", "TTFT/TPOT differences are (sim - real) / real; hit-rate differences are sim - real.", ""]
     return "\n".join(lines)
 
@@ -388,6 +404,9 @@ def main(argv=None) -> int:
     ap.add_argument("--predict-after-resident", action="store_true",
                     help="launch resident experts before running the predictor")
     ap.add_argument("--layers", type=int, default=None, help="replay only the first N layers in every run")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: rewrite summary.md, meta.json and plots/ from DIR/results.parquet")
+    ap.add_argument("--note", default=None, help="a line shown at the top of the summary (e.g. why it is partial)")
     ap.add_argument("--prefill-repeats", type=int, default=3,
                     help="real prefill runs per config (the median is reported); decode runs once")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -424,6 +443,11 @@ def main(argv=None) -> int:
     # runs of one geometry together, so the host store is built once per geometry (see replay.build_runtime)
     runs = sorted(runs, key=lambda r: (str(r.get("geometry")), str(r.get("layers")), str(r.get("trace"))))
     models: dict = {}
+    if args.report_only:
+        if not results.exists():
+            raise TraceError(f"{results}: no results to report on", where="--report-only")
+        rows = pd.read_parquet(results).to_dict("records")
+        runs = []
     for i, run in enumerate(runs):
         ex, cfg = split_run(run)
         rid = run_id(ex, cfg)
@@ -432,6 +456,8 @@ def main(argv=None) -> int:
         print(f"[{i + 1}/{len(runs)}] {ex['name']} {ex['geometry']} {cfg.cache.policy} "
               f"rate={cfg.cache.cache_rate} phase={cfg.phase}", file=sys.stderr)
         base = {"run_id": rid, "name": ex["name"], "geometry": ex["geometry"], "mode": ex["mode"],
+                "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else "none (CPU)",
+                "torch": torch.__version__,
                 "layers_asked": ex.get("layers"), **{k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
                                                       for k, v in flatten(cfg.identity()).items()}}
         try:
@@ -442,7 +468,8 @@ def main(argv=None) -> int:
                           prefill_repeats=args.prefill_repeats)
         except NotImplementedError as exc:
             row = {"status": "skipped", "error": str(exc)}
-        except TraceError as exc:  # FitError included: record it, go on
+        except (TraceError, ValueError) as exc:  # FitError and configurations a mode refuses: record, go on
+            print(f"error: run {ex['name']} ({ex['geometry']}, {ex['mode']}): {exc}", file=sys.stderr)
             row = {"status": "error", "error": str(exc)}
         rows.append({**base, **row})
         df = pd.DataFrame(rows)
@@ -455,7 +482,15 @@ def main(argv=None) -> int:
             "machine": args.machine, "device": device,
             "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else "none (CPU)",
             "torch": torch.__version__, "profile": args.profile, "profile_name": profile.name,
-            "profile_provenance": profile.provenance, "dry_run": not device.startswith("cuda"), "fidelity": fid}
+            "profile_provenance": profile.provenance, "dry_run": not device.startswith("cuda"), "fidelity": fid,
+            "suite_runs": len(load_suite(args.configs)), "note": args.note}
+    if args.report_only:  # the runs' machine is in the rows (timing, gpu, torch); this host only wrote the report
+        cuda_rows = "timing" in df and (df["timing"] == "cuda_events").any()
+        meta["device"] = "cuda" if cuda_rows else device
+        meta["dry_run"] = not cuda_rows
+        for k in ("gpu", "torch"):
+            vals = sorted({str(v) for v in df[k].dropna()}) if k in df else []
+            meta[k] = ", ".join(vals) if vals else "not recorded in the rows"
     atomic_write(out / "summary.md", lambda p: Path(p).write_text(summary_markdown(df, fid, meta)))
     meta["plots"] = write_plots(df, out) if not df.empty else []
     atomic_write(out / "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=str) + "\n"))
