@@ -85,6 +85,16 @@ def test_validate_suite_report(tmp_path, profile_path):
     assert validate.main([str(suite), "--profile", str(profile_path), "--out", str(out), "--device", "cpu",
                           "--resume"]) == 0
     assert len(pd.read_parquet(out / "results.parquet")) == 6
+    # --report-only rewrites the report from the Parquet alone (nothing runs), with the note on top and the
+    # fidelity broken down per geometry and mode
+    (out / "summary.md").unlink()
+    assert validate.main([str(suite), "--profile", str(profile_path), "--out", str(out), "--device", "cpu",
+                          "--report-only", "--note", "PARTIAL: a test"]) == 0
+    text = (out / "summary.md").read_text()
+    assert text.splitlines()[2] == "**PARTIAL: a test**" and "| promoe |" in text
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["note"] == "PARTIAL: a test" and meta["fidelity"]["ok"] == 4
+    assert set(meta["fidelity"]["by_geometry_mode"]) == {f"{g}/{m}" for g, m in zip(df["geometry"], df["mode"])}
 
 
 def test_suite_errors(tmp_path):
