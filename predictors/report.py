@@ -36,7 +36,9 @@ def find_traces(root: Path) -> list[Path]:
 
 
 def run_all(paths: list[Path], predictors: list[str], folds: int, log=print, cv_max_rows: int = 50_000,
-            artifacts: Path | None = None) -> list[dict]:
+            artifacts: Path | None = None, beside: bool = False) -> list[dict]:
+    """One result row per (trace, predictor, distance). An artifact found under `artifacts` replaces the fit
+    here, or with `beside` is scored in addition to it (its row marked "beside": both figures are reported)."""
     rows = []
     for path in paths:
         trace = Trace(path)
@@ -56,26 +58,43 @@ def run_all(paths: list[Path], predictors: list[str], folds: int, log=print, cv_
             for d in DISTANCES:
                 if d >= trace.meta.n_layers:
                     continue
-                t0 = time.perf_counter()
                 art = artifacts / path.name / f"{name}_d{d}.npz" if artifacts is not None else None
+                results = []
                 if art is not None and art.exists():  # trained elsewhere (e.g. on a GPU); scored on its split
+                    t0 = time.perf_counter()
                     r = evaluate(trace, name, d, artifact=str(art), budgets=[trace.meta.top_k * 2])
                     r["artifact"] = str(art)
-                else:
+                    if beside:
+                        r["beside"] = True
+                    r["seconds"] = round(time.perf_counter() - t0, 2)
+                    results.append(r)
+                if not results or beside:
+                    t0 = time.perf_counter()
                     r = evaluate(trace, name, d, folds=kk, budgets=[trace.meta.top_k * 2])
-                r["trace_name"] = path.name
-                r["seconds"] = round(time.perf_counter() - t0, 2)
-                rows.append(r)
-                log(f"{path.name:28s} {name:16s} d={d} accuracy {r['accuracy']} n_eval {r['n_eval']} "
-                    f"({r['seconds']} s)")
+                    r["seconds"] = round(time.perf_counter() - t0, 2)
+                    results.append(r)
+                for r in results:
+                    r["trace_name"] = path.name
+                    rows.append(r)
+                    log(f"{path.name:28s} {name:16s} d={d} accuracy {r['accuracy']} n_eval {r['n_eval']} "
+                        f"{'(artifact) ' if 'artifact' in r else ''}({r['seconds']} s)")
     return rows
 
 
 def fit_on(r: dict) -> str:
     """Where the row's predictor was fit, with the training tokens (token positions; rows = x layers)."""
     f = r.get("fit")
-    if not f:
-        return "–"
+    if not f:  # an untrained predictor, or a row from a run before fits were recorded (split only, no sizes)
+        sp = r.get("split") or {}
+        try:
+            trainable = getattr(build_predictor(r["predictor"], 1), "trainable", False)
+        except Exception:  # a predictor no longer registered
+            trainable = False
+        if not trainable or sp.get("kind") not in ("sequences", "positions"):
+            return "–"
+        if sp.get("kind") == "positions":
+            return "position split of this trace"
+        return f"{sp['folds']}-fold split of this trace" if sp.get("folds", 1) > 1 else "9:1 split of this trace"
     tok = f.get("tokens")
     if isinstance(tok, list):  # one figure per cross-validation fold
         return f"{len(tok)}-fold split of this trace ({round(sum(tok) / len(tok)):,} tokens per fold)"
@@ -132,16 +151,19 @@ def render(rows: list[dict], folds: int) -> str:
         out.append("")
         out.append("| predictor | d=1 | d=2 | d=3 | n_eval | recall@2k d=1 | fit on (d=1) |")
         out.append("|---|---|---|---|---|---|---|")
-        by = {(r["predictor"], r["distance"]): r for r in res}
+        # the main rows; artifacts scored beside an in-trace fit get a row of their own under it
+        by = {(r["predictor"], r["distance"]): r for r in res if not r.get("beside")}
+        extra = {(r["predictor"], r["distance"]): r for r in res if r.get("beside")}
         for name in ORDER:
-            cells = [by.get((name, d)) for d in DISTANCES]
-            if not any(cells):
-                continue
-            n_eval = next(c["n_eval"] for c in cells if c)
-            r2k = cells[0]["budgets"].get(str(2 * r0["top_k"]), {}).get("recall") if cells[0] else None
-            first = next(c for c in cells if c)
-            out.append(f"| {name} | " + " | ".join(_fmt(c["accuracy"]) if c else "–" for c in cells)
-                       + f" | {n_eval} | {_fmt(r2k)} | {fit_on(first)} |")
+            for table, label in ((by, name), (extra, f"{name} (separate training trace)")):
+                cells = [table.get((name, d)) for d in DISTANCES]
+                if not any(cells):
+                    continue
+                n_eval = next(c["n_eval"] for c in cells if c)
+                r2k = cells[0]["budgets"].get(str(2 * r0["top_k"]), {}).get("recall") if cells[0] else None
+                first = next(c for c in cells if c)
+                out.append(f"| {label} | " + " | ".join(_fmt(c["accuracy"]) if c else "–" for c in cells)
+                           + f" | {n_eval} | {_fmt(r2k)} | {fit_on(first)} |")
         if skipped:
             names = ", ".join(f"`{r['predictor']}`" for r in skipped)
             out.append("")
@@ -203,6 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--artifacts", default=None,
                     help="folder with ARTIFACTS/<trace>/<predictor>_d<D>.npz from predictors.train: used instead of "
                          "fitting here (e.g. learned_mlp trained on a GPU with --set device=cuda)")
+    ap.add_argument("--beside", action="store_true",
+                    help="with --artifacts: fit and score here as well, and report the artifact's figures in a "
+                         "row of their own under the in-trace row (e.g. artifacts fit on a separate training trace)")
     ap.add_argument("--render-only", action="store_true", help="rewrite the document from the JSON, run nothing")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -222,7 +247,7 @@ def main(argv=None) -> int:
         print(f"error: {root}: no trace directories (with meta.json) to evaluate", file=sys.stderr)
         return 2
     rows = run_all(paths, args.predictors, args.folds, log=lambda s: print(s, file=sys.stderr),
-                   artifacts=Path(args.artifacts) if args.artifacts else None)
+                   artifacts=Path(args.artifacts) if args.artifacts else None, beside=args.beside)
     if args.merge and json_out.exists():
         done = {p.name for p in paths}
         old = [r for r in json.loads(json_out.read_text())

@@ -328,3 +328,22 @@ def test_report_says_where_each_row_was_fit(two_traces, tmp_path, capsys):
     by = {(r["predictor"], r["distance"]): r for r in rows}
     assert by[("cross_layer", 1)]["split"]["kind"] == "separate"
     assert by[("cross_layer", 2)]["fit"]["where"] == "sequences split of this trace"
+
+
+def test_report_beside_keeps_the_in_trace_fit_and_adds_the_artifact_row(two_traces, tmp_path, capsys):
+    from predictors.report import render, run_all
+
+    train_t, eval_t = two_traces
+    (tmp_path / "arts" / "eval").mkdir(parents=True)
+    _fit_all(train_t, tmp_path / "arts" / "eval" / "cross_layer_d1.npz", capsys)
+    rows = run_all([eval_t.path], ["cross_layer"], folds=1, log=lambda s: None, artifacts=tmp_path / "arts",
+                   beside=True)
+    d1 = [r for r in rows if r["distance"] == 1]
+    assert len(d1) == 2 and sorted(r["split"]["kind"] for r in d1) == ["separate", "sequences"]
+    assert [r.get("beside", False) for r in d1] == [True, False]
+    assert len([r for r in rows if r["distance"] == 2]) == 1  # no artifact at d=2: the in-trace fit only
+    lines = render(rows, 1).splitlines()
+    main = next(x for x in lines if x.startswith("| cross_layer |"))
+    extra = next(x for x in lines if x.startswith("| cross_layer (separate training trace) |"))
+    assert "9:1 split of this trace" in main and "10 seqs, 140 tokens" in extra
+    assert extra.split(" | ")[2:4] == ["–", "–"]  # the artifact row has d=1 only
