@@ -52,8 +52,19 @@ from sim.hardware import CostModel
 from traces.format import TraceMeta
 
 
-def _process(event) -> None:
-    """What simpy.Environment.step does with an event once popped from the queue (SimPy 4)."""
+def _fire(env: simpy.Environment, entry: tuple) -> None:
+    """What simpy.Environment.step does with an entry popped from its queue (SimPy 4): move the clock, take the
+    event's callbacks, call them, fail on an unhandled failed event. The link's and the prefetcher's bare events
+    (link.Call) run their function directly (a cancelled one, callbacks emptied, runs nothing)."""
+    env._now = entry[0]
+    event = entry[3]
+    if type(event) is Call:
+        if event.callbacks:
+            event.callbacks = None
+            event.fn(*event.args)
+        else:
+            event.callbacks = None
+        return
     callbacks, event.callbacks = event.callbacks, None
     for callback in callbacks:
         callback(event)
@@ -251,25 +262,14 @@ class Simulation:
         # `yield env.timeout(carry)` does (the same event id is taken, every event ordered before that timeout is
         # processed by env.step() in the same order, then the clock moves to the timeout's time) and `wait(ev)` is
         # `yield ev` (events are processed until ev has been), without a Timeout object or a process switch.
-        # Events are processed as env.step() does (pop, take the callbacks, call them, fail on an unhandled failed
-        # event); the link's and the prefetcher's bare events (link.Call) run their function directly.
+        # Popped events are processed by _fire, as env.step() would.
         def sync(carry: float) -> None:
             t = env._now + carry
             n = next(eids)
             while queue:
                 h = queue[0]
                 if h[0] < t or (h[0] == t and (h[1] < NORMAL or (h[1] == NORMAL and h[2] < n))):
-                    heappop(queue)
-                    env._now = h[0]
-                    ev = h[3]
-                    if type(ev) is Call:
-                        if ev.callbacks:
-                            ev.callbacks = None
-                            ev.fn(*ev.args)
-                        else:
-                            ev.callbacks = None
-                    else:
-                        _process(ev)
+                    _fire(env, heappop(queue))
                 else:
                     break
             env._now = t
@@ -278,17 +278,7 @@ class Simulation:
             while ev.callbacks is not None:
                 if not queue:
                     raise RuntimeError("the GPU stream waits for a copy that never lands")
-                h = heappop(queue)
-                env._now = h[0]
-                e = h[3]
-                if type(e) is Call:
-                    if e.callbacks:
-                        e.callbacks = None
-                        e.fn(*e.args)
-                    else:
-                        e.callbacks = None
-                else:
-                    _process(e)
+                _fire(env, heappop(queue))
         lookup_layer = cache.lookup_layer
         hooks = touch_hooks(cache)
         resident = cache.resident
