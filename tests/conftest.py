@@ -24,3 +24,15 @@ def public_traces() -> Path:
 @pytest.fixture
 def embedded_traces() -> Path:
     return EMBEDDED_TRACES
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module (OpenMP spin-waiting on a shared 2-core machine makes tiny matmuls
+    erratic); use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

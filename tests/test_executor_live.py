@@ -13,13 +13,7 @@ transformers = pytest.importorskip("transformers")
 from executor.live import LiveOffload, find_moe_blocks  # noqa: E402
 from predictors.registry import make_predictor  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
