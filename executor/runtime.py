@@ -5,8 +5,8 @@ Per batch and layer, on the compute stream (the default CUDA stream, or the CPU)
 1. dense part (`ReplayModel.dense`), then the gate: on CUDA the host waits for the GPU to reach the gate (an
    event synchronize), as a real offloading system must to read the routing, so that "resident at the gate"
    means what the simulator means by it; finished copies are reaped (the simulator's `_landed`).
-2. at the gate, exactly the simulator's decisions, with the same objects: one `ExpertCache.lookup` per unique
-   expert in first-occurrence order (sim.engine.schedule.layer_sets), hit = resident and fully copied, a
+2. at the gate, exactly the simulator's decisions, with the same objects: `ExpertCache.lookup_layer` (one lookup
+   per unique expert in first-occurrence order, sim.engine.schedule.layer_sets), hit = resident and fully copied, a
    prefetch still queued or copying = late prefetch (miss), else demand miss; the layer's experts are pinned
    until the layer is done. With early preemption the layer's queued speculative transfers are upgraded if
    needed and dropped if not, and every demand miss is enqueued now at high priority. The prefetcher (the
@@ -380,9 +380,10 @@ class OffloadedRuntime:
         self._reap()
         b = self._batch_index
         self.gated = (b, layer)
-        for e in ids:
-            cache.pin((layer, e))
-        missing = classify_lookups(layer, ids, cache.lookup, ready, inflight, unused_pf, c)
+        keys = [(layer, e) for e in ids]
+        cache.pin_layer(keys)
+        cache.lookup_layer(keys)
+        missing = classify_lookups(layer, ids, ready, inflight, unused_pf, c, keys)
         local: dict = {}
         ep = self.early_preemption
         if ep:  # at every gate, miss or not (this layer's queued speculation is now exact or useless)
@@ -471,11 +472,11 @@ class OffloadedRuntime:
             self.scratch.release(owner)
         self._scratch_used = []
         self.c.layer_steps += 1
+        keys = [(layer, e) for e in ids]
         if self._touch_hooks is not None:
             # recency = order of first use in the batch
-            touch_in_use_order(self._touch_hooks, self.cache.resident, layer, ids)
-        for e in ids:
-            self.cache.unpin((layer, e))
+            touch_in_use_order(self._touch_hooks, self.cache.resident, layer, ids, keys)
+        self.cache.unpin_layer(keys)
         if self.check:
             self._check_slab()
 

@@ -314,7 +314,7 @@ class Simulation:
                 self.cur_ids = keys
                 self.pinned_ids = None
                 lookup_layer(keys)
-                missing = classify_lookups(layer, ids, None, ready, inflight, unused_pf, c, keys)
+                missing = classify_lookups(layer, ids, ready, inflight, unused_pf, c, keys)
                 n_ids = len(ids)
                 es = expert_s[layer]
                 cnt = dict(zip(ids, counts)) if counts is not None else None

@@ -59,22 +59,18 @@ def early_preemption_plan(layer: int, low_queue: Iterable) -> tuple[list, list]:
     return up, drop
 
 
-def classify_lookups(layer: int, ids: list[int], lookup: Callable | None, ready, inflight, unused_pf, c,
+def classify_lookups(layer: int, ids: list[int], ready, inflight, unused_pf, c,
                      keys: list | None = None) -> list[int] | None:
-    """The gate's lookups: one `lookup((layer, e))` (ExpertCache.lookup) per unique expert, in the given
-    (first-occurrence) order. hit = resident and fully copied (a landed prefetch looked up for the first time
-    counts as prefetched-and-used); a prefetch still queued or copying is a late prefetch (a miss; marked `used`);
-    anything else is a demand miss (a background copy of a CPU-computed miss is not a prefetch). Updates the
-    counters `lookups`, `hits`, `misses`, `demand_misses`, `prefetched_used`, `n_prefetch_late`.
+    """The gate's lookups, classified. The driver first makes them in the cache: `ExpertCache.lookup_layer(keys)`,
+    one lookup per unique expert in the given (first-occurrence) order; the classification reads only `ready` and
+    `inflight`, which lookups do not change. hit = resident and fully copied (a landed prefetch looked up for the
+    first time counts as prefetched-and-used); a prefetch still queued or copying is a late prefetch (a miss;
+    marked `used`); anything else is a demand miss (a background copy of a CPU-computed miss is not a prefetch).
+    Updates the counters `lookups`, `hits`, `misses`, `demand_misses`, `prefetched_used`, `n_prefetch_late`.
     Returns the missing experts in lookup order, or None when every expert is resident.
-    `lookup=None`: the driver has already made the layer's lookups (`ExpertCache.lookup_layer(keys)`, the same
-    calls in one); the classification reads only `ready` and `inflight`, which lookups do not change.
     `keys`: the keys (layer, e) of `ids`, if the caller has them."""
     if keys is None:
         keys = [(layer, e) for e in ids]
-    if lookup is not None:
-        for key in keys:
-            lookup(key)
     n_ids = len(keys)
     c.lookups += n_ids
     if all(map(ready.__contains__, keys)):  # all resident (the common case): set operations
