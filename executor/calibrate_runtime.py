@@ -56,9 +56,10 @@ def cycle_trace(dst, *, n_layers: int, n_experts: int, top_k: int, decode_len: i
 
 def _decode_runs(geom, device, top_k: int, *, n_layers: int, n_experts: int, tokens: int, repeats: int,
                  extra: dict | None = None, warm: int | None = None) -> list[dict]:
-    """The runtime's metrics of `repeats` decode runs of a cycle trace (config `extra` on top of an LRU cache)."""
+    """The runtime's metrics of `repeats` decode runs of a cycle trace (config `extra`, dotted keys, on top of an
+    LRU cache holding every expert)."""
     from executor.replay import build_runtime, prepare
-    from sim.config import build_config
+    from sim.config import build_config, set_dotted
 
     warm = -(-n_experts // top_k) + 1 if warm is None else warm
     out = []
@@ -68,7 +69,7 @@ def _decode_runs(geom, device, top_k: int, *, n_layers: int, n_experts: int, tok
         raw = {"trace": str(trace), "phase": "decode", "warmup_batches": warm,
                "cache": {"policy": "lru", "scope": "global", "cache_rate": 1.0}}
         for k, v in (extra or {}).items():
-            raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
+            set_dotted(raw, k, v)
         cfg = build_config(raw)
         setup = prepare(cfg, geom.first_layers(n_layers))
         models: dict = {}
@@ -104,9 +105,10 @@ def runtime_transfer_costs(geom, device, resident_layer_ms: float, top_k: int, *
       layer step, time - stall - the all-resident time - the predictor's own cost, over the prefetches issued.
     """
     n_experts = 2 * top_k
-    small = {"cache": {"scope": "per_layer", "cache_rate": 0.5}}
-    pf = {**small, "prefetch": {"predictor": "oracle", "distance": 1, "chunks": chunks, "max_inflight_mib": 512},
-          "chunked_prefetch": True, "early_preemption": True, "reordered_inference": True}
+    small = {"cache.scope": "per_layer", "cache.cache_rate": 0.5}
+    pf = {**small, "prefetch.predictor": "oracle", "prefetch.distance": 1, "prefetch.chunks": chunks,
+          "prefetch.max_inflight_mib": 512, "chunked_prefetch": True, "early_preemption": True,
+          "reordered_inference": True}
     res = {}
     for name, extra in (("demand", small), ("prefetch", pf)):
         per = []
@@ -127,8 +129,8 @@ def runtime_transfer_costs(geom, device, resident_layer_ms: float, top_k: int, *
 
 
 def runtime_layer_costs(geom, device, *, repeats: int = 5, n_layers: int = 4, tokens: int = 48) -> dict:
-    """{"per_expert_ms", "layer_base_ms", "top_k"}: the runtime's decode layer step split into a per-layer base
-    and a per-expert part (see the module docstring)."""
+    """The runtime's decode layer step split into a per-layer base and a per-expert part (see the module
+    docstring): per_expert_ms, layer_base_ms, the two measured steps (layer_ms_top1, layer_ms_topK) and top_k."""
     k = max(2, min(geom.top_k, 8))
     n_experts = 2 * k
     t1 = _layer_step_ms(geom, device, 1, n_layers=n_layers, n_experts=n_experts, tokens=tokens, repeats=repeats)

@@ -5,7 +5,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from executor.calibrate import add_runtime_costs  # noqa: E402
-from executor.calibrate_runtime import _layer_step_ms, cycle_trace, runtime_layer_costs  # noqa: E402
+from executor.calibrate_runtime import (  # noqa: E402
+    _decode_runs,
+    _layer_step_ms,
+    cycle_trace,
+    runtime_layer_costs,
+    runtime_transfer_costs,
+)
 from executor.geometry import get_geometry  # noqa: E402
 from traces.reader import Trace  # noqa: E402
 
@@ -37,3 +43,13 @@ def test_add_runtime_costs_floors_experts_and_adds_layer_bookkeeping():
     add_runtime_costs(et, dts, {"per_expert_ms": 0.1, "layer_base_ms": 0.5})
     assert et["ms"] == [0.1, 0.1, 0.4]  # max(kernel, host) per expert
     assert dts[0]["ms"] == [0.5, 0.6]  # + (base - skeleton at the smallest batch)
+
+
+def test_transfer_cost_runs_miss_and_prefetch_as_intended():
+    geom = get_geometry("tiny")
+    # the all-miss run: per-layer capacity k of 2k experts, the cycle alternating halves: every lookup misses
+    demand = _decode_runs(geom, "cpu", 2, n_layers=2, n_experts=4, tokens=6, repeats=1, warm=2,
+                          extra={"cache.scope": "per_layer", "cache.cache_rate": 0.5})[0]
+    assert demand["hits"] == 0 and demand["demand_loads"] == demand["lookups"] > 0 and demand["prefetches"] == 0
+    res = runtime_transfer_costs(geom, "cpu", 0.0, 2, xfer_ms=0.0, repeats=1, n_layers=2, tokens=6)
+    assert set(res) == {"demand_transfer_us", "prefetch_transfer_us"} and min(res.values()) >= 0
