@@ -275,8 +275,7 @@ def fidelity(df, breakdown: bool = True) -> dict:
     if breakdown and "geometry" in ok and "mode" in ok:
         by = {}
         for (geom, mode), sub in df.groupby(["geometry", "mode"], dropna=False):
-            f = fidelity(sub, breakdown=False)
-            by[f"{geom}/{mode}"] = {k: v for k, v in f.items() if not k.startswith("by_")}
+            by[f"{geom}/{mode}"] = fidelity(sub, breakdown=False)
         out["by_geometry_mode"] = by
     return out
 
@@ -418,6 +417,7 @@ def main(argv=None) -> int:
     from sim.config import parse_sets, set_dotted
 
     runs = load_suite(args.configs)
+    suite_runs = len(runs)
     overrides = parse_sets(args.set)
     for r in runs:
         for k, v in overrides.items():
@@ -483,7 +483,7 @@ def main(argv=None) -> int:
             "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else "none (CPU)",
             "torch": torch.__version__, "profile": args.profile, "profile_name": profile.name,
             "profile_provenance": profile.provenance, "dry_run": not device.startswith("cuda"), "fidelity": fid,
-            "suite_runs": len(load_suite(args.configs)), "note": args.note}
+            "suite_runs": suite_runs, "note": args.note}
     if args.report_only:  # the runs' machine is in the rows (timing, gpu, torch); this host only wrote the report
         cuda_rows = "timing" in df and (df["timing"] == "cuda_events").any()
         meta["device"] = "cuda" if cuda_rows else device
