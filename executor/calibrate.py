@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from executor.calibrate_runtime import runtime_layer_costs
+from executor.calibrate_runtime import runtime_layer_costs, runtime_transfer_costs, transfer_issue_overhead_us
 from traces.atomic import atomic_write
 from traces.errors import TraceError, run_cli
 
@@ -358,7 +358,7 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
     import torch
 
     from executor.geometry import get_geometry
-    from sim.hardware import HardwareProfile
+    from sim.hardware import HardwareProfile, LinkTable
 
     cuda = torch.device(device).type == "cuda"
     if not cuda:
@@ -393,13 +393,9 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
             add_runtime_costs(et, dts, rc)
         expert_tables.append(et)
         dense_tables.extend(dts)
-    from sim.hardware import LinkTable
-
     table = LinkTable(points=pinned_pts)
     issue_us = 0.0
     if runtime_costs and cuda:
-        from executor.calibrate_runtime import transfer_issue_overhead_us
-
         log("copy worker issue overhead")
         issue_us = transfer_issue_overhead_us(geoms[0], device, table.seconds)
         busy, _ = _expert_bench(geoms[0], device, 1, n_experts=2)
@@ -409,8 +405,6 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
     overlap = measure_overlap(geoms[0], device, timer) if cuda else 1.0
     transfer_host = {"demand_transfer_us": 0.0, "prefetch_transfer_us": 0.0}
     if runtime_costs:
-        from executor.calibrate_runtime import runtime_transfer_costs
-
         g, rc = geoms[0], host[geoms[0].name]
         log(f"runtime transfer host costs: {g.name}")
         xfer_ms = table.seconds(g.expert_bytes) * 1e3 + issue_us * 1e-3
