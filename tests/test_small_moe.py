@@ -121,8 +121,9 @@ def test_training_report_and_recording(pipeline, tmp_path):
 def test_training_prompts_and_time_boxed_recording(pipeline, tmp_path, capsys):
     """device_predictors.sh's steps 3: prompts from the training split only, recorded batch by batch."""
     _, data, tok_dir, model_dir = pipeline
+    from traces import record
     from traces.reader import Trace
-    from traces.small_moe import record_many, train_prompts
+    from traces.small_moe import train_prompts
 
     out = tmp_path / "p.jsonl"
     assert train_prompts.main(["--data", str(data), "--tokenizer", str(tok_dir / "tokenizer.json"), "--held-out",
@@ -134,15 +135,22 @@ def test_training_prompts_and_time_boxed_recording(pipeline, tmp_path, capsys):
     assert not {tuple(p["ids"][:16]) for p in prompts} & {tuple(h[:16]) for h in held}
     # every training prompt is a piece of the training tokens
     assert all(train_prompts.occurs(np.load(data / "train.npy"), p["ids"]) for p in prompts)
-    dst = tmp_path / "tt"
-    assert record_many.main(["--time-budget", "600", "--model", str(model_dir), "--prompts", str(out),
-                             "--max-prompt-tokens", "24", "--max-new-tokens", "2", "--batch-size", "2",
-                             "--temperature", "0.8", "--hidden-states", "--router-weights", "--out", str(dst)]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    t = Trace(dst)
+    def rec(budget, dst):
+        assert record.main(["--time-budget", budget, "--model", str(model_dir), "--prompts", str(out),
+                            "--max-prompt-tokens", "24", "--max-new-tokens", "2", "--batch-size", "2",
+                            "--temperature", "0.8", "--hidden-states", "--router-weights", "--out", str(dst),
+                            "--json"]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1]), Trace(dst)
+
+    summary, t = rec("600", tmp_path / "tt")
     assert summary["sequences"] == 5 and summary["batches"] == 3 and len(t.sequences()) == 5
-    assert t.meta.extra["recorded_prompts"] == 5 and "record_many" in t.meta.source
+    assert t.meta.extra["recorded_prompts"] == 5 and "--time-budget 600" in t.meta.source
     assert t.meta.has_hidden_states and t.routing(4, "decode").n_positions == 2
+    # a budget the first batch already uses up: whole batches only, and the meta says what was recorded
+    summary, t = rec("1e-9", tmp_path / "tt1")
+    assert summary["sequences"] == 2 and summary["offered"] == 5 and summary["batches"] == 1
+    assert len(t.sequences()) == 2 and t.meta.extra["recorded_prompts"] == 2
+    assert t.meta.extra["offered_prompts"] == 5 and "; 2 prompts," in t.meta.capture
 
 
 @pytest.mark.skipif(not TRACE.exists(), reason="committed trace not present")

@@ -20,6 +20,7 @@ import json
 import math
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -206,7 +207,10 @@ def build_meta(model, sites, args, note: str, n_prompts: int):
 
 
 # -- recording -----------------------------------------------------------------------------------------------
-def record(model, prompts, dst, meta, sites, *, args, tokenizer=None) -> dict:
+def record(model, prompts, dst, meta, sites, *, args, tokenizer=None, meta_for=None) -> dict:
+    """Record `prompts` batch by batch into `dst`. With `args.time_budget` (seconds, 0 = none) it stops before a
+    batch that would overrun the budget (whole batches only); then the meta is `meta_for(n)` for the n prompts
+    recorded, with extra recorded_prompts / offered_prompts."""
     import torch
 
     from traces.tracer.capture import RouterCapture
@@ -223,10 +227,20 @@ def record(model, prompts, dst, meta, sites, *, args, tokenizer=None) -> dict:
     gen = torch.Generator(device=device).manual_seed(args.seed) if args.temperature > 0 else None
     generated = []
     logits_parts: dict[int, list[np.ndarray]] = {}
+    budget = getattr(args, "time_budget", 0.0) or 0.0
+    n_batches = math.ceil(len(prompts) / args.batch_size)
+    t0 = time.perf_counter()
+    done, batch_s = 0, []
     with TraceWriter(dst, meta, overwrite=args.overwrite) as w, RouterCapture(
         model, hidden=args.hidden_states, logits=args.router_logits, sites=sites
     ) as cap:
         for start in range(0, len(prompts), args.batch_size):
+            elapsed = time.perf_counter() - t0
+            if budget and batch_s and elapsed + max(batch_s) > budget:
+                print(f"time budget: stopping after {len(batch_s)} of {n_batches} batches ({elapsed:.0f} s)",
+                      file=sys.stderr)
+                break
+            ts = time.perf_counter()
             batch = prompts[start: start + args.batch_size]
             rows = trace_batch(model, cap, batch, max_new_tokens=args.max_new_tokens, pad_id=pad_id, eos_id=eos_id,
                                stop_at_eos=args.stop_at_eos, temperature=args.temperature, generator=gen)
@@ -236,9 +250,11 @@ def record(model, prompts, dst, meta, sites, *, args, tokenizer=None) -> dict:
                 for layer in np.unique(cols["layer"]):
                     logits_parts.setdefault(int(layer), []).append(extras["logits"][cols["layer"] == layer])
             generated.extend(rows.generated)
+            done += len(batch)
+            batch_s.append(time.perf_counter() - ts)
             if not args.quiet:
-                print(f"batch {start // args.batch_size + 1}/{math.ceil(len(prompts) / args.batch_size)}: "
-                      f"{len(cols['sequence'])} rows", file=sys.stderr)
+                print(f"batch {len(batch_s)}/{n_batches}: {len(cols['sequence'])} rows in {batch_s[-1]:.1f} s",
+                      file=sys.stderr)
         if args.router_weights:
             for s in sites:
                 w.set_router_weights(s.layer, s.module.weight.detach().float().cpu().numpy())
@@ -246,12 +262,17 @@ def record(model, prompts, dst, meta, sites, *, args, tokenizer=None) -> dict:
             (w.tmp / LOGITS_DIR).mkdir()
             for layer, parts in logits_parts.items():
                 np.save(w.tmp / LOGITS_DIR / f"layer_{layer:03d}.npy", np.concatenate(parts))
+        if budget:  # the meta (written at close) says how many prompts were recorded
+            m = meta_for(done) if meta_for is not None else w.meta
+            w.meta = m.model_copy(update={"extra": {**m.extra, "recorded_prompts": done,
+                                                    "offered_prompts": len(prompts)}})
         rows_total = w.rows
     texts = None
     if tokenizer is not None:
         texts = [tokenizer.decode(g) for g in generated[:3]]
-    return {"out": str(dst), "rows": rows_total, "sequences": len(prompts),
-            "generated_tokens": sum(map(len, generated)),
+    return {"out": str(dst), "rows": rows_total, "sequences": done, "offered": len(prompts),
+            "generated_tokens": sum(map(len, generated)), "batches": len(batch_s),
+            "batch_seconds": [round(x, 2) for x in batch_s], "seconds": round(time.perf_counter() - t0, 1),
             "samples": texts}
 
 
@@ -267,6 +288,9 @@ def parse_args(argv):
     ap.add_argument("--max-prompts", type=int, help="use only the first N prompts of --prompts")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--time-budget", type=float, default=0.0,
+                    help="seconds of recording: stop before a batch that would overrun it (whole batches; the "
+                         "meta says how many prompts were recorded); 0 = record every prompt")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--stop-at-eos", action="store_true", help="stop recording a sequence after it emits EOS")
     ap.add_argument("--hidden-states", action="store_true", help="store MoE-layer input hidden states (float16)")
@@ -313,7 +337,8 @@ def main(argv=None) -> int:
         vocab = model.config.get_text_config().vocab_size
         prompts = random_prompts(args.num_prompts, args.prompt_len, vocab, args.seed)
     meta = build_meta(model, sites, args, note, len(prompts))
-    summary = record(model, prompts, args.out, meta, sites, args=args, tokenizer=tokenizer)
+    summary = record(model, prompts, args.out, meta, sites, args=args, tokenizer=tokenizer,
+                     meta_for=lambda n: build_meta(model, sites, args, note, n))
     if args.json:
         print(json.dumps(summary))
     else:

@@ -94,12 +94,12 @@ EOF
 RB=$(( $(left) - RESERVE ))
 echo "recording budget $RB s"
 [ $RB -gt 20 ] || { echo "no time left to record a training trace"; exit 1; }
-$PY -m traces.small_moe.record_many --time-budget $RB --model $MODEL_DIR --prompts $PROMPTS --max-prompts $N_TRAIN \
+$PY -m traces.record --time-budget $RB --model $MODEL_DIR --prompts $PROMPTS --max-prompts $N_TRAIN \
   --max-prompt-tokens 24 --max-new-tokens $TRAIN_NEW_TOKENS --batch-size $TRAIN_BATCH --temperature 0.8 --seed 1 \
   --hidden-states --router-weights --device $DEVICE --name $NAME \
   --license "model weights: trained here; see docs/small-moe.md" \
   --attribution "small MoE trained by this project; prompts from the training split (traces.small_moe.train_prompts)" \
-  --out $TRAIN_TRACE 2>&1 | grep --line-buffered -v "Loading weights" | tee $LOGS/record_train.log || exit 1
+  --out $TRAIN_TRACE --json 2>&1 | grep --line-buffered -v "Loading weights" | tee $LOGS/record_train.log || exit 1
 $PY -m traces.check $TRAIN_TRACE > $LOGS/train_trace_check.txt 2>&1 &   # off the critical path (beside the fits)
 cp $TRAIN_TRACE/meta.json $LOGS/train_trace_meta.json
 du -sh $TRAIN_TRACE
