@@ -97,8 +97,11 @@ class HostExpertStore:
 class SlotPool:
     """`n_slots` expert buffers on `device` and the key <-> slot map. Plain bookkeeping; no policy here."""
 
-    def __init__(self, n_slots: int, numel: int, dtype: torch.dtype, device, name: str = "slab"):
+    def __init__(self, n_slots: int, numel: int, dtype: torch.dtype, device, name: str = "slab", split=None):
+        """`split`: flat buffer -> the views the expert kernel takes (made once per slot, on first use)."""
         self.name = name
+        self.split = split
+        self._mats: dict[int, object] = {}
         self.n_slots = int(n_slots)
         self.numel = numel
         self.buf = torch.empty((max(self.n_slots, 0), numel), dtype=dtype, device=device)
@@ -127,6 +130,12 @@ class SlotPool:
 
     def view(self, slot: int) -> torch.Tensor:
         return self.buf[slot]
+
+    def matrices(self, slot: int):
+        m = self._mats.get(slot)
+        if m is None:
+            m = self._mats[slot] = self.split(self.buf[slot])
+        return m
 
     def guards(self, slot: int) -> list:
         return [ev for ev in (self.last_read[slot], self.last_write[slot]) if ev is not None]

@@ -168,25 +168,24 @@ class _null:
 # -- compute ---------------------------------------------------------------------------------------------------
 def _expert_bench(geom, device, n_tokens: int, n_experts: int = 8):
     """A callable running the runtime's per-expert path for `n_experts` experts of `n_tokens` tokens each."""
+    import numpy as np
     import torch
 
-    from executor.model import activation, expert_forward
+    from executor.model import activation, expert_into, layer_rows, split_expert
 
     dt = geom.torch_dtype() if torch.device(device).type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
     flats = [torch.randn(geom.expert_numel, generator=g, device=device).mul_(0.02).to(dt) for _ in range(n_experts)]
-    T, k = max(n_tokens, 1), 1
+    mats = [split_expert(f, geom) for f in flats]
+    T = max(n_tokens, 1)
     h = torch.randn(T, geom.hidden, generator=g, device=device).to(dt)
-    out = torch.zeros(T, k, geom.hidden, dtype=dt, device=device)
-    w = torch.ones(T, k, dtype=dt, device=device)
-    t_idx = torch.arange(n_tokens, device=device)
-    r_idx = torch.zeros(n_tokens, dtype=torch.long, device=device)
+    out2d = torch.zeros(T, geom.hidden, dtype=dt, device=device)
+    rows = layer_rows(np.zeros((T, 1), dtype=np.int64), torch.ones(T, 1, dtype=dt, device=device), device)[0]
     act = activation(geom)
 
     def run():
-        for f in flats:
-            y = expert_forward(f, h[t_idx], geom, act)
-            out[t_idx, r_idx] = y * w[t_idx, r_idx].unsqueeze(-1)
+        for m in mats:
+            expert_into(out2d, m, h, rows, act)
 
     return run, n_experts
 
@@ -354,11 +353,12 @@ def add_runtime_costs(expert_table: dict, dense_tables: list[dict], rc: dict) ->
 
 
 def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, launch: str, machine: str,
-              trace_for_predictors: str, pageable: bool = True, runtime_costs: bool = True, log=print) -> dict:
+              trace_for_predictors: str, pageable: bool = True, runtime_costs: bool = True, lookahead: int = 2,
+              log=print) -> dict:
     import torch
 
     from executor.geometry import get_geometry
-    from sim.hardware import HardwareProfile, LinkTable
+    from sim.hardware import H2D, HardwareProfile, LinkTable
 
     cuda = torch.device(device).type == "cuda"
     if not cuda:
@@ -396,12 +396,15 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
     table = LinkTable(points=pinned_pts)
     issue_us = 0.0
     if runtime_costs and cuda:
-        log("copy worker issue overhead")
-        issue_us = transfer_issue_overhead_us(geoms[0], device, table.seconds)
+        log("copy issue overhead")
+        # the main thread issues the copies and launches expert kernels between pumps, as in a run
         busy, _ = _expert_bench(geoms[0], device, 1, n_experts=2)
+        issue_us = transfer_issue_overhead_us(geoms[0], device, table.seconds, busy=busy, lookahead=lookahead)
         host["issue_overhead_us"] = round(issue_us, 3)
-        host["issue_overhead_us_main_thread_launching"] = round(
-            transfer_issue_overhead_us(geoms[0], device, table.seconds, busy=busy), 3)
+        host["issue_overhead_us_idle_host"] = round(
+            transfer_issue_overhead_us(geoms[0], device, table.seconds, lookahead=lookahead), 3)
+        host["issue_overhead_us_copy_thread"] = round(
+            transfer_issue_overhead_us(geoms[0], device, table.seconds, busy=busy, backend="cuda-thread"), 3)
     overlap = measure_overlap(geoms[0], device, timer) if cuda else 1.0
     transfer_host = {"demand_transfer_us": 0.0, "prefetch_transfer_us": 0.0}
     if runtime_costs:
@@ -410,7 +413,7 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
         xfer_ms = table.seconds(g.expert_bytes) * 1e3 + issue_us * 1e-3
         transfer_host = runtime_transfer_costs(g, device, rc[f"layer_ms_top{rc['top_k']}"], rc["top_k"],
                                                xfer_ms=xfer_ms, predictor_us=pcost.get("oracle", 0.0),
-                                               repeats=max(3, repeats // 4))
+                                               repeats=max(3, repeats // 4), lookahead=lookahead)
         host["transfer_host"] = transfer_host
     gpu = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()})"
     when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -440,6 +443,8 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
     }
     if pageable_pts:
         prof["h2d"]["pageable"] = {"points": pageable_pts}
+    if "lookahead" in H2D.model_fields:  # the chunk groups the runtime keeps on the copy stream
+        prof["h2d"]["lookahead"] = int(lookahead)
     HardwareProfile.model_validate(prof)  # the simulator must be able to read it
     return prof
 
@@ -473,7 +478,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-pageable", action="store_true")
     ap.add_argument("--no-runtime-costs", action="store_true",
                     help="kernel tables only: leave out the runtime's measured host costs (executor.calibrate_runtime)")
+    ap.add_argument("--lookahead", type=int, default=2,
+                    help="chunk groups the runtime keeps on the copy stream (measured with; written as h2d.lookahead)")
     args = ap.parse_args(argv)
+    if args.lookahead < 1:
+        raise TraceError("must be at least 1", where="--lookahead")
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -486,7 +495,7 @@ def main(argv=None) -> int:
                      predictors=[p for p in args.predictors.split(",") if p], repeats=args.repeats,
                      quick=args.quick, launch=args.launch, machine=args.machine, trace_for_predictors=args.trace,
                      pageable=not args.no_pageable, runtime_costs=not args.no_runtime_costs,
-                     log=lambda m: print(m, file=sys.stderr))
+                     lookahead=args.lookahead, log=lambda m: print(m, file=sys.stderr))
     write_profile(prof, Path(args.out))
     print(f"wrote {args.out} ({prof['name']})", file=sys.stderr)
     return 0

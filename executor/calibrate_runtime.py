@@ -1,11 +1,11 @@
 """The executor's own host costs, measured by running it: what `executor.calibrate` adds to the kernel tables.
 
 Isolated kernel timings miss what the runtime pays around them on the host: per expert the slot lookup, the
-completion polling, the read-guard event and the launches of the gather/scatter; per layer the gate
-synchronisation bubble, the cache lookups and pins, the compute order; per copy the round trip of the copy worker
-thread (woken by an event or a submit, it takes the lock, picks the next chunk group and launches it) while the
-link idles. At batch size 1 these are most of a decode step. They are measured here with the runtime itself, so
-the simulator charges what the executor really spends:
+completion polling and the launches of the gather/scatter; per layer the gate synchronisation bubble, the cache
+lookups and pins, the compute order; per copy the host's work to issue it (cache insert, slot, the copy and its
+events, issued by the main thread) and the link's idle time between two pumps. At batch size 1 these are most of
+a decode step. They are measured here with the runtime itself, so the simulator charges what the executor really
+spends:
 
 - `runtime_layer_costs`: the real `OffloadedRuntime` replays a synthetic decode trace (one token per batch) whose
   experts are all resident (a warm-up pass loads them; the cache holds every expert; no prefetch), once with top-1
@@ -14,9 +14,9 @@ the simulator charges what the executor really spends:
 - `runtime_transfer_costs`: host time on the compute timeline per demand load and per prefetch the runtime issues
   (cache insert, slot, submit, and the copy worker's share of the interpreter), from all-miss and all-prefetch
   cycle-trace runs against the all-resident one.
-- `transfer_issue_overhead_us`: the runtime's `TransferEngine` (CUDA backend, copy worker thread) moving a queue
-  of single-chunk expert copies back to back while the main thread launches expert kernels (as it does in a
-  run): (wall time - bytes / table bandwidth) / groups.
+- `transfer_issue_overhead_us`: the runtime's `TransferEngine` (CUDA backend: the main thread issues the copies,
+  `lookahead` groups ahead) moving a queue of single-chunk expert copies back to back while the main thread
+  launches expert kernels between pumps (as it does in a run): (wall time - bytes / table bandwidth) / groups.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def cycle_trace(dst, *, n_layers: int, n_experts: int, top_k: int, decode_len: i
 
 
 def _decode_runs(geom, device, top_k: int, *, n_layers: int, n_experts: int, tokens: int, repeats: int,
-                 extra: dict | None = None, warm: int | None = None) -> list[dict]:
+                 extra: dict | None = None, warm: int | None = None, lookahead: int = 1) -> list[dict]:
     """The runtime's metrics of `repeats` decode runs of a cycle trace (config `extra`, dotted keys, on top of an
     LRU cache holding every expert)."""
     from executor.replay import build_runtime, prepare
@@ -74,7 +74,7 @@ def _decode_runs(geom, device, top_k: int, *, n_layers: int, n_experts: int, tok
         setup = prepare(cfg, geom.first_layers(n_layers))
         models: dict = {}
         for _ in range(repeats):
-            rt = build_runtime(cfg, setup, device=device, models=models)
+            rt = build_runtime(cfg, setup, device=device, models=models, lookahead=lookahead)
             rt.warmup()
             out.append(rt.run())
     return out
@@ -93,7 +93,7 @@ def _layer_step_ms(geom, device, top_k: int, *, n_layers: int, n_experts: int, t
 
 def runtime_transfer_costs(geom, device, resident_layer_ms: float, top_k: int, *, xfer_ms: float,
                            predictor_us: float = 0.0, repeats: int = 5, n_layers: int = 4, tokens: int = 48,
-                           chunks: int = 3) -> dict:
+                           chunks: int = 3, lookahead: int = 1) -> dict:
     """Host time on the compute timeline per transfer the runtime issues, beyond what the link model charges:
 
     - demand: every lookup misses (cycle trace over 2k experts, per-layer capacity k, LRU, no prefetch), so each
@@ -113,7 +113,7 @@ def runtime_transfer_costs(geom, device, resident_layer_ms: float, top_k: int, *
     for name, extra in (("demand", small), ("prefetch", pf)):
         per = []
         for m in _decode_runs(geom, device, top_k, n_layers=n_layers, n_experts=n_experts, tokens=tokens,
-                              repeats=repeats, extra=extra, warm=2):
+                              repeats=repeats, extra=extra, warm=2, lookahead=lookahead):
             steps = m["decode_batches"] * n_layers
             n = m["demand_loads"] if name == "demand" else m["prefetches"]
             if not n:
@@ -140,10 +140,11 @@ def runtime_layer_costs(geom, device, *, repeats: int = 5, n_layers: int = 4, to
             "layer_ms_top1": round(t1, 5), f"layer_ms_top{k}": round(tk, 5), "top_k": k}
 
 
-def transfer_issue_overhead_us(geom, device, link_seconds, *, n: int = 24, repeats: int = 5, busy=None) -> float:
-    """Link time lost per chunk group by the copy worker's round trip (see the module docstring). `link_seconds`:
-    bytes -> seconds from the bandwidth table just measured; `busy`: a callable launching some GPU work from the
-    main thread (the runtime's expert launches), run while the copies move."""
+def transfer_issue_overhead_us(geom, device, link_seconds, *, n: int = 24, repeats: int = 5, busy=None,
+                               lookahead: int = 1, backend: str = "cuda") -> float:
+    """Link time lost per chunk group between copies (see the module docstring). `link_seconds`: bytes -> seconds
+    from the bandwidth table just measured; `busy`: a callable launching some GPU work from the main thread (the
+    runtime's expert launches), run between pumps while the copies move."""
     import torch
 
     from executor.transfer import Transfer, TransferEngine
@@ -156,7 +157,7 @@ def transfer_issue_overhead_us(geom, device, link_seconds, *, n: int = 24, repea
     nbytes = numel * src.element_size()
     per_group = []
     for _ in range(repeats):
-        eng = TransferEngine("cuda", device=device)
+        eng = TransferEngine(backend, device=device, lookahead=lookahead)
         ts = [Transfer((0, i), src, dst[i % 2], nbytes, [(0, numel)], high=False, speculative=True, cached=True,
                        seq=i) for i in range(n)]
         torch.cuda.synchronize(device)
@@ -166,8 +167,9 @@ def transfer_issue_overhead_us(geom, device, link_seconds, *, n: int = 24, repea
         while not all(t.finished for t in ts):
             if busy is not None:
                 busy()
+            eng.pump()
             eng.poll()
-            if busy is None:
+            if busy is None and eng.threaded:
                 time.sleep(20e-6)
         wall = time.perf_counter() - t0
         eng.close()

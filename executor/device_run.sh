@@ -1,6 +1,7 @@
 #!/bin/bash
 # The GPU session's device calls, in order (each well under the 10-minute limit of one call). Outputs in $OUT.
 #   1. bash executor/device_run.sh smoke        # ~1 min: CUDA backend, invariants, outputs = reference
+#      (or `quick`: the smoke test's summary and the copy backends side by side on a 12-layer Qwen3 replay)
 #   2. bash executor/device_run.sh calibrate    # ~2-4 min: profiles/h200.yaml (measured) -> $OUT/h200.yaml
 #   3. bash executor/device_run.sh validate     # the suite, resumable: rerun until every run is in the Parquet
 #   or 2+3 as `session` (calibrate once into /tmp, validate into /tmp/val; rerun on the warm machine to resume)
@@ -24,6 +25,23 @@ case "$STEP" in
   smoke)
     python3 -m executor.smoke --device cuda 2>&1 | tee "$OUT/smoke.log"
     python3 -m executor.smoke --device cuda --geometry flame-moe-290m --lookahead 2 2>&1 | tee -a "$OUT/smoke.log"
+    ;;
+  quick)
+    # the new main-thread copy issue vs the copy thread, and the smoke test, in a couple of minutes
+    python3 -m executor.smoke --device cuda 2>&1 | tail -n 3 | tee "$OUT/quick.log"
+    for args in "--backend cuda-thread --lookahead 1" "--backend cuda --lookahead 1" "--backend cuda --lookahead 2"; do
+      for cfg in "prefetch.predictor=none" "prefetch.predictor=previous_token prefetch.distance=2 chunked_prefetch=true early_preemption=true reordered_inference=true"; do
+        sets=$(for kv in $cfg; do printf -- "--set %s " "$kv"; done)
+        python3 -m executor.replay configs/examples/qwen3-decode-lru.yaml --geometry qwen3-30b-a3b --layers 12 $args \
+          --set phase=decode --set max_decode_tokens=32 --set max_sequences=2 --set cache.scope=per_layer \
+          --set cache.cache_rate=0.25 --set prefetch.chunks=3 $sets --json 2>&1 | python3 -c "
+import json,sys
+for l in sys.stdin:
+    if l.startswith('{'):
+        m=json.loads(l)['metrics']; print('$args | $cfg |', {k: m.get(k) for k in ('tpot_ms','hit_rate','stall_ms','pcie_busy_frac','prefetches','n_prefetch_late')})
+    else: print(l.rstrip()[-300:])" | tee -a "$OUT/quick.log"
+      done
+    done
     ;;
   calibrate)
     python3 -m executor.calibrate --out "$OUT/h200.yaml" --machine "H200 GPU machine" 2>&1 | tee "$OUT/calibrate.log"

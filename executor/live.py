@@ -34,7 +34,7 @@ from torch import nn
 from executor.buffers import HostExpertStore
 from executor.geometry import Geometry, geometry_from_hf_config, small_moe_dir
 from executor.memory import whole_slot_capacity
-from executor.model import activation, expert_forward
+from executor.model import activation, expert_forward, expert_into, layer_rows, split_expert
 from executor.runtime import quiet_gc
 from traces.format import TraceMeta
 
@@ -62,9 +62,11 @@ class _LiveModel:
     def expert(self, flat, h):
         return expert_forward(flat, h, self.geom, self._act)
 
-    def expert_into(self, out, flat, h, rows, w):
-        t_idx, r_idx = rows
-        out[t_idx, r_idx] = self.expert(flat, h[t_idx]) * w[t_idx, r_idx].unsqueeze(-1)
+    def split(self, flat):
+        return split_expert(flat, self.geom)
+
+    def expert_into(self, out2d, mats, h, rows):
+        expert_into(out2d, mats, h, rows, self._act)
 
     def embed(self, sequences, positions):  # warm-up only
         return torch.zeros(len(positions), self.geom.hidden, dtype=self.dtype, device=self.device)
@@ -91,7 +93,7 @@ class LiveOffload:
                  predictor=None, distance: int = 1, top_n: int | None = None, max_inflight_bytes=None,
                  chunked_prefetch: bool = False, chunks: int = 3, early_preemption: bool = False,
                  reordered_inference: bool = False, device=None, transfer_backend: str | None = None,
-                 check: bool = False, name: str = "live"):
+                 lookahead: int = 1, check: bool = False, name: str = "live"):
         from executor.runtime import OffloadedRuntime
         from predictors.registry import make_predictor
         from sim.cache import ExpertCache
@@ -149,7 +151,7 @@ class LiveOffload:
             max_inflight_bytes=max_inflight_bytes, chunked_prefetch=chunked_prefetch, chunks=chunks,
             early_preemption=early_preemption, reordered_inference=reordered_inference,
             trace=SimpleNamespace(meta=meta, hidden_states=self._hidden_states, router_weights=None),
-            transfer_backend=transfer_backend, check=check, scratch_slots=n_exp)
+            transfer_backend=transfer_backend, lookahead=lookahead, check=check, scratch_slots=n_exp)
         self._batch = None
         self._past: dict[int, list[np.ndarray]] = {}
         self._index = 0
@@ -200,12 +202,11 @@ class LiveOffload:
         ids = layer_sets(idx[:, None, :])[0][0]
         order, local = rt.gate(layer, ids)
         out = torch.zeros((T, idx.shape[1], hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
-        w = top_k_weights.to(hidden.dtype)
-        idx_t = top_k_index
+        out2d = out.view(-1, hidden.shape[1])
+        rows = layer_rows(idx, top_k_weights.to(hidden.dtype), hidden.device)  # from the routing on the host
         for e in order:
-            t_idx, r_idx = torch.nonzero(idx_t == e, as_tuple=True)
-            buf, pool, slot = rt.expert_buffer(layer, e, local)
-            rt.model.expert_into(out, buf, hidden, (t_idx, r_idx), w)
+            mats, pool, slot = rt.expert_buffer(layer, e, local)
+            rt.model.expert_into(out2d, mats, hidden, rows[e])
             rt.expert_done(pool, slot)
         rt.end_layer(layer, ids)
         return out.sum(dim=1)
@@ -295,7 +296,7 @@ def read_prompt_ids(path, n: int, max_tokens: int = 24) -> list[list[int]]:
     return out
 
 
-def run_live(ex: dict, cfg, profile, *, device=None, model=None) -> dict:
+def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int = 1) -> dict:
     """A validation run in live mode: the small model generates on held-out prompts with its experts offloaded;
     the simulator then runs the routing it produced, with the same cache, predictor and switches."""
     from executor.geometry import REPO_ROOT
@@ -315,7 +316,7 @@ def run_live(ex: dict, cfg, profile, *, device=None, model=None) -> dict:
                        distance=cfg.prefetch.distance, top_n=cfg.prefetch.top_n, max_inflight_bytes=inflight,
                        chunked_prefetch=cfg.chunked_prefetch, chunks=cfg.prefetch.chunks,
                        early_preemption=cfg.early_preemption, reordered_inference=cfg.reordered_inference,
-                       device=device, name=ex.get("geometry") or "small-moe")
+                       device=device, lookahead=lookahead, name=ex.get("geometry") or "small-moe")
     new_tokens = cfg.max_decode_tokens if cfg.max_decode_tokens is not None else 32
     live.rt.warmup([1, max(len(p) for p in prompts)])
     with quiet_gc():

@@ -11,6 +11,12 @@ Per layer l of a batch of T tokens (x: [T, hidden], float activations in the geo
         out[t, r] = y
     x = x + out.sum(dim=1)
 
+Per expert this is six kernel launches and little Python (`expert_into`): gate and up are one matmul (the two
+matrices are adjacent in the flat buffer), the rows, destination indices and router weights of every expert of
+the layer are made once per layer (`layer_rows`: one host-to-device copy, slices per expert), a slot's matrix
+views are made once (`SlotPool.matrices`). At batch size 1 the host's launch path is what a decode step costs, so
+every Python call here is paid hundreds of times per token.
+
 `out` is [T, top_k, hidden] and every (t, r) is written exactly once, so the result does not depend on the order
 in which experts are computed (reordered inference): the offloaded runtime and the reference give bit-identical
 outputs on the same device.
@@ -38,8 +44,8 @@ from executor.geometry import Geometry
 
 
 def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    """RMS norm without a weight (torch's fused kernel where it has one: one launch instead of six)."""
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 def dense_width(geom: Geometry, layer: int) -> int:
@@ -62,10 +68,52 @@ def activation(geom: Geometry):
     return F.silu if geom.activation == "swiglu" else (lambda z: F.gelu(z, approximate="tanh"))
 
 
+def split_expert(flat: torch.Tensor, geom: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate and up stacked [2I, h], down [h, I]): views of the flat buffer."""
+    wd = expert_matrices(flat, geom)[2]
+    return flat[: 2 * geom.matrix_numel].view(2 * geom.moe_intermediate, geom.hidden), wd
+
+
+def expert_apply(mats: tuple[torch.Tensor, torch.Tensor], h: torch.Tensor, act) -> torch.Tensor:
+    """SwiGLU (or GeGLU) expert on tokens h [n, hidden]; `mats` from split_expert."""
+    wgu, wd = mats
+    gu = torch.mm(h, wgu.t())
+    i = wd.shape[1]
+    return torch.mm(act(gu[:, :i]) * gu[:, i:], wd.t())
+
+
 def expert_forward(flat: torch.Tensor, h: torch.Tensor, geom: Geometry, act) -> torch.Tensor:
     """SwiGLU (or GeGLU) expert on tokens h [n, hidden] with weights in the flat buffer `flat`."""
-    wg, wu, wd = expert_matrices(flat, geom)
-    return F.linear(act(F.linear(h, wg)) * F.linear(h, wu), wd)
+    return expert_apply(split_expert(flat, geom), h, act)
+
+
+def expert_into(out2d: torch.Tensor, mats, h: torch.Tensor, rows, act) -> None:
+    """out2d[t k + r] = expert(h[t]) * weight[t, r] for the rows routed to this expert (`layer_rows`)."""
+    tok, dst, wcol, full = rows
+    y = expert_apply(mats, h if full else h.index_select(0, tok), act)
+    out2d.index_copy_(0, dst, y.mul_(wcol))
+
+
+def layer_rows(experts: np.ndarray, weights: torch.Tensor, device) -> dict[int, tuple]:
+    """Per expert of one layer (experts [T, k] host ids, -1 = no row; weights [T, k] on the device):
+    (token index, destination row t k + r of the [T k, hidden] combine buffer, router weight column, whether the
+    expert takes every token in order). One copy to the device for the whole layer; per expert only slices."""
+    experts = np.asarray(experts)
+    T, k = experts.shape
+    flat = experts.reshape(-1)
+    valid = np.flatnonzero(flat >= 0)
+    if not len(valid):
+        return {}
+    ids = flat[valid]
+    order = np.argsort(ids, kind="stable")
+    dst, ids_s = valid[order], ids[order]
+    idx = torch.as_tensor(np.stack([dst // k, dst]).astype(np.int64)).to(device)
+    wcol = weights.reshape(-1).index_select(0, idx[1]).unsqueeze(1)
+    cuts = np.flatnonzero(np.diff(ids_s)) + 1
+    per: dict[int, tuple] = {}
+    for a, b in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(ids_s)].tolist()):
+        per[int(ids_s[a])] = (idx[0, a:b], idx[1, a:b], wcol[a:b], b - a == T)
+    return per
 
 
 class ReplayModel:
@@ -96,11 +144,12 @@ class ReplayModel:
     def expert(self, flat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return expert_forward(flat, h, self.geom, self._act)
 
-    def expert_into(self, out: torch.Tensor, flat: torch.Tensor, h: torch.Tensor, rows: tuple, w: torch.Tensor):
-        """out[t, r] = expert(h[t]) * w for the (t, r) rows routed to this expert."""
-        t_idx, r_idx = rows
-        y = self.expert(flat, h[t_idx])
-        out[t_idx, r_idx] = y * w[t_idx, r_idx].unsqueeze(-1)
+    def split(self, flat: torch.Tensor):
+        return split_expert(flat, self.geom)
+
+    def expert_into(self, out2d: torch.Tensor, mats, h: torch.Tensor, rows: tuple) -> None:
+        """out2d[t k + r] = expert(h[t]) * w[t, r] for the rows routed to this expert (see `expert_into`)."""
+        expert_into(out2d, mats, h, rows, self._act)
 
     # -- the all-resident reference ------------------------------------------------------------------------------
     def reference_forward(self, batch_inputs) -> torch.Tensor:
@@ -110,17 +159,17 @@ class ReplayModel:
             x = self.dense(layer, x)
             h = rms_norm(x)
             out = torch.zeros((x.shape[0], batch_inputs.top_k, x.shape[1]), dtype=x.dtype, device=x.device)
-            w = batch_inputs.weights[layer]
+            out2d = out.view(-1, x.shape[1])
             for e, rows in sorted(batch_inputs.rows[layer].items()):
                 flat = self.store.expert((layer, e)).to(self.device)
-                self.expert_into(out, flat, h, rows, w)
+                self.expert_into(out2d, self.split(flat), h, rows)
             x = x + out.sum(dim=1)
         return x
 
 
 class BatchInputs:
-    """The tensors of one batch for the replay model: per layer, the (token, rank) rows of each expert and the
-    router weights [T, k] (zero where the trace has no row)."""
+    """The tensors of one batch for the replay model: per layer, the rows of each expert (`layer_rows`) with the
+    router weights (zero where the trace has no row). Built before the batch's timing starts."""
 
     def __init__(self, batch, weights: np.ndarray, n_layers: int, device, dtype):
         self.sequences = batch.sequences
@@ -129,21 +178,9 @@ class BatchInputs:
         self.top_k = experts.shape[2]
         w = np.nan_to_num(np.asarray(weights, dtype=np.float32)[:, :n_layers, :], nan=0.0)
         w = np.where(experts >= 0, w, 0.0)
-        self.weights = [torch.as_tensor(w[:, layer, :]).to(dtype).to(device) for layer in range(n_layers)]
-        self.rows: list[dict[int, tuple]] = []
-        for layer in range(n_layers):
-            ex = experts[:, layer, :]
-            t_idx, r_idx = np.nonzero(ex >= 0)
-            ids = ex[t_idx, r_idx]
-            per: dict[int, tuple] = {}
-            if len(ids):
-                order = np.argsort(ids, kind="stable")
-                ids_s, t_s, r_s = ids[order], t_idx[order], r_idx[order]
-                cuts = np.flatnonzero(np.diff(ids_s)) + 1
-                for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(ids_s)]):
-                    per[int(ids_s[a])] = (torch.as_tensor(t_s[a:b], device=device),
-                                          torch.as_tensor(r_s[a:b], device=device))
-            self.rows.append(per)
+        wdev = torch.as_tensor(w).to(dtype).to(device)
+        self.rows: list[dict[int, tuple]] = [layer_rows(experts[:, layer, :], wdev[:, layer, :], device)
+                                             for layer in range(n_layers)]
 
 
 class TraceWeights:

@@ -170,6 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     add_memory_args(ap)
     ap.add_argument("--check", action="store_true", help="check cache/slab invariants and slot contents (slow)")
+    ap.add_argument("--backend", default=None, choices=("cuda", "cuda-thread", "thread", "pump"),
+                    help="transfer backend (default: cuda on a GPU, the main thread issuing the copies; pump on CPU)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, parse_sets(args.set))
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
     setup = prepare(cfg, geom, layers=args.layers)
     rt = build_runtime(cfg, setup, device=args.device, host_budget=int(args.host_budget_gib * GIB),
                        gpu_budget_bytes=int(args.gpu_budget_gib * GIB) if args.gpu_budget_gib is not None else None,
-                       check=args.check, lookahead=args.lookahead,
+                       check=args.check, lookahead=args.lookahead, transfer_backend=args.backend,
                        predict_after_resident=args.predict_after_resident)
     rt.warmup()
     metrics = rt.run()

@@ -3,8 +3,9 @@
 Per batch and layer, on the compute stream (the default CUDA stream, or the CPU):
 
 1. dense part (`ReplayModel.dense`), then the gate: on CUDA the host waits for the GPU to reach the gate (an
-   event synchronize), as a real offloading system must to read the routing, so that "resident at the gate"
-   means what the simulator means by it; finished copies are reaped (the simulator's `_landed`).
+   event), as a real offloading system must to read the routing, so that "resident at the gate" means what the
+   simulator means by it; while it waits it keeps the copy stream fed (`TransferEngine.feed_until`: the main
+   thread issues every copy); finished copies are reaped (the simulator's `_landed`).
 2. at the gate, exactly the simulator's decisions, with the same objects: `ExpertCache.lookup_layer` (one lookup
    per unique expert in first-occurrence order, sim.engine.schedule.layer_sets), hit = resident and fully copied, a
    prefetch still queued or copying = late prefetch (miss), else demand miss; the layer's experts are pinned
@@ -190,10 +191,10 @@ class OffloadedRuntime:
         n_parts = meta.n_layers if cache_scope == "per_layer" else 1
         self.n_slots = (cache_capacity_bytes // n_parts // eb) * n_parts
         numel = model.store.numel
-        self.slab = SlotPool(self.n_slots, numel, model.dtype, self.device, "slab")
+        self.slab = SlotPool(self.n_slots, numel, model.dtype, self.device, "slab", split=model.split)
         if scratch_slots is None:
             scratch_slots = max_unique_per_layer(sequences, phase, batch_size)
-        self.scratch = SlotPool(max(1, scratch_slots), numel, model.dtype, self.device, "scratch")
+        self.scratch = SlotPool(max(1, scratch_slots), numel, model.dtype, self.device, "scratch", split=model.split)
         if transfer_backend is None:
             transfer_backend = "cuda" if self.device.type == "cuda" else "pump"
         self.engine = TransferEngine(transfer_backend, device=self.device, copy_engines=copy_engines,
@@ -376,7 +377,9 @@ class OffloadedRuntime:
         engine = self.engine
         engine.pump(self.pump_per_dense)
         if self.device.type == "cuda":
-            self.clock.event().synchronize()
+            ev = self.clock.event()
+            engine.feed_until(ev.query)  # the link keeps moving while the host waits for the GPU
+            ev.synchronize()
         self._reap()
         b = self._batch_index
         self.gated = (b, layer)
@@ -415,8 +418,9 @@ class OffloadedRuntime:
         if r is not None:
             pf.issue(r[0], r[1], self._batch_index)
 
-    def expert_buffer(self, layer: int, e: int, local: dict) -> tuple[torch.Tensor, SlotPool, object]:
-        """The device buffer holding expert (layer, e), waiting for its copy (starting it if needed)."""
+    def expert_buffer(self, layer: int, e: int, local: dict) -> tuple[object, SlotPool, int]:
+        """The matrices (`SlotPool.matrices`) of the slot holding expert (layer, e), its pool and slot, waiting for
+        its copy (starting it if needed)."""
         key = (layer, e)
         engine = self.engine
         if self._predict_pending and key not in self.ready:
@@ -452,22 +456,28 @@ class OffloadedRuntime:
                 pool, owner = self.scratch, ("scratch", key)
                 self._scratch_used.append(owner)
         slot = pool.slot_of[owner]
-        buf = pool.view(slot)
         if self.check:
             assert self.cache.contains(key) or pool is self.scratch, f"expert {key} computed uncached"
             self.checks["computed_resident_checks"] += 1
-            self._check_buffer(key, buf, pool, owner)
-        return buf, pool, slot
+            self._check_buffer(key, pool.view(slot), pool, owner)
+        return pool.matrices(slot), pool, slot
 
     def expert_done(self, pool: SlotPool, slot: int) -> None:
-        """After the expert's kernels are enqueued: guard the slot, let the link move (pump backend)."""
-        if self.device.type == "cuda":
-            pool.last_read[slot] = self.clock.event()
+        """After the expert's kernels are enqueued: note the slot's read (guarded at the end of the layer), let
+        the link move (pump backends)."""
+        self._layer_reads.append((pool, slot))
         self.engine.pump(self.pump_per_expert)
 
     def end_layer(self, layer: int, ids: list[int]) -> None:
         if self._predict_pending:
             self.predict(layer)
+        if self.device.type == "cuda" and self._layer_reads:
+            # one event guards every slot the layer read: none of them can be refilled before the layer ends
+            # (its experts are pinned until unpin_layer below, its scratch slots released here)
+            ev = self.clock.event()
+            for pool, slot in self._layer_reads:
+                pool.last_read[slot] = ev
+        self._layer_reads = []
         for owner in self._scratch_used:
             self.scratch.release(owner)
         self._scratch_used = []
@@ -493,6 +503,7 @@ class OffloadedRuntime:
         self._stall_host_s = 0.0
         self._first_mark = None
         self._scratch_used: list = []
+        self._layer_reads: list = []
         self._batch_index = -1
         self._snap = None
 
@@ -520,11 +531,11 @@ class OffloadedRuntime:
                     order, local = self.gate(layer, ids)
                     h = rms_norm(x)
                     out = torch.zeros((T, inputs.top_k, x.shape[1]), dtype=x.dtype, device=x.device)
-                    w = inputs.weights[layer]
+                    out2d = out.view(-1, x.shape[1])
                     rows = inputs.rows[layer]
                     for e in order:
-                        buf, pool, slot = self.expert_buffer(layer, e, local)
-                        model.expert_into(out, buf, h, rows[e], w)
+                        mats, pool, slot = self.expert_buffer(layer, e, local)
+                        model.expert_into(out2d, mats, h, rows[e])
                         self.expert_done(pool, slot)
                     x = x + out.sum(dim=1)
                     self.end_layer(layer, ids)

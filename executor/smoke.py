@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m executor.smoke", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     ap.add_argument("--geometry", default="tiny", help="small preset (tiny, flame-moe-290m) or HF config path")
-    ap.add_argument("--backend", default=None, choices=("cuda", "thread", "pump"), help="transfer backend")
+    ap.add_argument("--backend", default=None, choices=("cuda", "cuda-thread", "thread", "pump"),
+                    help="transfer backend")
     ap.add_argument("--lookahead", type=int, default=1)
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,18 +13,25 @@ Semantics, the same as `sim.engine.link.Link`:
 
 Backends:
 
-- `cuda`: one worker thread per copy stream (`torch.cuda.Stream`, `copy_engines` of them; H200: 1, since
-  several H2D streams move no more than one). The worker enqueues a chunk group with `non_blocking` copies from
-  pinned memory, records a CUDA event, and keeps at most `lookahead` groups on the stream (1 = exactly the
-  simulator's "at most one chunk ahead"; 2 hides the host round trip between chunks at the price of a demand
-  load waiting for up to two chunks). A group completes when its event does; the main thread also polls events
-  (`poll`) so that completion is seen at the gate even before the worker wakes. Copies into a slot first wait
-  for the slot's guard events (the last kernel that read it, the last copy that wrote it).
-- `thread`: the same worker on the CPU; chunks are `Tensor.copy_` (a CPU stand-in with the same queue
-  semantics; real concurrency, so timing-dependent counts vary run to run).
-- `pump`: no thread; chunks move only when the caller pumps (`pump(n)`, or `wait(t)`, which pumps in priority
-  order until `t` is done). Deterministic: used by the CPU tests to exercise late prefetches, drops and
-  upgrades reproducibly.
+- `cuda` (the default on a GPU): no thread. The main thread issues the copies: a chunk group is `non_blocking`
+  copies from pinned memory on the copy stream (`torch.cuda.Stream`) followed by a CUDA event, and at most
+  `lookahead` groups are on the stream at a time (1 = exactly the simulator's "at most one chunk ahead"; 2 keeps
+  the link busy across the host's gaps, at the price of a demand load waiting for up to two committed chunks:
+  the simulator's `h2d.lookahead`). The stream is refilled wherever the runtime touches the engine: on submit,
+  after every expert launch (`pump`), while the host waits for the GPU to reach a gate (`feed_until`: polls the
+  copy events and refills until the gate's event completes) and while it waits for a copy (`wait`: blocks on the
+  oldest group's event, retires it, refills). Completion is seen by polling events (`poll`). Copies into a slot
+  first wait for the slot's guard events (the last kernel that read it, the last copy that wrote it).
+  Issuing from the main thread replaced a copy worker thread: a worker woken by a landed copy had to take the
+  interpreter lock from the main thread, which holds it while it launches kernels, so the link idled for
+  hundreds of microseconds per chunk and a run varied by tens of percent.
+- `cuda-thread`: the former design, kept for comparison: one worker thread per copy stream (`copy_engines` of
+  them) enqueues chunk groups and waits on their events.
+- `thread`: the worker on the CPU; chunks are `Tensor.copy_` (a CPU stand-in with the same queue semantics; real
+  concurrency, so timing-dependent counts vary run to run).
+- `pump`: no thread; with the CPU copier chunks move only when the caller pumps (`pump(n)`, or `wait(t)`, which
+  pumps in priority order until `t` is done): deterministic, used by the CPU tests to exercise late prefetches,
+  drops and upgrades reproducibly. With an asynchronous stand-in copier (tests) it is the `cuda` backend's logic.
 
 Only the main thread touches the ExpertCache: the engine reports finished transfers through `poll()` and the
 runtime does the cache bookkeeping (the simulator's `_landed`).
@@ -32,6 +39,7 @@ runtime does the cache bookkeeping (the simulator's `_landed`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -39,7 +47,8 @@ from collections import deque
 
 import torch
 
-BACKENDS = ("cuda", "thread", "pump")
+BACKENDS = ("cuda", "cuda-thread", "thread", "pump")
+THREADED = ("cuda-thread", "thread")
 
 
 class Transfer:
@@ -113,13 +122,15 @@ def cuda_device(device) -> torch.device:
 class _CudaCopier:
     timing = "cuda_events"
 
-    def __init__(self, device, n_streams: int):
+    def __init__(self, device, n_streams: int, threaded: bool = True):
         self.device = cuda_device(device)
         self.streams = [torch.cuda.Stream(device=self.device) for _ in range(n_streams)]
+        # a worker thread must select the device; the main thread already has (and the context costs microseconds)
+        self._device_ctx = (lambda: torch.cuda.device(self.device)) if threaded else contextlib.nullcontext
 
     def copy_group(self, worker: int, t: Transfer, c0: int, c1: int):
         s = self.streams[worker]
-        with torch.cuda.device(self.device), torch.cuda.stream(s):
+        with self._device_ctx(), torch.cuda.stream(s):
             if c0 == 0:
                 for ev in t.guards:
                     s.wait_event(ev)
@@ -149,21 +160,25 @@ class TransferEngine:
     def __init__(self, backend: str = "pump", *, device=None, copy_engines: int = 1, lookahead: int = 1,
                  copier=None):
         """`copier`: a stand-in for the CUDA copier in tests (asynchronous copies completing later, with
-        `copy_group`, `wait`, `done`, `span_s`, `wait_event` and `asynchronous = True`); threaded backends only."""
+        `copy_group`, `wait`, `done`, `span_s`, `wait_event` and `asynchronous = True`)."""
         if backend not in BACKENDS:
             raise ValueError(f"transfer backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "cuda" and not torch.cuda.is_available():
-            raise ValueError("transfer backend 'cuda' needs a CUDA device")
+        if backend.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"transfer backend {backend!r} needs a CUDA device")
         self.backend = backend
-        # a CPU copy completes when it returns: more than one group ahead would only delay its completion
-        self.copy_engines = max(1, int(copy_engines)) if backend != "pump" else 1
+        self.threaded = backend in THREADED
+        self.copy_engines = max(1, int(copy_engines)) if self.threaded else 1
         if copier is None:
-            copier = _CudaCopier(device, self.copy_engines) if backend == "cuda" else _CpuCopier()
-        elif backend == "pump":
-            raise ValueError("a custom copier needs a threaded backend")
+            if backend.startswith("cuda"):
+                copier = _CudaCopier(device, self.copy_engines, threaded=self.threaded)
+            else:
+                copier = _CpuCopier()
         self.copier = copier
         # asynchronous copies: a group completes when its event does, not when copy_group returns
-        self.asynchronous = backend == "cuda" or bool(getattr(copier, "asynchronous", False))
+        # (a CPU copy completes when it returns: more than one group ahead would only delay its completion)
+        self.asynchronous = backend.startswith("cuda") or bool(getattr(copier, "asynchronous", False))
+        # the main thread issues asynchronous copies itself: refill the stream whenever it touches the engine
+        self.main_pump = self.asynchronous and not self.threaded
         self.lookahead = max(1, int(lookahead)) if self.asynchronous else 1
         self.high: deque[Transfer] = deque()
         self.low: deque[Transfer] = deque()
@@ -180,7 +195,7 @@ class TransferEngine:
         self._closed = False
         self._error: BaseException | None = None
         self.workers: list[threading.Thread] = []
-        if backend != "pump":
+        if self.threaded:
             for i in range(self.copy_engines):
                 th = threading.Thread(target=self._worker, args=(i,), name=f"h2d-copy-{i}", daemon=True)
                 th.start()
@@ -192,6 +207,8 @@ class TransferEngine:
             (self.high if t.high else self.low).append(t)
             self.pending_bytes += t.nbytes
             self.cond.notify_all()
+            if self.main_pump:  # an idle link starts it at once
+                self._fill()
 
     def upgrade(self, t: Transfer) -> None:
         """A queued or copying prefetch becomes a demand load (back of the high queue)."""
@@ -202,6 +219,8 @@ class TransferEngine:
             t.high = True
             self.high.append(t)
             self.cond.notify_all()
+            if self.main_pump:
+                self._fill()
 
     def drop(self, t: Transfer) -> bool:
         """Abandon `t`; returns False when it had already finished (then nothing changes)."""
@@ -261,7 +280,7 @@ class TransferEngine:
         self.cond.notify_all()
 
     def _worker(self, i: int) -> None:
-        if self.backend == "cuda":
+        if self.backend == "cuda-thread":
             torch.cuda.set_device(self.copier.device)
         out = self.outstanding[i]
         try:
@@ -291,27 +310,77 @@ class TransferEngine:
                 self._error = exc
                 self.cond.notify_all()
 
+    def _retire(self) -> None:
+        """Complete the groups whose copies have landed (asynchronous copier; lock held)."""
+        for out in self.outstanding:
+            while out and self.copier.done(out[0][3]):
+                self._complete(*out.popleft())
+
     def _step_pump(self) -> bool:
-        """Pump backend: move one chunk group now (priority order). False when nothing is queued."""
+        """Pump backends: issue one chunk group now (priority order) if the stream has room; with the CPU copier
+        it lands at once. False when nothing was issued (nothing queued, or `lookahead` groups on the stream)."""
+        out = self.outstanding[0]
+        if self.asynchronous:
+            self._retire()
+            if len(out) >= self.lookahead:
+                return False
         pick = self._pick(0)
         if pick is None:
             return False
         t, c0, c1 = pick
         handle = self.copier.copy_group(0, t, c0, c1)
         self._enqueued(0, t, c0, c1, handle)
-        self.outstanding[0].popleft()
-        self._complete(t, c0, c1, handle)
+        if not self.asynchronous:
+            out.popleft()
+            self._complete(t, c0, c1, handle)
+        return True
+
+    def _fill(self) -> int:
+        """Main-thread pump: issue groups until the stream holds `lookahead` of them or nothing is queued."""
+        n = 0
+        while self._step_pump():
+            n += 1
+        return n
+
+    def _retire_oldest(self) -> bool:
+        """Block until the oldest group on the stream lands, then complete it (lock held; the event wait releases
+        the interpreter lock). False when nothing is on the stream."""
+        out = self.outstanding[0]
+        if not out:
+            return False
+        self.copier.wait(out[0][3])
+        self._complete(*out.popleft())
         return True
 
     def pump(self, n: int = 1) -> int:
-        """Pump backend: move up to n chunk groups; returns how many moved (a no-op for threaded backends)."""
-        if self.backend != "pump":
+        """Pump backends: with the CPU copier move up to n chunk groups; with an asynchronous one refill the
+        stream (up to `lookahead` groups; n = 0: nothing). Returns how many groups were issued; a no-op for
+        threaded backends."""
+        if self.threaded or n <= 0:
             return 0
         moved = 0
         with self.cond:
+            if self.main_pump:
+                return self._fill()
             while moved < n and self._step_pump():
                 moved += 1
         return moved
+
+    def has_work(self) -> bool:
+        """Chunks queued and not yet issued (what a main-thread pump still has to feed to the stream)."""
+        return any(t.enqueued < t.n_chunks for q in (self.high, self.low) for t in q)
+
+    def feed_until(self, done) -> None:
+        """Main-thread pump: keep the stream fed until `done()` (e.g. the gate's CUDA event has completed);
+        returns at once when nothing is left to issue (the caller then blocks on its own event)."""
+        if not self.main_pump:
+            return
+        with self.cond:
+            while not done():
+                self._retire()
+                if not self.has_work():
+                    return
+                self._fill()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -324,13 +393,13 @@ class TransferEngine:
         t's bytes are in place.
         """
         with self.cond:
-            if self.backend == "pump":
-                while not t.finished:
+            if not self.threaded:
+                while not (t.finished or (self.asynchronous and t.all_enqueued)):
                     if t.dropped:
                         raise RuntimeError(f"waiting for dropped transfer {t.key}")
-                    if not self._step_pump():
+                    if not self._step_pump() and not (self.asynchronous and self._retire_oldest()):
                         raise RuntimeError(f"transfer {t.key} cannot finish: nothing queued")
-                return None
+                return self.copier.wait_event(t.last_handle) if self.asynchronous else None
             while not (t.finished or (self.asynchronous and t.all_enqueued)):
                 self._raise_if_failed()
                 if t.dropped:
@@ -343,9 +412,9 @@ class TransferEngine:
         with self.cond:
             self._raise_if_failed()
             if self.asynchronous:
-                for out in self.outstanding:
-                    while out and self.copier.done(out[0][3]):
-                        self._complete(*out.popleft())
+                self._retire()
+                if self.main_pump:
+                    self._fill()
             done, self.completed = self.completed, []
             return done
 
@@ -358,8 +427,8 @@ class TransferEngine:
                         q.remove(t)
                         t.dropped = True
                         self.pending_bytes -= t.nbytes - t.moved
-            if self.backend == "pump":
-                while self._step_pump():
+            if not self.threaded:
+                while self._step_pump() or (self.asynchronous and self._retire_oldest()):
                     pass
             while self.workers and (any(self.outstanding) or any(
                     t.enqueued < t.n_chunks for q in (self.high, self.low) for t in q)):

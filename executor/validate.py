@@ -153,7 +153,7 @@ def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget
     if ex["mode"] == "live":
         from executor.live import run_live
 
-        return run_live(ex, cfg, profile, device=device)
+        return run_live(ex, cfg, profile, device=device, lookahead=lookahead)
     geom = resolve_geometry(ex["geometry"], parse_geometry_overrides(ex.get("set_geometry")))
     setup = prepare(cfg, geom, layers=ex.get("layers"))
     runs = []
@@ -399,7 +399,9 @@ def main(argv=None) -> int:
     ap.add_argument("--host-budget-gib", type=float, default=100.0)
     ap.add_argument("--gpu-budget-gib", type=float, default=None)
     ap.add_argument("--machine", default=platform.node())
-    ap.add_argument("--lookahead", type=int, default=1, help="chunk groups ahead on the copy stream")
+    ap.add_argument("--lookahead", type=int, default=None,
+                    help="chunk groups ahead on the copy stream (default: the profile's h2d.lookahead, which the "
+                         "simulator models)")
     ap.add_argument("--predict-after-resident", action="store_true",
                     help="launch resident experts before running the predictor")
     ap.add_argument("--layers", type=int, default=None, help="replay only the first N layers in every run")
@@ -414,6 +416,7 @@ def main(argv=None) -> int:
                     help="override a geometry field in every run (e.g. hidden=64 for a CPU smoke run)")
     args = ap.parse_args(argv)
     profile = load_profile(args.profile)
+    lookahead = args.lookahead if args.lookahead is not None else getattr(profile.h2d, "lookahead", 1)
     from sim.config import parse_sets, set_dotted
 
     runs = load_suite(args.configs)
@@ -463,7 +466,7 @@ def main(argv=None) -> int:
         try:
             row = run_one(ex, cfg, profile, device=device, host_budget=int(args.host_budget_gib * GIB),
                           gpu_budget=int(args.gpu_budget_gib * GIB) if args.gpu_budget_gib else None, check=args.check,
-                          models=models, lookahead=args.lookahead,
+                          models=models, lookahead=lookahead,
                           predict_after_resident=args.predict_after_resident,
                           prefill_repeats=args.prefill_repeats)
         except NotImplementedError as exc:

@@ -281,12 +281,14 @@ class _AsyncCopier:
         return h
 
 
+@pytest.mark.parametrize("backend", ["pump", "thread"])
 @pytest.mark.parametrize("lookahead", [1, 2])
-def test_asynchronous_engine_semantics(lookahead):
-    """The CUDA backend's logic (groups completing later, lookahead, poll, wait returning the event) with a
-    stand-in copier: everything lands, demand loads overtake queued prefetches, at most `lookahead` groups ahead."""
+def test_asynchronous_engine_semantics(lookahead, backend):
+    """The CUDA backends' logic (groups completing later, lookahead, poll, wait returning the event) with a
+    stand-in copier, issued from the main thread (`pump`: the `cuda` backend) or a worker (`cuda-thread`):
+    everything lands, demand loads overtake queued prefetches, at most `lookahead` groups ahead."""
     cp = _AsyncCopier()
-    eng = TransferEngine("thread", copier=cp, lookahead=lookahead)
+    eng = TransferEngine(backend, copier=cp, lookahead=lookahead)
     lows = [_t((0, i), high=False, seq=i) for i in range(4)]
     for t in lows:
         eng.submit(t)
@@ -309,6 +311,8 @@ def test_asynchronous_engine_semantics(lookahead):
     # the demand load went before the prefetches' remaining chunks: at most `lookahead` prefetch groups before it
     first_high = next(i for i, o in enumerate(cp.order) if o[0] == high.key)
     assert first_high <= lookahead
+    if backend == "pump":  # the main thread filled the stream on submit: exactly `lookahead` groups were ahead
+        assert first_high == lookahead
     assert cp.order[first_high] == (high.key, 0, 3)  # all its chunks in one group
     eng.close()
     assert eng.pending_bytes == 0 and eng.bytes == 48 * 5

@@ -237,15 +237,17 @@ def test_counts_equal_simulator_with_prefetch_on_an_instant_link(trace_dir, tmp_
         assert m[k] == sm[k], f"{k}: executor {m[k]} != simulator {sm[k]}"
 
 
+@pytest.mark.parametrize("backend", ["pump", "thread"])
 @pytest.mark.parametrize("lookahead", [1, 2])
-def test_asynchronous_copies_match_reference(trace_dir, reference, lookahead):
-    """The runtime with copies that land later on another thread (the CUDA backend's logic: completion seen by
-    polling, waits on the copy's handle, several groups ahead): same outputs, invariants hold."""
+def test_asynchronous_copies_match_reference(trace_dir, reference, lookahead, backend):
+    """The runtime with copies that land later on another thread (the CUDA backends' logic: completion seen by
+    polling, waits on the copy's handle, several groups ahead; issued by the main thread or by a worker): same
+    outputs, invariants hold."""
     from test_executor_parts import _AsyncCopier
 
     cfg = _cfg(trace_dir, "lru", 0.25, "oracle", True, True, True, distance=2)
     setup = prepare(cfg, get_geometry("tiny"))
-    rt = build_runtime(cfg, setup, device="cpu", keep_outputs=True, check=True, transfer_backend="thread",
+    rt = build_runtime(cfg, setup, device="cpu", keep_outputs=True, check=True, transfer_backend=backend,
                        copier=_AsyncCopier(delay=0.0005), lookahead=lookahead)
     m = rt.run()
     assert all(torch.equal(a, b) for a, b in zip(rt.outputs, reference))
