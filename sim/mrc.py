@@ -188,8 +188,11 @@ except ImportError:  # pragma: no cover - depends on the environment
     HAVE_NUMBA = False
 
 if HAVE_NUMBA:
+    from llvmlite import ir as _ir
+
     _ONE = np.uint64(1)
     _ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
+    _VEC_BITS = 256  # one AVX2 register; LLVM splits it on narrower machines
 
     @_intrinsic
     def _ctpop(typingctx, x):  # pragma: no cover - compiled
@@ -201,6 +204,34 @@ if HAVE_NUMBA:
 
         return sig, codegen
 
+    @_intrinsic
+    def _lanes(typingctx, arr):  # pragma: no cover - compiled
+        """Elements of arr's dtype in one vector: a compile-time constant."""
+        n = _VEC_BITS // arr.dtype.bitwidth
+        return _nbtypes.intp(arr), lambda context, builder, sig, args: context.get_constant(_nbtypes.intp, n)
+
+    @_intrinsic
+    def _dec_after(typingctx, arr, start, d):  # pragma: no cover - compiled
+        """arr[start + j] -= 1 for the lanes j > d (d in -1..lanes) of one vector: a compare and an add, written as
+        vector IR because numba's loops over 16 small integers come out as 16 scalar read-modify-writes."""
+
+        def codegen(context, builder, signature, args):
+            a = context.make_array(signature.args[0])(context, builder, args[0])
+            elt = context.get_data_type(signature.args[0].dtype)
+            lanes = _VEC_BITS // elt.width
+            vty = _ir.VectorType(elt, lanes)
+            dv = builder.insert_element(_ir.Constant(vty, _ir.Undefined), builder.trunc(args[2], elt),
+                                        _ir.Constant(_ir.IntType(32), 0))
+            dv = builder.shuffle_vector(dv, _ir.Constant(vty, _ir.Undefined),
+                                        _ir.Constant(_ir.VectorType(_ir.IntType(32), lanes), [0] * lanes))
+            minus_one = builder.sext(builder.icmp_signed(">", _ir.Constant(vty, list(range(lanes))), dv), vty)
+            ptr = builder.bitcast(builder.gep(a.data, [args[1]]), vty.as_pointer())
+            old = builder.load(ptr, align=elt.width // 8)
+            builder.store(builder.add(old, minus_one), ptr, align=elt.width // 8)
+            return context.get_dummy_value()
+
+        return _nbtypes.void(arr, start, d), codegen
+
     @numba.njit(inline="always")
     def _pc(x):  # pragma: no cover - compiled
         return np.int64(_ctpop(x))
@@ -209,11 +240,13 @@ if HAVE_NUMBA:
     # dead. The LRU stack distance of a lookup = live slots after its key's previous slot. When the S = 2 * n_ids
     # slots are used up the live ones are compacted to the front (order kept; at least n_ids lookups apart, so
     # O(1) amortised), which bounds every array by the number of keys, not of lookups. Counts: P2[b] = live slots
-    # in blocks (of _WB words) before b, P1[w] = live slots in w's block before word w; the live slots after p are
-    # then live - P2 - P1 - popcount(p's word up to p): O(1) per query, and clearing a slot is two fixed-width
-    # (vectorized, branch-free) decrements over P1's block and over P2. Counters past the current word are
-    # stale and set when the slots reach them.
-    _LWB = 3
+    # in blocks (of _WB words) before b, P1[w] = live slots in w's block before word w; the live slots from p on
+    # are then live - P2 - P1 - popcount(p's word below p): O(1) per query. A block is 16 words so that clearing a
+    # slot updates P1's block (16 x int16) and P2 (16 lanes while there are at most 16 blocks, i.e. up to 8192
+    # keys) with one vector compare-and-add each (`_dec_after`). Counters past the current word are stale and set
+    # when the slots reach them; a word's bits are all set when it starts (a slot is live when taken, and bits at
+    # or after the current slot never enter a count), so taking a slot writes nothing but its key.
+    _LWB = 4
     _WB = 1 << _LWB  # words per block
     _SLOTS_PER_KEY = 2
 
@@ -227,20 +260,22 @@ if HAVE_NUMBA:
         return (x + 15) & ~15
 
     def _unit_counts(n_ids: int) -> tuple[np.ndarray, np.ndarray]:
-        """P1, P2 for _lru_unit_nb: 16-bit while the counts fit (fewer vector lanes), else 32-bit."""
+        """P1, P2 for _lru_unit_nb: P1 (< 1024) 16-bit, P2 16-bit while the counts fit (more vector lanes)."""
         nw = _slots(n_ids) >> 6
-        dt = np.int16 if (nw << 6) < (1 << 15) else np.int32
-        return np.zeros(nw, dt), np.zeros(_pad(nw >> _LWB), dt)
+        return np.zeros(nw, np.int16), np.zeros(_pad(nw >> _LWB), np.int16 if (nw << 6) < (1 << 15) else np.int32)
 
     @numba.njit(inline="always")
     def _tz(x):  # pragma: no cover - compiled
         return _pc((x & (~x + _ONE)) - _ONE)
 
     @numba.njit(inline="always")
-    def _compact_unit(words, P1, P2, skey, last):  # pragma: no cover - compiled
-        """Move the live slots to the front in order; returns their number (the next free slot)."""
+    def _compact_unit(words, P1, P2, skey, last, cur):  # pragma: no cover - compiled
+        """Move the live slots (those before cur) to the front in order; returns their number (the next free slot),
+        whose word has its remaining bits set."""
+        if cur & 63:
+            words[cur >> 6] &= ~(_ALL << np.uint64(cur & 63))
         j = 0
-        for w in range(words.shape[0]):
+        for w in range((cur + 63) >> 6):
             x = words[w]
             base = w << 6
             while x:
@@ -251,8 +286,7 @@ if HAVE_NUMBA:
                 j += 1
         words[:] = 0
         words[: j >> 6] = _ALL
-        if j & 63:
-            words[j >> 6] = ~(_ALL << np.uint64(j & 63))
+        words[j >> 6] = _ALL
         for w in range(P1.shape[0]):
             P1[w] = (w & (_WB - 1)) << 6
         for b in range(P2.shape[0]):
@@ -260,30 +294,33 @@ if HAVE_NUMBA:
         return j
 
     @numba.njit(inline="always")
-    def _word_start(words, P1, P2, skey, last, cur, cw, cwv, live):  # pragma: no cover - compiled
-        """At a word boundary: flush the register word, compact when the slots are used up, set the new word's
-        counts. Returns (cur, cw, cwv)."""
-        words[cw] = cwv
-        if cur == skey.shape[0]:
-            cur = _compact_unit(words, P1, P2, skey, last)
+    def _start_word(words, P1, P2, cur, live):  # pragma: no cover - compiled
+        """Counts of the word that starts at slot cur; all its bits set."""
         cw = cur >> 6
-        cwv = words[cw]
-        if (cur & 63) == 0:
-            if (cw & (_WB - 1)) == 0:
-                P2[cw >> _LWB] = live
-            P1[cw] = live - P2[cw >> _LWB]
-        return cur, cw, cwv
+        words[cw] = _ALL
+        if (cw & (_WB - 1)) == 0:
+            P2[cw >> _LWB] = live
+        P1[cw] = live - P2[cw >> _LWB]
 
     @numba.njit(inline="always")
-    def _drop(P1, P2, pw, size):  # pragma: no cover - compiled
-        """Counts after clearing a slot of word pw (weight `size`): fixed-width, branch-free."""
+    def _from(words, P1, P2, p, live):  # pragma: no cover - compiled
+        """Live slots at or after slot p (p live): the stack distance of p's key."""
+        pw = p >> 6
+        return live - P2[pw >> _LWB] - P1[pw] - _pc(words[pw] & ~(_ALL << np.uint64(p & 63)))
+
+    @numba.njit(inline="always")
+    def _kill(words, P1, P2, p):  # pragma: no cover - compiled
+        """Slot p dies: its bit and the counts after it."""
+        pw = p >> 6
+        words[pw] ^= _ONE << np.uint64(p & 63)
         pb = pw >> _LWB
-        wi = pw & (_WB - 1)
-        base = pb << _LWB
-        for i in range(_WB):
-            P1[base + i] -= size * (i > wi)
-        for j in range(P2.shape[0]):
-            P2[j] -= size * (j > pb)
+        _dec_after(P1, pb << _LWB, pw & (_WB - 1))
+        n2 = _lanes(P2)
+        if P2.shape[0] == n2:
+            _dec_after(P2, 0, pb)
+        else:
+            for c in range(0, P2.shape[0], n2):
+                _dec_after(P2, c, min(max(pb - c, -1), n2))
 
     @numba.njit(cache=True, nogil=True)
     def _lru_unit_nb(a, b, mul, n_ids, bounds, seq, out, want_out, P1, P2):  # pragma: no cover - compiled
@@ -298,76 +335,56 @@ if HAVE_NUMBA:
         hist = np.zeros(n_ids + 2, np.int64)
         live = 0
         cur = 0
-        cw = 0  # the word of `cur`, kept in a register (cwv) while it fills
-        cwv = np.uint64(0)
-        one = P1.dtype.type(1)
+        _start_word(words, P1, P2, 0, 0)
         if seq:
             for t in range(n):
-                if (cur & 63) == 0:
-                    cur, cw, cwv = _word_start(words, P1, P2, skey, last, cur, cw, cwv, live)
-                k = a[t] * mul + b[t]
-                p = last[k]
+                k = np.uintp(a[t] * mul + b[t])  # unsigned indices: no negative-index wraparound code
+                p = np.int64(last[k])
                 last[k] = cur
                 skey[cur] = k
                 if p >= 0:
-                    pw = p >> 6
-                    bit = _ONE << np.uint64(p & 63)
-                    if pw == cw:
-                        x = cwv
-                        cwv = x & ~bit
-                    else:
-                        x = words[pw]
-                        words[pw] = x & ~bit
-                    h = live - P2[pw >> _LWB] - P1[pw] - _pc(x & ((bit - _ONE) | bit)) + 1
-                    hist[h] += 1
+                    h = _from(words, P1, P2, p, live)
+                    hist[np.uintp(h)] += 1
                     if want_out:
                         out[t] = h
-                    _drop(P1, P2, pw, one)
+                    _kill(words, P1, P2, p)
                 else:
                     live += 1
                     if want_out:
                         out[t] = INF
-                cwv |= _ONE << np.uint64(cur & 63)
                 cur += 1
+                if (cur & 63) == 0:
+                    if cur == S:
+                        cur = _compact_unit(words, P1, P2, skey, last, cur)
+                    else:
+                        _start_word(words, P1, P2, cur, live)
         else:
             for g in range(bounds.shape[0] - 1):
                 g0 = bounds[g]
                 g1 = bounds[g + 1]
                 for t in range(g0, g1):  # gate: every query against the state at the group start
-                    p = last[a[t] * mul + b[t]]
+                    p = np.int64(last[np.uintp(a[t] * mul + b[t])])
                     if p >= 0:
-                        pw = p >> 6
-                        x = cwv if pw == cw else words[pw]
-                        h = live - P2[pw >> _LWB] - P1[pw] - _pc(x & (_ALL >> np.uint64(63 - (p & 63)))) + 1
-                        hist[h] += 1
+                        h = _from(words, P1, P2, p, live)
+                        hist[np.uintp(h)] += 1
                         if want_out:
                             out[t] = h
                     elif want_out:
                         out[t] = INF
                 if cur + (g1 - g0) > S:
-                    words[cw] = cwv
-                    cur = _compact_unit(words, P1, P2, skey, last)
-                    cw = cur >> 6
-                    cwv = words[cw]
+                    cur = _compact_unit(words, P1, P2, skey, last, cur)
                 for t in range(g0, g1):  # then the group's updates
-                    if (cur & 63) == 0:
-                        cur, cw, cwv = _word_start(words, P1, P2, skey, last, cur, cw, cwv, live)
-                    k = a[t] * mul + b[t]
-                    p = last[k]
+                    k = np.uintp(a[t] * mul + b[t])
+                    p = np.int64(last[k])
                     last[k] = cur
                     skey[cur] = k
                     if p >= 0:
-                        pw = p >> 6
-                        bit = ~(_ONE << np.uint64(p & 63))
-                        if pw == cw:
-                            cwv &= bit
-                        else:
-                            words[pw] &= bit
-                        _drop(P1, P2, pw, one)
+                        _kill(words, P1, P2, p)
                     else:
                         live += 1
-                    cwv |= _ONE << np.uint64(cur & 63)
                     cur += 1
+                    if (cur & 63) == 0:
+                        _start_word(words, P1, P2, cur, live)
         top = 0
         for i in range(hist.shape[0]):
             if hist[i]:
@@ -378,6 +395,17 @@ if HAVE_NUMBA:
             s += hist[i]
             cum[i] = s
         return cum
+
+    @numba.njit(inline="always")
+    def _drop(P1, P2, pw, size):  # pragma: no cover - compiled
+        """Weighted counts (_lru_sized_nb) after clearing a slot of word pw (weight `size`)."""
+        pb = pw >> _LWB
+        wi = pw & (_WB - 1)
+        base = pb << _LWB
+        for i in range(_WB):
+            P1[base + i] -= size * (i > wi)
+        for j in range(P2.shape[0]):
+            P2[j] -= size * (j > pb)
 
     @numba.njit(cache=True, nogil=True)
     def _lru_sized_nb(ids, cls, sizes, n_ids, bounds, out):  # pragma: no cover - compiled
@@ -410,7 +438,7 @@ if HAVE_NUMBA:
                 else:
                     out[t] = INF
             if cur + (g1 - g0) > S:  # compact, then rebuild the per-class bitmaps and weighted counts
-                cur = _compact_unit(words, P1, P2, skey, last)
+                cur = _compact_unit(words, P1, P2, skey, last, cur)
                 wq[:] = 0
                 acc = 0
                 for s in range(cur):

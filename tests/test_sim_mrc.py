@@ -101,6 +101,19 @@ def test_lru_kernel_long_streams(seed):
                 == mrc.lru_hit_counts_py(a, b, 7, n_ids + 7, bounds).tolist()), (seed, trial)
 
 
+@pytest.mark.parametrize("n_ids", [9000, 17000])
+def test_lru_kernel_many_keys(n_ids):
+    # more than 16 blocks of slots (P2 spans several vectors) and, from 16384 keys, 32-bit block counts; long
+    # enough to compact; sequential and gate
+    rng = np.random.default_rng(n_ids)
+    n = 2 * n_ids + 3000
+    ids = np.r_[rng.permutation(n_ids), rng.integers(0, n_ids, n - n_ids)].astype(np.int64)
+    one = (np.zeros(n, np.int64), np.ones(1, np.int64))
+    for bounds in (None, np.unique(np.r_[0, np.flatnonzero(np.diff(ids) <= 0) + 1, n]).astype(np.int64)):
+        assert (mrc.lru_hit_capacity(ids, *one, n_ids, bounds).tolist()
+                == mrc.lru_hit_capacity_py(ids, *one, n_ids, bounds).tolist())
+
+
 @settings(max_examples=60, deadline=None)
 @given(random_streams, st.sampled_from(["global", "per_layer"]), st.sampled_from(["experts", "bytes"]),
        st.sampled_from(["gate", "sequential"]))
