@@ -25,6 +25,7 @@ The small trained model (traces/small_moe) is a Qwen3-MoE; its weights are not c
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -246,17 +247,36 @@ class LiveOffload:
         return self.rt.metrics()
 
 
+def routing_json(live: LiveOffload) -> str:
+    """The routing a live run produced (its batches' phase, sequences, positions, experts), as JSON: stored in the
+    validation row so the simulator side can be recomputed later without the model (`validate --resimulate`)."""
+    return json.dumps({"n_layers": live.meta.n_layers, "top_k": live.top_k,
+                       "batches": [[ph, seqs.tolist(), pos.tolist(), ex.tolist()]
+                                   for ph, seqs, pos, ex in live.history]})
+
+
+def sequences_from_routing(blob: str) -> list:
+    """`routing_json`'s text back as the simulator's SequenceData (prefill batch, then decode rows)."""
+    d = json.loads(blob)
+    history = [(ph, np.asarray(s, dtype=np.int64), np.asarray(p, dtype=np.int64), np.asarray(e, dtype=np.int16))
+               for ph, s, p, e in d["batches"]]
+    return _sequences(history, d["n_layers"], d["top_k"])
+
+
 def sequences_for_simulator(live: LiveOffload) -> list:
     """The routing a live run produced, as the simulator's SequenceData (prefill batch, then decode rows)."""
+    return _sequences(live.history, live.meta.n_layers, live.top_k)
+
+
+def _sequences(history, L: int, k: int) -> list:
     from sim.engine.schedule import SequenceData
 
     by_seq: dict[int, dict] = {}
-    for phase, seqs, pos, experts in live.history:
+    for phase, seqs, pos, experts in history:
         for s in sorted(set(seqs.tolist())):
             sel = seqs == s
             by_seq.setdefault(s, {"prefill": [], "decode": []})[phase].append((pos[sel], experts[sel]))
     out = []
-    L, k = live.meta.n_layers, live.top_k
     for s, parts in by_seq.items():
         prompts = [("prefill", ex, p, None) for p, ex in parts["prefill"]]
         if parts["decode"]:
@@ -330,4 +350,5 @@ def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int 
     # a live run always prefills then decodes: the simulator runs both phases too (TTFT and TPOT both reported)
     sim = simulate(cfg.model_copy(update={"phase": "both"}), setup, profile, capacity)
     return compare_row(real, sim, {"geometry_name": live.geom.name, "n_layers": live.meta.n_layers,
-                                   "slab_slots": live.rt.n_slots, "capacity_bytes": capacity, "device": str(device)})
+                                   "slab_slots": live.rt.n_slots, "capacity_bytes": capacity, "device": str(device),
+                                   "live_routing": routing_json(live)})

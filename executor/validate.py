@@ -45,6 +45,7 @@ import json
 import platform
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from traces.atomic import atomic_write
 from traces.errors import TraceError, run_cli
@@ -172,6 +173,39 @@ def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget
                                    "real_repeats": len(runs),
                                    "slab_slots": rt.n_slots, "capacity_bytes": capacity, "device": str(rt.device),
                                    **pcie_floor(cfg, setup, profile, capacity)})
+
+
+def resimulate_row(row: dict, run: dict, profile) -> dict:
+    """The row with its simulator side recomputed (same run config, trace, layers and slot capacity; the real side
+    untouched): the model or the profile changed since the real run. Live runs replay the routing they stored."""
+    from executor.geometry import parse_geometry_overrides, resolve_geometry
+    from executor.replay import prepare
+
+    ex, cfg = split_run(run)
+    if ex["mode"] == "live":
+        from executor.live import sequences_from_routing
+        from traces.format import TraceMeta
+
+        blob = row.get("live_routing")
+        if not isinstance(blob, str):
+            raise TraceError("a live row without its routing (recorded before --resimulate existed)",
+                             where=str(row.get("run_id")))
+        seqs = sequences_from_routing(blob)
+        geom = resolve_geometry(ex["geometry"], parse_geometry_overrides(ex.get("set_geometry")))
+        L = int(row["n_layers"])
+        meta = TraceMeta(model=str(ex["geometry"]), source="executor.live", n_layers=L, n_experts=geom.n_experts,
+                         top_k=seqs[0].all.shape[2], expert_bytes=[geom.expert_bytes] * L,
+                         dense_bytes=geom.dense_bytes[:L], hidden_size=geom.hidden, dtype=geom.dtype,
+                         license="n/a", attribution="n/a", has_hidden_states=True)
+        setup = SimpleNamespace(meta=meta, sequences=seqs, trace=None)
+        cfg = cfg.model_copy(update={"phase": "both"})
+    else:
+        geom = resolve_geometry(ex["geometry"], parse_geometry_overrides(ex.get("set_geometry")))
+        setup = prepare(cfg, geom, layers=ex.get("layers"))
+    sim = simulate(cfg, setup, profile, int(row["capacity_bytes"]))
+    real = {k[len("real_"):]: v for k, v in row.items() if k.startswith("real_")}
+    new = compare_row(real, sim, {})
+    return {**row, **{k: v for k, v in new.items() if k.startswith(("sim_", "diff_"))}}
 
 
 def compare_row(real: dict, sim: dict, extra: dict) -> dict:
@@ -407,6 +441,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="replay only the first N layers in every run")
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: rewrite summary.md, meta.json and plots/ from DIR/results.parquet")
+    ap.add_argument("--resimulate", action="store_true",
+                    help="with --report-only: recompute every run's simulator side with --profile and today's "
+                         "simulator (the real measurements are kept)")
     ap.add_argument("--note", default=None, help="a line shown at the top of the summary (e.g. why it is partial)")
     ap.add_argument("--prefill-repeats", type=int, default=3,
                     help="real prefill runs per config (the median is reported); decode runs once")
@@ -450,6 +487,15 @@ def main(argv=None) -> int:
         if not results.exists():
             raise TraceError(f"{results}: no results to report on", where="--report-only")
         rows = pd.read_parquet(results).to_dict("records")
+        if args.resimulate:
+            by_id = {run_id(*split_run(r)): r for r in runs}
+            for i, row in enumerate(rows):
+                if row.get("status") != "ok":
+                    continue
+                if row["run_id"] not in by_id:
+                    raise TraceError(f"run {row['run_id']} ({row.get('name')}) is not in {args.configs}",
+                                     where="--resimulate")
+                rows[i] = resimulate_row(row, by_id[row["run_id"]], profile)
         runs = []
     for i, run in enumerate(runs):
         ex, cfg = split_run(run)

@@ -95,6 +95,28 @@ def test_validate_suite_report(tmp_path, profile_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["note"] == "PARTIAL: a test" and meta["fidelity"]["ok"] == 4
     assert set(meta["fidelity"]["by_geometry_mode"]) == {f"{g}/{m}" for g, m in zip(df["geometry"], df["mode"])}
+    # --resimulate recomputes the simulator side only: the same profile gives the same figures, a slower link
+    # changes the simulated times and nothing real
+    sim_cols = [c for c in df.columns if c.startswith("sim_") and "speedup" not in c and "oracle" not in c]
+    real_cols = [c for c in df.columns if c.startswith("real_")]
+    assert validate.main([str(suite), "--profile", str(profile_path), "--out", str(out), "--device", "cpu",
+                          "--report-only", "--resimulate"]) == 0
+    again = pd.read_parquet(out / "results.parquet")
+    pd.testing.assert_frame_equal(again[sim_cols + real_cols], df[sim_cols + real_cols])
+    import yaml
+
+    slow = yaml.safe_load(profile_path.read_text())
+    for pt in slow["h2d"]["pinned"]["points"]:
+        pt["gbps"] /= 100
+    slow_path = tmp_path / "slow.yaml"
+    slow_path.write_text(yaml.safe_dump(slow))
+    assert validate.main([str(suite), "--profile", str(slow_path), "--out", str(out), "--device", "cpu",
+                          "--report-only", "--resimulate"]) == 0
+    slower = pd.read_parquet(out / "results.parquet")
+    pd.testing.assert_frame_equal(slower[real_cols], df[real_cols])
+    ok2 = slower["status"] == "ok"
+    new, old = slower[ok2]["sim_ttft_ms"].values, df[ok2]["sim_ttft_ms"].values
+    assert (new >= old).all() and (new > old).any()  # (prefetching hides the slower link in some runs)
 
 
 def test_suite_errors(tmp_path):

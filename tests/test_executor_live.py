@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -101,3 +102,10 @@ def test_live_validation_run(tiny_model, tmp_path):
     live.generate([[1, 2, 3]], 3)
     seqs = sequences_for_simulator(live)
     assert len(seqs) == 1 and seqs[0].prompts[0][1].shape == (3, 3, 2) and seqs[0].gen.shape == (2, 3, 2)
+    # the routing stored in a validation row gives the same sequences back (validate --resimulate)
+    from executor.live import routing_json, sequences_from_routing
+
+    back = sequences_from_routing(routing_json(live))
+    assert len(back) == 1 and np.array_equal(back[0].all, seqs[0].all) and np.array_equal(back[0].gen, seqs[0].gen)
+    assert np.array_equal(back[0].gen_positions, seqs[0].gen_positions)
+    assert isinstance(row.get("live_routing"), str)
