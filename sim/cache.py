@@ -113,6 +113,9 @@ class ExpertCache:
                            for pol in self.policies]
         self._on_hit = [pol.on_hit for pol in self.policies]
         self._admit = [pol.admit if type(pol).admit is not Policy.admit else None for pol in self.policies]
+        # insert's per-layer constants, one tuple: (partition, expert bytes, partition capacity, admit hook)
+        self._insert_info = [(p, self.expert_bytes[la], self._part_capacity[p], self._admit[p])
+                             for la in range(n_layers) for p in [la if n_parts > 1 else 0]]
         # every valid key, for insert's range check (one hash lookup)
         self._valid = frozenset((la, e) for la in range(n_layers) for e in range(n_experts))
         self._size: dict[Key, int] = {}  # all resident keys -> bytes
@@ -240,23 +243,22 @@ class ExpertCache:
             self.policies[key[0] if self._per_layer else 0].on_touch(key)
 
     # -- residency changes ----------------------------------------------------------------------------------
-    def insert(self, key: Key) -> list[Key] | None:
+    def insert(self, key: Key, pin: bool = False) -> list[Key] | None:
         """Make room (evicting unpinned victims the policy chooses) and insert `key`.
 
         Returns the evicted keys (possibly empty), or None when the key cannot be cached (it is larger than its
         partition, everything evictable is pinned, or the policy declines); then nothing has changed.
         Inserting a resident key is a no-op that returns [].
+        `pin=True`: then `pin(key)` unless None is returned (a copy's slot, held until the copy lands; one call).
         """
         sizes = self._size
         if key in sizes:
+            if pin:
+                self.pin(key)
             return []
         if key not in self._valid:
             raise KeyError(f"expert key {key} outside {self.n_layers} layers x {self.n_experts} experts")
-        layer = key[0]
-        p = layer if self._per_layer else 0
-        size = self.expert_bytes[layer]
-        cap = self._part_capacity[p]
-        admit = self._admit[p]
+        p, size, cap, admit = self._insert_info[key[0]]
         if size > cap or (admit is not None and not admit(key)):
             self.stats.rejected += 1
             return None
@@ -310,6 +312,9 @@ class ExpertCache:
         st.insertions += 1
         st.bytes_inserted += size
         policy.on_insert(key)
+        if pin:
+            pins = self._pins
+            pins[key] = pins.get(key, 0) + 1
         return victims
 
     def _drop(self, key: Key, p: int) -> None:

@@ -28,6 +28,7 @@ batch only (l + d < n_layers).
 
 from __future__ import annotations
 
+from collections import deque
 from heapq import heappop
 
 import simpy
@@ -41,6 +42,7 @@ from sim.engine.decisions import (
     early_preemption_plan,
     expert_state,
     gate_demand_loads,
+    key_table,
     touch_hooks,
     touch_in_use_order,
 )
@@ -179,16 +181,21 @@ class Simulation:
             cache.pin_layer(cur)
             self.pinned_ids = cur
             self.cur_ids = None
-        victims = cache.insert(key)
+        victims = cache.insert(key, True)  # (pinned)
         if victims is None:
             if speculative or background:
                 return None
             cached = False
         else:
             cached = True
-            if victims:
-                self._evicted(victims)
-            cache.pin(key)
+            if victims:  # self._evicted(victims), inline
+                ready = self.ready
+                unused = self.unused_pf
+                for v in victims:
+                    ready.discard(v)
+                    if v in unused:
+                        unused.discard(v)
+                        self.c.n_prefetch_unused += 1
             if self.check:
                 assert cache.used_bytes <= cache.capacity_bytes, "cache capacity exceeded"
                 self.max_used_bytes = max(self.max_used_bytes, cache.used_bytes)
@@ -269,7 +276,17 @@ class Simulation:
             while queue:
                 h = queue[0]
                 if h[0] < t or (h[0] == t and (h[1] < NORMAL or (h[1] == NORMAL and h[2] < n))):
-                    _fire(env, heappop(queue))
+                    heappop(queue)
+                    ev = h[3]
+                    if type(ev) is Call:  # _fire's first case, inline (most events)
+                        env._now = h[0]
+                        if ev.callbacks:
+                            ev.callbacks = None
+                            ev.fn(*ev.args)
+                        else:
+                            ev.callbacks = None
+                    else:
+                        _fire(env, h)
                 else:
                     break
             env._now = t
@@ -282,6 +299,7 @@ class Simulation:
         lookup_layer = cache.lookup_layer
         hooks = touch_hooks(cache)
         resident = cache.resident
+        table = key_table(L, self.meta.n_experts)
         for batch in batches:
             T = batch.tokens
             cost.prepare(T)
@@ -310,7 +328,8 @@ class Simulation:
                     carry = 0.0
                 self.gated = (b, layer)
                 # -- the gate: lookups ---------------------------------------------------------------------------
-                keys = [(layer, e) for e in ids]
+                kt = table[layer]
+                keys = list(map(kt.__getitem__, ids))
                 self.cur_ids = keys
                 self.pinned_ids = None
                 lookup_layer(keys)
@@ -334,7 +353,7 @@ class Simulation:
                         cpu_s_l = cpu_s[layer]
                         now = vt
                         for e in missing:
-                            key = (layer, e)
+                            key = kt[e]
                             if key in inflight:
                                 continue
                             n = cnt[e] if cnt is not None else 1
@@ -353,7 +372,7 @@ class Simulation:
                         order = [e for e in order if (layer, e) not in local]
                     if ep:
                         for e in gate_demand_loads(layer, order, ready, inflight):
-                            local[(layer, e)] = self.start_transfer((layer, e), speculative=False, at=vt)
+                            local[kt[e]] = self.start_transfer(kt[e], speculative=False, at=vt)
                             carry += demand_host
                 # -- the prefetcher ----------------------------------------------------------------------------------
                 if pf is not None:
@@ -392,7 +411,7 @@ class Simulation:
                     local = {}
                     order = sorted(ids) if n_ids > 1 else ids
                 for e in order:
-                    key = (layer, e)
+                    key = kt[e]
                     if demand_host and key not in ready and key not in local and key not in inflight:
                         carry += demand_host  # the host issues this demand load (profile: demand_transfer_host_us)
                     if key not in ready:
@@ -433,8 +452,11 @@ class Simulation:
                     if carry and pf is not None and pf.pending and pf.next_issue <= env._now + carry:
                         sync(carry)
                         carry = 0.0
-                if hooks is not None:
-                    touch_in_use_order(hooks, resident, layer, ids, keys)  # recency = order of first use in the batch
+                if hooks is not None:  # recency = order of first use in the batch (touch_in_use_order)
+                    if all(map(resident.__contains__, keys)):
+                        deque(map(hooks[layer], keys), 0)  # its common case, inline
+                    else:
+                        touch_in_use_order(hooks, resident, layer, ids, keys)
                 if self.pinned_ids is not None:
                     cache.unpin_layer(self.pinned_ids)
                     self.pinned_ids = None

@@ -18,9 +18,18 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 
 NOT_STARTED = (4, 0)
 RESIDENT = (0, 0)
+
+
+@lru_cache(maxsize=8)
+def key_table(n_layers: int, n_experts: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """`key_table(L, E)[layer][e] is (layer, e)`: one shared tuple per expert key. Keys taken from it (in C:
+    `list(map(table[layer].__getitem__, ids))`) are the same objects wherever they are stored, so dict and set
+    lookups match them by identity instead of comparing tuples; equal tuples made elsewhere still work."""
+    return tuple(tuple((la, e) for e in range(n_experts)) for la in range(n_layers))
 
 
 def expert_state(key, ready, inflight) -> tuple:

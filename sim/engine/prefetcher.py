@@ -19,7 +19,7 @@ import numpy as np
 from simpy.events import NORMAL
 
 from predictors.base import BatchView, Predictor
-from sim.engine.decisions import touch_hooks
+from sim.engine.decisions import key_table, touch_hooks
 from sim.engine.link import Call
 from sim.engine.schedule import Batch
 from traces.format import TraceMeta
@@ -75,9 +75,15 @@ class Prefetcher:
         self._future = None
         self._view_base: dict = {}
         self._touch_hooks = False  # the cache's touch hooks, looked up at the first issue
+        self._keys = key_table(self.meta.n_layers, self.meta.n_experts)
         self._n = 0
         # observe() is skipped for predictors that do not override it (the base hook does nothing)
         self._observe = predictor.observe if type(predictor).observe is not Predictor.observe else None
+        # a predictor that reads the future may answer for a whole batch at once (`rank_layers(experts)`: per
+        # layer, predict()'s experts); it is asked once per batch then (nothing to observe, no view to build)
+        self._rank_layers = getattr(predictor, "rank_layers", None) if self.reads_future and \
+            self._observe is None else None
+        self._ranked: list | None = None
 
     def start_batch(self, batch: Batch) -> None:
         self._batch = batch
@@ -88,6 +94,8 @@ class Prefetcher:
         if self.reads_future:
             experts = batch.experts
             self._future = lambda layer: experts[:, layer, :]
+            if self._rank_layers is not None:  # the oracle: every layer's answer at once (one call per batch)
+                self._ranked = self._rank_layers(experts)
 
     def _trace_hidden(self, batch: Batch, layer: int):
         if batch.hidden_rows is None or self.trace is None:
@@ -100,8 +108,14 @@ class Prefetcher:
 
     def predict_at_gate(self, layer: int, n_layers: int):
         """At the gate of `layer`: observe, then predict layer + d. Returns (experts best first, target) or None."""
-        batch = self._batch
         target = layer + self.distance
+        ranked = self._ranked
+        if ranked is not None:
+            if target >= n_layers:
+                return None
+            experts = ranked[target][: self._n]
+            return (experts, target) if experts else None
+        batch = self._batch
         observe = self._observe
         if target >= n_layers and observe is None:
             return None  # nothing to predict, nothing to observe
@@ -148,7 +162,7 @@ class Prefetcher:
         if hooks is False:
             hooks = self._touch_hooks = touch_hooks(eng.cache)
         ready = eng.ready
-        keys = [(target, e) for e in experts]
+        keys = list(map(self._keys[target].__getitem__, experts))
         if all(map(ready.__contains__, keys)):  # all resident (common): refresh them, in C
             if hooks is not None:
                 deque(map(hooks[target], keys), 0)
