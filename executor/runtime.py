@@ -15,9 +15,11 @@ Per batch and layer, on the compute stream (the default CUDA stream, or the CPU)
    in-flight bound; its predictor cost is real time here, so its simulated cost is 0) predicts layer l+d and
    enqueues speculative transfers.
 3. experts in order (ascending id; reordered inference: resident, copying, queued high, queued low, not started;
-   sim.engine.decisions). An expert not resident: without early preemption its demand load is enqueued now (or
+   sim.engine.decisions). An expert not resident: the host first waits for the GPU to reach it (as at the gate:
+   the simulator's "the stream gets here"), then without early preemption its demand load is enqueued now (or
    its prefetch upgraded to high); the compute stream waits for the copy (stall, measured with CUDA events
-   around the wait, or perf_counter on the CPU).
+   around the wait, or perf_counter on the CPU). Between these synchronisation points the host only launches
+   resident experts' kernels, ahead of the GPU.
 
 Copies reserve their cache slot (and a slab slot) when enqueued and stay pinned until they land; a demand miss
 the cache cannot hold is copied into a scratch buffer; a prefetch that cannot get a slot is skipped.
@@ -376,10 +378,7 @@ class OffloadedRuntime:
         cache, ready, inflight, unused_pf, c = self.cache, self.ready, self.inflight, self.unused_pf, self.c
         engine = self.engine
         engine.pump(self.pump_per_dense)
-        if self.device.type == "cuda":
-            ev = self.clock.event()
-            engine.feed_until(ev.query)  # the link keeps moving while the host waits for the GPU
-            ev.synchronize()
+        self._sync_to_stream()
         self._reap()
         b = self._batch_index
         self.gated = (b, layer)
@@ -409,6 +408,14 @@ class OffloadedRuntime:
             self._reap()
         return order, local
 
+    def _sync_to_stream(self) -> None:
+        """CUDA: the host waits until the GPU has reached this point of the compute stream, keeping the copy
+        stream fed meanwhile (`TransferEngine.feed_until`). On the CPU the host is the compute stream."""
+        if self.device.type == "cuda":
+            ev = self.clock.event()
+            self.engine.feed_until(ev.query)
+            ev.synchronize()
+
     def predict(self, layer: int) -> None:
         """The simulator's prefetcher at this layer's gate: observe, predict layer + d, issue. Its CPU time is real
         time here (the simulator charges the profile's predictor_cost_us instead)."""
@@ -426,6 +433,10 @@ class OffloadedRuntime:
         if self._predict_pending and key not in self.ready:
             self.predict(layer)
         if key not in self.ready:
+            # the simulator's "the GPU reaches this expert": the host waits for the compute stream to get here
+            # before it acts on a missing expert (a demand load starts now, not when the host, running ahead of
+            # the GPU, first saw the miss: that would be an unasked-for early preemption)
+            self._sync_to_stream()
             self._reap()  # copies that landed meanwhile release their pins (and may be this one) before an insert
         if key in self.ready:
             pool, owner = self.slab, key
