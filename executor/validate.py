@@ -428,6 +428,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="report directory")
     ap.add_argument("--device", default=None)
     ap.add_argument("--only", default=None, help="run only runs whose name contains this")
+    ap.add_argument("--geometries", default=None, help="run only runs of these geometries (comma-separated)")
     ap.add_argument("--resume", action="store_true", help="skip runs already in DIR/results.parquet")
     ap.add_argument("--check", action="store_true", help="executor invariant checks (slow)")
     ap.add_argument("--host-budget-gib", type=float, default=100.0)
@@ -468,6 +469,9 @@ def main(argv=None) -> int:
             r["set_geometry"] = list(r.get("set_geometry") or []) + list(args.set_geometry)
     if args.only:
         runs = [r for r in runs if args.only in str(r.get("name"))]
+    if args.geometries:
+        keep = {g.strip() for g in args.geometries.split(",") if g.strip()}
+        runs = [r for r in runs if str(r.get("geometry")) in keep]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
