@@ -323,34 +323,38 @@ if HAVE_NUMBA:
                 _dec_after(P2, c, min(max(pb - c, -1), n2))
 
     @numba.njit(cache=True, nogil=True)
-    def _lru_unit_nb(a, b, mul, n_ids, bounds, seq, out, want_out, P1, P2):  # pragma: no cover - compiled
+    def _lru_unit_nb(a, b, mul, n_ids, bounds, seq, out, P1, P2):  # pragma: no cover - compiled
         """Unit sizes. Key of lookup t = a[t] * mul + b[t]. Gate semantics over groups `bounds`, or one lookup at a
         time when `seq`. Returns the cumulative histogram of hitting capacities (hits at capacity c = cum[c],
-        trimmed after the largest) and, when want_out, each lookup's hitting capacity in `out` (INF: first)."""
+        trimmed after the largest) and, unless `out` is None (then the branches compile away), each lookup's hitting
+        capacity in `out` (INF: first)."""
         n = a.shape[0]
         S = P1.shape[0] << 6
         words = np.zeros(P1.shape[0], np.uint64)
         skey = np.empty(S, np.int32)
         last = np.full(n_ids, -1, np.int32)
         hist = np.zeros(n_ids + 2, np.int64)
+        keys = np.empty(n, np.uint32)  # one pass first: the main loop then keeps fewer values in registers
+        for t in range(n):
+            keys[t] = a[t] * mul + b[t]
         live = 0
         cur = 0
         _start_word(words, P1, P2, 0, 0)
         if seq:
             for t in range(n):
-                k = np.uintp(a[t] * mul + b[t])  # unsigned indices: no negative-index wraparound code
+                k = keys[t]  # indices unsigned (keys, np.uintp): no negative-index wraparound code
                 p = np.int64(last[k])
                 last[k] = cur
-                skey[cur] = k
+                skey[np.uintp(cur)] = k
                 if p >= 0:
                     h = _from(words, P1, P2, p, live)
                     hist[np.uintp(h)] += 1
-                    if want_out:
+                    if out is not None:
                         out[t] = h
                     _kill(words, P1, P2, p)
                 else:
                     live += 1
-                    if want_out:
+                    if out is not None:
                         out[t] = INF
                 cur += 1
                 if (cur & 63) == 0:
@@ -363,21 +367,21 @@ if HAVE_NUMBA:
                 g0 = bounds[g]
                 g1 = bounds[g + 1]
                 for t in range(g0, g1):  # gate: every query against the state at the group start
-                    p = np.int64(last[np.uintp(a[t] * mul + b[t])])
+                    p = np.int64(last[keys[t]])
                     if p >= 0:
                         h = _from(words, P1, P2, p, live)
                         hist[np.uintp(h)] += 1
-                        if want_out:
+                        if out is not None:
                             out[t] = h
-                    elif want_out:
+                    elif out is not None:
                         out[t] = INF
                 if cur + (g1 - g0) > S:
                     cur = _compact_unit(words, P1, P2, skey, last, cur)
                 for t in range(g0, g1):  # then the group's updates
-                    k = np.uintp(a[t] * mul + b[t])
+                    k = keys[t]
                     p = np.int64(last[k])
                     last[k] = cur
-                    skey[cur] = k
+                    skey[np.uintp(cur)] = k
                     if p >= 0:
                         _kill(words, P1, P2, p)
                     else:
@@ -477,7 +481,7 @@ if HAVE_NUMBA:
                 cur += 1
         return out
 
-    _NONE = np.zeros(1, np.int64)  # bounds in sequential mode, out when not wanted
+    _NONE = np.zeros(1, np.int64)  # bounds in sequential mode
 
     def lru_hit_capacity_nb(ids, cls, sizes, n_ids, bounds=None):
         """As lru_hit_capacity_py, in O(1) per lookup (see _lru_unit_nb / _lru_sized_nb)."""
@@ -486,7 +490,7 @@ if HAVE_NUMBA:
         out = np.empty(n, np.int64)
         if len(sizes) == 1 and int(sizes[0]) == 1:
             bnd = _NONE if bounds is None else np.ascontiguousarray(bounds, dtype=np.int64)
-            _lru_unit_nb(ids, ids, 0, int(n_ids), bnd, bounds is None, out, True, *_unit_counts(int(n_ids)))
+            _lru_unit_nb(ids, ids, 0, int(n_ids), bnd, bounds is None, out, *_unit_counts(int(n_ids)))
             return out
         bnd = np.arange(n + 1, dtype=np.int64) if bounds is None else np.ascontiguousarray(bounds, dtype=np.int64)
         return _lru_sized_nb(ids, np.ascontiguousarray(cls, dtype=np.int64),
@@ -495,8 +499,7 @@ if HAVE_NUMBA:
     def lru_hit_counts_nb(a, b, mul, n_ids, bounds=None):
         """Unit sizes, key = a * mul + b: cum[c] = lookups that hit at capacity c (c = 0..largest hitting one)."""
         bnd = _NONE if bounds is None else np.ascontiguousarray(bounds, dtype=np.int64)
-        return _lru_unit_nb(a, b, int(mul), int(n_ids), bnd, bounds is None, _NONE, False,
-                            *_unit_counts(int(n_ids)))
+        return _lru_unit_nb(a, b, int(mul), int(n_ids), bnd, bounds is None, None, *_unit_counts(int(n_ids)))
 
     @numba.njit(cache=True, nogil=True)
     def opt_hit_capacity_nb(ids, next_use, n_ids):  # pragma: no cover - compiled; tested against the Python one
