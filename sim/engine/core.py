@@ -270,9 +270,10 @@ class Simulation:
         # processed by env.step() in the same order, then the clock moves to the timeout's time) and `wait(ev)` is
         # `yield ev` (events are processed until ev has been), without a Timeout object or a process switch.
         # Popped events are processed by _fire, as env.step() would.
-        def sync(carry: float) -> None:
+        def sync(carry: float, n: int | None = None) -> None:
             t = env._now + carry
-            n = next(eids)
+            if n is None:
+                n = next(eids)
             while queue:
                 h = queue[0]
                 if h[0] < t or (h[0] == t and (h[1] < NORMAL or (h[1] == NORMAL and h[2] < n))):
@@ -375,6 +376,7 @@ class Simulation:
                             local[kt[e]] = self.start_transfer(kt[e], speculative=False, at=vt)
                             carry += demand_host
                 # -- the prefetcher ----------------------------------------------------------------------------------
+                direct = None
                 if pf is not None:
                     r = pf.predict_at_gate(layer, L)
                     if r is not None:
@@ -382,7 +384,10 @@ class Simulation:
                         when = max(vt, pf.free_at) + pf.cost_s
                         pf.free_at = when
                         if when > vt:
-                            pf.schedule(experts, target, b, when - env._now)
+                            if local is None and spans is None and not (queue and queue[0][0] <= when):
+                                direct = r  # issued below without an event, if before the layer's end
+                            else:
+                                pf.schedule(experts, target, b, when - env._now)
                         else:
                             n0 = c.prefetches
                             pf.issue(experts, target, b, at=vt)
@@ -407,6 +412,21 @@ class Simulation:
                         for e in sorted(ids):
                             carry += es[cnt[e]]
                     order = ()
+                    if direct is not None:
+                        # What the scheduled issue would do, without its event: nothing is queued before `when` and
+                        # this layer computes without touching the link or the cache, so the issue can run now with
+                        # the clock at `when` (as its event would), then a sync to the layer's end. `e0`, taken in
+                        # place of that sync's own id, orders the issue's new events after the sync, as they were.
+                        if when <= env._now + carry:
+                            e0 = next(eids)
+                            now = env._now
+                            env._now = when
+                            pf.issue(experts, target, b)
+                            env._now = now
+                            sync(carry, e0)
+                            carry = 0.0
+                        else:  # (ids: nothing was taken since the gate, so scheduling it now is the same)
+                            pf.schedule(experts, target, b, when - env._now)
                 elif local is None:
                     local = {}
                     order = sorted(ids) if n_ids > 1 else ids
