@@ -5,7 +5,9 @@ multi-hot encoding of:
   - the current token's experts at layers l, l-1, ..., l-`depth`+1 (what the gates have chosen so far), and
   - in decode, the previous position's experts at the target layer l+d and at layer l (zeros in prefill: the
     previous prompt token is in the same batch and has not reached layer l+d yet),
-scoring layer l+d's experts. Trained offline (torch, imported only inside fit), numpy inference. The features
+scoring layer l+d's experts. Trained offline (torch, imported only inside fit; all source layers of one distance
+at once as one batched network, `_torchfit.train_many`, each with its own early stopping on the last tenth of
+its training rows; `patience`, `schedule`, `warmup`, `threads` as in learned_mlp), numpy inference. The features
 are built the same way at training and prediction time, from what a BatchView holds.
 """
 
@@ -47,12 +49,14 @@ class LearnedHistoryPredictor(Predictor):
 
     def __init__(self, distances=(1, 2, 3), depth: int = 3, hidden_units: int = 128, epochs: int = 60,
                  lr: float = 1e-2, weight_decay: float = 1e-3, batch_size: int = 128, seed: int = 0,
-                 device: str = "cpu", time_limit: float = 0.0, **params):
+                 device: str = "cpu", patience: int = 4, schedule: str = "constant", warmup: float = 0.0,
+                 threads: int = 1, **params):
         super().__init__(distances=list(distances), depth=depth, hidden_units=hidden_units, epochs=epochs, lr=lr,
                          weight_decay=weight_decay, batch_size=batch_size, seed=seed, device=device,
-                         time_limit=time_limit, **params)
+                         patience=patience, schedule=schedule, warmup=warmup, threads=threads, **params)
         self.distances = [int(d) for d in distances]
         self._nets: dict[str, dict[str, np.ndarray]] = {}
+        self.fit_report: dict = {}  # what each distance's fit did (_torchfit.train_many's report)
 
     def fit(self, trace, sequences) -> None:
         meta = trace.meta
@@ -70,20 +74,28 @@ class LearnedHistoryPredictor(Predictor):
             has_prev.append(decode)
         cur = np.concatenate(cur_all)
         prev = np.concatenate(prev_all)
-        for layer in range(meta.n_layers):
-            for d in self.distances:
+        for d in self.distances:
+            names, xs, ys = [], [], []
+            for layer in range(meta.n_layers - d):
                 t = layer + d
-                if t >= meta.n_layers:
-                    continue
                 ok = np.flatnonzero((cur[:, layer, 0] >= 0) & (cur[:, t, 0] >= 0))
                 if ok.size == 0:
                     continue
-                x = features(cur[ok], prev[ok], layer, t, p["depth"], meta.n_experts)
-                y = _torchfit.multi_hot(cur[ok, t], meta.n_experts)
-                self._nets[f"l{layer}_d{d}"] = _torchfit.train(
-                    x, y, hidden_units=p["hidden_units"], epochs=p["epochs"], lr=p["lr"],
-                    weight_decay=p["weight_decay"], batch_size=p["batch_size"], seed=p["seed"] + 1000 * layer + d,
-                    device=p["device"], standardize=False, time_limit=p.get("time_limit", 0.0))
+                names.append(f"l{layer}_d{d}")
+                xs.append(features(cur[ok], prev[ok], layer, t, p["depth"], meta.n_experts))
+                ys.append(_torchfit.multi_hot(cur[ok, t], meta.n_experts))
+            if not xs:
+                continue
+            rep: dict = {}
+            nets = _torchfit.train_many(
+                xs, ys, hidden_units=p["hidden_units"], epochs=p["epochs"], lr=p["lr"],
+                weight_decay=p["weight_decay"], batch_size=p["batch_size"], seed=p["seed"] + d,
+                device=p["device"], standardize=False, patience=p.get("patience", 4),
+                schedule=p.get("schedule", "constant"), warmup=p.get("warmup", 0.0),
+                threads=p.get("threads", 1), time_limit=p.get("time_limit", 0.0),
+                report=rep)
+            self._nets.update(zip(names, nets))
+            self.fit_report[f"d{d}"] = {**rep, "networks": names}
 
     def get_state(self):
         return _torchfit.pack(self._nets)

@@ -6,12 +6,25 @@ saved weights (one [H] x [H, U] and one [U] x [U, E] product per call). The hidd
 has about `target_params` (2M, ProMoE's size) parameters, clamped to [min_units, max_units]; the input is
 standardized with the training rows' mean and deviation.
 
+All source layers' networks of one distance are fit together as one batched network (`_torchfit.train_many`:
+weights stacked along a layer dimension, batched matrix products, one optimizer step trains every layer), each
+with its own early stopping on the LAST tenth of its training rows (later sequences of the training data; the
+evaluation split is never seen).
+
 Training options (`--set key=value`): `loss` "softmax" (default: cross-entropy between softmax(scores) and the
-normalized k-hot target) or "bce" (independent sigmoid per expert, multi-label), `dropout` (between the two
-layers), `patience` (epochs without validation improvement before early stopping, on a tenth of the training
-rows), `epochs`, `lr`, `weight_decay`, `max_units`, `max_rows`, `batch_size`, `device` ("cuda" trains on a
-GPU), `time_limit` (seconds per network after which no new epoch starts; 0 = none, the default). Measured
-alternatives are in docs/predictors.md.
+normalized k-hot target, a classifier over experts as in ProMoE) or "bce" (independent sigmoid per expert,
+multi-label), `dropout` (between the two layers), `patience` (epochs without validation improvement before
+early stopping), `epochs`, `min_epochs`, `schedule` ("constant" or "cosine": lr decays to lr/100 over `epochs`
+after `warmup` epochs of linear warm-up), `lr`, `weight_decay`, `max_units`, `max_rows`, `batch_size`, `device`
+("cuda" trains on a GPU), `threads` (CPU threads for the fit), and `skip` (default off): a linear path from the
+standardized hidden state straight to the scores beside the MLP (artifact key `ws`), so the network can at
+least represent the reused gate (layer l+d's router on this hidden state, which is linear in it) and learns the
+rest as a correction; still one small network per layer on the hidden state, ProMoE's idea. `time_limit`
+(seconds after which no new epoch starts; 0 = none, the default: only a safety net for time-boxed runs),
+`weights_dtype` ("float16", the default: the weight matrices are rounded to float16 after the fit and stored so,
+halving the artifact; inference still runs in float32 numpy; "float32" keeps them; artifacts written before
+this option have float32 weights and load as before).
+Measured alternatives are in docs/predictors.md.
 """
 
 from __future__ import annotations
@@ -37,13 +50,16 @@ class LearnedMLPPredictor(Predictor):
                  max_units: int = 1024, epochs: int = 30, lr: float = 1e-3, weight_decay: float = 1e-4,
                  batch_size: int = 256, max_rows: int = 200_000, seed: int = 0,
                  device: str = "cpu", loss: str = "softmax", dropout: float = 0.0, patience: int = 4,
-                 time_limit: float = 0.0, **params):
+                 skip: bool = False, schedule: str = "constant", warmup: float = 0.0, min_epochs: int = 0,
+                 threads: int = 1, weights_dtype: str = "float16", **params):
         super().__init__(distances=list(distances), target_params=target_params, min_units=min_units,
                          max_units=max_units, epochs=epochs, lr=lr, weight_decay=weight_decay,
                          batch_size=batch_size, max_rows=max_rows, seed=seed, device=device, loss=loss,
-                         dropout=dropout, patience=patience, time_limit=time_limit, **params)
+                         dropout=dropout, patience=patience, skip=bool(skip), schedule=schedule, warmup=warmup,
+                         min_epochs=min_epochs, threads=threads, weights_dtype=weights_dtype, **params)
         self.distances = [int(d) for d in distances]
         self._nets: dict[str, dict[str, np.ndarray]] = {}
+        self.fit_report: dict = {}  # what each distance's fit did (_torchfit.train_many's report)
 
     def fit(self, trace, sequences) -> None:
         self.check_trace(trace.meta)
@@ -53,33 +69,41 @@ class LearnedMLPPredictor(Predictor):
         experts = np.concatenate([s.experts for s in seqs])
         rows = np.concatenate([s.hidden_rows for s in seqs])
         rng = np.random.default_rng(p["seed"])
-        for layer in range(meta.n_layers):
-            targets = [d for d in self.distances if layer + d < meta.n_layers]
-            if not targets:
-                continue
-            hidden = trace.hidden_states(layer)
-            units = hidden_width(hidden.shape[1], meta.n_experts, p["target_params"], p["min_units"],
-                                 p["max_units"])
-            for d in targets:
+        for d in self.distances:
+            names, xs, ys = [], [], []
+            for layer in range(meta.n_layers - d):
                 ok = np.flatnonzero((rows[:, layer] >= 0) & (experts[:, layer + d, 0] >= 0))
                 if ok.size == 0:
                     continue
                 if ok.size > p["max_rows"]:
                     ok = np.sort(rng.choice(ok, p["max_rows"], replace=False))
+                hidden = trace.hidden_states(layer)
                 src = rows[ok, layer]
                 order = np.argsort(src)  # memory-mapped reads in file order
                 # float32 for a CPU fit; on a GPU the stored dtype (float16) travels and is converted there
                 x = np.empty((len(ok), hidden.shape[1]), dtype=np.float32 if p["device"] == "cpu" else hidden.dtype)
                 x[order] = hidden[src[order]]
-                y = _torchfit.multi_hot(experts[ok, layer + d], meta.n_experts)
-                self._nets[f"l{layer}_d{d}"] = _torchfit.train(
-                    x, y, hidden_units=units, epochs=p["epochs"], lr=p["lr"], weight_decay=p["weight_decay"],
-                    batch_size=p["batch_size"], seed=p["seed"] + 1000 * layer + d, device=p["device"],
-                    loss=p["loss"], dropout=p["dropout"], patience=p["patience"],
-                    time_limit=p.get("time_limit", 0.0))
+                names.append(f"l{layer}_d{d}")
+                xs.append(x)
+                ys.append(_torchfit.multi_hot(experts[ok, layer + d], meta.n_experts))
+            if not xs:
+                continue
+            units = hidden_width(xs[0].shape[1], meta.n_experts, p["target_params"], p["min_units"], p["max_units"])
+            rep: dict = {}
+            nets = _torchfit.train_many(
+                xs, ys, hidden_units=units, epochs=p["epochs"], lr=p["lr"], weight_decay=p["weight_decay"],
+                batch_size=p["batch_size"], seed=p["seed"] + d, device=p["device"], loss=p["loss"],
+                dropout=p["dropout"], patience=p["patience"], skip=bool(p.get("skip", False)),
+                schedule=p.get("schedule", "constant"), warmup=p.get("warmup", 0.0),
+                min_epochs=p.get("min_epochs", 0), threads=p.get("threads", 1),
+                time_limit=p.get("time_limit", 0.0), report=rep)
+            self._nets.update((n, _torchfit.round_weights(net, p.get("weights_dtype", "float32")))
+                              for n, net in zip(names, nets))
+            self.fit_report[f"d{d}"] = {**rep, "networks": names}
+            del xs, ys
 
     def get_state(self):
-        return _torchfit.pack(self._nets)
+        return _torchfit.pack(self._nets, self.params.get("weights_dtype", "float32"))
 
     def set_state(self, state):
         self._nets = _torchfit.unpack(state)

@@ -9,6 +9,9 @@ trace's identity (model, content hash of routing.parquet, prompts source, one fi
 `predictors.evaluate --artifact` then scores every sequence of ANOTHER trace, refusing the training trace itself
 and any trace holding one of its sequences. `--share-as NAME:PATH` also saves the fitted networks as predictor
 NAME when NAME's fit is the same code (learned_mlp_gate reuses learned_mlp's networks), so they are fit once.
+`python -m predictors.train --reshare SRC.npz --predictor NAME --out PATH` does the same later, from a saved
+artifact (no trace, no fit): e.g. learned_mlp_gate's artifacts rebuilt from learned_mlp's, so a device call need
+not return both copies of the same networks.
 """
 
 from __future__ import annotations
@@ -64,14 +67,34 @@ def train(trace_path: str, name: str, distance: int, out: str, *, fraction: floa
         save_artifact(path, twin, {**header, "shared_from": f"{name} (the same networks, fit once)"})
     return {"artifact": out, "predictor": predictor.name, "distance": distance, "train_sequences": len(split.train),
             "eval_sequences": len(split.eval), "split": split.kind, "fit_seconds": round(fit_s, 2),
-            "fit": header["fit"], "shared": [p for _, p in shared]}
+            "fit": header["fit"], "shared": [p for _, p in shared],
+            "fit_report": getattr(predictor, "fit_report", None)}
+
+
+def reshare(src: str, name: str, out: str, command: str = "") -> dict:
+    """Save the networks of artifact `src` as predictor `name` (whose fit is the same code), header kept."""
+    from predictors.artifact import load_artifact
+
+    pred, head = load_artifact(src)
+    twin = build_predictor(name, int(head["distance"]), params=head.get("params", {}))
+    if type(twin).fit is not type(pred).fit or type(twin).get_state is not type(pred).get_state:
+        raise ValueError(f"--reshare: {name}'s fit is not {pred.name}'s")
+    twin.set_state(pred.get_state())
+    keep = {k: v for k, v in head.items() if k not in ("format", "version", "predictor", "params", "n_params")}
+    keep["shared_from"] = f"{pred.name} (the same networks, fit once; {src})"
+    if command:
+        keep["reshare_command"] = command
+    save_artifact(out, twin, keep)
+    return {"artifact": out, "predictor": name, "distance": head["distance"], "shared_from": src}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m predictors.train", description=__doc__.split("\n\n")[1])
-    ap.add_argument("trace")
+    ap.add_argument("trace", nargs="?", help="the trace to fit on (not with --reshare)")
     ap.add_argument("--predictor", required=True, help=f"one of: {', '.join(available_predictors())}")
-    ap.add_argument("--distance", type=int, required=True)
+    ap.add_argument("--distance", type=int, help="required unless --reshare")
+    ap.add_argument("--reshare", metavar="SRC.npz",
+                    help="no fit: save SRC's networks as --predictor (same fit code) at --out")
     ap.add_argument("--out", required=True, help="artifact path (*.npz)")
     ap.add_argument("--split", type=float, default=0.9,
                     help="training fraction (default 0.9); 1.0 = fit on the whole trace (a separate training trace)")
@@ -85,6 +108,17 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     cmd = "python -m predictors.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.reshare:
+        try:
+            res = reshare(args.reshare, args.predictor, args.out, command=cmd)
+        except (PredictorUnavailable, ValueError, ImportError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(__import__("json").dumps(res) if args.json else f"wrote {res['artifact']}: {res['predictor']} "
+              f"d={res['distance']} (the networks of {res['shared_from']})")
+        return 0
+    if args.trace is None or args.distance is None:
+        ap.error("TRACE and --distance are required (unless --reshare)")
     try:
         share = []
         for item in args.share_as or []:

@@ -128,3 +128,75 @@ def test_gpu_data_path_standardizes_like_the_cpu_path():
     b = _torchfit._train(torch, x, y, torch_prep=True, **kw)
     assert np.allclose(a["mu"], b["mu"], atol=1e-4) and np.allclose(a["sigma"], b["sigma"], atol=1e-4)
     assert a["w1"].shape == b["w1"].shape == (8, 16)
+
+
+def test_train_many_fits_networks_of_every_layer_at_once():
+    """One batched fit of several networks (different row counts, float16 input as on a GPU): each network
+    learns its own map, the numpy forward (with the linear skip path) matches, and the report says what ran."""
+    pytest.importorskip("torch")
+    from predictors import _torchfit
+
+    rng = np.random.default_rng(1)
+    xs, ys, ws = [], [], []
+    for n in (900, 600, 750):
+        w = rng.standard_normal((8, 6))
+        x = (rng.standard_normal((n, 8)) * 2 + 1).astype(np.float16)
+        xs.append(x)
+        ws.append(w)
+        ys.append(_torchfit.multi_hot(np.argsort(-x.astype(np.float32) @ w, axis=1)[:, :2], 6))
+    rep: dict = {}
+    nets = _torchfit.train_many(xs, ys, hidden_units=16, epochs=40, lr=1e-2, batch_size=64, seed=0, skip=True,
+                                schedule="cosine", warmup=1, patience=40, report=rep)
+    assert len(nets) == 3 and all(net["ws"].shape == (8, 6) and net["w1"].shape == (8, 16) for net in nets)
+    assert rep["networks"] == 3 and rep["rows"] == [900, 600, 750] and rep["validation_rows"] == [90, 60, 75]
+    assert rep["epochs_run"] == 40 and rep["stopped"] == "epochs" and all(b >= 1 for b in rep["best_epoch"])
+    for i, net in enumerate(nets):
+        x = xs[i].astype(np.float32)
+        top = np.argsort(-_torchfit.forward(net, x), axis=1)[:, :2]
+        hits = np.mean([len(set(a) & set(b)) / 2 for a, b in zip(top, np.argsort(-x @ ws[i], axis=1)[:, :2])])
+        assert hits > 0.85, (i, hits)  # each network learned ITS layer's map
+        other = np.argsort(-x @ ws[(i + 1) % 3], axis=1)[:, :2]
+        assert np.mean([len(set(a) & set(b)) / 2 for a, b in zip(top, other)]) < 0.7
+    # an old network (no skip path) runs as before; the skip path adds x_std @ ws
+    net = {k: v for k, v in nets[0].items() if k != "ws"}
+    x = xs[0][:5].astype(np.float32)
+    xs_std = (x - nets[0]["mu"]) / nets[0]["sigma"]
+    assert np.allclose(_torchfit.forward(nets[0], x), _torchfit.forward(net, x) + xs_std @ nets[0]["ws"], atol=1e-4)
+    assert _torchfit.n_params(nets[0]) == _torchfit.n_params(net) + 48
+    # early stopping and the time limit end a fit early
+    rep2: dict = {}
+    _torchfit.train_many(xs[:1], ys[:1], hidden_units=8, epochs=50, lr=1e-2, batch_size=64, patience=1, report=rep2)
+    assert rep2["stopped"] == "patience" and rep2["epochs_run"] < 50
+    rep3: dict = {}
+    _torchfit.train_many(xs[:1], ys[:1], hidden_units=8, epochs=50, time_limit=1e-9, report=rep3)
+    assert rep3["stopped"] == "time_limit" and rep3["epochs_run"] == 0
+
+
+def test_learned_mlp_skip_path_and_fit_report(trace, tmp_path, capsys):
+    """skip=true: every network carries the linear path `ws`; the artifact round-trips; train --json reports
+    each distance's batched fit."""
+    import json
+
+    out = tmp_path / "s.npz"
+    assert train_main([str(trace.path), "--predictor", "learned_mlp", "--distance", "1", "--out", str(out),
+                       "--set", "skip=true", "--set", "max_units=32", "--set", "epochs=3",
+                       "--set", "schedule=cosine", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    rep = res["fit_report"]["d1"]
+    # --reshare: learned_mlp_gate from the saved networks, no trace and no fit
+    gate = tmp_path / "g.npz"
+    assert train_main(["--reshare", str(out), "--predictor", "learned_mlp_gate", "--out", str(gate)]) == 0
+    g, ghead = load_artifact(gate)
+    assert g.name == "learned_mlp_gate" and ghead["distance"] == 1 and "learned_mlp" in ghead["shared_from"]
+    assert ghead["sequence_fingerprints"] and ghead["split"]["kind"] == "sequences"
+    with pytest.raises(SystemExit):
+        train_main(["--predictor", "learned_mlp", "--out", str(gate)])  # a fit needs TRACE and --distance
+    assert train_main(["--reshare", str(out), "--predictor", "learned_history", "--out", str(gate)]) == 2
+    assert rep["networks"] == ["l0_d1", "l1_d1", "l2_d1"] and rep["epochs_run"] <= 3
+    pred, head = load_artifact(out)
+    assert head["params"]["skip"] is True
+    assert set(pred._nets) == {"l0_d1", "l1_d1", "l2_d1"} and all("ws" in n for n in pred._nets.values())
+    for name, net in pred._nets.items():  # float16 weights on disk, the same values as the gate's copy
+        assert all(np.array_equal(net[k], g._nets[name][k]) for k in net)
+    with np.load(out) as z:
+        assert z["l0_d1/w1"].dtype == np.float16 and z["l0_d1/mu"].dtype == np.float32

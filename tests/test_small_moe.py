@@ -78,7 +78,8 @@ def pipeline(tmp_path_factory):
     model_dir = tmp / "model"
     rc = train.main(["--data", str(data), "--tokenizer-dir", str(tok_dir), "--out", str(model_dir), "--tiny",
                      "--device", "cpu", "--max-steps", "3", "--batch-size", "2", "--seq-len", "32",
-                     "--eval-every", "2", "--eval-tokens", "128", "--warmup", "2", "--balance", "per-layer"])
+                     "--eval-every", "2", "--eval-tokens", "128", "--warmup", "2", "--balance", "per-layer",
+                     "--reserve-docs", "20"])
     assert rc == 0
     return tmp, data, tok_dir, model_dir
 
@@ -135,6 +136,26 @@ def test_training_prompts_and_time_boxed_recording(pipeline, tmp_path, capsys):
     assert not {tuple(p["ids"][:16]) for p in prompts} & {tuple(h[:16]) for h in held}
     # every training prompt is a piece of the training tokens
     assert all(train_prompts.occurs(np.load(data / "train.npy"), p["ids"]) for p in prompts)
+    # reserved documents: the model (trained with --reserve-docs 20) did not see them; prompts come only from them
+    report = json.loads((model_dir / "train_report.json").read_text())["reserved_documents"]
+    tr = np.load(data / "train.npy")
+    eot = json.loads((data / "corpus.json").read_text())["eot_id"]
+    spans = train_prompts.document_spans(tr, eot)
+    mask = train_prompts.reserved_mask(len(spans), 20)
+    assert report["stride"] == 5 and report["reserved_documents"] == mask.sum() > 0
+    kept, _ = train_prompts.reservation(tr, eot, 20)
+    assert report["train_tokens"] == len(kept) == len(tr) - report["reserved_tokens"] - mask.sum()  # and their eot
+    assert not any(train_prompts.occurs(kept, tr[s:e].tolist()) for (s, e), m in zip(spans, mask) if m)
+    out_r = tmp_path / "r.jsonl"
+    assert train_prompts.main(["--data", str(data), "--tokenizer", str(tok_dir / "tokenizer.json"), "--held-out",
+                               str(tok_dir.parent / "prompts.jsonl"), "--n", "200", "--per-doc", "2",
+                               "--reserve-docs", "20", "--out", str(out_r)]) == 0
+    rep_r = json.loads(capsys.readouterr().out)
+    res = [json.loads(line) for line in out_r.read_text().splitlines()]
+    assert len(res) == 200 and 0 < rep_r["distinct_prompts"] <= 2 * mask.sum()
+    assert all(mask[p["doc"]] for p in res)
+    assert all(train_prompts.occurs(np.concatenate([tr[s:e] for (s, e), m in zip(spans, mask) if m]), p["ids"])
+               for p in res)
     def rec(budget, dst):
         assert record.main(["--time-budget", budget, "--model", str(model_dir), "--prompts", str(out),
                             "--max-prompt-tokens", "24", "--max-new-tokens", "2", "--batch-size", "2",

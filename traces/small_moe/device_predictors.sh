@@ -1,13 +1,15 @@
 #!/bin/bash
-# One device call for the learned predictors (issue 4), within DEADLINE seconds (default 530):
-#  1. train the small MoE (pooled balance, BUDGET s of steps) into $MODEL_DIR (HF directory, kept for live mode);
+# One device call for the learned predictors (issue 4), within DEADLINE seconds (default 540):
+#  1. train the small MoE (pooled balance, BUDGET s of steps) into $MODEL_DIR (HF directory, kept for live mode),
+#     leaving out the RESERVE_PCT % reserved training documents (--reserve-docs; every round(100/PCT)-th one);
 #  2. re-record the embedded eval trace from that model exactly like the committed one (64 held-out prompts,
 #     hidden states + router weights) and pack it as $OUT/trace.tar.part-*;
-#  3. record a large training trace (hidden states) from prompts of the corpus' TRAINING split
-#     (traces.small_moe.train_prompts, made during step 1; no overlap with the held-out prompts), time-boxed,
-#     into /tmp (not returned);
+#  3. record a large training trace (hidden states) from prompts of the reserved documents of the corpus'
+#     TRAINING split, text the model was NOT trained on (traces.small_moe.train_prompts --reserve-docs, same
+#     rule, made during step 1; no overlap with the held-out prompts), time-boxed, into /tmp (not returned);
 #  4. fit learned_mlp (+ learned_mlp_gate: the same networks), learned_history and cross_layer on the WHOLE
-#     training trace at d = 1, 2, 3 (--split 1.0, on $DEVICE), score every artifact on ALL sequences of the eval
+#     training trace at d = 1, 2, 3 (--split 1.0, on $DEVICE; all layers of a distance as one batched network,
+#     early stopping on the last tenth of the training trace's rows), score every artifact on ALL sequences of the eval
 #     trace; $OUT/predictors.json (accuracies, fit sizes, timings) and $OUT/artifacts.tar.part-* (artifacts,
 #     logs, reports).
 # Needs build/small_moe (python -m traces.small_moe.corpus) carried; on a machine without pydantic, install .whl
@@ -25,8 +27,10 @@ T0=$(date +%s)
 PY=${PY:-python3}
 OUT=${OUT:?set OUT}
 DEVICE=${DEVICE:-cuda}
-DEADLINE=${DEADLINE:-530}          # seconds for the whole call
-RESERVE=${RESERVE:-190}            # seconds kept after the large recording: fits (<= 100), scoring, packing
+DEADLINE=${DEADLINE:-540}          # seconds for the whole call
+RESERVE=${RESERVE:-200}            # seconds kept after the large recording: fits (<= RESERVE - 90), scoring, packing
+RESERVE_PCT=${RESERVE_PCT:-8}      # % of training documents the model does not see; the training prompts' source
+PER_DOC=${PER_DOC:-64}             # at most this many prompts per reserved document
 BUDGET=${BUDGET:-200}              # seconds of training steps for the model
 TRAIN_EXTRA=${TRAIN_EXTRA:-}
 MODEL_DIR=${MODEL_DIR:-build/small_moe_model}
@@ -36,16 +40,20 @@ N_TRAIN=${N_TRAIN:-8192}           # training prompts offered (the recording sto
 TRAIN_BATCH=${TRAIN_BATCH:-1024}   # sequences per recording batch
 TRAIN_NEW_TOKENS=${TRAIN_NEW_TOKENS:-128}
 PROMPTS=${PROMPTS:-/tmp/train_prompts.jsonl}   # made beside the model's training (CPU), unless it exists
-MLP_SETS=${MLP_SETS:-"--set batch_size=4096 --set lr=0.004 --set epochs=30 --set patience=4 --set dropout=0.2 --set max_rows=100000000 --set time_limit=6"}
-HIST_SETS=${HIST_SETS:-"--set batch_size=4096 --set epochs=30 --set time_limit=5"}
+MLP_SETS=${MLP_SETS:-"--set batch_size=4096 --set lr=0.003 --set epochs=40 --set patience=6 --set schedule=cosine --set warmup=1 --set dropout=0.1 --set skip=true --set max_units=1536 --set max_rows=100000000"}
+HIST_SETS=${HIST_SETS:-"--set batch_size=4096 --set lr=0.003 --set epochs=40 --set patience=6 --set schedule=cosine --set warmup=1"}
 TRAIN_TRACE=/tmp/train-trace
 EVAL_TRACE=/tmp/$NAME
 ART=/tmp/artifacts/$NAME           # predictors.report --artifacts /tmp/artifacts layout
 LOGS=/tmp/device-logs
 rm -rf $ART $LOGS $TRAIN_TRACE $EVAL_TRACE /tmp/evals
 mkdir -p $ART $LOGS /tmp/evals $OUT
-# whatever happens, bring back the artifacts and logs written so far (trace parts are written in step 2)
-trap 'tar cf - -C /tmp artifacts device-logs | split -b 15m - $OUT/artifacts.tar.part-; ls -la $OUT' EXIT
+# whatever happens, bring back the artifacts and logs written so far (trace parts are written in step 2);
+# learned_mlp_gate's artifacts hold the same networks as learned_mlp's and stay behind (the returned files are
+# limited to 64 MiB): rebuild them with
+#   python -m predictors.train --reshare ARTS/learned_mlp_dD.npz --predictor learned_mlp_gate --out ARTS/learned_mlp_gate_dD.npz
+trap 'tar cf - -C /tmp --exclude="learned_mlp_gate_d*.npz" artifacts device-logs | split -b 15m - $OUT/artifacts.tar.part-;
+  ls -la $OUT; echo "returned: $(ls $OUT | wc -l) files, $(du -cm $OUT/* | tail -n 1 | cut -f1) MiB (limit 8 files, 64 MiB)"' EXIT
 stamp() { echo "$1 $(( $(date +%s) - T0 ))" >> $LOGS/timings.txt; echo "== $1 at $(( $(date +%s) - T0 )) s"; }
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -54,14 +62,15 @@ stamp start
 
 # training prompts on a CPU core while the GPU trains the model (the file is not carried: the tree's 64 MiB)
 if [ ! -s $PROMPTS ]; then
-  $PY -m traces.small_moe.train_prompts --data build/small_moe --n $N_TRAIN --per-doc 8 --out $PROMPTS \
+  $PY -m traces.small_moe.train_prompts --data build/small_moe --n $N_TRAIN --per-doc $PER_DOC \
+    --reserve-docs $RESERVE_PCT --out $PROMPTS \
     > $LOGS/train_prompts.json 2> $LOGS/train_prompts.err &
   PROMPTS_PID=$!
 fi
 
 # 1. the model
 $PY -m traces.small_moe.train --data build/small_moe --out $MODEL_DIR --time-budget $BUDGET --balance pooled \
-  --device $DEVICE $TRAIN_EXTRA 2>&1 | grep --line-buffered -v -e "^Writing" -e "Loading weights" | tee $LOGS/train.log || exit 1
+  --reserve-docs $RESERVE_PCT --device $DEVICE $TRAIN_EXTRA 2>&1 | grep --line-buffered -v -e "^Writing" -e "Loading weights" | tee $LOGS/train.log || exit 1
 cp $MODEL_DIR/train_report.json $MODEL_DIR/config.json $LOGS/
 stamp trained
 
@@ -77,19 +86,26 @@ du -sh $EVAL_TRACE
 tar cf - -C /tmp $NAME | split -b 15m - $OUT/trace.tar.part-
 stamp eval_trace
 
-# 3. the training trace: prompts from the training split (made here unless carried), checked against the held-out
+# 3. the training trace: prompts from the reserved training documents (made here unless carried), checked against
+#    the held-out prompts and against the model's reservation (every prompt's document is one it did not train on)
 if [ -n "$PROMPTS_PID" ]; then
   wait $PROMPTS_PID || { cat $LOGS/train_prompts.err; exit 1; }
   cat $LOGS/train_prompts.json
 fi
-$PY - $PROMPTS <<'EOF' | tee $LOGS/prompt_overlap.json || exit 1
+$PY - $PROMPTS $MODEL_DIR/train_report.json $RESERVE_PCT <<'EOF' | tee $LOGS/prompt_overlap.json || exit 1
 import json, sys
 held = [json.loads(l)["ids"][:24] for l in open("data/small_moe/prompts.jsonl") if l.strip()]
-train = [json.loads(l)["ids"][:24] for l in open(sys.argv[1]) if l.strip()]
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+train = [r["ids"][:24] for r in rows]
 h16 = {tuple(h[:16]) for h in held}
 same = sum(tuple(t[:16]) in h16 for t in train)
-print(json.dumps({"training_prompts": len(train), "held_out_prompts": len(held), "equal_first_16_tokens": same}))
-sys.exit(1 if same else 0)
+res = json.load(open(sys.argv[2]))["reserved_documents"]
+k = res["stride"]
+seen = sum(1 for r in rows if not k or r["doc"] % k != k - 1)  # prompts from documents the model trained on
+print(json.dumps({"training_prompts": len(train), "distinct_training_prompts": len({tuple(t) for t in train}),
+                  "held_out_prompts": len(held), "equal_first_16_tokens": same, "reserve_pct": float(sys.argv[3]),
+                  "model_reservation": res, "prompts_from_trained_documents": seen}))
+sys.exit(1 if same or seen or res["pct"] != float(sys.argv[3]) else 0)
 EOF
 RB=$(( $(left) - RESERVE ))
 echo "recording budget $RB s"
@@ -98,7 +114,7 @@ $PY -m traces.record --time-budget $RB --model $MODEL_DIR --prompts $PROMPTS --m
   --max-prompt-tokens 24 --max-new-tokens $TRAIN_NEW_TOKENS --batch-size $TRAIN_BATCH --temperature 0.8 --seed 1 \
   --hidden-states --router-weights --device $DEVICE --name $NAME \
   --license "model weights: trained here; see docs/small-moe.md" \
-  --attribution "small MoE trained by this project; prompts from the training split (traces.small_moe.train_prompts)" \
+  --attribution "small MoE trained by this project; prompts from reserved training-split documents it did not train on (traces.small_moe.train_prompts --reserve-docs $RESERVE_PCT)" \
   --out $TRAIN_TRACE --json 2>&1 | grep --line-buffered -v "Loading weights" | tee $LOGS/record_train.log || exit 1
 $PY -m traces.check $TRAIN_TRACE > $LOGS/train_trace_check.txt 2>&1 &   # off the critical path (beside the fits)
 cp $TRAIN_TRACE/meta.json $LOGS/train_trace_meta.json
@@ -106,15 +122,18 @@ du -sh $TRAIN_TRACE
 stamp train_trace
 
 # 4. fit on the whole training trace (one process per predictor and distance, in parallel), then score
-FT=$(( $(left) - 90 ))
+FT=$(( $(left) - 90 ))              # a fit process is killed after FT s (its artifact then missing) ...
+FL=$(( FT - 45 ))                   # ... so its training starts no new epoch after FL s (time_limit, a safety net;
+                                    # counted from the training's start, after the trace is read)
+echo "fit timeout $FT s, time_limit $FL s"
 pids=()
 for d in 1 2 3; do
   timeout $FT $PY -m predictors.train $TRAIN_TRACE --predictor learned_mlp --distance $d --split 1.0 \
-    --set device=$DEVICE $MLP_SETS --share-as learned_mlp_gate:$ART/learned_mlp_gate_d$d.npz \
+    --set device=$DEVICE $MLP_SETS --set time_limit=$FL --share-as learned_mlp_gate:$ART/learned_mlp_gate_d$d.npz \
     --out $ART/learned_mlp_d$d.npz --json > $LOGS/fit_learned_mlp_d$d.json 2> $LOGS/fit_learned_mlp_d$d.err &
   pids+=($!)
   timeout $FT $PY -m predictors.train $TRAIN_TRACE --predictor learned_history --distance $d --split 1.0 \
-    --set device=$DEVICE $HIST_SETS --out $ART/learned_history_d$d.npz --json \
+    --set device=$DEVICE $HIST_SETS --set time_limit=$FL --out $ART/learned_history_d$d.npz --json \
     > $LOGS/fit_learned_history_d$d.json 2> $LOGS/fit_learned_history_d$d.err &
   pids+=($!)
 done
@@ -149,7 +168,8 @@ for f in sorted(logs.glob("*.json")):
         rows.append({"predictor": r["predictor"], "distance": r["distance"], "accuracy": r["accuracy"],
                      "recall@8": r["budgets"].get("8", {}).get("recall"), "n_eval": r["n_eval"],
                      "eval_sequences": len(r["split"]["eval_sequences"]), "fit": r.get("fit"),
-                     "fit_seconds": fit.get("fit_seconds"), "per_layer": r["per_layer"]})
+                     "fit_seconds": fit.get("fit_seconds"), "fit_report": fit.get("fit_report"),
+                     "per_layer": r["per_layer"]})
 timings = dict(l.split() for l in (logs / "timings.txt").read_text().splitlines())
 res = {"rows": rows, "timings_s": {k: int(v) for k, v in timings.items()},
        "train_report": json.loads((logs / "train_report.json").read_text()).get("held_out")}

@@ -9,7 +9,9 @@ precision: float32 master weights, bf16 autocast. The learning rate follows line
 the wall-clock budget, and the checkpoint with the best loss on the first half of the held-out tokens is kept;
 figures are reported on the second half, never used for selection. The report (train_report.json in --out)
 holds held-out perplexity, the unigram baseline's perplexity on the same tokens, and per-layer expert-usage
-entropy.
+entropy. `--reserve-docs PCT` leaves a deterministic subset of the TRAINING split's documents out of training
+(rule in traces.small_moe.train_prompts.reserved_mask; recorded under "reserved_documents" in the report), so
+that the predictors' training trace can be recorded on text the model has not seen.
 """
 
 from __future__ import annotations
@@ -123,6 +125,12 @@ def train(args) -> dict:
     device = torch.device(args.device)
     info = json.loads((args.data / "corpus.json").read_text())
     train_tok = np.load(args.data / "train.npy")
+    from traces.small_moe.train_prompts import reservation
+
+    train_tok, reserved = reservation(train_tok, int(info["eot_id"]), args.reserve_docs)
+    if reserved["reserved_documents"]:
+        print(f"reserved {reserved['reserved_documents']} of {reserved['documents']} training documents "
+              f"({reserved['reserved_tokens']} tokens; {reserved['rule']}): not trained on", flush=True)
     val_all = np.load(args.data / "val.npy")
     # first half of the held-out tokens picks the checkpoint, the second half is only ever used for the report
     val_tok, test_tok = val_all[: len(val_all) // 2], val_all[len(val_all) // 2:]
@@ -217,6 +225,7 @@ def train(args) -> dict:
         "tokens_per_s": round(tokens_seen / max(train_time, 1e-9)), "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, "experts_implementation": args.experts_impl, "compile": args.compile,
+        "reserved_documents": reserved,
         "balance": args.balance, "aux_coef": args.aux_coef if args.balance == "per-layer" else cfg.router_aux_loss_coef,
         "held_out": {"tokens": full["tokens"], "loss": round(full["loss"], 4),
                      "perplexity": round(full["perplexity"], 2),
@@ -271,6 +280,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU tests)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reserve-docs", type=float, default=0.0, metavar="PCT",
+                    help="leave out every round(100/PCT)-th training document (traces.small_moe.train_prompts: "
+                         "prompts for the predictors' training trace come from them); 0 = train on all (default)")
     args = ap.parse_args(argv)
     if not (args.data / "corpus.json").exists():
         print(f"error: {args.data}: no corpus.json (run python -m traces.small_moe.corpus first)", file=sys.stderr)
