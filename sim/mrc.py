@@ -303,16 +303,24 @@ if HAVE_NUMBA:
         P1[cw] = live - P2[cw >> _LWB]
 
     @numba.njit(inline="always")
-    def _from(words, P1, P2, p, live):  # pragma: no cover - compiled
-        """Live slots at or after slot p (p live): the stack distance of p's key."""
+    def _from_word(x, P1, P2, p, live):  # pragma: no cover - compiled
+        """Live slots at or after slot p (p live, x = its word): the stack distance of p's key."""
         pw = p >> 6
-        return live - P2[pw >> _LWB] - P1[pw] - _pc(words[pw] & ~(_ALL << np.uint64(p & 63)))
+        return live - P2[pw >> _LWB] - P1[pw] - _pc(x & ~(_ALL << np.uint64(p & 63)))
+
+    @numba.njit(inline="always")
+    def _from(words, P1, P2, p, live):  # pragma: no cover - compiled
+        return _from_word(words[p >> 6], P1, P2, p, live)
 
     @numba.njit(inline="always")
     def _kill(words, P1, P2, p):  # pragma: no cover - compiled
         """Slot p dies: its bit and the counts after it."""
-        pw = p >> 6
-        words[pw] ^= _ONE << np.uint64(p & 63)
+        words[p >> 6] ^= _ONE << np.uint64(p & 63)
+        _kill_counts(P1, P2, p >> 6)
+
+    @numba.njit(inline="always")
+    def _kill_counts(P1, P2, pw):  # pragma: no cover - compiled
+        """The counts after a slot of word pw that dies."""
         pb = pw >> _LWB
         _dec_after(P1, pb << _LWB, pw & (_WB - 1))
         n2 = _lanes(P2)
@@ -347,11 +355,14 @@ if HAVE_NUMBA:
                 last[k] = cur
                 skey[np.uintp(cur)] = k
                 if p >= 0:
-                    h = _from(words, P1, P2, p, live)
+                    pw = p >> 6
+                    x = words[pw]  # read once: query, then clear the bit
+                    words[pw] = x ^ (_ONE << np.uint64(p & 63))
+                    h = _from_word(x, P1, P2, p, live)
                     hist[np.uintp(h)] += 1
                     if out is not None:
                         out[t] = h
-                    _kill(words, P1, P2, p)
+                    _kill_counts(P1, P2, pw)
                 else:
                     live += 1
                     if out is not None:
@@ -389,10 +400,9 @@ if HAVE_NUMBA:
                     cur += 1
                     if (cur & 63) == 0:
                         _start_word(words, P1, P2, cur, live)
-        top = 0
-        for i in range(hist.shape[0]):
-            if hist[i]:
-                top = i
+        top = live  # no distance exceeds the number of keys seen
+        while top > 0 and hist[top] == 0:
+            top -= 1
         cum = np.empty(top + 1, np.int64)
         s = 0
         for i in range(top + 1):
@@ -606,6 +616,8 @@ class _Exact:
         share = np.asarray(capacity, dtype=np.int64)
         if self.split != 1:
             share = share // self.split
+        if len(self.parts) == 1 and self.parts[0][1:] == (1, True):  # one histogram in unit steps: a lookup
+            return np.take(self.parts[0][0], share, mode="clip")
         total = np.zeros(share.shape, dtype=np.int64)
         for arr, unit, is_hist in self.parts:
             c = share // unit if unit != 1 else share
@@ -907,18 +919,21 @@ def run_libcachesim(stream: LookupStream, algo: str, capacity: int, *, scope: st
             "sim_accesses_per_s": n / sim_s if sim_s else float("inf")}
 
 
-def bench_mrc(trace_path, *, repeats: int = 15, phase: str = "both") -> dict:
+def bench_mrc(trace_path, *, repeats: int = 15, calls: int = 3, phase: str = "both") -> dict:
     """Speed of the all-sizes LRU MRC against libCacheSim's LRU at one size, on one core, same lookup stream.
 
-    Both sides answer from the in-memory lookup stream in the same (sequential) semantics, unit sizes: the MRC
-    computes every lookup's stack distance and the hit count at every size (what `compute_mrc` pays: the kernel,
-    the curve's capacities and hits); libCacheSim simulates one size (half the distinct keys). The headline
-    compares against libCacheSim's C loop alone (`cache.process_trace` over its oracleGeneral reader: no Python
-    per request, no record building or file writing); `*_e2e` adds those (what it takes to get libCacheSim's
-    answer from our stream). Best of `repeats`, the two sides alternating (so load on a shared machine hits both
-    alike), after a warm-up that also compiles the numba kernel. Keys: mrc_accesses_per_s,
-    libcachesim_accesses_per_s, mrc_speedup_vs_libcachesim (C loop); libcachesim_e2e_accesses_per_s,
-    mrc_speedup_vs_libcachesim_e2e; mrc_sizes (capacities on the curve) and mrc_agrees_with_libcachesim."""
+    Both sides answer from the in-memory lookup stream in the same (sequential) semantics, unit sizes. Timed on
+    our side: what `compute_mrc` pays for the curve, from the stream's arrays to the hit count at every size (the
+    kernel with its allocations and its first pass over the keys, the curve's capacities and hits); libCacheSim
+    simulates one size (half the distinct keys). The headline compares against libCacheSim's C loop alone
+    (`cache.process_trace` over its oracleGeneral reader: no Python per request, no record building or file
+    writing, the reader and the cache made untimed just before); `*_e2e` adds those (what it takes to get
+    libCacheSim's answer from our stream). `repeats` rounds, each `calls` consecutive calls of one side then of
+    the other (alternating, so that load on a shared machine hits both alike; consecutive, because the first call
+    after the other side's file writing and reading runs slower on either side), best call of each, after a
+    warm-up that also compiles the numba kernel. Keys: mrc_accesses_per_s, libcachesim_accesses_per_s,
+    mrc_speedup_vs_libcachesim (C loop); libcachesim_e2e_accesses_per_s, mrc_speedup_vs_libcachesim_e2e; mrc_sizes
+    (capacities on the curve) and mrc_agrees_with_libcachesim."""
     stream = lookup_stream(trace_path, phase=phase)
     n = len(stream)
     size = max(1, len(np.unique(stream.keys)) // 2)
@@ -933,8 +948,8 @@ def bench_mrc(trace_path, *, repeats: int = 15, phase: str = "both") -> dict:
     agrees = int(_exact_curve(stream, "lru", "global", "experts", "sequential").hits([size])[0]) == first["hits"]
     mrc_s, lcs = [], []
     for _ in range(repeats):
-        mrc_s.append(_timed(mrc_once))
-        lcs.append(run_libcachesim(stream, "LRU", size))
+        mrc_s.extend(_timed(mrc_once) for _ in range(calls))
+        lcs.extend(run_libcachesim(stream, "LRU", size) for _ in range(calls))
     mrc_best = min(mrc_s)
     lcs_sim_s = min(r["sim_seconds"] for r in lcs)
     lcs_s = min(r["seconds"] for r in lcs)
