@@ -4,7 +4,8 @@ A profile (profiles/NAME.yaml) holds:
 
 - `h2d.pinned` / `h2d.pageable`: effective host-to-device bandwidth (GB/s, 1e9 bytes/s) by transfer size;
   `h2d.copy_engines` (copy pipes per direction), `h2d.chunk_overhead_us` (extra cost of each chunk after the
-  first when a transfer is split);
+  first when a transfer is split), `h2d.lookahead` (chunks queued on a copy stream ahead of the one in flight + 1:
+  how many committed chunks a demand load waits for; default 1, sim.engine.link);
 - `expert_compute`: tables of one expert FFN's GPU time (ms) by the number of tokens routed to it, one table per
   model geometry (hidden x intermediate, dtype bytes); `expert_launch_floor_ms`;
 - `dense_compute`: tables of the dense part of one layer (attention, norms, gate) by batch tokens, keyed by the
@@ -110,6 +111,10 @@ class H2D(_Strict):
         default=0.0, ge=0,
         description="link time lost per chunk group handed to the copy stream: the host round trip of the "
                     "executor's copy worker (wake up, pick, launch) during which the link idles")
+    lookahead: int = Field(
+        default=1, ge=1,
+        description="chunk groups the executor keeps queued on the copy stream: a demand load that must not wait "
+                    "behind a prefetch waits for the chunk in flight and lookahead - 1 more already committed")
 
 
 class TokenTable(_Strict):
@@ -287,6 +292,7 @@ class CostModel:
             raise TraceError(f"profile {profile.name!r} has no pageable bandwidth table", where="field 'pinned_memory'")
         self.link = link
         self.copy_engines = profile.h2d.copy_engines
+        self.lookahead = profile.h2d.lookahead
         L = meta.n_layers
         self.expert_bytes = [int(b) for b in meta.expert_bytes]
         issue = profile.h2d.issue_overhead_us * 1e-6

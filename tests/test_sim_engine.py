@@ -213,6 +213,57 @@ def test_chunking_bounds_the_wait_behind_a_prefetch(tmp_path):
     assert chunked["total_ms"] < whole["total_ms"]
 
 
+def _link_landings(lookahead: int) -> dict:
+    """A prefetch of 3 chunks (1 s each) starts at 0; a one-chunk demand load arrives at 0.5. Landing times."""
+    import simpy
+
+    from sim.engine.link import Link, Transfer
+
+    env = simpy.Environment()
+    landed = {}
+    link = Link(env, 1, lambda t: landed.__setitem__("demand" if t.high else "prefetch", env.now), lookahead=lookahead)
+    link.submit(Transfer((0, 0), 300, 3, 1.0, False, True, True, 0, 0.0))
+
+    def demand():
+        yield env.timeout(0.5)
+        link.submit(Transfer((0, 1), 100, 1, 1.0, True, False, True, 1, env.now))
+
+    env.process(demand())
+    env.run()
+    return landed
+
+
+def test_link_lookahead_commits_chunks_ahead_of_a_demand_load():
+    # lookahead 1: the demand load waits for the chunk in flight only (0..1), copies 1..2, the prefetch resumes
+    assert _link_landings(1) == {"demand": 2.0, "prefetch": 4.0}
+    # lookahead 2: one more chunk of the prefetch was already committed: it waits until 2, copies 2..3
+    assert _link_landings(2) == {"demand": 3.0, "prefetch": 4.0}
+    # lookahead 3: the whole prefetch was committed
+    assert _link_landings(3) == {"prefetch": 3.0, "demand": 4.0}
+
+
+def test_profile_lookahead_default_and_validation(tiny, tmp_path):
+    import yaml
+
+    from sim.hardware import PROFILES_DIR
+    from traces.errors import TraceError
+
+    raw = yaml.safe_load((PROFILES_DIR / "h200-quoted.yaml").read_text())
+    runs = {}
+    for la in (None, 1, 2):
+        prof = {**raw, "h2d": {**raw["h2d"], **({} if la is None else {"lookahead": la})}}
+        path = tmp_path / f"la{la}.yaml"
+        path.write_text(yaml.safe_dump(prof))
+        runs[la] = build(tiny, capacity_bytes=4 * EXPERT_BYTES, predictor=WrongPredictor(2), chunked=True,
+                         profile=str(path)).run()
+    assert runs[1] == runs[None]  # lookahead 1 is today's link exactly
+    assert runs[2]["stall_ms"] > runs[None]["stall_ms"]  # demand loads wait behind committed chunks
+    prof = {**raw, "h2d": {**raw["h2d"], "lookahead": 0}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(prof))
+    with pytest.raises(TraceError, match="lookahead"):
+        load_profile(str(tmp_path / "bad.yaml"))
+
+
 def test_cpu_experts_path(tiny):
     sim = build(tiny, capacity_bytes=2 * EXPERT_BYTES, cpu=True, phase="decode")
     m = sim.run()

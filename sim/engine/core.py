@@ -136,7 +136,7 @@ class Simulation:
         self.spans: list | None = [] if record else None
         self.link_spans: list | None = [] if record else None
         self.batch_rows: list | None = [] if record else None
-        self.link = Link(self.env, cost.copy_engines, self._landed, self.link_spans)
+        self.link = Link(self.env, cost.copy_engines, self._landed, self.link_spans, lookahead=cost.lookahead)
         self.seq = 0
         self.gated = (-1, -1)
         predictor.reset()

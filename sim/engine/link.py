@@ -3,7 +3,12 @@
 - Demand loads (`high`) go before prefetches (`low`); FIFO within a level. An idle engine starts a submitted
   transfer at once (a demand submitted later in the same instant waits for that piece, as on real hardware).
 - A transfer is split into chunks (one chunk unless chunked prefetch is on). A chunk in flight is never
-  preempted: a high-priority arrival waits for at most the chunk in progress.
+  preempted: a high-priority arrival waits for at most the chunk in progress, and with `lookahead` L > 1 (the
+  profile's `h2d.lookahead`: the executor keeps L chunk groups queued on its copy stream to hide its host round
+  trip) for L - 1 more chunks already committed. Approximation: the committed chunks are the rest of the same
+  piece only; when that piece has fewer left, it simply completes, and chunks the stream would have committed of
+  the next transfer in pick order are not modelled (the waiting demand load goes next). L = 1 is the exact
+  chunk-by-chunk model.
 - For speed a copy engine moves all remaining chunks of a transfer with one event (a "piece"); when a demand
   load must not wait behind it, the engine is interrupted (an urgent event at the request) and stops at the
   end of the chunk in flight (exactly what chunk-by-chunk copying gives). One event per piece, none per chunk,
@@ -83,8 +88,11 @@ class Transfer:
 class Link:
     """H2D copy engines. `on_complete(transfer)` is called when the last chunk of a live transfer lands."""
 
-    def __init__(self, env: simpy.Environment, n_engines: int, on_complete, record=None):
+    def __init__(self, env: simpy.Environment, n_engines: int, on_complete, record=None, lookahead: int = 1):
+        if lookahead < 1:
+            raise ValueError(f"h2d.lookahead must be >= 1, got {lookahead}")
         self.env = env
+        self.lookahead = lookahead  # chunks a preempted piece still moves: the one in flight + (lookahead - 1)
         self.high: deque[Transfer] = deque()
         self.low: deque[Transfer] = deque()
         self.on_complete = on_complete
@@ -191,14 +199,15 @@ class Link:
         call_in(self.env, 0, self._interrupted, (engine, run), URGENT)
 
     def _interrupted(self, engine: int, run: tuple) -> None:
-        """Finish the chunk in flight at the time of the preemption request, then give way."""
+        """Finish the chunk in flight at the time of the preemption request (and lookahead - 1 more committed
+        chunks of the piece), then give way."""
         t, start, n, _dur, ev = run
         ev.callbacks = []  # the piece's own end no longer means anything
         now = self.env._now
         x = (max(self._cut_at[engine], now) - start) / t.chunk_s
         j = round(x)
         k = j if (abs(x - j) < 1e-9 and j >= 1) else int(x) + 1
-        k = min(max(k, 1), n)
+        k = min(max(k, 1) + self.lookahead - 1, n)
         dur = k * t.chunk_s
         if start + dur > now:
             call_in(self.env, start + dur - now, self._finish, (engine, t, start, k, dur))
