@@ -8,6 +8,10 @@ fails here. When a change of the model is deliberate (and SIM_VERSION is bumped)
     .venv/bin/python tests/test_sim_golden.py --regenerate
 
 and say so in the commit message.
+
+The runs read frozen inputs, so that re-measuring the H200 (profiles/h200.yaml) or re-recording the small model's
+trace does not move them: `hardware: h200` means tests/data/h200_golden.yaml (the profile as of 2026-11-29 11:52
+UTC) and the small-moe runs replay the routing-only small-moe-qwen3moe-e32k4-balanced trace.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ if str(REPO) not in sys.path:  # run as a script
 GOLDEN = Path(__file__).resolve().parent / "data" / "sim_golden_metrics.json"
 Q = "data/traces/qwen3-30b-a3b"
 G = "data/traces/gemma-4-26b-a4b"
-S = "data/traces/small-moe-qwen3moe-e32k4"
+S = "data/traces/small-moe-qwen3moe-e32k4-balanced"
+H200 = REPO / "tests" / "data" / "h200_golden.yaml"  # frozen: see the module docstring
 SMALL = {"max_sequences": 8, "max_decode_tokens": 24}  # keep the small-moe runs short
 PROMOE = {"chunked_prefetch": True, "early_preemption": True, "reordered_inference": True}
 TWO_ENGINES = "h200-2engines"  # the h200 profile with two copy engines (written to a temporary file)
@@ -118,9 +123,7 @@ ALL = {**CONFIGS, **RECORDED}
 
 
 def _profile_dir(tmp: Path) -> Path:
-    from sim.hardware import PROFILES_DIR
-
-    prof = yaml.safe_load((PROFILES_DIR / "h200.yaml").read_text())
+    prof = yaml.safe_load(H200.read_text())
     prof["name"] = TWO_ENGINES
     prof["h2d"]["copy_engines"] = 2
     (tmp / f"{TWO_ENGINES}.yaml").write_text(yaml.safe_dump(prof))
@@ -146,6 +149,8 @@ def compute(name: str, tmp: Path) -> dict:
     from sim.timeline import chrome_events
 
     raw = dict(ALL[name])
+    if raw.get("hardware", "h200") == "h200":
+        raw["hardware"] = str(H200)
     if raw.get("hardware") == TWO_ENGINES:
         raw["hardware"] = str(_profile_dir(tmp) / f"{TWO_ENGINES}.yaml")
     cfg = build_config(raw)
