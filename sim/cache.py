@@ -360,13 +360,12 @@ class ExpertCache:
                     pins[key] = n - 1
 
     def unpin(self, key: Key) -> None:
-        n = self._pins.get(key, 0)
-        if n <= 0:
-            raise ValueError(f"unpin of expert {key}, which is not pinned")
-        if n == 1:
-            del self._pins[key]
-        else:
-            self._pins[key] = n - 1
+        pins = self._pins
+        n = pins.pop(key, 0)
+        if n != 1:  # (the common case, one pin, is the pop alone)
+            if n <= 0:
+                raise ValueError(f"unpin of expert {key}, which is not pinned")
+            pins[key] = n - 1
 
     def __repr__(self) -> str:
         return (f"ExpertCache(policy={self.policy_name!r}, scope={self.scope!r}, used={self.used_bytes}/"

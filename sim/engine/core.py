@@ -200,9 +200,10 @@ class Simulation:
                 assert cache.used_bytes <= cache.capacity_bytes, "cache capacity exceeded"
                 self.max_used_bytes = max(self.max_used_bytes, cache.used_bytes)
         nbytes, chunk_s = self._xfer[key[0]]
+        seq = self.seq
+        self.seq = seq + 1
         t = Transfer(key, nbytes, self.chunks, chunk_s, not (speculative or background), speculative, cached,
-                     self.seq, self.env._now if at is None else at, target)
-        self.seq += 1
+                     seq, self.env._now if at is None else at, target)
         if cached:
             self.inflight[key] = t
         if speculative:
@@ -296,7 +297,17 @@ class Simulation:
             while ev.callbacks is not None:
                 if not queue:
                     raise RuntimeError("the GPU stream waits for a copy that never lands")
-                _fire(env, heappop(queue))
+                h = heappop(queue)
+                e = h[3]
+                if type(e) is Call:  # _fire's first case, inline
+                    env._now = h[0]
+                    if e.callbacks:
+                        e.callbacks = None
+                        e.fn(*e.args)
+                    else:
+                        e.callbacks = None
+                else:
+                    _fire(env, h)
         lookup_layer = cache.lookup_layer
         hooks = touch_hooks(cache)
         resident = cache.resident

@@ -109,6 +109,7 @@ class Link:
         self.pending_bytes = 0  # bytes of live transfers not yet moved (the in-flight bound reads it)
         self._queue = env._queue  # SimPy 4 internals: a heap of (time, priority, event id, event)
         self._eid = env._eid
+        self._finish_fn = self._finish  # (bound once)
 
     # -- queue operations (called by the layer loop and the prefetcher) ---------------------------------------
     def submit(self, t: Transfer, at: float | None = None) -> None:
@@ -117,11 +118,18 @@ class Link:
         (self.high if t.high else self.low).append(t)
         self.pending_bytes += t.nbytes
         idle = self._idle
-        if idle:  # an idle engine starts it
+        if idle:  # an idle engine starts it (self._start, inline)
             now = self.env._now
             start = now if at is None else at
             t.t_start = start
-            self._start(idle.pop(), t, start, start - now)
+            engine = idle.pop()
+            n = t.chunks_left
+            dur = n * t.chunk_s
+            t.active = True
+            self.n_busy += 1
+            t.final_ev = ev = Call(self._finish_fn, (engine, t, start, n, dur))
+            self._running[engine] = (t, start, n, dur, ev)
+            heappush(self._queue, (now + ((start - now) + dur), NORMAL, next(self._eid), ev))
         elif t.high:
             self._preempt(self.env._now if at is None else at)
 
@@ -131,9 +139,8 @@ class Link:
         dur = n * t.chunk_s
         t.active = True
         self.n_busy += 1
-        ev = Call(self._finish, (engine, t, start, n, dur))
+        t.final_ev = ev = Call(self._finish_fn, (engine, t, start, n, dur))
         self._running[engine] = (t, start, n, dur, ev)
-        t.final_ev = ev
         heappush(self._queue, (self.env._now + (ahead + dur), NORMAL, next(self._eid), ev))
 
     def wait_event(self, t: Transfer):
@@ -233,16 +240,18 @@ class Link:
         if self.record is not None:
             self.record.append((t, start, dur, engine))
         now = self.env._now
+        high = self.high
+        low = self.low
         if not t.dropped:
             self.pending_bytes -= moved
             if left == 0:
-                (self.high if t.high else self.low).remove(t)
+                (high if t.high else low).remove(t)
                 t.finished = True
                 t.t_end = now
                 self.on_complete(t)
         # the next piece: the first transfer not already moving, demand loads first
-        if self.high or self.low:
-            for q in (self.high, self.low):
+        if high or low:
+            for q in (high, low):
                 for nxt in q:
                     if not nxt.active:
                         if nxt.t_start is None:
