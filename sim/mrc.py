@@ -29,8 +29,9 @@ Methods (the `method` key):
   Mattson et al. 1970: the distinct keys looked up since its previous lookup, up to its group's start in gate
   semantics, plus one; in bytes their sizes plus its own size) in O(1) per lookup: a bitmap marks each key's latest
   slot, slots are compacted when used up (arrays bounded by the number of keys) and two levels of running counts
-  answer "live slots after p" with one popcount (numba when installed, plain Python with a Fenwick tree otherwise;
-  same integers). In experts the kernel returns the cumulative histogram, i.e. the hits at every capacity, directly.
+  (in experts each updated with one vector compare-and-add per lookup) answer "live slots after p" with one popcount
+  (numba when installed, plain Python with a Fenwick tree otherwise; same integers). In experts the kernel
+  returns the cumulative histogram, i.e. the hits at every capacity, directly.
   In bytes with unequal sizes (Gemma, Qwen3 here) the LRU content is always the longest prefix of the recency stack
   that fits, so the byte stack distance is exact for every capacity >= the largest expert (steps below that size
   are moved up to it).
@@ -930,8 +931,8 @@ def bench_mrc(trace_path, *, repeats: int = 15, calls: int = 3, phase: str = "bo
     writing, the reader and the cache made untimed just before); `*_e2e` adds those (what it takes to get
     libCacheSim's answer from our stream). `repeats` rounds, each `calls` consecutive calls of one side then of
     the other (alternating, so that load on a shared machine hits both alike; consecutive, because the first call
-    after the other side's file writing and reading runs slower on either side), best call of each, after a
-    warm-up that also compiles the numba kernel. Keys: mrc_accesses_per_s, libcachesim_accesses_per_s,
+    after the other side's file writing and reading runs slower), best call of each, after a warm-up that also
+    compiles the numba kernel. Keys: mrc_accesses_per_s, libcachesim_accesses_per_s,
     mrc_speedup_vs_libcachesim (C loop); libcachesim_e2e_accesses_per_s, mrc_speedup_vs_libcachesim_e2e; mrc_sizes
     (capacities on the curve) and mrc_agrees_with_libcachesim."""
     stream = lookup_stream(trace_path, phase=phase)
