@@ -270,7 +270,8 @@ class Simulation:
         # `yield env.timeout(carry)` does (the same event id is taken, every event ordered before that timeout is
         # processed by env.step() in the same order, then the clock moves to the timeout's time) and `wait(ev)` is
         # `yield ev` (events are processed until ev has been), without a Timeout object or a process switch.
-        # Popped events are processed by _fire, as env.step() would.
+        # Popped events are processed by _fire, as env.step() would (its common case, a Call, inline). `n`: the
+        # timeout's event id when it was taken earlier (the direct issue below), else a fresh one.
         def sync(carry: float, n: int | None = None) -> None:
             t = env._now + carry
             if n is None:
