@@ -15,9 +15,10 @@ Per batch and layer, on the compute stream (the default CUDA stream, or the CPU)
    in-flight bound; its predictor cost is real time here, so its simulated cost is 0) predicts layer l+d and
    enqueues speculative transfers.
 3. experts in order (ascending id; reordered inference: resident, copying, queued high, queued low, not started;
-   sim.engine.decisions). An expert not resident: the host first waits for the GPU to reach it (as at the gate:
-   the simulator's "the stream gets here"), then without early preemption its demand load is enqueued now (or
-   its prefetch upgraded to high); the compute stream waits for the copy (stall, measured with CUDA events
+   sim.engine.decisions). An expert not resident and not already copying at high priority: the host first waits
+   for the GPU to reach it (as at the gate: the simulator's "the stream gets here"), then without early
+   preemption its demand load is enqueued now (or its prefetch upgraded to high); the compute stream waits for
+   the copy (stall, measured with CUDA events
    around the wait, or perf_counter on the CPU). Between these synchronisation points the host only launches
    resident experts' kernels, ahead of the GPU.
 
@@ -166,6 +167,7 @@ class OffloadedRuntime:
         scratch_slots: int | None = None,
         copier=None,
         predict_after_resident: bool = False,
+        sync_misses: bool = True,
         warmup_batches: int = 0,
         hidden_fn=None,
     ):
@@ -212,6 +214,9 @@ class OffloadedRuntime:
         # False: predict at the gate, before any expert kernel is launched (the simulator's event order);
         # True: launch the leading resident experts first, so the GPU computes while the host predicts
         self.predict_after_resident = predict_after_resident
+        # True: the host waits for the GPU to reach a non-resident expert before acting on it (the simulator's
+        # semantics); False: it acts as soon as it gets there itself, ahead of the GPU (an experiment's knob)
+        self.sync_misses = sync_misses
         self._predict_pending = False
         self.warmup_batches = warmup_batches  # leading batches run but left out of the metrics (as the simulator)
         self.keep_outputs = keep_outputs
@@ -433,10 +438,13 @@ class OffloadedRuntime:
         if self._predict_pending and key not in self.ready:
             self.predict(layer)
         if key not in self.ready:
-            # the simulator's "the GPU reaches this expert": the host waits for the compute stream to get here
-            # before it acts on a missing expert (a demand load starts now, not when the host, running ahead of
-            # the GPU, first saw the miss: that would be an unasked-for early preemption)
-            self._sync_to_stream()
+            # the simulator's "the GPU reaches this expert": before the host acts on a missing expert (starts its
+            # demand load, or raises its queued prefetch) it waits for the compute stream to get here, so the
+            # load does not start early just because the host runs ahead of the GPU (that would be an unasked-for
+            # early preemption). A copy already at high priority needs no action: only the GPU waits for it.
+            pending = local.get(key) or self.inflight.get(key)
+            if self.sync_misses and (pending is None or not pending.high):
+                self._sync_to_stream()
             self._reap()  # copies that landed meanwhile release their pins (and may be this one) before an insert
         if key in self.ready:
             pool, owner = self.slab, key
