@@ -24,7 +24,7 @@ Backends:
   first wait for the slot's guard events (the last kernel that read it, the last copy that wrote it).
   Issuing from the main thread replaced a copy worker thread: a worker woken by a landed copy had to take the
   interpreter lock from the main thread, which holds it while it launches kernels, so the link idled for
-  hundreds of microseconds per chunk and a run varied by tens of percent.
+  tens to hundreds of microseconds per chunk and a run varied by tens of percent.
 - `cuda-thread`: the former design, kept for comparison: one worker thread per copy stream (`copy_engines` of
   them) enqueues chunk groups and waits on their events.
 - `thread`: the worker on the CPU; chunks are `Tensor.copy_` (a CPU stand-in with the same queue semantics; real
