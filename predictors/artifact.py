@@ -3,7 +3,10 @@
 Layout (numpy's .npz, readable with `np.load(path)`):
     __header__   0-d unicode array holding a JSON object:
                    format      "moe-offload-sim predictor artifact"
-                   version     1
+                   version     2 (1: before the skip path and float16 weights were documented; version-1
+                               artifacts load unchanged, and this reader refuses only versions newer than its own;
+                               the first artifacts with `ws` and float16, from the 2026-11-29 device call, still
+                               say 1, which is harmless: readers go by the arrays present, not by the version)
                    predictor   registered name (make_predictor(predictor, **params) rebuilds it)
                    params      constructor parameters (JSON values)
                    distance    the distance it was trained for (the --distance of `predictors.train`)
@@ -20,7 +23,14 @@ Layout (numpy's .npz, readable with `np.load(path)`):
                    n_params    learned parameters in total
                    command     the command line that made it
     <name>       every array of predictor.get_state(), e.g. "l3_d1/w1" (learned networks: layer 3, distance 1,
-                 first weight matrix [in, units]) or "prob_d2" (cross_layer: [L, E, E] transition probabilities)
+                 first weight matrix [in, units]) or "prob_d2" (cross_layer: [L, E, E] transition probabilities).
+                 A learned network "lL_dD/" holds mu, sigma (input standardization, learned_mlp), w1, b1, w2, b2
+                 and, since version 2, optionally ws [in, experts]: the linear skip path from the standardized
+                 input straight to the scores (learned_mlp `skip=true`; absent = no skip path, the network
+                 runs as before). Weight matrices (w1, w2, ws) may be stored as float16 (learned_mlp
+                 `weights_dtype="float16"`, its default since version 2: half the size; biases, mu and sigma stay
+                 float32); readers convert them to float32 (`_torchfit.unpack`), so a float16 artifact predicts
+                 exactly as the fitted predictor, which rounds its weights the same way after the fit.
 
 Written to a temporary name in the same folder and renamed, so a crash leaves no half-written artifact.
 """
@@ -39,7 +49,7 @@ from predictors.registry import make_predictor
 from traces.atomic import atomic_write
 
 FORMAT = "moe-offload-sim predictor artifact"
-VERSION = 1
+VERSION = 2  # 2: optional "ws" skip path and float16 weight matrices in learned networks
 
 
 def save_artifact(path: str | os.PathLike, predictor: Predictor, header: dict) -> Path:

@@ -80,6 +80,34 @@ def test_learned_mlp_artifact_round_trip(trace, tmp_path, capsys):
         p.predict(v, 1)
 
 
+def test_artifact_version_2_with_skip_and_float16_and_version_1_still_loads(trace, tmp_path):
+    import json
+
+    from predictors.artifact import VERSION, read_header
+
+    out = tmp_path / "mlp.npz"
+    assert train_main([str(trace.path), "--predictor", "learned_mlp", "--distance", "1", "--out", str(out),
+                       "--set", "epochs=2", "--set", "max_units=32", "--set", "skip=true"]) == 0
+    assert read_header(out)["version"] == VERSION == 2
+    with np.load(out) as z:
+        assert z["l0_d1/ws"].dtype == z["l0_d1/w1"].dtype == np.float16 and z["l0_d1/b1"].dtype == np.float32
+        state = {k: z[k] for k in z.files if k != "__header__"}
+        head = json.loads(str(z["__header__"]))
+    p2, _ = load_artifact(out)
+    v = next(iter_batches(load_sequences(trace)[:1], trace.meta, source=HiddenSource(trace))).view(
+        0, with_hidden=True)
+    # a version-1 artifact (no skip path, float32 weights) loads; a newer version than the reader's is refused
+    old = {k: a.astype(np.float32) for k, a in state.items() if not k.endswith("/ws")}
+    params = {**head["params"], "skip": False, "weights_dtype": "float32"}
+    np.savez(tmp_path / "v1.npz", __header__=np.array(json.dumps({**head, "version": 1, "params": params})), **old)
+    p1, h1 = load_artifact(tmp_path / "v1.npz")
+    assert h1["version"] == 1 and "ws" not in p1._nets["l0_d1"]
+    assert np.isfinite(p1.predict(v, 1).scores).all() and np.isfinite(p2.predict(v, 1).scores).all()
+    np.savez(tmp_path / "v3.npz", __header__=np.array(json.dumps({**head, "version": VERSION + 1})), **state)
+    with pytest.raises(ValueError, match="newer"):
+        load_artifact(tmp_path / "v3.npz")
+
+
 def test_learned_mlp_inference_is_numpy_and_deterministic(trace):
     a = evaluate(trace, "learned_mlp", 1, params={"epochs": 3, "max_units": 64})
     b = evaluate(trace, "learned_mlp", 1, params={"epochs": 3, "max_units": 64})
