@@ -12,6 +12,8 @@ def last_present(past: np.ndarray, layer: int) -> np.ndarray | None:
     """The experts at `layer` of the most recent earlier position that has a row there (router-rank order)."""
     if past.shape[0] == 0:
         return None
+    if past[-1, layer, 0] >= 0:  # the common case: the previous position has the row
+        return past[-1, layer]
     col = past[:, layer, 0]
     idx = np.flatnonzero(col >= 0)
     if idx.size == 0:
@@ -27,6 +29,22 @@ class PreviousTokenPredictor(Predictor):
 
     def predict(self, view, distance, future=None) -> Prediction:
         target = view.layer + distance
+        n_exp = view.meta.n_experts
+        k = view.meta.top_k
+        if len(view.sequences) == 1:
+            # one token (batch-size-1 decode, every layer of every token: the executor pays this on its host):
+            # the previous position's row in router-rank order, scored as the general path scores it (a row's
+            # experts are distinct, so there are no votes to add up)
+            row = last_present(past_of(view, view.sequences[0]), target)
+            if row is None:
+                return rank_counts(np.zeros(n_exp))
+            ok = row >= 0
+            return Prediction(row[ok].astype(np.int64), 1.0 + (k - np.arange(k)[ok]) / (k + 1) * 1e-3)
+        return self.votes(view, target)
+
+    @staticmethod
+    def votes(view, target: int) -> Prediction:
+        """The general path: each sequence's previous row votes, ties broken by router rank."""
         n_exp = view.meta.n_experts
         k = view.meta.top_k
         scores = np.zeros(n_exp, dtype=np.float64)

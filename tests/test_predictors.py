@@ -347,3 +347,32 @@ def test_report_beside_keeps_the_in_trace_fit_and_adds_the_artifact_row(two_trac
     extra = next(x for x in lines if x.startswith("| cross_layer (separate training trace) |"))
     assert "9:1 split of this trace" in main and "10 seqs, 140 tokens" in extra
     assert extra.split(" | ")[2:4] == ["–", "–"]  # the artifact row has d=1 only
+
+
+def test_previous_token_one_token_path_equals_the_votes():
+    """The one-token path (what batch-size-1 decode takes at every layer) gives exactly the general path's
+    prediction, experts and scores, on the public Qwen3 trace; also when the previous position lacks the row."""
+    from predictors.base import BatchView
+    from predictors.previous_token import PreviousTokenPredictor
+    from sim.config import REPO_ROOT
+    from sim.engine.schedule import load_sequences
+    from traces.reader import Trace
+
+    trace = Trace(REPO_ROOT / "data" / "traces" / "qwen3-30b-a3b")
+    meta = trace.meta
+    p = PreviousTokenPredictor()
+    checked = 0
+    for s in load_sequences(trace, "both", 2, 6):
+        rows = s.all.copy()
+        rows[3, 5] = -1  # a position without the row at one layer: the path must look further back
+        for pos in range(0, rows.shape[0]):
+            for layer in (0, 3, 20):
+                for d in (1, 2):
+                    if layer + d >= meta.n_layers:
+                        continue
+                    view = BatchView(meta, layer, np.array([s.sequence]), np.array([pos]),
+                                     rows[pos:pos + 1, :layer + 1], {s.sequence: rows[:pos]})
+                    fast, slow = p.predict(view, d), p.votes(view, layer + d)
+                    assert np.array_equal(fast.experts, slow.experts) and np.array_equal(fast.scores, slow.scores)
+                    checked += 1
+    assert checked > 100
