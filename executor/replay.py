@@ -81,7 +81,8 @@ def predictor_class(name: str):
 def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = None, transfer_backend=None,
                   host_budget: int = DEFAULT_HOST_BUDGET, gpu_budget_bytes: int | None = None,
                   keep_outputs: bool = False, check: bool = False, lookahead: int = 1, copy_engines: int = 1,
-                  models: dict | None = None, copier=None, predict_after_resident: bool = False):
+                  models: dict | None = None, copier=None, predict_after_resident: bool = False,
+                  sync_misses: bool = True):
     """Check memory, allocate the host store, the model and the runtime for one config.
 
     `models`: a dict reused across calls (executor.validate) that keeps the last host store and replay model, so
@@ -143,6 +144,7 @@ def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = No
         reordered_inference=cfg.reordered_inference, cpu_experts=cfg.cpu_experts, trace=setup.trace,
         transfer_backend=transfer_backend, keep_outputs=keep_outputs, check=check, lookahead=lookahead,
         copy_engines=copy_engines, copier=copier, predict_after_resident=predict_after_resident,
+        sync_misses=sync_misses,
         warmup_batches=setup.warmup_batches)
 
 
@@ -160,6 +162,9 @@ def add_memory_args(ap: argparse.ArgumentParser) -> None:
                     help="chunk groups allowed on the copy stream at once (1 = the simulator's semantics)")
     ap.add_argument("--predict-after-resident", action="store_true",
                     help="launch the layer's resident experts before running the predictor")
+    ap.add_argument("--no-sync-misses", action="store_true",
+                    help="the host acts on a missing expert as soon as it gets there, ahead of the GPU (the default "
+                         "waits for the GPU to reach it: the simulator's semantics)")
 
 
 def main(argv=None) -> int:
@@ -180,7 +185,8 @@ def main(argv=None) -> int:
     rt = build_runtime(cfg, setup, device=args.device, host_budget=int(args.host_budget_gib * GIB),
                        gpu_budget_bytes=int(args.gpu_budget_gib * GIB) if args.gpu_budget_gib is not None else None,
                        check=args.check, lookahead=args.lookahead, transfer_backend=args.backend,
-                       predict_after_resident=args.predict_after_resident)
+                       predict_after_resident=args.predict_after_resident,
+                       sync_misses=not args.no_sync_misses)
     rt.warmup()
     metrics = rt.run()
     out = {"config": cfg.flat(), "geometry": setup.geometry.describe(), "layers": setup.n_layers,
