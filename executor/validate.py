@@ -292,7 +292,8 @@ def pcie_floor(cfg, setup, profile, capacity_bytes: int) -> dict:
 
 def fidelity(df, breakdown: bool = True) -> dict:
     """Median and max |sim - real| / real of TTFT and TPOT over the ok runs, the ranking agreement of labels per
-    (geometry, trace, cache rate, phase) group, and (`breakdown`) the same per geometry and mode."""
+    (geometry, trace, cache rate, phase) group, the median spread of the repeated real runs, and (`breakdown`)
+    the same per geometry and mode."""
     import numpy as np
 
     ok = df[df["status"] == "ok"]
@@ -314,6 +315,9 @@ def fidelity(df, breakdown: bool = True) -> dict:
                              list(sub.sort_values(f"sim_{tcol}")["name"]))
     out["ranking_groups"] = len(agree)
     out["ranking_agrees"] = int(sum(agree))
+    # the real side's own noise: (max - min) / median of a config's repeated runs (the floor of any fidelity figure)
+    if "real_spread" in ok and ok["real_spread"].notna().any():
+        out["median_real_spread"] = float(np.median(ok["real_spread"].dropna()))
     if breakdown and "geometry" in ok and "mode" in ok:
         by = {}
         for (geom, mode), sub in df.groupby(["geometry", "mode"], dropna=False):

@@ -76,10 +76,12 @@ def test_validate_suite_report(tmp_path, profile_path):
     assert (lru["real_hit_rate"] == lru["sim_hit_rate"]).all()  # no prefetch: same cache code, same hits
     assert (lru["real_speedup_vs_lru"] == 1).all()
     assert (ok["capacity_bytes"] == ok["slab_slots"] * 6144).all()
+    # each config's real side is the median of repeated runs (a run on a fresh store is repeated, not counted)
+    assert (ok["real_repeats"] == 3).all() and (ok["real_spread"] >= 0).all()
     text = (out / "summary.md").read_text()
     assert "CPU DRY RUN" in text and "| promoe |" in text
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["dry_run"] and meta["fidelity"]["ok"] == 4
+    assert meta["dry_run"] and meta["fidelity"]["ok"] == 4 and meta["fidelity"]["median_real_spread"] >= 0
     assert (out / "plots" / "tpot_ms_sim_vs_real.png").exists()
     # resumable: nothing is re-run
     assert validate.main([str(suite), "--profile", str(profile_path), "--out", str(out), "--device", "cpu",
