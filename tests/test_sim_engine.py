@@ -213,6 +213,25 @@ def test_chunking_bounds_the_wait_behind_a_prefetch(tmp_path):
     assert chunked["total_ms"] < whole["total_ms"]
 
 
+def test_oracle_rank_layers_equals_predict():
+    """The prefetcher asks the oracle once per batch (rank_layers); each layer's answer is predict()'s."""
+    from types import SimpleNamespace
+
+    oracle = make_predictor("oracle")
+    rng = np.random.default_rng(3)
+    meta = SimpleNamespace(n_experts=16)
+    cases = [np.array([[rng.permutation(16)[:4] for _ in range(5)]]), rng.choice(16, (1, 5, 4)),
+             rng.integers(-1, 16, (1, 5, 4)), rng.integers(0, 4, (1, 5, 4)),
+             rng.integers(-1, 16, (4, 5, 4)), rng.integers(0, 16, (40, 5, 4))]
+    for experts in cases:
+        experts = experts.astype(np.int16)
+        ranked = oracle.rank_layers(experts)
+        for layer in range(5):
+            view = SimpleNamespace(layer=layer - 1, meta=meta)
+            want = oracle.predict(view, 1, lambda la, e=experts: e[:, la, :]).experts.tolist()
+            assert ranked[layer] == want
+
+
 def _link_landings(lookahead: int) -> dict:
     """A prefetch of 3 chunks (1 s each) starts at 0; a one-chunk demand load arrives at 0.5. Landing times."""
     import simpy

@@ -162,7 +162,8 @@ class Link:
         self._preempt(self.env._now if at is None else at)
 
     def drop(self, t: Transfer, at: float | None = None) -> None:
-        """Abandon a transfer: its queued chunks are discarded; a chunk in flight still completes (wasted)."""
+        """Abandon a transfer: its queued chunks are discarded; a chunk in flight (and lookahead - 1 committed
+        ones) still completes (wasted)."""
         if t.finished or t.dropped:
             return
         (self.high if t.high else self.low).remove(t)
