@@ -35,7 +35,7 @@ from torch import nn
 from executor.buffers import HostExpertStore
 from executor.geometry import Geometry, geometry_from_hf_config, small_moe_dir
 from executor.memory import whole_slot_capacity
-from executor.model import activation, expert_forward, expert_into, layer_rows, split_expert
+from executor.model import activation, expert_forward, expert_into, experts_into, layer_rows, split_expert
 from executor.runtime import quiet_gc
 from traces.format import TraceMeta
 
@@ -68,6 +68,9 @@ class _LiveModel:
 
     def expert_into(self, out2d, mats, h, rows):
         expert_into(out2d, mats, h, rows, self._act)
+
+    def experts_into(self, out2d, pool, slots, h, rows):
+        experts_into(out2d, pool, slots, h, rows, self.geom, self._act)
 
     def embed(self, sequences, positions):  # warm-up only
         return torch.zeros(len(positions), self.geom.hidden, dtype=self.dtype, device=self.device)
@@ -205,10 +208,7 @@ class LiveOffload:
         out = torch.zeros((T, idx.shape[1], hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
         out2d = out.view(-1, hidden.shape[1])
         rows = layer_rows(idx, top_k_weights.to(hidden.dtype), hidden.device)  # from the routing on the host
-        for e in order:
-            mats, pool, slot = rt.expert_buffer(layer, e, local)
-            rt.model.expert_into(out2d, mats, hidden, rows[e])
-            rt.expert_done(pool, slot)
+        rt.compute_experts(layer, order, local, hidden, rows, out2d)
         rt.end_layer(layer, ids)
         return out.sum(dim=1)
 

@@ -94,6 +94,23 @@ def expert_into(out2d: torch.Tensor, mats, h: torch.Tensor, rows, act) -> None:
     out2d.index_copy_(0, dst, y.mul_(wcol))
 
 
+def experts_into(out2d: torch.Tensor, pool, slots: list[int], h: torch.Tensor, rows: list, geom: Geometry,
+                 act) -> None:
+    """`expert_into` for several experts at once, each taking every token of `h` in order (batch-size-1 decode):
+    their weights stacked from the pool's slots, gate+up and down as batched matmuls, one scatter. Nine launches
+    for the group instead of six per expert; the stacking reads and writes each expert's weights once more on
+    the GPU (microseconds), which is cheaper than the host's launches it saves. On the CPU the result equals
+    `expert_into`'s bit for bit (the tests compare with the all-resident reference)."""
+    m, i, hd = geom.matrix_numel, geom.moe_intermediate, geom.hidden
+    w = torch.stack([pool.buf[s] for s in slots])
+    r = len(slots)
+    gu = torch.matmul(h, w[:, : 2 * m].view(r, 2 * i, hd).transpose(1, 2))
+    y = torch.bmm(act(gu[..., :i]) * gu[..., i:], w[:, 2 * m:].view(r, hd, i).transpose(1, 2))
+    wcol = torch.cat([row[2] for row in rows])
+    dst = torch.cat([row[1] for row in rows])
+    out2d.index_copy_(0, dst, y.reshape(-1, hd).mul_(wcol))
+
+
 def layer_rows(experts: np.ndarray, weights: torch.Tensor, device) -> dict[int, tuple]:
     """Per expert of one layer (experts [T, k] host ids, -1 = no row; weights [T, k] on the device):
     (token index, destination row t k + r of the [T k, hidden] combine buffer, router weight column, whether the
@@ -150,6 +167,10 @@ class ReplayModel:
     def expert_into(self, out2d: torch.Tensor, mats, h: torch.Tensor, rows: tuple) -> None:
         """out2d[t k + r] = expert(h[t]) * w[t, r] for the rows routed to this expert (see `expert_into`)."""
         expert_into(out2d, mats, h, rows, self._act)
+
+    def experts_into(self, out2d: torch.Tensor, pool, slots: list[int], h: torch.Tensor, rows: list) -> None:
+        """Several resident experts that each take every token, as one group (see `experts_into`)."""
+        experts_into(out2d, pool, slots, h, rows, self.geom, self._act)
 
     # -- the all-resident reference ------------------------------------------------------------------------------
     def reference_forward(self, batch_inputs) -> torch.Tensor:

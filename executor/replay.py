@@ -82,7 +82,7 @@ def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = No
                   host_budget: int = DEFAULT_HOST_BUDGET, gpu_budget_bytes: int | None = None,
                   keep_outputs: bool = False, check: bool = False, lookahead: int = 1, copy_engines: int = 1,
                   models: dict | None = None, copier=None, predict_after_resident: bool = False,
-                  sync_misses: bool = True):
+                  sync_misses: bool = True, group_resident: bool = True):
     """Check memory, allocate the host store, the model and the runtime for one config.
 
     `models`: a dict reused across calls (executor.validate) that keeps the last host store and replay model, so
@@ -144,7 +144,7 @@ def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = No
         reordered_inference=cfg.reordered_inference, cpu_experts=cfg.cpu_experts, trace=setup.trace,
         transfer_backend=transfer_backend, keep_outputs=keep_outputs, check=check, lookahead=lookahead,
         copy_engines=copy_engines, copier=copier, predict_after_resident=predict_after_resident,
-        sync_misses=sync_misses,
+        sync_misses=sync_misses, group_resident=group_resident,
         warmup_batches=setup.warmup_batches)
 
 
@@ -162,6 +162,9 @@ def add_memory_args(ap: argparse.ArgumentParser) -> None:
                     help="chunk groups allowed on the copy stream at once (1 = the simulator's semantics)")
     ap.add_argument("--predict-after-resident", action="store_true",
                     help="launch the layer's resident experts before running the predictor")
+    ap.add_argument("--no-group-resident", action="store_true",
+                    help="compute every expert on its own (the default groups a decode layer's leading resident "
+                         "experts into batched kernels)")
     ap.add_argument("--no-sync-misses", action="store_true",
                     help="the host acts on a missing expert as soon as it gets there, ahead of the GPU (the default "
                          "waits for the GPU to reach it: the simulator's semantics)")
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
                        gpu_budget_bytes=int(args.gpu_budget_gib * GIB) if args.gpu_budget_gib is not None else None,
                        check=args.check, lookahead=args.lookahead, transfer_backend=args.backend,
                        predict_after_resident=args.predict_after_resident,
-                       sync_misses=not args.no_sync_misses)
+                       sync_misses=not args.no_sync_misses, group_resident=not args.no_group_resident)
     rt.warmup()
     metrics = rt.run()
     out = {"config": cfg.flat(), "geometry": setup.geometry.describe(), "layers": setup.n_layers,

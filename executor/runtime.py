@@ -39,10 +39,11 @@ import gc
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from executor.buffers import SlotPool, chunk_ranges
-from executor.model import BatchInputs, ReplayModel, rms_norm
+from executor.model import BatchInputs, ReplayModel, layer_rows, rms_norm
 from executor.transfer import Transfer, TransferEngine
 from predictors.base import Predictor
 from sim.cache import ExpertCache
@@ -168,6 +169,7 @@ class OffloadedRuntime:
         copier=None,
         predict_after_resident: bool = False,
         sync_misses: bool = True,
+        group_resident: bool = True,
         warmup_batches: int = 0,
         hidden_fn=None,
     ):
@@ -217,6 +219,10 @@ class OffloadedRuntime:
         # True: the host waits for the GPU to reach a non-resident expert before acting on it (the simulator's
         # semantics); False: it acts as soon as it gets there itself, ahead of the GPU (an experiment's knob)
         self.sync_misses = sync_misses
+        # the leading experts resident at the gate that take every token (batch-size-1 decode) computed as one
+        # group (`ReplayModel.experts_into`): at batch size 1 the host's launches are most of a layer step
+        self.group_resident = group_resident
+        self.grouped_experts = 0  # experts computed in groups (reporting)
         self._predict_pending = False
         self.warmup_batches = warmup_batches  # leading batches run but left out of the metrics (as the simulator)
         self.keep_outputs = keep_outputs
@@ -357,7 +363,13 @@ class OffloadedRuntime:
         for n in token_counts:
             x = model.embed([0] * n, list(range(n)))
             x = model.dense(0, x)
-            model.expert(flat, rms_norm(x))
+            h = rms_norm(x)
+            model.expert(flat, h)
+            if self.group_resident and n == 1:  # the grouped path's batched kernels
+                rows = layer_rows(np.zeros((1, 2), dtype=np.int64) + [[0, 1]], torch.ones(1, 2, dtype=h.dtype,
+                                  device=h.device), h.device)
+                out2d = torch.zeros(2, h.shape[1], dtype=h.dtype, device=h.device)
+                model.experts_into(out2d, self.scratch, [0, 0], h, [rows[0], rows[1]])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -481,6 +493,37 @@ class OffloadedRuntime:
             self._check_buffer(key, pool.view(slot), pool, owner)
         return pool.matrices(slot), pool, slot
 
+    def compute_experts(self, layer: int, order: list[int], local: dict, h: torch.Tensor, rows: dict,
+                        out2d: torch.Tensor) -> None:
+        """Every expert of the layer, in `order`. With `group_resident`, the leading ones that are resident at the
+        gate and take every token run as one group first (they would run first anyway: same order, same
+        result); the rest one by one, each waiting for its copy if needed (`expert_buffer`)."""
+        model = self.model
+        n = 0
+        if self.group_resident:
+            ready = self.ready
+            while n < len(order) and (layer, order[n]) in ready and rows[order[n]][3]:
+                n += 1
+            if n >= 2:
+                slab = self.slab
+                keys = [(layer, e) for e in order[:n]]
+                slots = [slab.slot_of[k] for k in keys]
+                if self.check:
+                    for k, s in zip(keys, slots):
+                        assert self.cache.contains(k), f"expert {k} computed uncached"
+                        self._check_buffer(k, slab.view(s), slab, k)
+                    self.checks["computed_resident_checks"] += n
+                model.experts_into(out2d, slab, slots, h, [rows[e] for e in order[:n]])
+                self.grouped_experts += n
+                self._layer_reads.extend((slab, s) for s in slots)
+                self.engine.pump(self.pump_per_expert * n)
+            else:
+                n = 0
+        for e in order[n:]:
+            mats, pool, slot = self.expert_buffer(layer, e, local)
+            model.expert_into(out2d, mats, h, rows[e])
+            self.expert_done(pool, slot)
+
     def expert_done(self, pool: SlotPool, slot: int) -> None:
         """After the expert's kernels are enqueued: note the slot's read (guarded at the end of the layer), let
         the link move (pump backends)."""
@@ -551,11 +594,7 @@ class OffloadedRuntime:
                     h = rms_norm(x)
                     out = torch.zeros((T, inputs.top_k, x.shape[1]), dtype=x.dtype, device=x.device)
                     out2d = out.view(-1, x.shape[1])
-                    rows = inputs.rows[layer]
-                    for e in order:
-                        mats, pool, slot = self.expert_buffer(layer, e, local)
-                        model.expert_into(out2d, mats, h, rows[e])
-                        self.expert_done(pool, slot)
+                    self.compute_experts(layer, order, local, h, inputs.rows[layer], out2d)
                     x = x + out.sum(dim=1)
                     self.end_layer(layer, ids)
                 self.end_batch(batch.phase, T, x)

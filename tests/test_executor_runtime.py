@@ -283,3 +283,22 @@ def test_trained_predictor_and_warmup_match_simulator(trace_dir, tmp_path):
     assert m["batches"] == sm["batches"] > 0
     for k in ("lookups", "hits", "misses", "prefetches", "prefetched_used", "n_prefetch_unused", "bytes_h2d"):
         assert m[k] == sm[k], f"{k}: executor {m[k]} != simulator {sm[k]}"
+
+
+@pytest.mark.parametrize("rate", [0.5, 1.0])
+def test_grouped_resident_experts(trace_dir, reference, rate):
+    """Batch-size-1 decode computes the leading resident experts of a layer as one group: the outputs still equal
+    the all-resident reference, and every count equals the expert-by-expert run's."""
+    cfg = _cfg(trace_dir, "lru", rate, "oracle", True, True, True, distance=1)
+    setup = prepare(cfg, get_geometry("tiny"))
+    runs = {}
+    for group in (True, False):
+        rt = build_runtime(cfg, setup, device="cpu", keep_outputs=True, check=True)
+        rt.group_resident = group
+        runs[group] = (rt, rt.run())
+    rt, m = runs[True]
+    assert rt.grouped_experts > 0 and runs[False][0].grouped_experts == 0
+    assert all(torch.equal(a, b) for a, b in zip(rt.outputs, reference))
+    for k in ("lookups", "hits", "misses", "demand_loads", "prefetches", "prefetched_used", "bytes_h2d"):
+        assert m[k] == runs[False][1][k], k
+    _assert_consistent(rt, m)
