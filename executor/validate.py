@@ -140,7 +140,8 @@ def simulate(cfg, setup, profile, capacity_bytes: int) -> dict:
                      early_preemption=cfg.early_preemption, reordered_inference=cfg.reordered_inference,
                      cpu_experts=cfg.cpu_experts,
                      trace=setup.trace,
-                     warmup_batches=getattr(setup, "warmup_batches", cfg.warmup_batches))
+                     warmup_batches=getattr(setup, "warmup_batches", cfg.warmup_batches),
+                     predictor_blocking=True)  # the executor predicts on its host at the gate; the GPU waits
     return sim.run()
 
 

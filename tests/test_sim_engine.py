@@ -68,6 +68,23 @@ def test_all_resident_gives_compute_only_time(tiny):
     assert m["hit_rate"] == 1.0 and m["stall_ms"] == 0.0 and m["bytes_h2d"] == 0
 
 
+@pytest.mark.parametrize("blocking", [False, True])
+def test_blocking_predictor_is_on_the_compute_timeline(tiny, blocking):
+    """Every expert resident: a predictor beside the stream costs nothing on it; a blocking one (the executor's:
+    it predicts on the host at the gate, the GPU waiting) adds its cost once per layer whose target exists."""
+    meta = tiny.meta
+    cost_s, d = 1e-3, 2
+    sim = Simulation(meta, load_sequences(tiny, "both", None, None), CostModel(load_profile("h200-quoted"), meta),
+                     cache_capacity_bytes=meta.total_expert_bytes(), predictor=make_predictor("previous_token"),
+                     distance=d, predictor_cost_s=cost_s, trace=tiny, check=True, predictor_blocking=blocking)
+    sim.warm((layer, e) for layer in range(meta.n_layers) for e in range(meta.n_experts))
+    m = sim.run()
+    compute, _ = analytic_parts(sim)
+    extra = m["batches"] * (meta.n_layers - d) * cost_s if blocking else 0.0
+    assert m["total_ms"] == pytest.approx((compute + extra) * 1e3, rel=1e-9)
+    assert m["bytes_h2d"] == 0
+
+
 @pytest.mark.parametrize("capacity", [0, EXPERT_BYTES - 1])
 def test_empty_cache_no_prefetch_is_sum_of_transfers_and_compute(tiny, capacity):
     sim = build(tiny, capacity_bytes=capacity)

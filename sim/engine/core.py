@@ -103,7 +103,11 @@ class Simulation:
         record: bool = False,
         check: bool = False,
         warmup_batches: int = 0,
+        predictor_blocking: bool = False,
     ):
+        """`predictor_blocking`: the predictor runs on the compute timeline at the gate, and its copies are issued
+        when it returns (the real executor predicts on its host, the GPU waiting); by default it runs beside the
+        stream and only delays its own copies (`predictor_cost_s` later)."""
         from sim.policies import policy_class
 
         self.meta = meta
@@ -144,6 +148,7 @@ class Simulation:
                                      meta=meta)
         self.max_used_bytes = 0
         self.warmup_batches = warmup_batches  # leading batches simulated but left out of the metrics
+        self.predictor_blocking = predictor_blocking
         self._snap: tuple | None = None
         # lazy pinning: the running layer's experts are pinned only once something may be inserted
         self.cur_layer = -1
@@ -262,6 +267,7 @@ class Simulation:
         overlap_penalty = 2.0 - cost.overlap if cost.overlap < 1.0 else 1.0
         demand_host = cost.demand_host_s
         prefetch_host = cost.prefetch_host_s
+        blocking = self.predictor_blocking
         carry = 0.0
         queue = env._queue  # SimPy 4 internals: a heap of (time, priority, event id, event)
         eids = env._eid
@@ -389,7 +395,18 @@ class Simulation:
                             carry += demand_host
                 # -- the prefetcher ----------------------------------------------------------------------------------
                 direct = None
-                if pf is not None:
+                if pf is not None and blocking:
+                    r = pf.predict_at_gate(layer, L)
+                    if layer + pf.distance < L:  # the predictor ran: the stream waits for it
+                        carry += pf.cost_s
+                    if r is not None:
+                        if carry and queue and queue[0][0] <= env._now + carry:
+                            sync(carry)  # copies landing while it predicted land first
+                            carry = 0.0
+                        n0 = c.prefetches
+                        pf.issue(r[0], r[1], b, at=env._now + carry)
+                        carry += (c.prefetches - n0) * prefetch_host
+                elif pf is not None:
                     r = pf.predict_at_gate(layer, L)
                     if r is not None:
                         experts, target = r
