@@ -42,7 +42,7 @@ def trace_data(draw):
     n = len(rows["sequence"])
     experts = np.stack([rng.permutation(E)[:k] for _ in range(n)]) if n else np.zeros((0, k), int)
     weights = rng.random((n, k)).astype(np.float32)
-    # every layer present at least once: force layer ids of the first L rows of the first position
+    # (a layer may have no row at all: its hidden-state file is then empty)
     cols = {c: np.asarray(v) for c, v in rows.items()}
     h = rng.standard_normal((n, hidden)).astype(np.float16) if hidden else None
     return L, E, k, cols, experts, weights, h, draw(st.integers(1, 4))
@@ -204,3 +204,14 @@ def test_embedded_traces_are_valid_and_streamable(embedded_traces):
             assert t.meta.license == "Apache-2.0"
         n = sum(int(r.present().sum()) for r in t.iter_routing(batch_rows=1000))
         assert n == t.n_rows == pq.ParquetFile(embedded_traces / name / "routing.parquet").metadata.num_rows
+
+
+def test_hidden_states_of_a_layer_without_rows(tmp_path):
+    """A layer that no row reaches still has its hidden-state file, with no rows (hypothesis found this once)."""
+    cols = {"sequence": np.array([0]), "phase": np.array(["decode"]), "position": np.array([0]),
+            "layer": np.array([0]), "token_id": np.array([1])}
+    with TraceWriter(tmp_path / "t", meta_for(2, 4, 1)) as w:
+        w.add(**cols, experts=np.array([[2]]), weights=np.ones((1, 1), np.float32),
+              hidden=np.ones((1, 3), np.float16))
+    t = open_trace(tmp_path / "t")
+    assert t.hidden_states(0).shape == (1, 3) and t.hidden_states(1).shape == (0, 3)

@@ -146,7 +146,9 @@ class TraceWriter:
         meta = self.meta
         if self._hidden:
             (self.tmp / HIDDEN_DIR).mkdir()
-            for layer, parts in self._hidden.items():
+            width = next(iter(self._hidden.values()))[0].shape[1]
+            for layer in range(meta.n_layers):  # a layer without a routing row still gets its (empty) file
+                parts = self._hidden.get(layer) or [np.zeros((0, width), dtype=np.float16)]
                 np.save(self.tmp / layer_file(HIDDEN_DIR, layer), np.concatenate(parts))
             meta = meta.model_copy(update={"has_hidden_states": True})
         if self._router:
