@@ -445,7 +445,17 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
         prof["h2d"]["pageable"] = {"points": pageable_pts}
     if "lookahead" in H2D.model_fields:  # the chunk groups the runtime keeps on the copy stream
         prof["h2d"]["lookahead"] = int(lookahead)
-    HardwareProfile.model_validate(prof)  # the simulator must be able to read it
+    hw = HardwareProfile.model_validate(prof)  # the simulator must be able to read it
+    if runtime_costs and cuda and "small-moe" in [g.name for g in geoms]:
+        from executor.live import measure_live_dense, small_model_for_timing
+
+        log("live layer: small-moe (Hugging Face attention, random weights)")
+        try:
+            prof["live_dense_compute"] = [measure_live_dense(small_model_for_timing(device), hw, name="small-moe",
+                                                             device=device)]
+        except ImportError as exc:  # no transformers: live runs keep the dense stand-in
+            log(f"live layer not measured: {exc}")
+        HardwareProfile.model_validate(prof)
     return prof
 
 

@@ -247,6 +247,57 @@ class LiveOffload:
         return self.rt.metrics()
 
 
+def live_profile(profile, name: str, meta):
+    """The profile the simulator should use for a live run of model `name`: its dense tables replaced by the
+    model's measured live layer (`live_dense_compute`), when the profile has one; else the profile unchanged."""
+    table = next((t for t in (profile.live_dense_compute or []) if t.name == name), None)
+    if table is None:
+        return profile
+    nbytes = meta.dense_bytes[0] if meta.dense_bytes else table.dense_bytes
+    table = table.model_copy(update={"dense_bytes": nbytes})
+    return profile.model_copy(update={"dense_compute": [table], "default_dense": table.name})
+
+
+def measure_live_dense(model, profile, *, name: str, prompt_lens=(8, 24), new_tokens: int = 8, repeats: int = 3,
+                       device=None) -> dict:
+    """A `live_dense_compute` table for `model` (a transformers MoE): the live runtime with every expert resident
+    (cache rate 1.0; a first generation loads them, the same prompts again then hit everywhere) times prefill
+    batches of each prompt length and decode batches; per layer, what is left after the experts as the simulator
+    charges them (`profile`'s expert tables for the batch's unique experts) is the dense part."""
+    import statistics
+
+    from sim.engine.schedule import layer_sets
+    from sim.hardware import CostModel
+
+    rng = np.random.default_rng(0)
+    vocab = int(model.config.vocab_size)
+    prompts = [rng.integers(2, vocab, size=n).tolist() for n in prompt_lens]
+    live = LiveOffload(model, cache_rate=1.0, device=device, name=name)
+    with quiet_gc():
+        live.generate(prompts, new_tokens)  # loads the experts (and warms the kernels)
+        first = len(live.history)
+        for _ in range(repeats):
+            live.generate(prompts, new_tokens)
+    live.finish()
+    cost = CostModel(profile, live.meta)
+    L = live.meta.n_layers
+    per_tokens: dict[int, list[float]] = {}
+    for row, batch in zip(live.rt.batch_rows[first:], live.history[first:]):
+        experts = batch[3]  # [T, L, k]
+        T = int(row["tokens"])
+        cost.prepare(T)
+        ex_s = 0.0
+        for layer, (ids, counts) in enumerate(layer_sets(experts)):
+            for i in range(len(ids)):
+                ex_s += cost.expert_s[layer][int(counts[i]) if counts is not None else 1]
+        per_tokens.setdefault(T, []).append(max(0.0, (row["duration_ms"] * 1e-3 - ex_s) / L) * 1e3)
+    tokens = sorted(per_tokens)
+    return {"name": name, "dense_bytes": int(live.meta.dense_bytes[0]) if live.meta.dense_bytes else 1,
+            "tokens": tokens, "ms": [round(statistics.median(per_tokens[t]), 5) for t in tokens],
+            "note": f"measured live ({name}, random weights): every expert resident, median of {repeats} runs of "
+                    f"{len(prompts)} prompts, the experts subtracted as the profile charges them"}
+
+
 def routing_json(live: LiveOffload) -> str:
     """The routing a live run produced (its batches' phase, sequences, positions, experts), as JSON: stored in the
     validation row so the simulator side can be recomputed later without the model (`validate --resimulate`)."""
@@ -288,6 +339,21 @@ def _sequences(history, L: int, k: int) -> list:
         allrows = np.concatenate([p[1] for p in prompts] + [gen]) if prompts or len(gen) else gen
         out.append(SequenceData(s, prompts, gen, gpos, None, allrows, n_before))
     return out
+
+
+def small_model_for_timing(device):
+    """The small model's architecture (data/small_moe/model_config.json) with random weights: its layers' timing
+    does not depend on the weights, so calibration needs no trained model."""
+    import transformers
+
+    from executor.geometry import REPO_ROOT
+
+    raw = json.loads((REPO_ROOT / "data" / "small_moe" / "model_config.json").read_text())
+    cfg = transformers.AutoConfig.for_model(raw.pop("model_type"), **{k: v for k, v in raw.items()
+                                                                      if k not in ("architectures", "dtype")})
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return transformers.AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=dtype).eval()
 
 
 def load_small_model(device):
@@ -348,7 +414,8 @@ def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int 
 
     capacity = live.rt.n_slots * live.meta.expert_bytes[0]
     # a live run always prefills then decodes: the simulator runs both phases too (TTFT and TPOT both reported)
-    sim = simulate(cfg.model_copy(update={"phase": "both"}), setup, profile, capacity)
+    sim = simulate(cfg.model_copy(update={"phase": "both"}), setup,
+                   live_profile(profile, ex.get("geometry") or "small-moe", live.meta), capacity)
     return compare_row(real, sim, {"geometry_name": live.geom.name, "n_layers": live.meta.n_layers,
                                    "slab_slots": live.rt.n_slots, "capacity_bytes": capacity, "device": str(device),
                                    "live_routing": routing_json(live)})

@@ -192,7 +192,7 @@ def resimulate_row(row: dict, run: dict, profile) -> dict:
 
     ex, cfg = split_run(run)
     if ex["mode"] == "live":
-        from executor.live import sequences_from_routing
+        from executor.live import live_profile, sequences_from_routing
         from traces.format import TraceMeta
 
         blob = row.get("live_routing")
@@ -208,6 +208,7 @@ def resimulate_row(row: dict, run: dict, profile) -> dict:
                          license="n/a", attribution="n/a", has_hidden_states=True)
         setup = SimpleNamespace(meta=meta, sequences=seqs, trace=None)
         cfg = cfg.model_copy(update={"phase": "both"})
+        profile = live_profile(profile, str(ex["geometry"]), meta)
     else:
         geom = resolve_geometry(ex["geometry"], parse_geometry_overrides(ex.get("set_geometry")))
         setup = prepare(cfg, geom, layers=ex.get("layers"))

@@ -189,6 +189,11 @@ class HardwareProfile(_Strict):
                                        "insert, slot, submit and its copy worker's share of the interpreter")
     prefetch_transfer_host_us: float = Field(
         default=0.0, ge=0, description="the same per prefetch issued (at the gate, after the prediction)")
+    live_dense_compute: list[DenseTable] | None = Field(
+        default=None, description="per model run live by the executor (table name = its geometry name): the rest of "
+                                  "a layer beside the experts (Hugging Face attention, norms, router, and the "
+                                  "model's head spread over its layers) by batch tokens; validate uses it for live "
+                                  "runs instead of the replay model's dense stand-in")
 
     @model_validator(mode="after")
     def _check(self):

@@ -109,3 +109,27 @@ def test_live_validation_run(tiny_model, tmp_path):
     assert len(back) == 1 and np.array_equal(back[0].all, seqs[0].all) and np.array_equal(back[0].gen, seqs[0].gen)
     assert np.array_equal(back[0].gen_positions, seqs[0].gen_positions)
     assert isinstance(row.get("live_routing"), str)
+
+
+def test_live_dense_table_and_its_use(tiny_model, tmp_path):
+    """Calibration of a live model's layer (every expert resident; experts subtracted as the profile charges them)
+    gives a table by batch tokens, and a live run's simulation then uses it instead of the dense stand-in."""
+    from executor.calibrate import main as calibrate_main
+    from executor.live import live_profile, measure_live_dense
+    from sim.hardware import CostModel, HardwareProfile, load_profile
+
+    prof_path = tmp_path / "cpu.yaml"
+    assert calibrate_main(["--out", str(prof_path), "--device", "cpu", "--repeats", "1", "--geometries", "tiny",
+                           "--predictors", "none"]) == 0
+    prof = load_profile(str(prof_path))
+    table = measure_live_dense(copy.deepcopy(tiny_model), prof, name="small-moe", prompt_lens=(3, 6), new_tokens=3,
+                               repeats=2, device="cpu")
+    assert table["tokens"] == [1, 3, 6] and all(v >= 0 for v in table["ms"]) and table["ms"][-1] > 0
+    with_live = HardwareProfile.model_validate({**prof.model_dump(), "live_dense_compute": [table]})
+    live = LiveOffload(copy.deepcopy(tiny_model), cache_rate=0.5)
+    assert live_profile(prof, "small-moe", live.meta) is prof  # no table: unchanged
+    used = live_profile(with_live, "small-moe", live.meta)
+    cost = CostModel(used, live.meta)
+    cost.prepare(6)
+    assert cost.dense_s[0][6] == pytest.approx(table["ms"][2] * 1e-3)
+    assert live_profile(with_live, "other-model", live.meta) is with_live
