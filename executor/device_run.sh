@@ -65,12 +65,12 @@ for l in sys.stdin:
     [ -d build/small_moe_model ] && export SMALL_MOE_DIR=${SMALL_MOE_DIR:-build/small_moe_model}
     [ -n "$PROFILE" ] && cp "$PROFILE" /tmp/h200.yaml   # a profile measured in an earlier call
     if [ ! -s /tmp/h200.yaml ]; then
-      timeout ${CALIBRATE_S:-200} python3 -m executor.calibrate --out /tmp/h200.yaml --machine "H200 GPU machine" \
+      timeout ${CALIBRATE_S:-260} python3 -m executor.calibrate --out /tmp/h200.yaml --machine "H200 GPU machine" \
         2>&1 | tee "$OUT/calibrate.log"
     fi
     cp /tmp/h200.yaml "$OUT/h200.yaml"
     # GEOMETRIES=a,b: only those runs now (the rest in a later call; PROFILE=profiles/h200.yaml skips calibrating)
-    timeout ${VALIDATE_S:-380} python3 -m executor.validate executor/suites/h200.yaml --profile /tmp/h200.yaml \
+    timeout ${VALIDATE_S:-300} python3 -m executor.validate executor/suites/h200.yaml --profile /tmp/h200.yaml \
       --out /tmp/val --resume --machine "H200 GPU machine" ${GEOMETRIES:+--geometries $GEOMETRIES} 2>&1 \
       | tee "$OUT/validate.log"
     mkdir -p "$OUT/h200" && cp /tmp/val/summary.md /tmp/val/results.parquet /tmp/val/meta.json "$OUT/h200/" 2>/dev/null
