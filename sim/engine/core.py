@@ -276,7 +276,7 @@ class Simulation:
         # `yield env.timeout(carry)` does (the same event id is taken, every event ordered before that timeout is
         # processed by env.step() in the same order, then the clock moves to the timeout's time) and `wait(ev)` is
         # `yield ev` (events are processed until ev has been), without a Timeout object or a process switch.
-        # Popped events are processed by _fire, as env.step() would (its common case, a Call, inline). `n`: the
+        # Popped events are processed by _fire, as env.step() would. `n`: the
         # timeout's event id when it was taken earlier (the direct issue below), else a fresh one.
         def sync(carry: float, n: int | None = None) -> None:
             t = env._now + carry
@@ -286,16 +286,7 @@ class Simulation:
                 h = queue[0]
                 if h[0] < t or (h[0] == t and (h[1] < NORMAL or (h[1] == NORMAL and h[2] < n))):
                     heappop(queue)
-                    ev = h[3]
-                    if type(ev) is Call:  # _fire's first case, inline (most events)
-                        env._now = h[0]
-                        if ev.callbacks:
-                            ev.callbacks = None
-                            ev.fn(*ev.args)
-                        else:
-                            ev.callbacks = None
-                    else:
-                        _fire(env, h)
+                    _fire(env, h)
                 else:
                     break
             env._now = t
@@ -304,17 +295,7 @@ class Simulation:
             while ev.callbacks is not None:
                 if not queue:
                     raise RuntimeError("the GPU stream waits for a copy that never lands")
-                h = heappop(queue)
-                e = h[3]
-                if type(e) is Call:  # _fire's first case, inline
-                    env._now = h[0]
-                    if e.callbacks:
-                        e.callbacks = None
-                        e.fn(*e.args)
-                    else:
-                        e.callbacks = None
-                else:
-                    _fire(env, h)
+                _fire(env, heappop(queue))
         lookup_layer = cache.lookup_layer
         hooks = touch_hooks(cache)
         resident = cache.resident

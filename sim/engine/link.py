@@ -118,18 +118,11 @@ class Link:
         (self.high if t.high else self.low).append(t)
         self.pending_bytes += t.nbytes
         idle = self._idle
-        if idle:  # an idle engine starts it (self._start, inline)
+        if idle:  # an idle engine starts it
             now = self.env._now
             start = now if at is None else at
             t.t_start = start
-            engine = idle.pop()
-            n = t.chunks_left
-            dur = n * t.chunk_s
-            t.active = True
-            self.n_busy += 1
-            t.final_ev = ev = Call(self._finish_fn, (engine, t, start, n, dur))
-            self._running[engine] = (t, start, n, dur, ev)
-            heappush(self._queue, (now + ((start - now) + dur), NORMAL, next(self._eid), ev))
+            self._start(idle.pop(), t, start, start - now)
         elif t.high:
             self._preempt(self.env._now if at is None else at)
 
