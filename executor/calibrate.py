@@ -358,7 +358,7 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
     import torch
 
     from executor.geometry import get_geometry
-    from sim.hardware import H2D, HardwareProfile, LinkTable
+    from sim.hardware import HardwareProfile, LinkTable
 
     cuda = torch.device(device).type == "cuda"
     if not cuda:
@@ -430,7 +430,8 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
                   + (" + the runtime's measured per-layer host cost" if runtime_costs else "")
                   + (f"; runtime layer-step measurements: {host}" if host else "")),
         "h2d": {"pinned": {"points": pinned_pts}, "latency_us": round(latency_us, 3), "copy_engines": engines,
-                "chunk_overhead_us": round(chunk_us, 3), "issue_overhead_us": round(issue_us, 3)},
+                "chunk_overhead_us": round(chunk_us, 3), "issue_overhead_us": round(issue_us, 3),
+                "lookahead": int(lookahead)},  # the chunk groups the runtime keeps on the copy stream
         "expert_compute": expert_tables,
         "expert_launch_floor_ms": round(min(min(v for v in t["ms"] if v is not None) for t in expert_tables), 5),
         "dense_compute": dense_tables,
@@ -443,8 +444,7 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
     }
     if pageable_pts:
         prof["h2d"]["pageable"] = {"points": pageable_pts}
-    if "lookahead" in H2D.model_fields:  # the chunk groups the runtime keeps on the copy stream
-        prof["h2d"]["lookahead"] = int(lookahead)
+
     hw = HardwareProfile.model_validate(prof)  # the simulator must be able to read it
     if runtime_costs and cuda and "small-moe" in [g.name for g in geoms]:
         from executor.live import measure_live_dense, small_model_for_timing

@@ -137,10 +137,7 @@ class LiveOffload:
                 block.experts = OffloadedExperts(layer, self)  # the model's own expert tensors are freed
         self.blocks = blocks
         self.top_k = int(cfg.get("num_experts_per_tok") or cfg.get("top_k_experts") or geom.top_k)
-        meta = TraceMeta(model=name, source="executor.live", n_layers=len(blocks), n_experts=n_exp,
-                         top_k=self.top_k, expert_bytes=[geom.expert_bytes] * len(blocks),
-                         dense_bytes=geom.dense_bytes[:len(blocks)], hidden_size=hidden, dtype=geom.dtype,
-                         license="n/a", attribution="n/a", has_hidden_states=True)
+        meta = live_meta(geom, len(blocks), self.top_k, name)
         self.meta = meta
         if cache_capacity_bytes is None:
             cache_capacity_bytes = ExpertCache.resolve_capacity_bytes(
@@ -245,6 +242,14 @@ class LiveOffload:
     def finish(self) -> dict:
         self.rt.close()
         return self.rt.metrics()
+
+
+def live_meta(geom: Geometry, n_layers: int, top_k: int, name: str) -> TraceMeta:
+    """What the simulator knows of a live run's model: its first `n_layers` layers of `geom`."""
+    return TraceMeta(model=name, source="executor.live", n_layers=n_layers, n_experts=geom.n_experts, top_k=top_k,
+                     expert_bytes=[geom.expert_bytes] * n_layers, dense_bytes=geom.dense_bytes[:n_layers],
+                     hidden_size=geom.hidden, dtype=geom.dtype, license="n/a", attribution="n/a",
+                     has_hidden_states=True)
 
 
 def live_profile(profile, name: str, meta):

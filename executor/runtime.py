@@ -366,8 +366,7 @@ class OffloadedRuntime:
             h = rms_norm(x)
             model.expert(flat, h)
             if self.group_resident and n == 1:  # the grouped path's batched kernels
-                rows = layer_rows(np.zeros((1, 2), dtype=np.int64) + [[0, 1]], torch.ones(1, 2, dtype=h.dtype,
-                                  device=h.device), h.device)
+                rows = layer_rows(np.array([[0, 1]]), torch.ones(1, 2, dtype=h.dtype, device=h.device), h.device)
                 out2d = torch.zeros(2, h.shape[1], dtype=h.dtype, device=h.device)
                 model.experts_into(out2d, self.scratch, [0, 0], h, [rows[0], rows[1]])
         if self.device.type == "cuda":

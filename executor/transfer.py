@@ -376,11 +376,8 @@ class TransferEngine:
         if not self.main_pump:
             return
         with self.cond:
-            while not done():
-                self._retire()
-                if not self.has_work():
-                    return
-                self._fill()
+            while not done() and self.has_work():
+                self._fill()  # (retires the landed groups first)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -411,10 +408,10 @@ class TransferEngine:
         """Finished transfers not reported before (main thread). cuda: completes groups whose events are done."""
         with self.cond:
             self._raise_if_failed()
-            if self.asynchronous:
+            if self.main_pump:
+                self._fill()  # retires the landed groups, then refills the stream
+            elif self.asynchronous:
                 self._retire()
-                if self.main_pump:
-                    self._fill()
             done, self.completed = self.completed, []
             return done
 

@@ -191,26 +191,20 @@ def resimulate_row(row: dict, run: dict, profile) -> dict:
     from executor.replay import prepare
 
     ex, cfg = split_run(run)
+    geom = resolve_geometry(ex["geometry"], parse_geometry_overrides(ex.get("set_geometry")))
     if ex["mode"] == "live":
-        from executor.live import live_profile, sequences_from_routing
-        from traces.format import TraceMeta
+        from executor.live import live_meta, live_profile, sequences_from_routing
 
         blob = row.get("live_routing")
         if not isinstance(blob, str):
             raise TraceError("a live row without its routing (recorded before --resimulate existed)",
                              where=str(row.get("run_id")))
         seqs = sequences_from_routing(blob)
-        geom = resolve_geometry(ex["geometry"], parse_geometry_overrides(ex.get("set_geometry")))
-        L = int(row["n_layers"])
-        meta = TraceMeta(model=str(ex["geometry"]), source="executor.live", n_layers=L, n_experts=geom.n_experts,
-                         top_k=seqs[0].all.shape[2], expert_bytes=[geom.expert_bytes] * L,
-                         dense_bytes=geom.dense_bytes[:L], hidden_size=geom.hidden, dtype=geom.dtype,
-                         license="n/a", attribution="n/a", has_hidden_states=True)
+        meta = live_meta(geom, int(row["n_layers"]), seqs[0].all.shape[2], str(ex["geometry"]))
         setup = SimpleNamespace(meta=meta, sequences=seqs, trace=None)
         cfg = cfg.model_copy(update={"phase": "both"})
         profile = live_profile(profile, str(ex["geometry"]), meta)
     else:
-        geom = resolve_geometry(ex["geometry"], parse_geometry_overrides(ex.get("set_geometry")))
         setup = prepare(cfg, geom, layers=ex.get("layers"))
     sim = simulate(cfg, setup, profile, int(row["capacity_bytes"]))
     real = {k[len("real_"):]: v for k, v in row.items() if k.startswith("real_")}
@@ -469,7 +463,7 @@ def main(argv=None) -> int:
                     help="override a geometry field in every run (e.g. hidden=64 for a CPU smoke run)")
     args = ap.parse_args(argv)
     profile = load_profile(args.profile)
-    lookahead = args.lookahead if args.lookahead is not None else getattr(profile.h2d, "lookahead", 1)
+    lookahead = args.lookahead if args.lookahead is not None else profile.h2d.lookahead
     from sim.config import parse_sets, set_dotted
 
     runs = load_suite(args.configs)
