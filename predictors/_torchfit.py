@@ -9,10 +9,10 @@ written before it existed, run as before). Its output scores the experts of one 
 equally many input features), as ONE batched network: weights stacked along a leading layer dimension and
 applied with batched matrix products, so each optimizer step trains every layer's network on its own rows.
 Each network keeps its own early stopping (its best validation epoch) on its own validation rows. It is what
-the learned predictors use; `train` (one network) is kept for callers and tests.
+the learned predictors use.
 Training minimizes the cross-entropy between softmax(scores) and the true experts (k-hot, normalized), with
-Adam, weight decay and early stopping on a held-back tenth of the training rows (rows, not sequences: this
-tenth is part of the training split; the evaluation split is never seen). On a GPU (`device="cuda"`) the whole
+AdamW, weight decay and early stopping on the last tenth of each network's training rows (part of the training
+split; the evaluation split is never seen). On a GPU (`device="cuda"`) the whole
 training set is copied to the device once (as given, e.g. float16) and standardized there; large training sets
 want a large `batch_size` there (thousands of rows per step), since each step costs about the same.
 """
@@ -45,25 +45,6 @@ def require_torch():
     return torch
 
 
-def train(x: np.ndarray, y: np.ndarray, *, hidden_units: int, epochs: int = 30, lr: float = 1e-3,
-          weight_decay: float = 1e-4, batch_size: int = 256, seed: int = 0, standardize: bool = True,
-          patience: int = 4, threads: int = 1, device: str = "cpu", loss: str = "softmax",
-          dropout: float = 0.0, time_limit: float = 0.0) -> dict[str, np.ndarray]:
-    """x: float [N, F]; y: multi-hot float [N, E]. Returns the network of the best validation epoch.
-
-    time_limit > 0: no new epoch starts after that many seconds (a bound for time-boxed runs; results then
-    depend on the machine's speed, so it is off by default)."""
-    torch = require_torch()
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)  # one thread by default: deterministic, and the machine's cores are shared
-    try:
-        return _train(torch, x, y, hidden_units=hidden_units, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                      batch_size=batch_size, seed=seed, standardize=standardize, patience=patience,
-                      device=_device(torch, device), loss=loss, dropout=dropout, time_limit=time_limit)
-    finally:
-        torch.set_num_threads(old_threads)
-
-
 def _device(torch, device: str):
     """"cpu", "cuda" (error when absent) or "auto" (cuda when available). Only training runs there."""
     if device == "auto":
@@ -71,99 +52,6 @@ def _device(torch, device: str):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
     return torch.device(device)
-
-
-def _train(torch, x, y, *, hidden_units, epochs, lr, weight_decay, batch_size, seed, standardize, patience, device,
-           loss="softmax", dropout=0.0, time_limit=0.0, torch_prep=None):
-    import time
-
-    t_start = time.perf_counter()
-    if loss not in ("softmax", "bce"):
-        raise ValueError(f"loss must be 'softmax' or 'bce', got {loss!r}")
-    y = np.asarray(y, dtype=np.float32)
-    n, f = x.shape
-    e = y.shape[1]
-    net: dict[str, np.ndarray] = {}
-    if torch_prep is None:  # the GPU path (tests force it on the CPU with torch_prep=True)
-        torch_prep = device.type != "cpu"
-    if not torch_prep:
-        x = np.asarray(x, dtype=np.float32)
-        if standardize:
-            mu = x.mean(axis=0)
-            sigma = x.std(axis=0) + 1e-3
-            net["mu"], net["sigma"] = mu.astype(np.float32), sigma.astype(np.float32)
-            x = (x - mu) / sigma
-        xt = torch.from_numpy(x)
-    else:  # on a GPU: copy as given (float16 hidden states stay half the size), standardize there
-        xt = torch.from_numpy(np.ascontiguousarray(x)).to(device).float()
-        if standardize:
-            mu_t = xt.double().mean(dim=0)
-            sigma_t = ((xt.double() - mu_t) ** 2).mean(dim=0).sqrt() + 1e-3
-            net["mu"] = mu_t.float().cpu().numpy()
-            net["sigma"] = sigma_t.float().cpu().numpy()
-            xt = (xt - mu_t.float()) / sigma_t.float()
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(n)
-    n_val = max(1, n // 10) if n >= 20 else 0
-    val, tr = perm[:n_val], perm[n_val:]
-    torch.manual_seed(seed)
-    if hidden_units > 0:
-        mid = [torch.nn.Dropout(dropout)] if dropout > 0 else []
-        model = torch.nn.Sequential(torch.nn.Linear(f, hidden_units), torch.nn.ReLU(), *mid,
-                                    torch.nn.Linear(hidden_units, e))
-    else:
-        model = torch.nn.Sequential(torch.nn.Linear(f, e))
-    model = model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
-    if loss == "bce":
-        yt = torch.from_numpy(y).to(device)
-    else:
-        yt = torch.from_numpy(y / np.maximum(y.sum(axis=1, keepdims=True), 1.0)).to(device)
-
-    def loss_of(idx):
-        logits = model(xt[idx])
-        if loss == "bce":
-            return torch.nn.functional.binary_cross_entropy_with_logits(logits, yt[idx])
-        return -(yt[idx] * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
-
-    def snapshot():
-        layers = [m for m in model if isinstance(m, torch.nn.Linear)]
-        out = {}
-        if len(layers) == 2:
-            out["w1"] = layers[0].weight.detach().cpu().numpy().T.copy()
-            out["b1"] = layers[0].bias.detach().cpu().numpy().copy()
-        out["w2"] = layers[-1].weight.detach().cpu().numpy().T.copy()
-        out["b2"] = layers[-1].bias.detach().cpu().numpy().copy()
-        return out
-
-    best, best_loss, bad = snapshot(), float("inf"), 0
-    gen = torch.Generator().manual_seed(seed)
-    tr_t = torch.from_numpy(tr)
-    val_t = torch.from_numpy(val).to(device)
-    for _ in range(epochs):
-        if time_limit and time.perf_counter() - t_start > time_limit:
-            break
-        model.train()
-        order = tr_t[torch.randperm(len(tr_t), generator=gen)].to(device)
-        for i in range(0, len(order), batch_size):
-            opt.zero_grad()
-            loss = loss_of(order[i: i + batch_size])
-            loss.backward()
-            opt.step()
-        if n_val == 0:
-            best = snapshot()
-            continue
-        model.eval()
-        with torch.no_grad():
-            v = float(loss_of(val_t))
-        if v < best_loss - 1e-5:
-            best, best_loss, bad = snapshot(), v, 0
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    net.update(best)
-    return net
 
 
 def train_many(xs: list[np.ndarray], ys: list[np.ndarray], *, hidden_units: int, epochs: int = 30,
@@ -273,24 +161,26 @@ def _train_many(torch, xs, ys, *, hidden_units, epochs, lr, weight_decay, batch_
             x = (x - mu_t) / sig_t
         return x
 
-    def logits_of(x, train_mode):
+    def logits_of(x, train_mode, p=params):  # p: the parameters of all networks, or of a slice of them
         if u > 0:
-            h = torch.relu(torch.baddbmm(params["b1"], x, params["w1"]))
+            h = torch.relu(torch.baddbmm(p["b1"], x, p["w1"]))
             if dropout > 0 and train_mode:
                 h = torch.nn.functional.dropout(h, dropout, training=True)
-            out = torch.baddbmm(params["b2"], h, params["w2"])
+            out = torch.baddbmm(p["b2"], h, p["w2"])
         else:
-            out = torch.baddbmm(params["b2"], x, params["w2"])
-        if "ws" in params:
-            out = out + torch.bmm(x, params["ws"])
+            out = torch.baddbmm(p["b2"], x, p["w2"])
+        if "ws" in p:
+            out = out + torch.bmm(x, p["ws"])
         return out
 
-    def losses(idx, train_mode):  # per network mean loss [M]
-        logits = logits_of(inputs(idx), train_mode)
-        tgt = torch.gather(yt, 1, idx[:, :, None].expand(-1, -1, e))
+    def loss_terms(logits, tgt):  # bce: per output [M, B, E]; softmax: per row [M, B]
         if loss == "bce":
-            return torch.nn.functional.binary_cross_entropy_with_logits(logits, tgt, reduction="none").mean((1, 2))
-        return -(tgt * torch.log_softmax(logits, dim=2)).sum(2).mean(1)
+            return torch.nn.functional.binary_cross_entropy_with_logits(logits, tgt, reduction="none")
+        return -(tgt * torch.log_softmax(logits, dim=2)).sum(2)
+
+    def losses(idx, train_mode):  # per network mean loss [M]
+        terms = loss_terms(logits_of(inputs(idx), train_mode), torch.gather(yt, 1, idx[:, :, None].expand(-1, -1, e)))
+        return terms.mean((1, 2)) if loss == "bce" else terms.mean(1)
 
     def val_losses():
         out = torch.zeros(m, dtype=torch.float64)
@@ -302,23 +192,12 @@ def _train_many(torch, xs, ys, *, hidden_units, epochs, lr, weight_decay, batch_
                 tot = 0.0
                 for s0 in range(n_tr[i], sizes[i], chunk):
                     idx = torch.arange(s0, min(sizes[i], s0 + chunk), device=device)
-                    sel = {k: v[i: i + 1] for k, v in params.items()}
                     x = xt[i: i + 1, idx].float()
                     if standardize:
                         x = (x - mu_t[i: i + 1]) / sig_t[i: i + 1]
-                    if u > 0:
-                        h = torch.relu(torch.baddbmm(sel["b1"], x, sel["w1"]))
-                        lg = torch.baddbmm(sel["b2"], h, sel["w2"])
-                    else:
-                        lg = torch.baddbmm(sel["b2"], x, sel["w2"])
-                    if "ws" in sel:
-                        lg = lg + torch.bmm(x, sel["ws"])
-                    tg = yt[i: i + 1, idx]
-                    if loss == "bce":
-                        tot += float(torch.nn.functional.binary_cross_entropy_with_logits(
-                            lg, tg, reduction="none").mean(2).sum())
-                    else:
-                        tot += float(-(tg * torch.log_softmax(lg, dim=2)).sum(2).sum())
+                    terms = loss_terms(logits_of(x, False, {k: v[i: i + 1] for k, v in params.items()}),
+                                       yt[i: i + 1, idx])
+                    tot += float(terms.mean(2).sum() if loss == "bce" else terms.sum())
                 out[i] = tot / n_val[i]
         return out
 

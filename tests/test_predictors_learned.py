@@ -141,23 +141,6 @@ def test_learned_mlp_gate_needs_router_weights(tmp_path, capsys):
         make_predictor("learned_mlp_gate").check_trace(t.meta)
 
 
-def test_gpu_data_path_standardizes_like_the_cpu_path():
-    """The GPU branch of _torchfit (float16 input copied as is, standardized by torch) on the CPU: same mu/sigma
-    as numpy's, and a network that fits the same data about as well."""
-    torch = pytest.importorskip("torch")
-    from predictors import _torchfit
-
-    rng = np.random.default_rng(0)
-    x = (rng.standard_normal((600, 8)) * 3 + 1).astype(np.float16)
-    y = _torchfit.multi_hot(np.argsort(-x.astype(np.float32) @ rng.standard_normal((8, 6)), axis=1)[:, :2], 6)
-    kw = dict(hidden_units=16, epochs=5, lr=1e-2, weight_decay=0.0, batch_size=64, seed=0, standardize=True,
-              patience=3, device=torch.device("cpu"))
-    a = _torchfit._train(torch, x, y, **kw)
-    b = _torchfit._train(torch, x, y, torch_prep=True, **kw)
-    assert np.allclose(a["mu"], b["mu"], atol=1e-4) and np.allclose(a["sigma"], b["sigma"], atol=1e-4)
-    assert a["w1"].shape == b["w1"].shape == (8, 16)
-
-
 def test_train_many_fits_networks_of_every_layer_at_once():
     """One batched fit of several networks (different row counts, float16 input as on a GPU): each network
     learns its own map, the numpy forward (with the linear skip path) matches, and the report says what ran."""
