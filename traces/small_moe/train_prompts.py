@@ -80,11 +80,13 @@ def reservation(train: np.ndarray, eot: int, pct: float) -> tuple[np.ndarray, di
     return kept, info
 
 
-def training_documents(train: np.ndarray, eot: int, tok, reserve_pct: float = 0.0) -> list[str]:
-    """The decoded documents of the training stream; with reserve_pct > 0 only the reserved ones (in order)."""
+def training_documents(train: np.ndarray, eot: int, tok, reserve_pct: float = 0.0) -> tuple[list[str], np.ndarray,
+                                                                                          int]:
+    """The decoded documents of the training stream (with reserve_pct > 0 only the reserved ones, in order), each
+    one's index among all training documents, and how many training documents there are."""
     spans = document_spans(train, eot)
-    mask = reserved_mask(len(spans), reserve_pct) if reserve_pct > 0 else np.ones(len(spans), dtype=bool)
-    return [tok.decode(train[s:e].tolist()) for (s, e), m in zip(spans, mask) if m]
+    index = np.flatnonzero(reserved_mask(len(spans), reserve_pct)) if reserve_pct > 0 else np.arange(len(spans))
+    return [tok.decode(train[slice(*spans[i])].tolist()) for i in index], index, len(spans)
 
 
 def occurs(haystack: np.ndarray, needle: list[int]) -> bool:
@@ -120,10 +122,8 @@ def main(argv=None) -> int:
     tok = Tokenizer.from_file(str(args.tokenizer))
     train = np.load(args.data / "train.npy")
     eot = int(info["eot_id"])
-    docs = training_documents(train, eot, tok, args.reserve_docs)
-    n_docs = len(document_spans(train, eot))
-    index = (np.flatnonzero(reserved_mask(n_docs, args.reserve_docs)) if args.reserve_docs > 0
-             else np.arange(n_docs))  # "doc" in the output: the document's index among all training documents
+    # "doc" in the output: the document's index among all training documents
+    docs, index, n_docs = training_documents(train, eot, tok, args.reserve_docs)
     prompts = make_prompts(docs, tok, args.n * 2, 16, 32, seed=args.seed, per_doc=args.per_doc)
     for p in prompts:
         p["doc"] = int(index[p["doc"]])
