@@ -98,8 +98,8 @@ def runtime_transfer_costs(geom, device, resident_layer_ms: float, top_k: int, *
 
     - demand: every lookup misses (cycle trace over 2k experts, per-layer capacity k, LRU, no prefetch), so each
       expert waits for its own copy: per layer step, (time - the all-resident time) / k - `xfer_ms` (the modelled
-      link time of one expert: table bandwidth + issue overhead). What remains is the host's submit and the copy
-      worker's wake-up before the copy starts;
+      link time of one expert: table bandwidth + issue overhead). What remains is the host's work to issue the copy
+      (cache insert, slot, submit) and its wait for the GPU before it does;
     - prefetch: the same trace with the oracle predictor at distance 1, chunked (`chunks`), early preemption and
       reordering (the validation suite's prefetching switches): every expert prefetched one layer ahead; per
       layer step, time - stall - the all-resident time - the predictor's own cost, over the prefetches issued.

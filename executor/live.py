@@ -35,7 +35,7 @@ from torch import nn
 from executor.buffers import HostExpertStore
 from executor.geometry import Geometry, geometry_from_hf_config, small_moe_dir
 from executor.memory import whole_slot_capacity
-from executor.model import activation, expert_forward, expert_into, experts_into, layer_rows, split_expert
+from executor.model import activation, expert_into, experts_into, layer_rows, split_expert
 from executor.runtime import quiet_gc
 from traces.format import TraceMeta
 
@@ -59,9 +59,6 @@ class _LiveModel:
         self.device = torch.device(device)
         self.dtype = dtype
         self._act = activation(geom)
-
-    def expert(self, flat, h):
-        return expert_forward(flat, h, self.geom, self._act)
 
     def split(self, flat):
         return split_expert(flat, self.geom)

@@ -82,11 +82,6 @@ def expert_apply(mats: tuple[torch.Tensor, torch.Tensor], h: torch.Tensor, act) 
     return torch.mm(act(gu[:, :i]) * gu[:, i:], wd.t())
 
 
-def expert_forward(flat: torch.Tensor, h: torch.Tensor, geom: Geometry, act) -> torch.Tensor:
-    """SwiGLU (or GeGLU) expert on tokens h [n, hidden] with weights in the flat buffer `flat`."""
-    return expert_apply(split_expert(flat, geom), h, act)
-
-
 def expert_into(out2d: torch.Tensor, mats, h: torch.Tensor, rows, act) -> None:
     """out2d[t k + r] = expert(h[t]) * weight[t, r] for the rows routed to this expert (`layer_rows`)."""
     tok, dst, wcol, full = rows
@@ -157,9 +152,6 @@ class ReplayModel:
     def dense(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.dense_w[layer]
         return dense_forward(x, w1, w2)
-
-    def expert(self, flat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return expert_forward(flat, h, self.geom, self._act)
 
     def split(self, flat: torch.Tensor):
         return split_expert(flat, self.geom)

@@ -358,16 +358,18 @@ class OffloadedRuntime:
         if token_counts is None:
             sizes = {b.tokens for b in iter_batches(self.sequences, self.phase, self.batch_size)}
             token_counts = sorted(sizes)[:1] + sorted(sizes)[-1:]
-        flat = self.scratch.view(0)
-        flat.copy_(model.store.expert((0, 0)))
+        self.scratch.view(0).copy_(model.store.expert((0, 0)))
+        mats = self.scratch.matrices(0)
         for n in token_counts:
             x = model.embed([0] * n, list(range(n)))
             x = model.dense(0, x)
             h = rms_norm(x)
-            model.expert(flat, h)
-            if self.group_resident and n == 1:  # the grouped path's batched kernels
-                rows = layer_rows(np.array([[0, 1]]), torch.ones(1, 2, dtype=h.dtype, device=h.device), h.device)
-                out2d = torch.zeros(2, h.shape[1], dtype=h.dtype, device=h.device)
+            # every token routed to experts 0 and 1 (both the scratch slot's weights): the one-by-one path, and
+            # for one token the grouped path's batched kernels
+            rows = layer_rows(np.tile([0, 1], (n, 1)), torch.ones(n, 2, dtype=h.dtype, device=h.device), h.device)
+            out2d = torch.zeros(2 * n, h.shape[1], dtype=h.dtype, device=h.device)
+            model.expert_into(out2d, mats, h, rows[0])
+            if self.group_resident and n == 1:
                 model.experts_into(out2d, self.scratch, [0, 0], h, [rows[0], rows[1]])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
