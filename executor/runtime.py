@@ -53,6 +53,7 @@ from sim.engine.decisions import (
     early_preemption_plan,
     expert_state,
     gate_demand_loads,
+    key_table,
     touch_hooks,
     touch_in_use_order,
 )
@@ -239,11 +240,16 @@ class OffloadedRuntime:
         self.prefetcher = Prefetcher(self, predictor, distance, top_n, max_inflight_bytes, 0.0, trace, meta=meta,
                                      hidden_fn=hidden_fn)
         self._touch_hooks = touch_hooks(self.cache)
+        self._key_rows = key_table(meta.n_layers, meta.n_experts)
         self.clock = _Clock(self.device)
         self._reset_run()
         self.outputs: list[torch.Tensor] = []
         self.max_used_bytes = 0
         self.checks = {"slot_content_checks": 0, "computed_resident_checks": 0}
+
+    def _keys(self, layer: int, ids) -> list:
+        """The keys (layer, e) of `ids`: the shared tuples the simulator and the prefetcher use (key_table)."""
+        return list(map(self._key_rows[layer].__getitem__, ids))
 
     # -- cache + transfer glue (sim: start_transfer, _landed, _drop, _evicted) -----------------------------------
     def _evicted(self, victims) -> None:
@@ -400,7 +406,7 @@ class OffloadedRuntime:
         self._reap()
         b = self._batch_index
         self.gated = (b, layer)
-        keys = [(layer, e) for e in ids]
+        keys = self._keys(layer, ids)
         cache.pin_layer(keys)
         cache.lookup_layer(keys)
         missing = classify_lookups(layer, ids, ready, inflight, unused_pf, c, keys)
@@ -507,7 +513,7 @@ class OffloadedRuntime:
                 n += 1
             if n >= 2:
                 slab = self.slab
-                keys = [(layer, e) for e in order[:n]]
+                keys = self._keys(layer, order[:n])
                 slots = [slab.slot_of[k] for k in keys]
                 if self.check:
                     for k, s in zip(keys, slots):
@@ -545,7 +551,7 @@ class OffloadedRuntime:
             self.scratch.release(owner)
         self._scratch_used = []
         self.c.layer_steps += 1
-        keys = [(layer, e) for e in ids]
+        keys = self._keys(layer, ids)
         if self._touch_hooks is not None:
             # recency = order of first use in the batch
             touch_in_use_order(self._touch_hooks, self.cache.resident, layer, ids, keys)
