@@ -109,8 +109,8 @@ class H2D(_Strict):
     chunk_overhead_us: float = Field(default=0.0, ge=0, description="extra cost of each chunk after the first")
     issue_overhead_us: float = Field(
         default=0.0, ge=0,
-        description="link time lost per chunk group handed to the copy stream: the host round trip of the "
-                    "executor's copy worker (wake up, pick, launch) during which the link idles")
+        description="link time lost per chunk group handed to the copy stream: the executor's host gap between "
+                    "a chunk landing and the next one issued, during which the link idles")
     lookahead: int = Field(
         default=1, ge=1,
         description="chunk groups the executor keeps queued on the copy stream: a demand load that must not wait "
@@ -186,7 +186,7 @@ class HardwareProfile(_Strict):
     copy_compute_overlap: float = Field(default=1.0, ge=0, le=1)
     demand_transfer_host_us: float = Field(
         default=0.0, ge=0, description="compute-timeline (host) time per demand load issued: the executor's cache "
-                                       "insert, slot, submit and its copy worker's share of the interpreter")
+                                       "insert, slot, copy issue and its wait for the GPU to reach the expert")
     prefetch_transfer_host_us: float = Field(
         default=0.0, ge=0, description="the same per prefetch issued (at the gate, after the prediction)")
     live_dense_compute: list[DenseTable] | None = Field(
