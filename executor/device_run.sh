@@ -21,6 +21,8 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 free -g | tee -a "$OUT/gpu.txt"
+# where the GPU sits (NUMA, CPU affinity) and what the host is: context for the runs' noise
+{ nvidia-smi topo -m; lscpu | grep -E "Model name|^CPU\(s\)|NUMA|MHz"; } >> "$OUT/gpu.txt" 2>/dev/null
 case "$STEP" in
   smoke)
     python3 -m executor.smoke --device cuda 2>&1 | tee "$OUT/smoke.log"
@@ -61,6 +63,18 @@ for l in sys.stdin:
     # earlier on the same machine (/tmp/small-moe-qwen3moe-e32k4, build/small_moe_model).
     if [ -d /tmp/small-moe-qwen3moe-e32k4 ]; then
       rm -rf data/traces/small-moe-qwen3moe-e32k4 && cp -r /tmp/small-moe-qwen3moe-e32k4 data/traces/
+    fi
+    if [ ! -d build/small_moe_model ] && [ -d build/small_moe ] && [ "${TRAIN_MODEL_S:-180}" -gt 0 ]; then
+      # the live runs' model: the embedded trace's recipe (traces/small_moe/device_predictors.sh step 1), retrained
+      # here (GPU training is not bit-reproducible: its routing differs a little from the embedded trace's model;
+      # a live run is compared with the simulator replaying the live run's own routing). The simulator's speed
+      # benchmark runs beside it on a free core (CPU time of one process: the GPU job does not change it).
+      [ -n "$SIM_BENCH" ] && { python3 -m sim.bench --json > "$OUT/sim_bench.json" 2> "$OUT/sim_bench.err" & BENCH_PID=$!; }
+      python3 -m traces.small_moe.train --data build/small_moe --out build/small_moe_model \
+        --time-budget ${TRAIN_MODEL_S:-180} --balance pooled --reserve-docs 8 --device cuda 2>&1 \
+        | grep --line-buffered -v -e "^Writing" -e "Loading weights" | tail -n 5 | tee "$OUT/train_model.log"
+      cp build/small_moe_model/train_report.json "$OUT/" 2>/dev/null
+      [ -n "$BENCH_PID" ] && wait $BENCH_PID
     fi
     [ -d build/small_moe_model ] && export SMALL_MOE_DIR=${SMALL_MOE_DIR:-build/small_moe_model}
     [ -n "$PROFILE" ] && cp "$PROFILE" /tmp/h200.yaml   # a profile measured in an earlier call

@@ -44,6 +44,7 @@ import itertools
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -148,8 +149,11 @@ def simulate(cfg, setup, profile, capacity_bytes: int) -> dict:
 def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget=None, check=False,
             models: dict | None = None, lookahead: int = 1, predict_after_resident: bool = False,
             prefill_repeats: int = 5, decode_repeats: int = 3) -> dict:
+    import torch
+
     from executor.geometry import parse_geometry_overrides, resolve_geometry
     from executor.memory import DEFAULT_HOST_BUDGET
+    from executor.probe import machine_probe
     from executor.replay import build_runtime, prepare
 
     if ex["mode"] == "live":
@@ -164,7 +168,9 @@ def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget
     # built host store is slower still (its pinned pages' first DMA), so it is run once more and left out
     key = models.get("key") if models is not None else None
     n = max(1, prefill_repeats if cfg.phase == "prefill" else decode_repeats)
+    probes = []
     while len(runs) < n:
+        probe = machine_probe(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         rt = build_runtime(cfg, setup, device=device, host_budget=host_budget or DEFAULT_HOST_BUDGET,
                            gpu_budget_bytes=gpu_budget, check=check, models=models, lookahead=lookahead,
                            predict_after_resident=predict_after_resident)
@@ -174,12 +180,14 @@ def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget
             key = models.get("key")  # a new store: this run was its first
             continue
         runs.append(m)
+        probes.append({**probe, "total_ms": round(m["total_ms"], 3)})
     real = sorted(runs, key=lambda m: m["total_ms"])[len(runs) // 2]
     real_spread = (max(m["total_ms"] for m in runs) - min(m["total_ms"] for m in runs)) / real["total_ms"]
     capacity = rt.n_slots * setup.meta.expert_bytes[0]
     sim = simulate(cfg, setup, profile, capacity)
     return compare_row(real, sim, {"geometry_name": setup.geometry.name, "n_layers": setup.n_layers,
                                    "real_repeats": len(runs), "real_spread": real_spread,
+                                   "real_probes": json.dumps(probes),
                                    "slab_slots": rt.n_slots, "capacity_bytes": capacity, "device": str(rt.device),
                                    **pcie_floor(cfg, setup, profile, capacity)})
 
@@ -522,6 +530,7 @@ def main(argv=None) -> int:
                 "torch": torch.__version__,
                 "layers_asked": ex.get("layers"), **{k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
                                                       for k, v in flatten(cfg.identity()).items()}}
+        t_run = time.perf_counter()
         try:
             row = run_one(ex, cfg, profile, device=device, host_budget=int(args.host_budget_gib * GIB),
                           gpu_budget=int(args.gpu_budget_gib * GIB) if args.gpu_budget_gib else None, check=args.check,
@@ -533,7 +542,7 @@ def main(argv=None) -> int:
         except (TraceError, ValueError) as exc:  # FitError and configurations a mode refuses: record, go on
             print(f"error: run {ex['name']} ({ex['geometry']}, {ex['mode']}): {exc}", file=sys.stderr)
             row = {"status": "error", "error": str(exc)}
-        rows.append({**base, **row})
+        rows.append({**base, **row, "wall_s": round(time.perf_counter() - t_run, 1)})
         df = pd.DataFrame(rows)
         atomic_write(results, lambda p, df=df: df.to_parquet(p, index=False))
     df = add_speedups(pd.DataFrame(rows)) if rows else pd.DataFrame()
