@@ -88,6 +88,8 @@ for l in sys.stdin:
       --out /tmp/val --resume --machine "H200 GPU machine" ${GEOMETRIES:+--geometries $GEOMETRIES} 2>&1 \
       | tee "$OUT/validate.log"
     mkdir -p "$OUT/h200" && cp /tmp/val/summary.md /tmp/val/results.parquet /tmp/val/meta.json "$OUT/h200/" 2>/dev/null
+    # at most 8 files come back: the logs travel as one tar (h200.yaml and the three report files beside it)
+    (cd "$OUT" && tar cf logs.tar --remove-files $(ls gpu.txt ./*.log train_report.json sim_bench.* 2>/dev/null))
     ;;
   *) echo "unknown step $STEP (smoke | calibrate | validate | session)"; exit 2 ;;
 esac
