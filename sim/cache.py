@@ -120,7 +120,6 @@ class ExpertCache:
         self._valid = frozenset((la, e) for la in range(n_layers) for e in range(n_experts))
         self._size: dict[Key, int] = {}  # all resident keys -> bytes
         self._pins: dict[Key, int] = {}
-        self.used_bytes = 0
         self.stats = CacheStats()
 
     # -- capacity helpers -----------------------------------------------------------------------------------
@@ -164,6 +163,11 @@ class ExpertCache:
 
     def __len__(self) -> int:
         return len(self._size)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes resident (summed over the partitions when asked: insert keeps only the partitions' sums)."""
+        return sum(self._part_used)
 
     def contains(self, key: Key) -> bool:
         return key in self._size
@@ -303,12 +307,10 @@ class ExpertCache:
                 del members[v]
                 on_evict(v)
             part_used[p] -= freed
-            self.used_bytes -= freed
             st.evictions += len(victims)
         sizes[key] = size
         members[key] = size
         part_used[p] += size
-        self.used_bytes += size
         st.insertions += 1
         st.bytes_inserted += size
         policy.on_insert(key)
@@ -321,7 +323,6 @@ class ExpertCache:
         size = self._size.pop(key)
         del self._part_members[p][key]
         self._part_used[p] -= size
-        self.used_bytes -= size
 
     def remove(self, key: Key) -> None:
         """Take a resident, unpinned key out (not counted as an eviction). Absent keys are ignored."""

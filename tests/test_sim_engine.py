@@ -258,11 +258,11 @@ def _link_landings(lookahead: int) -> dict:
     env = simpy.Environment()
     landed = {}
     link = Link(env, 1, lambda t: landed.__setitem__("demand" if t.high else "prefetch", env.now), lookahead=lookahead)
-    link.submit(Transfer((0, 0), 300, 3, 1.0, False, True, True, 0, 0.0))
+    link.submit(Transfer((0, 0), 300, 3, 1.0, False, True, True, 0))
 
     def demand():
         yield env.timeout(0.5)
-        link.submit(Transfer((0, 1), 100, 1, 1.0, True, False, True, 1, env.now))
+        link.submit(Transfer((0, 1), 100, 1, 1.0, True, False, True, 1))
 
     env.process(demand())
     env.run()

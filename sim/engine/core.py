@@ -29,7 +29,10 @@ batch only (l + d < n_layers).
 from __future__ import annotations
 
 from collections import deque
+from functools import reduce
 from heapq import heappop
+from itertools import repeat
+from operator import add
 
 import simpy
 from simpy.events import NORMAL
@@ -52,6 +55,12 @@ from sim.engine.prefetcher import Prefetcher
 from sim.engine.schedule import SequenceData, demand_lookups, iter_batches, layer_sets
 from sim.hardware import CostModel
 from traces.format import TraceMeta
+
+
+def add_n(total: float, x: float, n: int) -> float:
+    """`total + x + x + ... (n times)`, added one by one as a loop would (bit-identical, unlike `total + n * x`),
+    in C."""
+    return reduce(add, repeat(x, n), total)
 
 
 def _fire(env: simpy.Environment, entry: tuple) -> None:
@@ -207,8 +216,7 @@ class Simulation:
         nbytes, chunk_s = self._xfer[key[0]]
         seq = self.seq
         self.seq = seq + 1
-        t = Transfer(key, nbytes, self.chunks, chunk_s, not (speculative or background), speculative, cached,
-                     seq, self.env._now if at is None else at, target)
+        t = Transfer(key, nbytes, self.chunks, chunk_s, not (speculative or background), speculative, cached, seq)
         if cached:
             self.inflight[key] = t
         if speculative:
@@ -408,16 +416,12 @@ class Simulation:
                     # event is processed meanwhile, so whether the link is busy does not change during the loop)
                     if overlap_penalty != 1.0 and link.n_busy:
                         if cnt is None:
-                            x = es[1] * overlap_penalty
-                            for _ in ids:
-                                carry += x
+                            carry = add_n(carry, es[1] * overlap_penalty, n_ids)
                         else:
                             for e in sorted(ids):
                                 carry += es[cnt[e]] * overlap_penalty
                     elif cnt is None:
-                        x = es[1]
-                        for _ in ids:
-                            carry += x
+                        carry = add_n(carry, es[1], n_ids)
                     else:
                         for e in sorted(ids):
                             carry += es[cnt[e]]

@@ -33,17 +33,21 @@ def _run(ev) -> None:
     ev.fn(*ev.args)
 
 
+_RUN = (_run,)  # every Call's callbacks until it is processed or cancelled (shared: nothing appends to them)
+
+
 class Call:
     """A bare SimPy event that runs `fn(*args)` when the environment processes it. `callbacks is None` once
-    processed (as simpy.Event.processed); setting `callbacks = []` before then cancels it. (No reference cycles:
-    the garbage collector never has to find these.)"""
+    processed (as simpy.Event.processed); setting `callbacks = []` before then cancels it. Nothing may wait on
+    one by appending a callback (no process yields it). (No reference cycles: the garbage collector never has
+    to find these.)"""
 
     __slots__ = ("callbacks", "fn", "args")
     _ok = True  # (what SimPy's step reads of an event: it succeeded, with no value)
     _value = None
 
     def __init__(self, fn, args: tuple = ()):
-        self.callbacks = [_run]
+        self.callbacks = _RUN
         self.fn = fn
         self.args = args
 
@@ -58,11 +62,10 @@ def call_in(env: simpy.Environment, delay: float, fn, args: tuple = (), priority
 
 class Transfer:
     __slots__ = ("key", "nbytes", "n_chunks", "chunks_left", "chunk_s", "high", "speculative", "cached", "done",
-                 "finished", "used", "dropped", "active", "moved", "seq", "t_enqueue", "t_start", "t_end", "target",
-                 "final_ev")
+                 "finished", "used", "dropped", "active", "moved", "seq", "t_start", "final_ev")
 
     def __init__(self, key, nbytes: int, n_chunks: int, chunk_s: float, high: bool, speculative: bool,
-                 cached: bool, seq: int, now: float, target=None):
+                 cached: bool, seq: int):
         self.key = key
         self.nbytes = nbytes
         self.n_chunks = n_chunks
@@ -78,10 +81,7 @@ class Transfer:
         self.active = False
         self.moved = 0
         self.seq = seq
-        self.t_enqueue = now
         self.t_start: float | None = None
-        self.t_end: float | None = None
-        self.target = target  # (batch, layer) a prefetch was issued for
         self.final_ev: Call | None = None  # the event of the piece that lands it, once that piece runs
 
 
@@ -99,10 +99,10 @@ class Link:
         self.record = record  # list to append (transfer, start_s, dur_s, engine) piece spans to, or None
         # idle engines, a stack (the last one to go idle is used first)
         self._idle: list[int] = list(range(n_engines))
-        self._running: list[tuple | None] = [None] * n_engines  # (transfer, start, chunks, dur, event) of the piece
+        # per engine, the event of the piece it moves (its args: engine, transfer, start, chunks, duration), or None
+        self._running: list[Call | None] = [None] * n_engines
         self._cut_at: list[float] = [0.0] * n_engines
         self.busy_s = 0.0
-        self.bytes = 0
         self.bytes_demand = 0
         self.bytes_prefetch = 0
         self.n_busy = 0
@@ -110,6 +110,11 @@ class Link:
         self._queue = env._queue  # SimPy 4 internals: a heap of (time, priority, event id, event)
         self._eid = env._eid
         self._finish_fn = self._finish  # (bound once)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes moved (demand loads, prefetches, chunks of dropped prefetches)."""
+        return self.bytes_demand + self.bytes_prefetch
 
     # -- queue operations (called by the layer loop and the prefetcher) ---------------------------------------
     def submit(self, t: Transfer, at: float | None = None) -> None:
@@ -132,8 +137,7 @@ class Link:
         dur = n * t.chunk_s
         t.active = True
         self.n_busy += 1
-        t.final_ev = ev = Call(self._finish_fn, (engine, t, start, n, dur))
-        self._running[engine] = (t, start, n, dur, ev)
+        t.final_ev = self._running[engine] = ev = Call(self._finish_fn, (engine, t, start, n, dur))
         heappush(self._queue, (self.env._now + (ahead + dur), NORMAL, next(self._eid), ev))
 
     def wait_event(self, t: Transfer):
@@ -164,7 +168,7 @@ class Link:
         self.pending_bytes -= t.nbytes - t.moved
         if t.active:
             for engine, run in enumerate(self._running):
-                if run is not None and run[0] is t:
+                if run is not None and run.args[1] is t:
                     self._cut(engine, self.env._now if at is None else at)
 
     def busy(self) -> bool:
@@ -177,7 +181,7 @@ class Link:
         for engine, run in enumerate(self._running):
             if run is None:
                 continue
-            t = run[0]
+            t = run.args[1]
             if not t.high or self._high_ahead(t):
                 self._cut(engine, at)
 
@@ -190,19 +194,19 @@ class Link:
         return False
 
     def _cut(self, engine: int, at: float) -> None:
-        run = self._running[engine]
+        ev = self._running[engine]
         self._running[engine] = None
-        if run[2] <= 1:
+        if ev.args[3] <= 1:
             return  # one chunk: it is never preempted anyway
-        run[0].final_ev = None  # this piece no longer lands the transfer
+        ev.args[1].final_ev = None  # this piece no longer lands the transfer
         self._cut_at[engine] = at
         # the interrupt: an urgent event now (as a SimPy process interrupt)
-        call_in(self.env, 0, self._interrupted, (engine, run), URGENT)
+        call_in(self.env, 0, self._interrupted, (ev,), URGENT)
 
-    def _interrupted(self, engine: int, run: tuple) -> None:
+    def _interrupted(self, ev: Call) -> None:
         """Finish the chunk in flight at the time of the preemption request (and lookahead - 1 more committed
         chunks of the piece), then give way."""
-        t, start, n, _dur, ev = run
+        engine, t, start, n, _dur = ev.args
         ev.callbacks = []  # the piece's own end no longer means anything
         now = self.env._now
         x = (max(self._cut_at[engine], now) - start) / t.chunk_s
@@ -226,7 +230,6 @@ class Link:
         left = t.chunks_left = t.chunks_left - n
         moved = (t.nbytes if left == 0 else t.nbytes * (t.n_chunks - left) // t.n_chunks) - t.moved
         t.moved += moved
-        self.bytes += moved
         if t.speculative:
             self.bytes_prefetch += moved
         else:
@@ -241,7 +244,6 @@ class Link:
             if left == 0:
                 (high if t.high else low).remove(t)
                 t.finished = True
-                t.t_end = now
                 self.on_complete(t)
         # the next piece: the first transfer not already moving, demand loads first
         if high or low:

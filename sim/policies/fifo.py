@@ -15,6 +15,7 @@ class FIFO(Policy):
         # the hooks below, bound straight to the OrderedDict's own (C) methods: the same effect, no Python frame
         self.on_insert = self._order.setdefault  # (a new key: sets it last, value None)
         self.on_evict = self._order.__delitem__
+        self.eviction_order = self._order.__iter__
 
     def on_insert(self, key: Key) -> None:
         self._order[key] = None

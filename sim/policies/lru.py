@@ -16,6 +16,7 @@ class LRU(Policy):
         self.on_hit = self.on_touch = self._order.move_to_end
         self.on_insert = self._order.setdefault  # (a new key: sets it last, value None)
         self.on_evict = self._order.__delitem__
+        self.eviction_order = self._order.__iter__
 
     def on_hit(self, key: Key) -> None:
         self._order.move_to_end(key)
