@@ -263,6 +263,7 @@ class OffloadedRuntime:
     def start_transfer(self, key, *, speculative: bool, target=None, at=None) -> Transfer | None:
         """Reserve a cache slot and a slab slot (or a scratch buffer) and queue the copy. `at` (the simulator's
         run-ahead time) is accepted for the shared prefetcher and ignored: here it is always now."""
+        t0 = time.perf_counter()
         cache = self.cache
         victims = cache.insert(key)
         if victims is None:
@@ -294,6 +295,8 @@ class OffloadedRuntime:
         else:
             self.c.demand_loads += 1
         self.engine.submit(t)
+        if not speculative:  # (a prefetch's host time is counted around the prefetcher's whole issue, in predict)
+            self.host_s[2] += time.perf_counter() - t0
         return t
 
     def _reap(self) -> None:
@@ -394,7 +397,7 @@ class OffloadedRuntime:
             e = self.engine
             self._snap = (snapshot(self.c), len(self._batch_marks), len(self._stall_marks),
                           self._stall_host_s, len(e.spans), e.bytes, e.bytes_demand, e.bytes_prefetch,
-                          self._batch_start)
+                          self._batch_start, list(self.host_s))
 
     def gate(self, layer: int, ids: list[int]) -> tuple[list[int], dict]:
         """The gate of `layer` (call after its dense part is enqueued): sync, reap, lookups, pins, early
@@ -445,9 +448,14 @@ class OffloadedRuntime:
         time here (the simulator charges the profile's predictor_cost_us instead)."""
         self._predict_pending = False
         pf = self.prefetcher
+        t0 = time.perf_counter()
         r = pf.predict_at_gate(layer, self.L)
+        t1 = time.perf_counter()
+        host = self.host_s
+        host[0] += t1 - t0
         if r is not None:
             pf.issue(r[0], r[1], self._batch_index)
+            host[1] += time.perf_counter() - t1
 
     def expert_buffer(self, layer: int, e: int, local: dict) -> tuple[object, SlotPool, int]:
         """The matrices (`SlotPool.matrices`) of the slot holding expert (layer, e), its pool and slot, waiting for
@@ -575,6 +583,10 @@ class OffloadedRuntime:
         self._layer_reads: list = []
         self._batch_index = -1
         self._snap = None
+        # host seconds spent (perf_counter) predicting, issuing prefetches (the prefetcher's issue: ranking, cache
+        # inserts, slots, submits) and issuing demand loads: what the profile's predictor_cost_us,
+        # prefetch_transfer_host_us and demand_transfer_host_us stand for (executor.calibrate_runtime reads them)
+        self.host_s = [0.0, 0.0, 0.0]
 
     # -- the replay loop -------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -626,8 +638,10 @@ class OffloadedRuntime:
         marks, stalls, host_stall = self._batch_marks, self._stall_marks, self._stall_host_s
         spans, moved, demand, prefetch = e.spans, e.bytes, e.bytes_demand, e.bytes_prefetch
         first = self._first_mark
+        host = list(self.host_s)
         if self._snap is not None:
-            c0, i0, s0, h0, k0, m0, d0, p0, first = self._snap
+            c0, i0, s0, h0, k0, m0, d0, p0, first, host0 = self._snap
+            host = [a - b for a, b in zip(host, host0)]
             subtract(c, c0)
             marks, stalls, host_stall, spans = marks[i0:], stalls[s0:], host_stall - h0, spans[k0:]
             moved, demand, prefetch = moved - m0, demand - d0, prefetch - p0
@@ -647,6 +661,7 @@ class OffloadedRuntime:
         total = clock.seconds(first, marks[-1][2]) if marks else 0.0
         busy = sum(e.copier.span_s(h) for h in spans)
         m = finalize(c, total_s=total, busy_s=busy, bytes_h2d=moved, bytes_demand=demand, bytes_prefetch=prefetch)
+        m["host_predict_ms"], m["host_prefetch_issue_ms"], m["host_demand_issue_ms"] = (h * 1e3 for h in host)
         m["slab_slots"] = self.n_slots
         m["scratch_slots"] = self.scratch.n_slots
         m["cache_capacity_bytes"] = self.cache.capacity_bytes

@@ -181,6 +181,13 @@ def test_layers_subset_and_metrics(trace_dir):
         assert k in m
     assert m["bytes_h2d"] == m["bytes_demand"] + m["bytes_prefetch"]
     assert "perf_counter" in m["timing"]
+    # the host time behind the profile's predictor and per-transfer host costs, measured where it is spent
+    m = build_runtime(_cfg(trace_dir, "lru", 0.5, "oracle", True, False, True), setup, device="cpu").run()
+    assert m["prefetches"] and m["demand_loads"]
+    assert m["host_predict_ms"] > 0 and m["host_prefetch_issue_ms"] > 0 and m["host_demand_issue_ms"] > 0
+    assert m["host_predict_ms"] + m["host_prefetch_issue_ms"] + m["host_demand_issue_ms"] < m["total_ms"]
+    none = build_runtime(_cfg(trace_dir, "lru", 0.5), setup, device="cpu").run()
+    assert none["host_predict_ms"] == none["host_prefetch_issue_ms"] == 0 and none["host_demand_issue_ms"] > 0
 
 
 def test_cpu_experts_refused(trace_dir):
