@@ -3,14 +3,18 @@
 What it measures (each figure the median of `--repeats` runs, 20 by default; GPU times with CUDA events):
 
 - `h2d.pinned` / `h2d.pageable`: host-to-device bandwidth by transfer size (64 KiB .. 1 GiB, x4 steps) from a
-  pinned (resp. pageable) host buffer on a dedicated copy stream; `latency_us`: a 4 KiB copy;
+  pinned (resp. pageable) host buffer on a dedicated copy stream, the copy queued behind a short GPU sleep so that
+  its events time the link alone and not the host's launch of the copy (the runtime's host costs are measured
+  on their own, and a copy queued behind another starts without that launch); `latency_us`: a 4 KiB copy;
   `copy_engines`: 2 if two streams copying at once move more than 1.3x one stream's bytes, else 1;
   `chunk_overhead_us`: (time of one expert copied in 3 chunks - in 1 piece) / 2, floored at 0.
 - `expert_compute`: one table per geometry (`--geometries`, default the validation ones): the time of one
   expert, as the runtime runs it (gather the routed tokens, SwiGLU/GeGLU, weight, scatter), by tokens routed to it
   (1 .. 8192), averaged over 8 different experts' weights launched back to back. The table is the launch mode
-  the executor uses (`--launch eager`, default; `graph` = CUDA-graph replay); the other mode's figures go in the
-  table's note. `expert_launch_floor_ms` = the smallest entry.
+  the executor uses (`--launch eager`, default; `graph` = CUDA-graph replay); the CUDA-graph figures are also
+  the table's `kernel_ms` (the GPU's time alone). `expert_launch_floor_ms` = the smallest entry. With the
+  runtime's costs (calibrate_runtime) an entry is floored at the runtime's per-expert cost, and `group_ms` is its
+  cost per expert of a resident group.
 - `dense_compute`: everything of the runtime's layer step but the experts (`layer_skeleton`: the dense stand-in
   of executor.model, the gate synchronisation and its launch bubble, the norm, the combine buffer), by batch
   tokens, keyed by the geometry's dense bytes (one table per distinct layer size); `default_dense` = the first.
@@ -49,6 +53,7 @@ SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20, 1
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 QUICK_SIZES = [64 << 10, 1 << 20, 16 << 20]
 QUICK_TOKENS = [1, 8, 64]
+QUEUE_SLEEP_CYCLES = 200_000  # ~0.1 ms of GPU clock: longer than the host needs to launch a copy
 
 
 class Timer:
@@ -62,7 +67,9 @@ class Timer:
         self.repeats = repeats
         self.warmup = warmup
 
-    def ms(self, fn, stream=None) -> float:
+    def ms(self, fn, stream=None, queued: bool = False) -> float:
+        """`queued`: the start event and fn's work are queued behind a GPU sleep, so the events time the GPU's
+        work alone (not the host's launch of it)."""
         torch = self.torch
         for _ in range(self.warmup):
             fn()
@@ -74,6 +81,9 @@ class Timer:
                 s = torch.cuda.Event(enable_timing=True)
                 e = torch.cuda.Event(enable_timing=True)
                 st = stream or torch.cuda.current_stream()
+                if queued:
+                    with torch.cuda.stream(st):
+                        torch.cuda._sleep(QUEUE_SLEEP_CYCLES)
                 s.record(st)
                 fn()
                 e.record(st)
@@ -105,7 +115,7 @@ def measure_h2d(device, sizes, timer: Timer, *, pinned: bool) -> list[dict]:
             else:
                 dst.copy_(src)
 
-        ms = timer.ms(copy, stream)
+        ms = timer.ms(copy, stream, queued=cuda)
         pts.append({"size": int(size), "gbps": round(size / (ms * 1e-3) / 1e9, 3)})
     return pts
 
@@ -227,9 +237,12 @@ def measure_expert_table(geom, device, tokens, timer: Timer, launch: str) -> dic
     note = f"measured, {geom.dtype if cuda else 'fp32 (CPU dry run)'} {geom.activation}, {launch if cuda else 'cpu'}"
     if other and any(v is not None for v in other):
         note += f"; {other_name}_ms: {other}"
-    return {"name": f"{geom.name}-{geom.hidden}x{geom.moe_intermediate}-{geom.dtype}", "hidden": geom.hidden,
-            "intermediate": geom.moe_intermediate, "dtype_bytes": geom.dtype_bytes, "tokens": list(tokens),
-            "ms": main, "note": note}
+    table = {"name": f"{geom.name}-{geom.hidden}x{geom.moe_intermediate}-{geom.dtype}", "hidden": geom.hidden,
+             "intermediate": geom.moe_intermediate, "dtype_bytes": geom.dtype_bytes, "tokens": list(tokens),
+             "ms": main, "note": note}
+    if cuda and graph:  # the GPU's time alone (a failed capture: the eager figure, an upper bound)
+        table["kernel_ms"] = [g if g is not None else e for g, e in zip(graph, eager)]
+    return table
 
 
 def layer_skeleton(x, w1, w2, top_k: int, cuda: bool):
@@ -342,10 +355,13 @@ def add_runtime_costs(expert_table: dict, dense_tables: list[dict], rc: dict) ->
     """Fold the runtime's measured host costs (executor.calibrate_runtime) into one geometry's tables: an expert
     costs at least the runtime's per-expert host time (the host launches experts one by one after the gate
     synchronisation, so the GPU waits for whichever is slower: max(kernel, host)); the layer skeleton gains the
-    runtime's per-layer bookkeeping beyond the skeleton (lookups, pins, order, reaping), a constant."""
+    runtime's per-layer bookkeeping beyond the skeleton (lookups, pins, order, reaping), a constant; `group_ms` is
+    the runtime's cost per expert of a resident group (batch-size-1 decode)."""
     pe = rc["per_expert_ms"]
     expert_table["ms"] = [None if v is None else round(max(v, pe), 5) for v in expert_table["ms"]]
     expert_table["note"] += f"; floored at the runtime's per-expert host cost {pe} ms"
+    if rc.get("group_expert_ms") is not None:
+        expert_table["group_ms"] = rc["group_expert_ms"]
     for dt in dense_tables:
         extra = max(0.0, rc["layer_base_ms"] - dt["ms"][0])
         dt["ms"] = [round(v + extra, 5) for v in dt["ms"]]
@@ -410,10 +426,8 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
     if runtime_costs:
         g, rc = geoms[0], host[geoms[0].name]
         log(f"runtime transfer host costs: {g.name}")
-        xfer_ms = table.seconds(g.expert_bytes) * 1e3 + issue_us * 1e-3
-        transfer_host = runtime_transfer_costs(g, device, rc[f"layer_ms_top{rc['top_k']}"], rc["top_k"],
-                                               xfer_ms=xfer_ms, predictor_us=pcost.get("oracle", 0.0),
-                                               repeats=max(3, repeats // 4), lookahead=lookahead)
+        transfer_host = runtime_transfer_costs(g, device, rc["top_k"], repeats=max(3, repeats // 4),
+                                               lookahead=lookahead)
         host["transfer_host"] = transfer_host
     gpu = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()})"
     when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -8,12 +8,14 @@ a decode step. They are measured here with the runtime itself, so the simulator 
 spends:
 
 - `runtime_layer_costs`: the real `OffloadedRuntime` replays a synthetic decode trace (one token per batch) whose
-  experts are all resident (a warm-up pass loads them; the cache holds every expert; no prefetch), once with top-1
-  and once with top-K routing. Per layer step: time(K) = base + K x per_expert, so per_expert = (time(K) -
-  time(1)) / (K - 1) and base = time(1) - per_expert.
-- `runtime_transfer_costs`: host time on the compute timeline per demand load and per prefetch the runtime issues
-  (cache insert, slot, submit, and the copy worker's share of the interpreter), from all-miss and all-prefetch
-  cycle-trace runs against the all-resident one.
+  experts are all resident (a warm-up pass loads them; the cache holds every expert; no prefetch): top-1, top-K
+  with every expert computed on its own, and top-K with the resident experts computed as one group (the runtime's
+  default at batch size 1). Per layer step: time(K, eager) = base + K x per_expert, so per_expert = (time(K, eager)
+  - time(1)) / (K - 1) and base = time(1) - per_expert (one expert is never grouped); the group's cost per expert
+  = (time(K, grouped) - base) / K.
+- `runtime_transfer_costs`: host time per demand load and per prefetch the runtime issues (cache insert, slot, the
+  copies and their events, the prefetcher's ranking), measured where it is spent (the runtime's perf_counter
+  accounting, `host_demand_issue_ms` / `host_prefetch_issue_ms`) in all-miss and all-prefetch cycle-trace runs.
 - `transfer_issue_overhead_us`: the runtime's `TransferEngine` (CUDA backend: the main thread issues the copies,
   `lookahead` groups ahead) moving a queue of single-chunk expert copies back to back while the main thread
   launches expert kernels between pumps (as it does in a run): (wall time - bytes / table bandwidth) / groups.
@@ -55,7 +57,8 @@ def cycle_trace(dst, *, n_layers: int, n_experts: int, top_k: int, decode_len: i
 
 
 def _decode_runs(geom, device, top_k: int, *, n_layers: int, n_experts: int, tokens: int, repeats: int,
-                 extra: dict | None = None, warm: int | None = None, lookahead: int = 1) -> list[dict]:
+                 extra: dict | None = None, warm: int | None = None, lookahead: int = 1,
+                 group_resident: bool = True) -> list[dict]:
     """The runtime's metrics of `repeats` decode runs of a cycle trace (config `extra`, dotted keys, on top of an
     LRU cache holding every expert)."""
     from executor.replay import build_runtime, prepare
@@ -74,70 +77,66 @@ def _decode_runs(geom, device, top_k: int, *, n_layers: int, n_experts: int, tok
         setup = prepare(cfg, geom.first_layers(n_layers))
         models: dict = {}
         for _ in range(repeats):
-            rt = build_runtime(cfg, setup, device=device, models=models, lookahead=lookahead)
+            rt = build_runtime(cfg, setup, device=device, models=models, lookahead=lookahead,
+                               group_resident=group_resident)
             rt.warmup()
             out.append(rt.run())
     return out
 
 
-def _layer_step_ms(geom, device, top_k: int, *, n_layers: int, n_experts: int, tokens: int, repeats: int) -> float:
+def _layer_step_ms(geom, device, top_k: int, *, n_layers: int, n_experts: int, tokens: int, repeats: int,
+                   group_resident: bool = True) -> float:
     """Median over `repeats` runs of the runtime's mean decode layer-step time, every expert resident."""
     out = []
     for m in _decode_runs(geom, device, top_k, n_layers=n_layers, n_experts=n_experts, tokens=tokens,
-                          repeats=repeats):
+                          repeats=repeats, group_resident=group_resident):
         if m["misses"]:
             raise RuntimeError(f"calibration run had {m['misses']} misses after its warm-up")
         out.append(m["tpot_ms"] / n_layers)
     return statistics.median(out)
 
 
-def runtime_transfer_costs(geom, device, resident_layer_ms: float, top_k: int, *, xfer_ms: float,
-                           predictor_us: float = 0.0, repeats: int = 5, n_layers: int = 4, tokens: int = 48,
+def runtime_transfer_costs(geom, device, top_k: int, *, repeats: int = 5, n_layers: int = 4, tokens: int = 48,
                            chunks: int = 3, lookahead: int = 1) -> dict:
-    """Host time on the compute timeline per transfer the runtime issues, beyond what the link model charges:
+    """Host time per transfer the runtime issues, as it accounts it itself (`host_*_issue_ms`):
 
-    - demand: every lookup misses (cycle trace over 2k experts, per-layer capacity k, LRU, no prefetch), so each
-      expert waits for its own copy: per layer step, (time - the all-resident time) / k - `xfer_ms` (the modelled
-      link time of one expert: table bandwidth + issue overhead). What remains is the host's work to issue the copy
-      (cache insert, slot, submit) and its wait for the GPU before it does;
+    - demand: every lookup misses (cycle trace over 2k experts, per-layer capacity k, LRU, no prefetch), so every
+      expert is a demand load;
     - prefetch: the same trace with the oracle predictor at distance 1, chunked (`chunks`), early preemption and
-      reordering (the validation suite's prefetching switches): every expert prefetched one layer ahead; per
-      layer step, time - stall - the all-resident time - the predictor's own cost, over the prefetches issued.
-    """
+      reordering (the validation suite's prefetching switches): every expert prefetched one layer ahead.
+    Medians over `repeats` runs of (host time issuing) / (transfers issued)."""
     n_experts = 2 * top_k
     small = {"cache.scope": "per_layer", "cache.cache_rate": 0.5}
     pf = {**small, "prefetch.predictor": "oracle", "prefetch.distance": 1, "prefetch.chunks": chunks,
           "prefetch.max_inflight_mib": 512, "chunked_prefetch": True, "early_preemption": True,
           "reordered_inference": True}
     res = {}
-    for name, extra in (("demand", small), ("prefetch", pf)):
+    for name, extra, host, count in (("demand", small, "host_demand_issue_ms", "demand_loads"),
+                                     ("prefetch", pf, "host_prefetch_issue_ms", "prefetches")):
         per = []
         for m in _decode_runs(geom, device, top_k, n_layers=n_layers, n_experts=n_experts, tokens=tokens,
                               repeats=repeats, extra=extra, warm=2, lookahead=lookahead):
-            steps = m["decode_batches"] * n_layers
-            n = m["demand_loads"] if name == "demand" else m["prefetches"]
-            if not n:
+            if not m[count]:
                 raise RuntimeError(f"calibration run issued no {name} transfers")
-            if name == "demand":
-                per.append(((m["tpot_ms"] * m["decode_batches"] - resident_layer_ms * steps) / n - xfer_ms) * 1e3)
-            else:
-                extra_ms = (m["tpot_ms"] * m["decode_batches"] - m["stall_ms"] - resident_layer_ms * steps
-                            - predictor_us * 1e-3 * steps)
-                per.append(extra_ms / n * 1e3)
-        res[f"{name}_transfer_us"] = round(max(0.0, statistics.median(per)), 3)
+            per.append(m[host] / m[count] * 1e3)
+        res[f"{name}_transfer_us"] = round(statistics.median(per), 3)
     return res
 
 
 def runtime_layer_costs(geom, device, *, repeats: int = 5, n_layers: int = 4, tokens: int = 48) -> dict:
-    """The runtime's decode layer step split into a per-layer base and a per-expert part (see the module
-    docstring): per_expert_ms, layer_base_ms, the two measured steps (layer_ms_top1, layer_ms_topK) and top_k."""
+    """The runtime's decode layer step split into a per-layer base, a per-expert part (an expert computed on its
+    own) and the per-expert cost inside a resident group (see the module docstring): per_expert_ms,
+    layer_base_ms, group_expert_ms, the three measured steps and top_k."""
     k = max(2, min(geom.top_k, 8))
-    n_experts = 2 * k
-    t1 = _layer_step_ms(geom, device, 1, n_layers=n_layers, n_experts=n_experts, tokens=tokens, repeats=repeats)
-    tk = _layer_step_ms(geom, device, k, n_layers=n_layers, n_experts=n_experts, tokens=tokens, repeats=repeats)
+    kw = dict(n_layers=n_layers, n_experts=2 * k, tokens=tokens, repeats=repeats)
+    t1 = _layer_step_ms(geom, device, 1, **kw)
+    tk = _layer_step_ms(geom, device, k, group_resident=False, **kw)
+    tg = _layer_step_ms(geom, device, k, group_resident=True, **kw)
     per_expert = max(0.0, (tk - t1) / (k - 1))
-    return {"per_expert_ms": round(per_expert, 5), "layer_base_ms": round(max(0.0, t1 - per_expert), 5),
-            "layer_ms_top1": round(t1, 5), f"layer_ms_top{k}": round(tk, 5), "top_k": k}
+    base = max(0.0, t1 - per_expert)
+    return {"per_expert_ms": round(per_expert, 5), "layer_base_ms": round(base, 5),
+            "group_expert_ms": round(max(0.0, tg - base) / k, 5), "layer_ms_top1": round(t1, 5),
+            f"layer_ms_top{k}": round(tk, 5), f"layer_ms_top{k}_grouped": round(tg, 5), "top_k": k}
 
 
 def transfer_issue_overhead_us(geom, device, link_seconds, *, n: int = 24, repeats: int = 5, busy=None,

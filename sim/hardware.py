@@ -27,6 +27,10 @@ Lookup rules (applied once per run in `CostModel`, which turns everything into p
   of expert bytes (= the ratio of weight bytes and FLOPs per token at the same dtype), and floored at
   `expert_launch_floor_ms` (small experts are launch-bound). Dense tables likewise by dense bytes per layer;
   a trace without dense_bytes uses the profile's `default_dense` table unscaled.
+- launch-bound refinements, only for layers whose geometry has an exact table (what the executor measured on
+  itself): `group_ms` (a layer's leading resident experts that take every token computed as one group) and
+  `kernel_ms` (an expert that waited for its copy had its launches overlap the wait: max(kernel, ms - wait) is
+  left after the copy lands). Tables without them, or traces of other geometries, are charged `ms` per expert.
 """
 
 from __future__ import annotations
@@ -152,6 +156,21 @@ class ExpertTable(TokenTable):
     intermediate: int = Field(gt=0)
     dtype_bytes: float = Field(default=2, gt=0)
     note: str = ""
+    kernel_ms: list[float] | None = Field(
+        default=None, description="the expert's GPU time alone by tokens (CUDA-graph replay: no launch cost), same "
+                                  "tokens as ms; where ms is launch-bound, the launches of an expert that waits for "
+                                  "its copy overlap the wait, and only max(kernel, ms - wait) remains after it")
+    group_ms: float | None = Field(
+        default=None, ge=0, description="per expert, when a layer's leading experts that are resident at the gate "
+                                        "and each take every token of the batch (batch-size-1 decode) are computed "
+                                        "as one group of batched kernels (the executor's group_resident), instead "
+                                        "of ms each; used for traces of exactly this geometry")
+
+    @model_validator(mode="after")
+    def _kernel(self):
+        if self.kernel_ms is not None and len(self.kernel_ms) != len(self.tokens):
+            raise ValueError(f"kernel_ms has {len(self.kernel_ms)} entries but tokens has {len(self.tokens)}")
+        return self
 
     @property
     def expert_bytes(self) -> float:
@@ -186,9 +205,10 @@ class HardwareProfile(_Strict):
     copy_compute_overlap: float = Field(default=1.0, ge=0, le=1)
     demand_transfer_host_us: float = Field(
         default=0.0, ge=0, description="compute-timeline (host) time per demand load issued: the executor's cache "
-                                       "insert, slot, copy issue and its wait for the GPU to reach the expert")
+                                       "insert, slot and the copy's launch (its own accounting, host_demand_issue_ms)")
     prefetch_transfer_host_us: float = Field(
-        default=0.0, ge=0, description="the same per prefetch issued (at the gate, after the prediction)")
+        default=0.0, ge=0, description="the same per prefetch issued at the gate after the prediction, the "
+                                       "prefetcher's ranking included (host_prefetch_issue_ms)")
     live_dense_compute: list[DenseTable] | None = Field(
         default=None, description="per model run live by the executor (table name = its geometry name): the rest of "
                                   "a layer beside the experts (Hugging Face attention, norms, router, and the "
@@ -255,15 +275,24 @@ _DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "f16": 2, "fp
                 "fp8": 1, "int8": 1, "q8_0": 1.0625, "int4": 0.5, "q4_0": 0.5625, "q4_k": 0.5625}
 
 
-def expert_time_fn(tables: list[ExpertTable], meta: TraceMeta, layer: int, floor_ms: float):
-    """(tokens -> ms, how): the geometry choice for one layer, per the module docstring."""
+def exact_expert_table(tables: list[ExpertTable], meta: TraceMeta, layer: int) -> ExpertTable | None:
+    """The table of exactly this layer's geometry (hidden size, intermediate size, dtype), if the profile has one."""
     nbytes = meta.expert_bytes[layer]
     dtype_bytes = _DTYPE_BYTES.get((meta.dtype or "bf16").lower(), 2)
     if meta.hidden_size:
         inter = nbytes / (3 * meta.hidden_size * dtype_bytes)
         for t in tables:
             if t.hidden == meta.hidden_size and abs(t.intermediate - inter) < 0.5 and t.dtype_bytes == dtype_bytes:
-                return t.at, f"table {t.name} (exact geometry)"
+                return t
+    return None
+
+
+def expert_time_fn(tables: list[ExpertTable], meta: TraceMeta, layer: int, floor_ms: float):
+    """(tokens -> ms, how): the geometry choice for one layer, per the module docstring."""
+    t = exact_expert_table(tables, meta, layer)
+    if t is not None:
+        return t.at, f"table {t.name} (exact geometry)"
+    nbytes = meta.expert_bytes[layer]
     ref = _nearest(tables, nbytes, lambda t: t.expert_bytes)
     ratio = nbytes / ref.expert_bytes
     return (lambda n: max(floor_ms, ref.at(n) * ratio) if n > 0 else 0.0,
@@ -320,6 +349,12 @@ class CostModel:
             fn, how = dense_time_fn(profile, meta, layer)
             self._dense_fns.append(fn)
             self.dense_geometry.append(how)
+        # the executor's launch-bound refinements, for layers whose geometry has an exact table (module docstring)
+        exact = [exact_expert_table(profile.expert_compute, meta, layer) for layer in range(L)]
+        self.group_s = [t.group_ms * 1e-3 if t is not None and t.group_ms is not None else None for t in exact]
+        self._kernel_fns = [TokenTable(tokens=t.tokens, ms=t.kernel_ms).at
+                            if t is not None and t.kernel_ms is not None else None for t in exact]
+        self.kernel_s: list[list[float] | None] = [None] * L
         self._cpu_fns = None
         if profile.cpu_expert_compute:
             self._cpu_fns = [expert_time_fn(profile.cpu_expert_compute, meta, layer, 0.0)[0] for layer in range(L)]
@@ -338,6 +373,7 @@ class CostModel:
         n = max_tokens + 1
         self.expert_s = [[fn(t) * 1e-3 for t in range(n)] for fn in self._expert_fns]
         self.dense_s = [[fn(t) * 1e-3 for t in range(n)] for fn in self._dense_fns]
+        self.kernel_s = [None if fn is None else [fn(t) * 1e-3 for t in range(n)] for fn in self._kernel_fns]
         if self._cpu_fns is not None:
             act = self.profile.cpu_activation_copy_us * 1e-6
             self.cpu_s = [[(fn(t) * 1e-3 + act if t else 0.0) for t in range(n)] for fn in self._cpu_fns]
