@@ -19,7 +19,6 @@ Semantics (DESIGN.md):
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator, KeysView, Sequence
 from dataclasses import asdict, dataclass
 
@@ -214,12 +213,13 @@ class ExpertCache:
         on_lookup = self._on_lookup[p]
         size = self._size
         n = len(keys)
-        if on_lookup is None and all(map(size.__contains__, keys)):  # all hits: the hooks run in C
-            deque(map(self._on_hit[p], keys), 0)
+        on_hit = self._on_hit[p]
+        if on_lookup is None and all(map(size.__contains__, keys)):  # all hits (the common case)
+            for key in keys:
+                on_hit(key)
             st.lookups += n
             st.hits += n
             return n
-        on_hit = self._on_hit[p]
         hits = 0
         if on_lookup is None:
             for key in keys:

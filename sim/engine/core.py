@@ -28,7 +28,6 @@ batch only (l + d < n_layers).
 
 from __future__ import annotations
 
-from collections import deque
 from functools import reduce
 from heapq import heappop
 from itertools import repeat
@@ -337,7 +336,7 @@ class Simulation:
                 self.gated = (b, layer)
                 # -- the gate: lookups ---------------------------------------------------------------------------
                 kt = table[layer]
-                keys = list(map(kt.__getitem__, ids))
+                keys = [kt[e] for e in ids]
                 self.cur_ids = keys
                 self.pinned_ids = None
                 lookup_layer(keys)
@@ -399,7 +398,8 @@ class Simulation:
                     r = pf.predict_at_gate(layer, L)
                     if r is not None:
                         experts, target = r
-                        when = max(vt, pf.free_at) + pf.cost_s
+                        free = pf.free_at
+                        when = (free if free > vt else vt) + pf.cost_s  # (max(vt, free), without a C call)
                         pf.free_at = when
                         if when > vt:
                             if local is None and spans is None and not (queue and queue[0][0] <= when):
@@ -487,8 +487,10 @@ class Simulation:
                         sync(carry)
                         carry = 0.0
                 if hooks is not None:  # recency = order of first use in the batch (touch_in_use_order)
-                    if all(map(resident.__contains__, keys)):
-                        deque(map(hooks[layer], keys), 0)  # its common case, inline
+                    if missing is None:  # all resident at the gate and pinned before any insert: still resident
+                        touch = hooks[layer]
+                        for key in keys:
+                            touch(key)
                     else:
                         touch_in_use_order(hooks, resident, layer, ids, keys)
                 if self.pinned_ids is not None:

@@ -26,8 +26,8 @@ RESIDENT = (0, 0)
 
 @lru_cache(maxsize=8)
 def key_table(n_layers: int, n_experts: int) -> tuple[tuple[tuple[int, int], ...], ...]:
-    """`key_table(L, E)[layer][e] is (layer, e)`: one shared tuple per expert key. Keys taken from it (in C:
-    `list(map(table[layer].__getitem__, ids))`) are the same objects wherever they are stored, so dict and set
+    """`key_table(L, E)[layer][e] is (layer, e)`: one shared tuple per expert key. Keys taken from it (e.g.
+    `[table[layer][e] for e in ids]`) are the same objects wherever they are stored, so dict and set
     lookups match them by identity instead of comparing tuples; equal tuples made elsewhere still work."""
     return tuple(tuple((la, e) for e in range(n_experts)) for la in range(n_layers))
 
@@ -82,7 +82,7 @@ def classify_lookups(layer: int, ids: list[int], ready, inflight, unused_pf, c,
         keys = [(layer, e) for e in ids]
     n_ids = len(keys)
     c.lookups += n_ids
-    if all(map(ready.__contains__, keys)):  # all resident (the common case): set operations
+    if ready.issuperset(keys):  # all resident (the common case): set operations
         if unused_pf:
             used = unused_pf.intersection(keys)
             if used:

@@ -162,26 +162,16 @@ class Prefetcher:
         if hooks is False:
             hooks = self._touch_hooks = touch_hooks(eng.cache)
         ready = eng.ready
-        keys = list(map(self._keys[target].__getitem__, experts))
-        if all(map(ready.__contains__, keys)):  # all resident (common): refresh them, in C
-            if hooks is not None:
-                deque(map(hooks[target], keys), 0)
-            return
-        on_touch = hooks[target] if hooks is not None else None
         inflight = eng.inflight
-        link = eng.link
+        keys = self._keys[target]
+        on_touch = hooks[target] if hooks is not None else None
         bound = self.max_inflight
-        nbytes = eng.cost.expert_bytes[target]
-        for key in keys:
+        for e in experts:  # (one pass: cheaper than testing for the all-resident case first)
+            key = keys[e]
             if key in ready:  # (ready: resident) a prefetch of a resident expert refreshes it (ProMoE)
                 if on_touch is not None:
                     on_touch(key)  # = cache.touch(key)
-                continue
-            if key in inflight:
-                continue
-            if bound is not None and link.pending_bytes + nbytes > bound:
-                break
-            if at is None:
-                eng.start_transfer(key, speculative=True, target=(batch_key, target))
-            else:
+            elif key not in inflight:
+                if bound is not None and eng.link.pending_bytes + eng.cost.expert_bytes[target] > bound:
+                    break
                 eng.start_transfer(key, speculative=True, target=(batch_key, target), at=at)
