@@ -292,14 +292,16 @@ def measure_dense_tables(geom, device, tokens, timer: Timer) -> list[dict]:
 
 
 def measure_overlap(geom, device, timer: Timer) -> float:
-    """2 - (expert compute time while a copy runs on another stream / alone), both timed on the compute stream;
-    the copy is sized to outlast the compute."""
+    """2 - (expert compute time while a copy runs on another stream / alone), both timed on the compute stream
+    with the work queued behind a GPU sleep (the GPU's time, not the host's launches: the host is not slowed by
+    a copy in flight, and timing the launches made this figure swing between 0.03 and 0.66 from one machine to
+    the next); the copy is sized to outlast the compute."""
     import torch
 
     if torch.device(device).type != "cuda":
         return 1.0
     fn, _per = _expert_bench(geom, device, 64)
-    alone = timer.ms(fn)
+    alone = timer.ms(fn, queued=True)
     size = 1 << 30
     src = torch.empty(size, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(size, dtype=torch.uint8, device=device)
@@ -311,6 +313,7 @@ def measure_overlap(geom, device, timer: Timer) -> float:
             dst.copy_(src, non_blocking=True)  # ~20 ms at 55 GB/s: longer than the compute below
         a = torch.cuda.Event(enable_timing=True)
         b = torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(QUEUE_SLEEP_CYCLES)
         a.record()
         fn()
         b.record()
