@@ -324,11 +324,43 @@ def fidelity(df, breakdown: bool = True) -> dict:
     # the real side's own noise: (max - min) / median of a config's repeated runs (the floor of any fidelity figure)
     if "real_spread" in ok and ok["real_spread"].notna().any():
         out["median_real_spread"] = float(np.median(ok["real_spread"].dropna()))
+    if breakdown:
+        out.update(noise(ok))
     if breakdown and "geometry" in ok and "mode" in ok:
         by = {}
         for (geom, mode), sub in df.groupby(["geometry", "mode"], dropna=False):
             by[f"{geom}/{mode}"] = fidelity(sub, breakdown=False)
         out["by_geometry_mode"] = by
+    return out
+
+
+def noise(ok) -> dict:
+    """Where the real side's run-to-run noise comes from, from the probes taken before each repeat (executor.probe):
+    each repeat's time, host loop time and link bandwidth over its config's medians; the range of each ratio and
+    the rank correlation of the time ratio with the host ratio and with the link ratio (Spearman's rho)."""
+    import numpy as np
+    import pandas as pd
+
+    if "real_probes" not in ok:
+        return {}
+    rows = []
+    cols = ("total_ms", "host_loop_us", "h2d_gbps")
+    for blob in ok["real_probes"].dropna():
+        probes = json.loads(blob)
+        if len(probes) < 2:
+            continue
+        med = {c: np.median([p[c] for p in probes]) if all(p.get(c) is not None for p in probes) else None
+               for c in cols}  # (no link figure on the CPU)
+        rows += [{c: p[c] / med[c] if med[c] else np.nan for c in cols} for p in probes]
+    if len(rows) < 4:
+        return {}
+    r = pd.DataFrame(rows)
+    out = {"noise_repeats": len(r)}
+    for c, name in zip(cols, ("time", "host", "link")):
+        if r[c].notna().any():
+            out[f"noise_{name}_ratio_range"] = [round(float(r[c].min()), 3), round(float(r[c].max()), 3)]
+            if c != "total_ms":
+                out[f"noise_time_vs_{name}_spearman"] = round(float(r["total_ms"].corr(r[c], method="spearman")), 3)
     return out
 
 
