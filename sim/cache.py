@@ -112,8 +112,10 @@ class ExpertCache:
                            for pol in self.policies]
         self._on_hit = [pol.on_hit for pol in self.policies]
         self._admit = [pol.admit if type(pol).admit is not Policy.admit else None for pol in self.policies]
-        # insert's per-layer constants, one tuple: (partition, expert bytes, partition capacity, admit hook)
-        self._insert_info = [(p, self.expert_bytes[la], self._part_capacity[p], self._admit[p])
+        # insert's per-layer constants, one tuple: (partition, expert bytes, partition capacity, admit hook,
+        # policy, members)
+        self._insert_info = [(p, self.expert_bytes[la], self._part_capacity[p], self._admit[p], self.policies[p],
+                              self._part_members[p])
                              for la in range(n_layers) for p in [la if n_parts > 1 else 0]]
         # every valid key, for insert's range check (one hash lookup)
         self._valid = frozenset((la, e) for la in range(n_layers) for e in range(n_experts))
@@ -262,12 +264,10 @@ class ExpertCache:
             return []
         if key not in self._valid:
             raise KeyError(f"expert key {key} outside {self.n_layers} layers x {self.n_experts} experts")
-        p, size, cap, admit = self._insert_info[key[0]]
+        p, size, cap, admit, policy, members = self._insert_info[key[0]]
         if size > cap or (admit is not None and not admit(key)):
             self.stats.rejected += 1
             return None
-        policy = self.policies[p]
-        members = self._part_members[p]
         part_used = self._part_used
         need = part_used[p] + size - cap
         victims: list[Key] = []

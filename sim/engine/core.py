@@ -28,10 +28,7 @@ batch only (l + d < n_layers).
 
 from __future__ import annotations
 
-from functools import reduce
 from heapq import heappop
-from itertools import repeat
-from operator import add
 
 import simpy
 from simpy.events import NORMAL
@@ -54,12 +51,6 @@ from sim.engine.prefetcher import Prefetcher
 from sim.engine.schedule import SequenceData, demand_lookups, iter_batches, layer_sets
 from sim.hardware import CostModel
 from traces.format import TraceMeta
-
-
-def add_n(total: float, x: float, n: int) -> float:
-    """`total + x + x + ... (n times)`, added one by one as a loop would (bit-identical, unlike `total + n * x`),
-    in C."""
-    return reduce(add, repeat(x, n), total)
 
 
 def _fire(env: simpy.Environment, entry: tuple) -> None:
@@ -416,12 +407,16 @@ class Simulation:
                     # event is processed meanwhile, so whether the link is busy does not change during the loop)
                     if overlap_penalty != 1.0 and link.n_busy:
                         if cnt is None:
-                            carry = add_n(carry, es[1] * overlap_penalty, n_ids)
+                            x = es[1] * overlap_penalty
+                            for _ in ids:
+                                carry += x
                         else:
                             for e in sorted(ids):
                                 carry += es[cnt[e]] * overlap_penalty
                     elif cnt is None:
-                        carry = add_n(carry, es[1], n_ids)
+                        x = es[1]
+                        for _ in ids:
+                            carry += x
                     else:
                         for e in sorted(ids):
                             carry += es[cnt[e]]
@@ -480,7 +475,6 @@ class Simulation:
                     if cpu_done > gpu_end:
                         c.stall_s += cpu_done - gpu_end
                         carry = cpu_done - env._now
-                c.layer_steps += 1
                 if self.pinned_ids is not None or pf is not None:
                     # a prediction may issue (insert, evict) before this layer's end: keep the pins honest
                     if carry and pf is not None and pf.pending and pf.next_issue <= env._now + carry:
@@ -499,6 +493,7 @@ class Simulation:
                 self.cur_ids = None
             end = env._now + carry
             dur = end - start
+            c.layer_steps += L
             c.batches += 1
             c.tokens += T
             if batch.phase == "prefill":

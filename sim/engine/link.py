@@ -236,7 +236,6 @@ class Link:
             self.bytes_demand += moved
         if self.record is not None:
             self.record.append((t, start, dur, engine))
-        now = self.env._now
         high = self.high
         low = self.low
         if not t.dropped:
@@ -247,6 +246,7 @@ class Link:
                 self.on_complete(t)
         # the next piece: the first transfer not already moving, demand loads first
         if high or low:
+            now = self.env._now
             for q in (high, low):
                 for nxt in q:
                     if not nxt.active:
