@@ -389,3 +389,69 @@ def test_make_view_equals_batchview():
     assert type(v) is BatchView
     for f in dataclasses.fields(BatchView):
         assert getattr(v, f.name) is getattr(w, f.name), f.name
+
+
+# -- the executor's launch-bound refinements (profile fields group_ms and kernel_ms) ----------------------------
+def _refined_profile(tmp_path, group_ms=None, kernel_ms=None):
+    import yaml
+
+    raw = yaml.safe_load(open("profiles/h200-quoted.yaml"))
+    for t in raw["expert_compute"]:
+        if t["hidden"] == 2048 and t["intermediate"] == 768:  # EXPERT_BYTES at hidden 2048: the exact table
+            if group_ms is not None:
+                t["group_ms"] = group_ms
+            if kernel_ms is not None:
+                t["kernel_ms"] = [kernel_ms] * len(t["tokens"])
+    path = tmp_path / "refined.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_resident_group_costs_group_ms_per_expert(tmp_path):
+    """Every expert resident, one token per batch: a layer of n >= 2 experts costs dense + n x group_ms instead of
+    the per-expert table (the executor computes them as one group); a layer of one expert is not grouped."""
+    rng = np.random.default_rng(3)
+    experts = np.stack([np.stack([rng.choice(8, 4, replace=False) for _ in range(3)]) for _ in range(5)])
+    experts[:, 2, 1:] = experts[:, 2, :1]  # layer 2: one expert per token (a duplicate id is one lookup)
+    tr = _trace(tmp_path, "grp", experts)
+    group_ms = 0.01
+    out = {}
+    for name, prof in (("plain", "h200-quoted"), ("group", _refined_profile(tmp_path, group_ms=group_ms))):
+        sim = build(tr, capacity_bytes=64 * EXPERT_BYTES, profile=prof)
+        sim.warm((layer, e) for layer in range(3) for e in range(8))
+        out[name] = (sim.run(), sim)
+    m, sim = out["group"]
+    cost = sim.cost
+    dense = sum(cost.dense_s[layer][1] for layer in range(3))
+    expect = 5 * (dense + 2 * 4 * group_ms * 1e-3 + cost.expert_s[2][1])
+    assert m["total_ms"] == pytest.approx(expect * 1e3, rel=1e-9)
+    assert m["total_ms"] < out["plain"][0]["total_ms"] and m["hits"] == out["plain"][0]["hits"]
+
+
+def test_launches_overlap_the_wait_for_a_copy(tmp_path):
+    """An empty cache, no prefetch: each expert waits for its copy, during which its launches run, so after the
+    copy only max(kernel_ms, ms - wait) is left (here the kernels: the wait is longer than the launches)."""
+    tr = _trace(tmp_path, "ovl", np.array([[[0, 1], [2, 3]], [[4, 5], [6, 7]]]))
+    kernel_ms = 0.005
+    plain = build(tr, capacity_bytes=0).run()
+    sim = build(tr, capacity_bytes=0, profile=_refined_profile(tmp_path, kernel_ms=kernel_ms))
+    m = sim.run()
+    cost = sim.cost
+    n = m["lookups"]
+    assert cost.xfer_s[0] > cost.expert_s[0][1]  # the wait outlasts the launches
+    expect = plain["total_ms"] - n * (cost.expert_s[0][1] - kernel_ms * 1e-3) * 1e3
+    assert m["total_ms"] == pytest.approx(expect, rel=1e-9)
+    assert m["stall_ms"] == pytest.approx(plain["stall_ms"], rel=1e-12)
+
+
+def test_kernel_ms_must_match_the_tokens(tmp_path):
+    import yaml
+
+    from traces.errors import TraceError
+
+    raw = yaml.safe_load(open(_refined_profile(tmp_path, kernel_ms=0.01)))
+    raw["expert_compute"][1]["kernel_ms"] = [0.01]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(TraceError, match="kernel_ms"):
+        load_profile(str(bad))

@@ -18,7 +18,11 @@ Per batch and layer (the GPU stream, one SimPy process `gpu_stream`):
 3. experts in order: ascending id, or with `reordered_inference` resident first, then in flight (copying,
    queued high, queued low), then not started. Reaching an expert that is not resident: without early
    preemption its demand load is issued now (or its prefetch raised to high priority); the stream waits for
-   the copy (stall). The layer ends when the GPU experts and the CPU experts are done.
+   the copy (stall). The layer ends when the GPU experts and the CPU experts are done. Two refinements where the
+   profile measured them for this geometry (sim.hardware: `group_ms`, `kernel_ms`): the leading experts that
+   are resident and take every token are one group at `group_ms` each (the executor batches them), and an
+   expert that waited for its copy costs only max(kernel, its time - the wait) after it (its launches ran
+   during the wait).
 
 Copies reserve their cache slot when enqueued (evicting then, per policy) and stay pinned until they land.
 A demand miss that cannot get a slot (capacity 0, or everything pinned) is streamed through a scratch buffer
@@ -51,6 +55,35 @@ from sim.engine.prefetcher import Prefetcher
 from sim.engine.schedule import SequenceData, demand_lookups, iter_batches, layer_sets
 from sim.hardware import CostModel
 from traces.format import TraceMeta
+
+
+def leading_group(order, kt, ready, cnt, T: int) -> int:
+    """How many of a layer's first experts in compute order the executor computes as one resident group: resident
+    now and each taking every token of the batch (`cnt` None: one token); 0 when fewer than two."""
+    n = 0
+    for e in order:
+        if kt[e] not in ready or (cnt is not None and cnt[e] != T):
+            break
+        n += 1
+    return n if n > 1 else 0
+
+
+def group_then_each(carry: float, order, cnt, T: int, es, gs: float, penalty: float) -> float:
+    """An all-resident layer's experts in `order`: the leading ones that take every token as one group (gs each),
+    the others at their own cost (es by tokens); all times `penalty`."""
+    n = 0
+    for e in order:
+        if cnt[e] != T:
+            break
+        n += 1
+    if n < 2:
+        n = 0
+    x = gs * penalty
+    for _ in range(n):
+        carry += x
+    for e in order[n:]:
+        carry += es[cnt[e]] * penalty
+    return carry
 
 
 def _fire(env: simpy.Environment, entry: tuple) -> None:
@@ -263,6 +296,7 @@ class Simulation:
         check = self.check
         spans = self.spans
         overlap_penalty = 2.0 - cost.overlap if cost.overlap < 1.0 else 1.0
+        group_s = cost.group_s  # per layer: a resident group's cost per expert, or None (sim.hardware)
         demand_host = cost.demand_host_s
         prefetch_host = cost.prefetch_host_s
         blocking = self.predictor_blocking
@@ -303,6 +337,7 @@ class Simulation:
             cost.prepare(T)
             expert_s = cost.expert_s
             dense_s = cost.dense_s
+            kernel_s = cost.kernel_s
             xfer_s = cost.xfer_s
             cpu_s = cost.cpu_s
             sets = layer_sets(batch.experts)
@@ -402,24 +437,20 @@ class Simulation:
                             pf.issue(experts, target, b, at=vt)
                             carry += (c.prefetches - n0) * prefetch_host  # host cost of issuing them
                 # -- the experts -------------------------------------------------------------------------------------
+                gs = group_s[layer]
                 if local is None and spans is None:
                     # all resident at the gate, and pinned before anything could evict them: compute only (no
                     # event is processed meanwhile, so whether the link is busy does not change during the loop)
-                    if overlap_penalty != 1.0 and link.n_busy:
-                        if cnt is None:
-                            x = es[1] * overlap_penalty
-                            for _ in ids:
-                                carry += x
-                        else:
-                            for e in sorted(ids):
-                                carry += es[cnt[e]] * overlap_penalty
-                    elif cnt is None:
-                        x = es[1]
+                    pen = overlap_penalty if (overlap_penalty != 1.0 and link.n_busy) else 1.0
+                    if cnt is None:  # one token: every expert takes it (a resident group when gs is measured)
+                        x = (gs if gs is not None and n_ids > 1 else es[1]) * pen
                         for _ in ids:
                             carry += x
+                    elif gs is not None and n_ids > 1:
+                        carry = group_then_each(carry, sorted(ids), cnt, T, es, gs, pen)
                     else:
                         for e in sorted(ids):
-                            carry += es[cnt[e]]
+                            carry += es[cnt[e]] * pen
                     order = ()
                     if direct is not None:
                         # What the scheduled issue would do, without its event: nothing is queued before `when` and
@@ -439,8 +470,21 @@ class Simulation:
                 elif local is None:
                     local = {}
                     order = sorted(ids) if n_ids > 1 else ids
+                if gs is not None and order:
+                    # the leading experts resident now that take every token: one group (executor.runtime's
+                    # compute_experts), the rest one by one below
+                    n = leading_group(order, kt, ready, cnt, T)
+                    if n:
+                        x = gs * overlap_penalty if (overlap_penalty != 1.0 and link.n_busy) else gs
+                        if spans is not None:
+                            spans.append(("expert", kt[order[0]], b, env._now + carry, n * x))
+                        for _ in range(n):
+                            carry += x
+                        order = order[n:]
+                ks = kernel_s[layer]
                 for e in order:
                     key = kt[e]
+                    waited = 0.0
                     if demand_host and key not in ready and key not in local and key not in inflight:
                         carry += demand_host  # the host issues this demand load (profile: demand_transfer_host_us)
                     if key not in ready:
@@ -459,12 +503,18 @@ class Simulation:
                             if not t.high:
                                 link.upgrade(t, vt)
                             wait(link.wait_event(t))
-                            c.stall_s += env._now - vt
+                            waited = env._now - vt
+                            c.stall_s += waited
                             carry = 0.0
                     if check:
                         assert key in ready or (local.get(key) is not None and local[key].finished), \
                             f"expert {key} computed while not resident"
                     x = es[cnt[e] if cnt is not None else 1]
+                    if waited and ks is not None:
+                        # its launches ran while the stream waited for the copy: the kernels, or what is left of
+                        # the launches, remain (sim.hardware, kernel_ms)
+                        k_ = ks[cnt[e] if cnt is not None else 1]
+                        x = k_ if k_ > x - waited else x - waited
                     if overlap_penalty != 1.0 and link.n_busy:
                         x *= overlap_penalty
                     if spans is not None:
