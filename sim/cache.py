@@ -341,9 +341,6 @@ class ExpertCache:
     def pin_layer(self, keys: Sequence[Key]) -> None:
         """`pin(key)` for each key of `keys` (distinct keys)."""
         pins = self._pins
-        if pins.keys().isdisjoint(keys):  # the common case, in C
-            pins.update(dict.fromkeys(keys, 1))
-            return
         get = pins.get
         for key in keys:
             pins[key] = get(key, 0) + 1
@@ -351,14 +348,13 @@ class ExpertCache:
     def unpin_layer(self, keys: Sequence[Key]) -> None:
         """`unpin(key)` for each key of `keys` (distinct keys; all pinned, else ValueError)."""
         pins = self._pins
-        try:
-            counts = list(map(pins.pop, keys))
-        except KeyError:
-            raise ValueError(f"unpin_layer: one of {list(keys)} is not pinned") from None
-        if counts and max(counts) > 1:
-            for key, n in zip(keys, counts):
-                if n > 1:
-                    pins[key] = n - 1
+        pop = pins.pop
+        for key in keys:
+            n = pop(key, 0)
+            if n != 1:  # (the common case, one pin, is the pop alone)
+                if n <= 0:
+                    raise ValueError(f"unpin_layer: {key} of {list(keys)} is not pinned")
+                pins[key] = n - 1
 
     def unpin(self, key: Key) -> None:
         pins = self._pins
