@@ -216,12 +216,6 @@ class ExpertCache:
         size = self._size
         n = len(keys)
         on_hit = self._on_hit[p]
-        if on_lookup is None and all(map(size.__contains__, keys)):  # all hits (the common case)
-            for key in keys:
-                on_hit(key)
-            st.lookups += n
-            st.hits += n
-            return n
         hits = 0
         if on_lookup is None:
             for key in keys:
