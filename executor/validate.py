@@ -232,7 +232,9 @@ def compare_row(real: dict, sim: dict, extra: dict) -> dict:
                                                 "prefetch_recall") else ((s - r) / r if r else None)
     for k in ("lookups", "hits", "prefetches", "demand_loads"):
         row[f"real_{k}"], row[f"sim_{k}"] = real.get(k), sim.get(k)
-    for k in ("host_predict_ms", "host_prefetch_issue_ms", "host_demand_issue_ms"):  # the executor's host time
+    from executor.runtime import HOST_METRICS
+
+    for k in HOST_METRICS:  # where the executor's host time went
         row[f"real_{k}"] = real.get(k)
     return row
 

@@ -186,6 +186,7 @@ def test_layers_subset_and_metrics(trace_dir):
     assert m["prefetches"] and m["demand_loads"]
     assert m["host_predict_ms"] > 0 and m["host_prefetch_issue_ms"] > 0 and m["host_demand_issue_ms"] > 0
     assert m["host_predict_ms"] + m["host_prefetch_issue_ms"] + m["host_demand_issue_ms"] < m["total_ms"]
+    assert m["host_expert_launch_ms"] > 0 and m["host_copy_wait_ms"] >= 0 and m["host_sync_wait_ms"] == 0  # (CPU)
     none = build_runtime(_cfg(trace_dir, "lru", 0.5), setup, device="cpu").run()
     assert none["host_predict_ms"] == none["host_prefetch_issue_ms"] == 0 and none["host_demand_issue_ms"] > 0
 
