@@ -159,7 +159,8 @@ def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget
     if ex["mode"] == "live":
         from executor.live import run_live
 
-        return run_live(ex, cfg, profile, device=device, lookahead=lookahead)
+        # (each live run reloads the model: repeats at the decode count for prefill rows too, to bound the time)
+        return run_live(ex, cfg, profile, device=device, lookahead=lookahead, repeats=decode_repeats)
     geom = resolve_geometry(ex["geometry"], parse_geometry_overrides(ex.get("set_geometry")))
     setup = prepare(cfg, geom, layers=ex.get("layers"))
     runs = []

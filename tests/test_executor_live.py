@@ -94,8 +94,12 @@ def test_live_validation_run(tiny_model, tmp_path):
     cfg = build_config({"trace": str(tmp_path), "max_sequences": 2, "max_decode_tokens": 3,
                         "cache": {"policy": "lru", "cache_rate": 0.5}})
     row = run_live({"geometry": "small-moe", "prompts": str(prompts)}, cfg, load_profile(str(prof)),
-                   device="cpu", model=copy.deepcopy(tiny_model))
+                   device="cpu", model=copy.deepcopy(tiny_model), repeats=3)
     assert row["status"] == "ok" and row["n_layers"] == 3
+    # three timed runs after an untimed warm-up, each on a fresh copy of the model; the median is compared
+    probes = json.loads(row["real_probes"])
+    assert row["real_repeats"] == 3 and len(probes) == 3 and row["real_spread"] >= 0
+    assert sorted(p["total_ms"] for p in probes)[1] == pytest.approx(row["real_total_ms"], abs=1e-3)
     assert row["real_lookups"] == row["sim_lookups"] and row["real_hits"] == row["sim_hits"]  # no prefetch
     assert row["real_ttft_ms"] is not None and row["real_tpot_ms"] is not None
     live = LiveOffload(copy.deepcopy(tiny_model), cache_rate=0.5)
