@@ -396,7 +396,7 @@ def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int 
     import statistics
 
     from executor.geometry import REPO_ROOT
-    from executor.probe import machine_probe
+    from executor.probe import cpu_steal_ms, machine_probe, steal_during
     from executor.validate import compare_row
     from predictors.registry import make_predictor
 
@@ -428,6 +428,7 @@ def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int 
         live, real = one(prompts, max(1, new_tokens + 1))
         runs.append((real["total_ms"], live, real))
         probes.append({**probe, "total_ms": round(real["total_ms"], 3)})
+    steal_during(probes, cpu_steal_ms())
     runs.sort(key=lambda r: r[0])
     _, live, real = runs[len(runs) // 2]
     totals = [r[0] for r in runs]

@@ -5,6 +5,7 @@ attributed instead of guessed at."""
 
 from __future__ import annotations
 
+import os
 import time
 
 _PINNED: dict = {}
@@ -40,5 +41,24 @@ def h2d_gbps(device) -> float | None:
     return PROBE_BYTES / (start.elapsed_time(end) * 1e-3) / 1e9
 
 
+def cpu_steal_ms() -> float | None:
+    """CPU time the hypervisor gave to other guests, summed over this machine's CPUs since boot (/proc/stat's
+    `steal`; None where there is no such file): a virtual machine's host that is busy elsewhere shows here."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) * 1000.0 / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def machine_probe(device) -> dict:
-    return {"host_loop_us": round(host_loop_us(), 1), "h2d_gbps": h2d_gbps(device)}
+    return {"host_loop_us": round(host_loop_us(), 1), "h2d_gbps": h2d_gbps(device), "steal_ms": cpu_steal_ms()}
+
+
+def steal_during(probes: list[dict], end: float | None) -> None:
+    """Turn each probe's cumulative `steal_ms` into the steal during its run (up to the next probe, the last one up
+    to `end`, a reading taken after it), in place."""
+    marks = [p.get("steal_ms") for p in probes] + [end]
+    for p, a, b in zip(probes, marks, marks[1:]):
+        p["steal_ms"] = round(b - a, 1) if a is not None and b is not None else None

@@ -153,7 +153,7 @@ def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget
 
     from executor.geometry import parse_geometry_overrides, resolve_geometry
     from executor.memory import DEFAULT_HOST_BUDGET
-    from executor.probe import machine_probe
+    from executor.probe import cpu_steal_ms, machine_probe, steal_during
     from executor.replay import build_runtime, prepare
 
     if ex["mode"] == "live":
@@ -182,6 +182,7 @@ def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget
             continue
         runs.append(m)
         probes.append({**probe, "total_ms": round(m["total_ms"], 3)})
+    steal_during(probes, cpu_steal_ms())
     real = sorted(runs, key=lambda m: m["total_ms"])[len(runs) // 2]
     real_spread = (max(m["total_ms"] for m in runs) - min(m["total_ms"] for m in runs)) / real["total_ms"]
     capacity = rt.n_slots * setup.meta.expert_bytes[0]
@@ -348,6 +349,7 @@ def noise(ok) -> dict:
         return {}
     rows = []
     cols = ("total_ms", "host_loop_us", "h2d_gbps")
+    steal = []  # (time ratio, steal ms per second of the run)
     for blob in ok["real_probes"].dropna():
         probes = json.loads(blob)
         if len(probes) < 2:
@@ -355,6 +357,9 @@ def noise(ok) -> dict:
         med = {c: np.median([p[c] for p in probes]) if all(p.get(c) is not None for p in probes) else None
                for c in cols}  # (no link figure on the CPU)
         rows += [{c: p[c] / med[c] if med[c] else np.nan for c in cols} for p in probes]
+        if med["total_ms"]:
+            steal += [(p["total_ms"] / med["total_ms"], p["steal_ms"] / p["total_ms"] * 1e3) for p in probes
+                      if p.get("steal_ms") is not None and p["total_ms"]]
     if len(rows) < 4:
         return {}
     r = pd.DataFrame(rows)
@@ -364,6 +369,11 @@ def noise(ok) -> dict:
             out[f"noise_{name}_ratio_range"] = [round(float(r[c].min()), 3), round(float(r[c].max()), 3)]
             if c != "total_ms":
                 out[f"noise_time_vs_{name}_spearman"] = round(float(r["total_ms"].corr(r[c], method="spearman")), 3)
+    if len(steal) >= 4:  # CPU time stolen by the hypervisor during a run, per second of the run (all CPUs)
+        t, st = pd.Series([x[0] for x in steal]), pd.Series([x[1] for x in steal])
+        out["noise_steal_ms_per_s_range"] = [round(float(st.min()), 1), round(float(st.max()), 1)]
+        if st.nunique() > 1:
+            out["noise_time_vs_steal_spearman"] = round(float(t.corr(st, method="spearman")), 3)
     return out
 
 

@@ -90,6 +90,9 @@ def test_validate_suite_report(tmp_path, profile_path):
     fid = meta["fidelity"]
     assert fid["noise_repeats"] == 12 and len(fid["noise_host_ratio_range"]) == 2
     assert -1 <= fid["noise_time_vs_host_spearman"] <= 1 and "noise_link_ratio_range" not in fid
+    # the hypervisor's steal during each repeat (Linux: /proc/stat), per second of the run
+    assert all(r["steal_ms"] is None or r["steal_ms"] >= 0 for p in probes for r in p)
+    assert "noise_steal_ms_per_s_range" in fid or not any(r["steal_ms"] is not None for p in probes for r in p)
     assert (out / "plots" / "tpot_ms_sim_vs_real.png").exists()
     # resumable: nothing is re-run
     assert validate.main([str(suite), "--profile", str(profile_path), "--out", str(out), "--device", "cpu",

@@ -316,3 +316,14 @@ def test_asynchronous_engine_semantics(lookahead, backend):
     assert cp.order[first_high] == (high.key, 0, 3)  # all its chunks in one group
     eng.close()
     assert eng.pending_bytes == 0 and eng.bytes == 48 * 5
+
+
+def test_probe_steal_during_each_run():
+    from executor.probe import cpu_steal_ms, machine_probe, steal_during
+
+    probes = [{"steal_ms": 10.0}, {"steal_ms": 15.0}, {"steal_ms": None}]
+    steal_during(probes, 30.0)
+    assert [p["steal_ms"] for p in probes] == [5.0, None, None]  # a missing reading leaves its neighbours unknown
+    p = machine_probe("cpu")
+    assert p["host_loop_us"] > 0 and p["h2d_gbps"] is None
+    assert cpu_steal_ms() is None or cpu_steal_ms() >= 0
