@@ -216,16 +216,18 @@ class ExpertCache:
         size = self._size
         n = len(keys)
         on_hit = self._on_hit[p]
-        hits = 0
         if on_lookup is None:
+            misses = 0  # (counted instead of the hits: the rarer case)
             for key in keys:
                 if key in size:
-                    hits += 1
                     on_hit(key)
+                else:
+                    misses += 1
             st.lookups += n
-            st.hits += hits
-            st.misses += n - hits
-            return hits
+            st.hits += n - misses
+            st.misses += misses
+            return n - misses
+        hits = 0
         for key in keys:
             on_lookup(key, st.lookups)
             st.lookups += 1
