@@ -1,5 +1,5 @@
 """A cheap look at the machine's state beside each real run: how fast the host runs Python and how fast the link
-copies right now. Repeated runs of one config vary (median spread ~14 % on the H200 machine, prefill bimodal);
+copies right now. Repeated runs of one config vary (a median spread of 14-21 % on the H200 machine);
 recording these next to each repeat's time tells whether the host or the link moved, so the noise can be
 attributed instead of guessed at."""
 
