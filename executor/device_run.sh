@@ -88,8 +88,10 @@ for l in sys.stdin:
     fi
     cp /tmp/h200.yaml "$OUT/h200.yaml"
     # GEOMETRIES=a,b: only those runs now (the rest in a later call; PROFILE=profiles/h200.yaml skips calibrating)
+    # CPUS=2: pin the validation process to that core (an experiment on the host's run-to-run noise)
     timeout ${VALIDATE_S:-300} python3 -m executor.validate executor/suites/h200.yaml --profile /tmp/h200.yaml \
-      --out /tmp/val --resume --machine "H200 GPU machine" ${GEOMETRIES:+--geometries $GEOMETRIES} 2>&1 \
+      --out /tmp/val --resume --machine "H200 GPU machine" ${GEOMETRIES:+--geometries $GEOMETRIES} \
+      ${CPUS:+--cpus $CPUS} 2>&1 \
       | tee "$OUT/validate.log"
     mkdir -p "$OUT/h200" && cp /tmp/val/summary.md /tmp/val/results.parquet /tmp/val/meta.json "$OUT/h200/" 2>/dev/null
     # at most 8 files come back: the logs travel as one tar (h200.yaml and the three report files beside it)

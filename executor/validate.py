@@ -477,6 +477,17 @@ def write_plots(df, out_dir: Path) -> list[str]:
     return made
 
 
+def pin_cpus(spec: str) -> None:
+    """Pin this process (and the threads it starts) to the CPUs of `spec` ("2", "2,3"); a clear error otherwise."""
+    import os
+
+    try:
+        cpus = {int(c) for c in spec.split(",") if c.strip()}
+        os.sched_setaffinity(0, cpus)
+    except (ValueError, OSError, AttributeError) as exc:
+        raise TraceError(f"cannot pin to CPUs {spec!r}: {exc}", where="--cpus") from None
+
+
 def main(argv=None) -> int:
     import pandas as pd
     import torch
@@ -497,6 +508,9 @@ def main(argv=None) -> int:
     ap.add_argument("--host-budget-gib", type=float, default=100.0)
     ap.add_argument("--gpu-budget-gib", type=float, default=None)
     ap.add_argument("--machine", default=platform.node())
+    ap.add_argument("--cpus", default=None, metavar="LIST",
+                    help="pin this process to these CPUs (e.g. 2 or 2,3; Linux): the host is what varies from one "
+                         "repeat to the next, and a pinned main thread is not moved between cores")
     ap.add_argument("--lookahead", type=int, default=None,
                     help="chunk groups ahead on the copy stream (default: the profile's h2d.lookahead, which the "
                          "simulator models)")
@@ -517,6 +531,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set-geometry", action="append", default=[], metavar="KEY=VALUE",
                     help="override a geometry field in every run (e.g. hidden=64 for a CPU smoke run)")
     args = ap.parse_args(argv)
+    if args.cpus:
+        pin_cpus(args.cpus)
     profile = load_profile(args.profile)
     lookahead = args.lookahead if args.lookahead is not None else profile.h2d.lookahead
     from sim.config import parse_sets, set_dotted

@@ -327,3 +327,19 @@ def test_probe_steal_during_each_run():
     p = machine_probe("cpu")
     assert p["host_loop_us"] > 0 and p["h2d_gbps"] is None
     assert cpu_steal_ms() is None or cpu_steal_ms() >= 0
+
+
+def test_validate_pins_cpus_or_says_why():
+    import os
+
+    from executor.validate import pin_cpus
+    from traces.errors import TraceError
+
+    before = os.sched_getaffinity(0)
+    try:
+        pin_cpus(str(min(before)))
+        assert os.sched_getaffinity(0) == {min(before)}
+    finally:
+        os.sched_setaffinity(0, before)
+    with pytest.raises(TraceError, match="--cpus"):
+        pin_cpus("not-a-cpu")
