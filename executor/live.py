@@ -393,11 +393,9 @@ def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int 
     each on a freshly loaded model (LiveOffload takes the model's experts over); the median run by total time is
     compared, its routing simulated."""
     import copy
-    import statistics
 
     from executor.geometry import REPO_ROOT
-    from executor.probe import cpu_steal_ms, machine_probe, steal_during
-    from executor.validate import compare_row
+    from executor.validate import compare_row, repeat_median
     from predictors.registry import make_predictor
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -407,7 +405,7 @@ def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int 
     inflight = cfg.prefetch.max_inflight_mib * (1 << 20) if cfg.prefetch.max_inflight_mib is not None else None
     new_tokens = cfg.max_decode_tokens if cfg.max_decode_tokens is not None else 32
 
-    def one(prompts_, tokens: int):
+    def one(prompts_=prompts, tokens: int = max(1, new_tokens + 1)):
         live = LiveOffload(fresh(), cache_capacity_bytes=None, cache_rate=cfg.cache.cache_rate,
                            cache_policy=cfg.cache.policy, cache_scope=cfg.cache.scope,
                            policy_params=cfg.cache.policy_params,
@@ -422,26 +420,20 @@ def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int 
         return live, live.finish()
 
     one(prompts[:1], 2)  # warm-up, not timed
-    runs, probes = [], []
-    for _ in range(max(1, repeats)):
-        probe = machine_probe(device)
-        live, real = one(prompts, max(1, new_tokens + 1))
-        runs.append((real["total_ms"], live, real))
-        probes.append({**probe, "total_ms": round(real["total_ms"], 3)})
-    steal_during(probes, cpu_steal_ms())
-    runs.sort(key=lambda r: r[0])
-    _, live, real = runs[len(runs) // 2]
-    totals = [r[0] for r in runs]
-    spread = (max(totals) - min(totals)) / statistics.median(totals) if len(runs) > 1 else None
-    seqs = sequences_for_simulator(live)
-    setup = SimpleNamespace(meta=live.meta, sequences=seqs, trace=None)
-    from executor.validate import simulate
-
+    (live, real), repeat_cols = repeat_median(one, repeats, device)
     capacity = live.rt.n_slots * live.meta.expert_bytes[0]
-    # a live run always prefills then decodes: the simulator runs both phases too (TTFT and TPOT both reported)
-    sim = simulate(cfg.model_copy(update={"phase": "both"}), setup,
-                   live_profile(profile, ex.get("geometry") or "small-moe", live.meta), capacity)
+    sim = simulate_live(cfg, profile, ex.get("geometry") or "small-moe", live.meta, sequences_for_simulator(live),
+                        capacity)
     return compare_row(real, sim, {"geometry_name": live.geom.name, "n_layers": live.meta.n_layers,
                                    "slab_slots": live.rt.n_slots, "capacity_bytes": capacity, "device": str(device),
-                                   "live_routing": routing_json(live), "real_repeats": len(runs),
-                                   "real_spread": spread, "real_probes": json.dumps(probes)})
+                                   "live_routing": routing_json(live), **repeat_cols})
+
+
+def simulate_live(cfg, profile, name: str, meta, sequences, capacity_bytes: int) -> dict:
+    """The simulator on a live run's routing: both phases (a live run always prefills, then decodes), the
+    profile's live layer of model `name` in place of the dense stand-in (`live_profile`)."""
+    from executor.validate import simulate
+
+    setup = SimpleNamespace(meta=meta, sequences=sequences, trace=None)
+    return simulate(cfg.model_copy(update={"phase": "both"}), setup, live_profile(profile, name, meta),
+                    capacity_bytes)

@@ -46,7 +46,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from traces.atomic import atomic_write
 from traces.errors import TraceError, run_cli
@@ -153,7 +152,6 @@ def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget
 
     from executor.geometry import parse_geometry_overrides, resolve_geometry
     from executor.memory import DEFAULT_HOST_BUDGET
-    from executor.probe import cpu_steal_ms, machine_probe, steal_during
     from executor.replay import build_runtime, prepare
 
     if ex["mode"] == "live":
@@ -163,15 +161,11 @@ def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget
         return run_live(ex, cfg, profile, device=device, lookahead=lookahead, repeats=decode_repeats)
     geom = resolve_geometry(ex["geometry"], parse_geometry_overrides(ex.get("set_geometry")))
     setup = prepare(cfg, geom, layers=ex.get("layers"))
-    runs = []
-    # a run's time varies from one run to the next (host scheduling, the copy engine): each config is replayed
-    # several times (fresh runtime, cold cache each time) and the median run is kept; the first run on a freshly
-    # built host store is slower still (its pinned pages' first DMA), so it is run once more and left out
+    # the first run on a freshly built host store is slower (its pinned pages' first DMA): left out, run again
     key = models.get("key") if models is not None else None
-    n = max(1, prefill_repeats if cfg.phase == "prefill" else decode_repeats)
-    probes = []
-    while len(runs) < n:
-        probe = machine_probe(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def one():
+        nonlocal key
         rt = build_runtime(cfg, setup, device=device, host_budget=host_budget or DEFAULT_HOST_BUDGET,
                            gpu_budget_bytes=gpu_budget, check=check, models=models, lookahead=lookahead,
                            predict_after_resident=predict_after_resident)
@@ -179,19 +173,38 @@ def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget
         m = rt.run()
         if models is not None and models.get("key") != key:
             key = models.get("key")  # a new store: this run was its first
-            continue
-        runs.append(m)
-        probes.append({**probe, "total_ms": round(m["total_ms"], 3)})
-    steal_during(probes, cpu_steal_ms())
-    real = sorted(runs, key=lambda m: m["total_ms"])[len(runs) // 2]
-    real_spread = (max(m["total_ms"] for m in runs) - min(m["total_ms"] for m in runs)) / real["total_ms"]
+            return None
+        return rt, m
+
+    n = prefill_repeats if cfg.phase == "prefill" else decode_repeats
+    (rt, real), repeat_cols = repeat_median(one, n, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     capacity = rt.n_slots * setup.meta.expert_bytes[0]
     sim = simulate(cfg, setup, profile, capacity)
-    return compare_row(real, sim, {"geometry_name": setup.geometry.name, "n_layers": setup.n_layers,
-                                   "real_repeats": len(runs), "real_spread": real_spread,
-                                   "real_probes": json.dumps(probes),
+    return compare_row(real, sim, {"geometry_name": setup.geometry.name, "n_layers": setup.n_layers, **repeat_cols,
                                    "slab_slots": rt.n_slots, "capacity_bytes": capacity, "device": str(rt.device),
                                    **pcie_floor(cfg, setup, profile, capacity)})
+
+
+def repeat_median(run, n: int, device) -> tuple[tuple, dict]:
+    """A run's time varies from one run to the next (host scheduling, the copy engine): `run()` (returning (extra,
+    metrics), or None for a run to leave out and repeat) is run until n runs are kept, each after a machine probe
+    (executor.probe). Returns the median run by total time and the row's repeat columns: real_repeats,
+    real_spread ((max - min) / the median's total) and real_probes (each with its run's total and CPU steal)."""
+    from executor.probe import cpu_steal_ms, machine_probe, steal_during
+
+    runs, probes = [], []
+    while len(runs) < max(1, n):
+        probe = machine_probe(device)
+        r = run()
+        if r is None:
+            continue
+        runs.append(r)
+        probes.append({**probe, "total_ms": round(r[1]["total_ms"], 3)})
+    steal_during(probes, cpu_steal_ms())
+    totals = [r[1]["total_ms"] for r in runs]
+    median = sorted(runs, key=lambda r: r[1]["total_ms"])[len(runs) // 2]
+    return median, {"real_repeats": len(runs), "real_spread": (max(totals) - min(totals)) / median[1]["total_ms"],
+                    "real_probes": json.dumps(probes)}
 
 
 def resimulate_row(row: dict, run: dict, profile) -> dict:
@@ -203,7 +216,7 @@ def resimulate_row(row: dict, run: dict, profile) -> dict:
     ex, cfg = split_run(run)
     geom = resolve_geometry(ex["geometry"], parse_geometry_overrides(ex.get("set_geometry")))
     if ex["mode"] == "live":
-        from executor.live import live_meta, live_profile, sequences_from_routing
+        from executor.live import live_meta, sequences_from_routing, simulate_live
 
         blob = row.get("live_routing")
         if not isinstance(blob, str):
@@ -211,12 +224,9 @@ def resimulate_row(row: dict, run: dict, profile) -> dict:
                              where=str(row.get("run_id")))
         seqs = sequences_from_routing(blob)
         meta = live_meta(geom, int(row["n_layers"]), seqs[0].all.shape[2], str(ex["geometry"]))
-        setup = SimpleNamespace(meta=meta, sequences=seqs, trace=None)
-        cfg = cfg.model_copy(update={"phase": "both"})
-        profile = live_profile(profile, str(ex["geometry"]), meta)
+        sim = simulate_live(cfg, profile, str(ex["geometry"]), meta, seqs, int(row["capacity_bytes"]))
     else:
-        setup = prepare(cfg, geom, layers=ex.get("layers"))
-    sim = simulate(cfg, setup, profile, int(row["capacity_bytes"]))
+        sim = simulate(cfg, prepare(cfg, geom, layers=ex.get("layers")), profile, int(row["capacity_bytes"]))
     real = {k[len("real_"):]: v for k, v in row.items() if k.startswith("real_")}
     new = compare_row(real, sim, {})
     return {**row, **{k: v for k, v in new.items() if k.startswith(("sim_", "diff_"))}}
