@@ -35,7 +35,7 @@ from torch import nn
 from executor.buffers import HostExpertStore
 from executor.geometry import Geometry, geometry_from_hf_config, small_moe_dir
 from executor.memory import whole_slot_capacity
-from executor.model import activation, expert_into, experts_into, layer_rows, split_expert
+from executor.model import ExpertKernels, layer_rows
 from executor.runtime import quiet_gc
 from traces.format import TraceMeta
 
@@ -50,24 +50,14 @@ def find_moe_blocks(model) -> list[tuple[int, nn.Module]]:
     return list(enumerate(out))
 
 
-class _LiveModel:
+class _LiveModel(ExpertKernels):
     """What the runtime needs of a model: the host store, dtype, device, and the expert computation."""
 
     def __init__(self, geom: Geometry, store: HostExpertStore, device, dtype):
-        self.geom = geom
+        super().__init__(geom)
         self.store = store
         self.device = torch.device(device)
         self.dtype = dtype
-        self._act = activation(geom)
-
-    def split(self, flat):
-        return split_expert(flat, self.geom)
-
-    def expert_into(self, out2d, mats, h, rows):
-        expert_into(out2d, mats, h, rows, self._act)
-
-    def experts_into(self, out2d, pool, slots, h, rows):
-        experts_into(out2d, pool, slots, h, rows, self.geom, self._act)
 
     def embed(self, sequences, positions):  # warm-up only
         return torch.zeros(len(positions), self.geom.hidden, dtype=self.dtype, device=self.device)

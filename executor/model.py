@@ -128,30 +128,13 @@ def layer_rows(experts: np.ndarray, weights: torch.Tensor, device) -> dict[int, 
     return per
 
 
-class ReplayModel:
-    def __init__(self, geom: Geometry, store: HostExpertStore, *, device, seed: int = 0,
-                 dtype: torch.dtype | None = None):
+class ExpertKernels:
+    """What the runtime calls to compute experts, bound to a geometry: the replay model and the live model share
+    it (the same kernels whatever produced the routing)."""
+
+    def __init__(self, geom: Geometry):
         self.geom = geom
-        self.store = store
-        self.device = torch.device(device)
-        self.dtype = dtype or store.dtype
-        self.n_layers = store.n_layers
-        # generated where they live (GiBs of dense weights for the large geometries: fast on the GPU)
-        g = torch.Generator(device=self.device).manual_seed(int(seed) + 7919)
-        self.dense_w = [make_dense_weights(geom, layer, device=self.device, dtype=self.dtype, generator=g)
-                        for layer in range(self.n_layers)]
         self._act = activation(geom)
-
-    # -- pieces -------------------------------------------------------------------------------------------------
-    def embed(self, sequences: np.ndarray, positions: np.ndarray) -> torch.Tensor:
-        pos = torch.as_tensor(np.asarray(positions), dtype=torch.float64)[:, None] + 1.0
-        seq = torch.as_tensor(np.asarray(sequences), dtype=torch.float64)[:, None]
-        j = torch.arange(1, self.geom.hidden + 1, dtype=torch.float64)[None, :]
-        return (torch.sin(0.37 * pos * j + seq) / 4).to(self.dtype).to(self.device)
-
-    def dense(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        w1, w2 = self.dense_w[layer]
-        return dense_forward(x, w1, w2)
 
     def split(self, flat: torch.Tensor):
         return split_expert(flat, self.geom)
@@ -163,6 +146,31 @@ class ReplayModel:
     def experts_into(self, out2d: torch.Tensor, pool, slots: list[int], h: torch.Tensor, rows: list) -> None:
         """Several resident experts that each take every token, as one group (see `experts_into`)."""
         experts_into(out2d, pool, slots, h, rows, self.geom, self._act)
+
+
+class ReplayModel(ExpertKernels):
+    def __init__(self, geom: Geometry, store: HostExpertStore, *, device, seed: int = 0,
+                 dtype: torch.dtype | None = None):
+        super().__init__(geom)
+        self.store = store
+        self.device = torch.device(device)
+        self.dtype = dtype or store.dtype
+        self.n_layers = store.n_layers
+        # generated where they live (GiBs of dense weights for the large geometries: fast on the GPU)
+        g = torch.Generator(device=self.device).manual_seed(int(seed) + 7919)
+        self.dense_w = [make_dense_weights(geom, layer, device=self.device, dtype=self.dtype, generator=g)
+                        for layer in range(self.n_layers)]
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+    def embed(self, sequences: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        pos = torch.as_tensor(np.asarray(positions), dtype=torch.float64)[:, None] + 1.0
+        seq = torch.as_tensor(np.asarray(sequences), dtype=torch.float64)[:, None]
+        j = torch.arange(1, self.geom.hidden + 1, dtype=torch.float64)[None, :]
+        return (torch.sin(0.37 * pos * j + seq) / 4).to(self.dtype).to(self.device)
+
+    def dense(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        w1, w2 = self.dense_w[layer]
+        return dense_forward(x, w1, w2)
 
     # -- the all-resident reference ------------------------------------------------------------------------------
     def reference_forward(self, batch_inputs) -> torch.Tensor:
