@@ -171,6 +171,7 @@ def add_memory_args(ap: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
+    from executor.transfer import BACKENDS
     from sim.config import load_config, parse_sets
 
     ap = argparse.ArgumentParser(prog="python -m executor.replay", description=__doc__.splitlines()[0])
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     add_memory_args(ap)
     ap.add_argument("--check", action="store_true", help="check cache/slab invariants and slot contents (slow)")
-    ap.add_argument("--backend", default=None, choices=("cuda", "cuda-thread", "thread", "pump"),
+    ap.add_argument("--backend", default=None, choices=BACKENDS,
                     help="transfer backend (default: cuda on a GPU, the main thread issuing the copies; pump on CPU)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

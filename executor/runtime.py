@@ -501,8 +501,9 @@ class OffloadedRuntime:
                     ev = engine.wait(t)
                     if ev is not None:  # an asynchronous stand-in copier (tests): wait for the copy itself
                         engine.copier.wait(ev)
-                    self._stall_host_s += time.perf_counter() - m0
-                    self.host_s[4] += time.perf_counter() - m0
+                    waited = time.perf_counter() - m0
+                    self._stall_host_s += waited
+                    self.host_s[4] += waited
             self._reap()  # (cuda: t may still be copying; the stream waits on its event)
             if t.cached:
                 pool, owner = self.slab, key

@@ -427,8 +427,7 @@ class TransferEngine:
             if not self.threaded:
                 while self._step_pump() or (self.asynchronous and self._retire_oldest()):
                     pass
-            while self.workers and (any(self.outstanding) or any(
-                    t.enqueued < t.n_chunks for q in (self.high, self.low) for t in q)):
+            while self.workers and (any(self.outstanding) or self.has_work()):
                 self._raise_if_failed()
                 self.cond.wait(timeout=0.05)
             self._closed = True
