@@ -59,25 +59,20 @@ from traces.format import TraceMeta
 
 def leading_group(order, kt, ready, cnt, T: int) -> int:
     """How many of a layer's first experts in compute order the executor computes as one resident group: resident
-    now and each taking every token of the batch (`cnt` None: one token); 0 when fewer than two."""
+    now (`ready` None: all are) and each taking every token of the batch (`cnt` None: one token); 0 when fewer
+    than two."""
     n = 0
     for e in order:
-        if kt[e] not in ready or (cnt is not None and cnt[e] != T):
+        if (ready is not None and kt[e] not in ready) or (cnt is not None and cnt[e] != T):
             break
         n += 1
     return n if n > 1 else 0
 
 
 def group_then_each(carry: float, order, cnt, T: int, es, gs: float, penalty: float) -> float:
-    """An all-resident layer's experts in `order`: the leading ones that take every token as one group (gs each),
-    the others at their own cost (es by tokens); all times `penalty`."""
-    n = 0
-    for e in order:
-        if cnt[e] != T:
-            break
-        n += 1
-    if n < 2:
-        n = 0
+    """An all-resident layer's experts in `order` (`cnt`: tokens per expert): the leading ones that take every
+    token as one group (gs each), the others at their own cost (es by tokens); all times `penalty`."""
+    n = leading_group(order, None, None, cnt, T)
     x = gs * penalty
     for _ in range(n):
         carry += x
