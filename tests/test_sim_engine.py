@@ -455,3 +455,15 @@ def test_kernel_ms_must_match_the_tokens(tmp_path):
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(TraceError, match="kernel_ms"):
         load_profile(str(bad))
+
+
+def test_group_then_each_charges_the_leading_full_experts_as_a_group():
+    from sim.engine.core import group_then_each, leading_group
+
+    es = [0.0, 1.0, 2.0, 3.0, 4.0]  # by tokens
+    # T = 4: experts 1 and 2 take every token (a group), 3 takes two, 4 every token but after it (alone)
+    cnt = {1: 4, 2: 4, 3: 2, 4: 4}
+    assert group_then_each(10.0, [1, 2, 3, 4], cnt, 4, es, 0.5, 2.0) == 10.0 + 2 * 0.5 * 2.0 + (2.0 + 4.0) * 2.0
+    # one leading full expert is not a group
+    assert group_then_each(0.0, [3, 1], cnt, 4, es, 0.5, 1.0) == 2.0 + 4.0
+    assert leading_group([1, 2, 4], {e: ("k", e) for e in cnt}, {("k", 1), ("k", 2)}, cnt, 4) == 2
