@@ -255,9 +255,11 @@ def measure_live_dense(model, profile, *, name: str, prompt_lens=(8, 24), new_to
     """A `live_dense_compute` table for `model` (a transformers MoE): the live runtime with every expert resident
     (cache rate 1.0; a first generation loads them, the same prompts again then hit everywhere) times prefill
     batches of each prompt length and decode batches; per layer, what is left after the experts as the simulator
-    charges them (`profile`'s expert tables for the batch's unique experts) is the dense part."""
+    charges them (`profile`'s expert tables for the batch's unique experts, a resident group at `group_ms` where
+    the profile has it: sim.engine.core.group_then_each) is the dense part."""
     import statistics
 
+    from sim.engine.core import group_then_each
     from sim.engine.schedule import layer_sets
     from sim.hardware import CostModel
 
@@ -280,8 +282,14 @@ def measure_live_dense(model, profile, *, name: str, prompt_lens=(8, 24), new_to
         cost.prepare(T)
         ex_s = 0.0
         for layer, (ids, counts) in enumerate(layer_sets(experts)):
-            for i in range(len(ids)):
-                ex_s += cost.expert_s[layer][int(counts[i]) if counts is not None else 1]
+            # what the engine charges an all-resident layer (its resident group, where the profile has group_ms)
+            cnt = dict(zip(ids, counts)) if counts is not None else dict.fromkeys(ids, 1)
+            es, gs = cost.expert_s[layer], cost.group_s[layer]
+            if gs is not None and len(ids) > 1:
+                ex_s = group_then_each(ex_s, sorted(ids), cnt, T, es, gs, 1.0)
+            else:
+                for e in ids:
+                    ex_s += es[cnt[e]]
         per_tokens.setdefault(T, []).append(max(0.0, (row["duration_ms"] * 1e-3 - ex_s) / L) * 1e3)
     tokens = sorted(per_tokens)
     return {"name": name, "dense_bytes": int(live.meta.dense_bytes[0]) if live.meta.dense_bytes else 1,
