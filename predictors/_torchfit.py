@@ -54,6 +54,20 @@ def _device(torch, device: str):
     return torch.device(device)
 
 
+# the fit options both learned predictors take from their params and hand to train_many unchanged
+SHARED_OPTIONS = ("epochs", "lr", "weight_decay", "batch_size", "device", "patience", "schedule", "warmup",
+                  "min_epochs", "threads", "time_limit")
+
+
+def shared_options(params: dict) -> dict:
+    """SHARED_OPTIONS from a predictor's params; train_many's own default where a param is absent (artifacts
+    written before the option existed)."""
+    import inspect
+
+    sig = inspect.signature(train_many).parameters
+    return {k: params.get(k, sig[k].default) for k in SHARED_OPTIONS}
+
+
 def train_many(xs: list[np.ndarray], ys: list[np.ndarray], *, hidden_units: int, epochs: int = 30,
                lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 256, seed: int = 0,
                standardize: bool = True, patience: int = 4, threads: int = 1, device: str = "cpu",

@@ -88,12 +88,8 @@ class LearnedHistoryPredictor(Predictor):
                 continue
             rep: dict = {}
             nets = _torchfit.train_many(
-                xs, ys, hidden_units=p["hidden_units"], epochs=p["epochs"], lr=p["lr"],
-                weight_decay=p["weight_decay"], batch_size=p["batch_size"], seed=p["seed"] + d,
-                device=p["device"], standardize=False, patience=p.get("patience", 4),
-                schedule=p.get("schedule", "constant"), warmup=p.get("warmup", 0.0),
-                threads=p.get("threads", 1), time_limit=p.get("time_limit", 0.0),
-                report=rep)
+                xs, ys, hidden_units=p["hidden_units"], seed=p["seed"] + d, standardize=False, report=rep,
+                **_torchfit.shared_options(p))
             self._nets.update(zip(names, nets))
             self.fit_report[f"d{d}"] = {**rep, "networks": names}
 

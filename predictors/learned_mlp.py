@@ -91,12 +91,8 @@ class LearnedMLPPredictor(Predictor):
             units = hidden_width(xs[0].shape[1], meta.n_experts, p["target_params"], p["min_units"], p["max_units"])
             rep: dict = {}
             nets = _torchfit.train_many(
-                xs, ys, hidden_units=units, epochs=p["epochs"], lr=p["lr"], weight_decay=p["weight_decay"],
-                batch_size=p["batch_size"], seed=p["seed"] + d, device=p["device"], loss=p["loss"],
-                dropout=p["dropout"], patience=p["patience"], skip=bool(p.get("skip", False)),
-                schedule=p.get("schedule", "constant"), warmup=p.get("warmup", 0.0),
-                min_epochs=p.get("min_epochs", 0), threads=p.get("threads", 1),
-                time_limit=p.get("time_limit", 0.0), report=rep)
+                xs, ys, hidden_units=units, seed=p["seed"] + d, loss=p["loss"], dropout=p["dropout"],
+                skip=bool(p.get("skip", False)), report=rep, **_torchfit.shared_options(p))
             self._nets.update((n, _torchfit.round_weights(net, p.get("weights_dtype", "float32")))
                               for n, net in zip(names, nets))
             self.fit_report[f"d{d}"] = {**rep, "networks": names}
