@@ -17,6 +17,7 @@ not return both copies of the same networks.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
         except (PredictorUnavailable, ValueError, ImportError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        print(__import__("json").dumps(res) if args.json else f"wrote {res['artifact']}: {res['predictor']} "
+        print(json.dumps(res) if args.json else f"wrote {res['artifact']}: {res['predictor']} "
               f"d={res['distance']} (the networks of {res['shared_from']})")
         return 0
     if args.trace is None or args.distance is None:
@@ -132,8 +133,6 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        import json
-
         print(json.dumps(res))
     else:
         print(f"wrote {res['artifact']}: {res['predictor']} d={res['distance']} fit on {res['train_sequences']} "
