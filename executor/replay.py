@@ -64,6 +64,10 @@ def prepare(cfg, geom: Geometry, *, layers: int | None = None) -> ReplaySetup:
         from sim.run import trained_predictor
 
         predictor, seqs, warmup = trained_predictor(cfg, trace, seqs)
+    elif cfg.heldout_only:
+        from sim.run import heldout_part
+
+        seqs, warmup = heldout_part(cfg, trace, seqs)
     if n < trace.meta.n_layers:
         seqs = truncate_sequences(seqs, n)
     capacity = cache_capacity_bytes(cfg, meta)

@@ -33,6 +33,9 @@ A single-run config (configs/examples/*.yaml) is a mapping with these keys; dott
                           its exact misses at high priority
     reordered_inference   ProMoE switch: compute resident experts first, then in flight, then not started
     cpu_experts           compute a missed expert on the CPU when that is faster than copying it (Fiddler)
+    heldout_only          replay only what prefetch.train_fraction's split holds out (the sequences, or positions,
+                          a trainable predictor is scored on), whatever the predictor: runs with and without a
+                          trained predictor then cover the same tokens and their times compare
     timeline | chrome_trace   optional output paths (per-batch Parquet timeline, Chrome/Perfetto JSON);
                           not part of the run's identity
 """
@@ -116,6 +119,7 @@ class RunConfig(_Strict):
     early_preemption: bool = False
     reordered_inference: bool = False
     cpu_experts: bool = False
+    heldout_only: bool = False
     timeline: str | None = None
     chrome_trace: str | None = None
     # where relative paths are resolved from (the config file's directory); not part of the identity
@@ -128,6 +132,8 @@ class RunConfig(_Strict):
         d = self.model_dump(mode="json")
         for k in OUTPUT_KEYS:
             d.pop(k, None)
+        if not d.get("heldout_only"):  # added later: absent when off, so earlier configs keep their hashes
+            d.pop("heldout_only", None)
         return d
 
     def flat(self) -> dict:

@@ -76,6 +76,8 @@ def _build(cfg: RunConfig, *, record: bool, check: bool) -> Simulation:
     warmup = cfg.warmup_batches
     if cfg.prefetch.artifact or getattr(predictor, "trainable", False):
         predictor, seqs, warmup = trained_predictor(cfg, trace, seqs)
+    elif cfg.heldout_only:
+        seqs, warmup = heldout_part(cfg, trace, seqs)
     inflight = cfg.prefetch.max_inflight_mib * (1 << 20) if cfg.prefetch.max_inflight_mib is not None else None
     try:
         return Simulation(
@@ -108,7 +110,6 @@ def trained_predictor(cfg: RunConfig, trace: Trace, seqs):
     trace) the training positions are warm-up. `python -m sim.run` and `python -m executor.replay` both call it."""
     from predictors.evaluate import prepare
     from sim.config import resolve_path
-    from sim.engine.schedule import iter_batches
 
     artifact = None
     if cfg.prefetch.artifact:
@@ -120,6 +121,26 @@ def trained_predictor(cfg: RunConfig, trace: Trace, seqs):
                                    fraction=cfg.prefetch.train_fraction, seed=cfg.seed)
     except (ValueError, TypeError, ImportError) as exc:
         raise TraceError(str(exc), where="field 'prefetch.predictor'") from None
+    return (predictor, *restrict_to_split(cfg, seqs, split))
+
+
+def heldout_part(cfg: RunConfig, trace: Trace, seqs):
+    """(sequences, warmup_batches) of `heldout_only`: the part a trainable predictor fit with the config's
+    train_fraction and seed would be simulated on (the same split as `trained_predictor` without an artifact)."""
+    from predictors.split import make_split
+
+    try:
+        split = make_split(trace, cfg.prefetch.train_fraction, cfg.seed)
+    except ValueError as exc:
+        raise TraceError(str(exc), where="field 'heldout_only'") from None
+    return restrict_to_split(cfg, seqs, split)
+
+
+def restrict_to_split(cfg: RunConfig, seqs, split):
+    """(sequences, warmup_batches): the split's held-out sequences; for a positions split (one-sequence traces)
+    the batches before the first held-out position become warm-up."""
+    from sim.engine.schedule import iter_batches
+
     held = set(split.eval)
     seqs = [s for s in seqs if s.sequence in held]
     warmup = cfg.warmup_batches
@@ -131,7 +152,7 @@ def trained_predictor(cfg: RunConfig, trace: Trace, seqs):
                 break
             n += 1
         warmup = max(warmup, n)
-    return predictor, seqs, warmup
+    return seqs, warmup
 
 
 def _time_index(seqs, sequence: int, position: int, phase: str) -> int:

@@ -155,3 +155,22 @@ def test_warmup_batches_leave_metrics_out(tmp_path, trace_dir):
     part = build_simulation(load_config(p, {"warmup_batches": 2})).run()
     assert part["batches"] == full["batches"] - 2 and part["lookups"] < full["lookups"]
     assert part["total_ms"] < full["total_ms"]
+
+
+def test_heldout_only_replays_what_a_trained_predictor_is_scored_on(tmp_path):
+    """`heldout_only` with an untrained predictor covers exactly the sequences a trainable predictor's run covers
+    (same train_fraction and seed), and leaves the config's identity alone when off."""
+    from sim.run import build_simulation
+
+    trace = make_trace(tmp_path / "t", n_layers=3, n_experts=8, top_k=2, n_sequences=10, prompt_len=4,
+                       decode_len=6)
+    base = {"trace": str(trace), "phase": "decode", "cache": {"cache_rate": 0.5}}
+    trained = build_simulation(build_config({**base, "prefetch": {"predictor": "cross_layer", "distance": 1}}))
+    held = build_simulation(build_config({**base, "heldout_only": True}))
+    every = build_simulation(build_config(base))
+    ids = [s.sequence for s in trained.sequences]
+    assert 0 < len(ids) < 10
+    assert [s.sequence for s in held.sequences] == ids
+    assert len(every.sequences) == 10
+    assert build_config({**base, "heldout_only": False}).run_hash() == build_config(base).run_hash()
+    assert build_config({**base, "heldout_only": True}).run_hash() != build_config(base).run_hash()
