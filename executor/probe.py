@@ -41,6 +41,43 @@ def h2d_gbps(device) -> float | None:
     return PROBE_BYTES / (start.elapsed_time(end) * 1e-3) / 1e9
 
 
+def launch_us(device, n: int = 200) -> float | None:
+    """Host microseconds to launch n tiny kernels (in-place adds on a 1-element tensor; None on the CPU): the
+    runtime's own host path (Python -> torch -> the CUDA driver), which a pure-Python loop does not see."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    x = torch.zeros(1, device=dev)
+    torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    for _ in range(n):
+        x.add_(1.0)
+    dt = time.perf_counter() - t
+    torch.cuda.synchronize(dev)
+    return dt * 1e6
+
+
+def gpu_us(device, n: int = 20, size: int = 2048) -> float | None:
+    """GPU microseconds (CUDA events) of n bf16 matrix products of size x size: the GPU's own speed (its clocks),
+    apart from the host (None on the CPU)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    a = torch.ones(size, size, dtype=torch.bfloat16, device=dev)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(dev)
+    start.record()
+    for _ in range(n):
+        torch.mm(a, a)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3
+
+
 def cpu_steal_ms() -> float | None:
     """CPU time the hypervisor gave to other guests, summed over this machine's CPUs since boot (/proc/stat's
     `steal`; None where there is no such file): a virtual machine's host that is busy elsewhere shows here."""
@@ -53,7 +90,12 @@ def cpu_steal_ms() -> float | None:
 
 
 def machine_probe(device) -> dict:
-    return {"host_loop_us": round(host_loop_us(), 1), "h2d_gbps": h2d_gbps(device), "steal_ms": cpu_steal_ms()}
+    return {"host_loop_us": round(host_loop_us(), 1), "launch_us": _round(launch_us(device)),
+            "gpu_us": _round(gpu_us(device)), "h2d_gbps": h2d_gbps(device), "steal_ms": cpu_steal_ms()}
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
 
 
 def steal_during(probes: list[dict], end: float | None) -> None:

@@ -191,6 +191,7 @@ def repeat_median(run, n: int, device) -> tuple[tuple, dict]:
     (executor.probe). Returns the median run by total time and the row's repeat columns: real_repeats,
     real_spread ((max - min) / the median's total) and real_probes (each with its run's total and CPU steal)."""
     from executor.probe import cpu_steal_ms, machine_probe, steal_during
+    from executor.runtime import HOST_METRICS
 
     runs, probes = [], []
     while len(runs) < max(1, n):
@@ -199,7 +200,8 @@ def repeat_median(run, n: int, device) -> tuple[tuple, dict]:
         if r is None:
             continue
         runs.append(r)
-        probes.append({**probe, "total_ms": round(r[1]["total_ms"], 3)})
+        host = sum(r[1].get(k) or 0.0 for k in HOST_METRICS)  # the run's own host time (runtime accounting)
+        probes.append({**probe, "total_ms": round(r[1]["total_ms"], 3), "host_ms": round(host, 3)})
     steal_during(probes, cpu_steal_ms())
     totals = [r[1]["total_ms"] for r in runs]
     median = sorted(runs, key=lambda r: r[1]["total_ms"])[len(runs) // 2]
@@ -350,22 +352,23 @@ def fidelity(df, breakdown: bool = True) -> dict:
 
 def noise(ok) -> dict:
     """Where the real side's run-to-run noise comes from, from the probes taken before each repeat (executor.probe):
-    each repeat's time, host loop time and link bandwidth over its config's medians; the range of each ratio and
-    the rank correlation of the time ratio with the host ratio and with the link ratio (Spearman's rho)."""
+    each repeat's time, host loop time, kernel-launch time, GPU matmul time, link bandwidth and the run's own host
+    accounting (host_ms) over its config's medians; the range of each ratio and the rank correlation of the time
+    ratio with each other ratio (Spearman's rho)."""
     import numpy as np
     import pandas as pd
 
     if "real_probes" not in ok:
         return {}
     rows = []
-    cols = ("total_ms", "host_loop_us", "h2d_gbps")
+    cols = ("total_ms", "host_loop_us", "launch_us", "gpu_us", "h2d_gbps", "host_ms")
     steal = []  # (time ratio, steal ms per second of the run)
     for blob in ok["real_probes"].dropna():
         probes = json.loads(blob)
         if len(probes) < 2:
             continue
         med = {c: np.median([p[c] for p in probes]) if all(p.get(c) is not None for p in probes) else None
-               for c in cols}  # (no link figure on the CPU)
+               for c in cols}  # (no GPU figures on the CPU; older rows lack the newer probes)
         rows += [{c: p[c] / med[c] if med[c] else np.nan for c in cols} for p in probes]
         if med["total_ms"]:
             steal += [(p["total_ms"] / med["total_ms"], p["steal_ms"] / p["total_ms"] * 1e3) for p in probes
@@ -374,7 +377,7 @@ def noise(ok) -> dict:
         return {}
     r = pd.DataFrame(rows)
     out = {"noise_repeats": len(r)}
-    for c, name in zip(cols, ("time", "host", "link")):
+    for c, name in zip(cols, ("time", "host", "launch", "gpu", "link", "host_work")):
         if r[c].notna().any():
             out[f"noise_{name}_ratio_range"] = [round(float(r[c].min()), 3), round(float(r[c].max()), 3)]
             if c != "total_ms":

@@ -81,6 +81,8 @@ def test_validate_suite_report(tmp_path, profile_path):
     # beside each repeat: the host's speed and the link's bandwidth at that moment (CPU: no link), and its time
     probes = [json.loads(p) for p in ok["real_probes"]]
     assert all(len(p) == 3 and all(r["host_loop_us"] > 0 and r["h2d_gbps"] is None for r in p) for p in probes)
+    # the GPU probes are absent on the CPU; the run's own host accounting is there
+    assert all(r["launch_us"] is None and r["gpu_us"] is None and r["host_ms"] > 0 for p in probes for r in p)
     assert (df["wall_s"] >= 0).all() and (ok["wall_s"] > 0).all()
     text = (out / "summary.md").read_text()
     assert "CPU DRY RUN" in text and "| promoe |" in text
@@ -90,6 +92,7 @@ def test_validate_suite_report(tmp_path, profile_path):
     fid = meta["fidelity"]
     assert fid["noise_repeats"] == 12 and len(fid["noise_host_ratio_range"]) == 2
     assert -1 <= fid["noise_time_vs_host_spearman"] <= 1 and "noise_link_ratio_range" not in fid
+    assert "noise_gpu_ratio_range" not in fid and -1 <= fid["noise_time_vs_host_work_spearman"] <= 1
     # the hypervisor's steal during each repeat (Linux: /proc/stat), per second of the run
     assert all(r["steal_ms"] is None or r["steal_ms"] >= 0 for p in probes for r in p)
     assert "noise_steal_ms_per_s_range" in fid or not any(r["steal_ms"] is not None for p in probes for r in p)
