@@ -15,6 +15,7 @@ if ! python3 -c "import pydantic, simpy" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 export PYTHONUNBUFFERED=1
+T0=$(date +%s)
 STEP=${1:-smoke}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -89,7 +90,9 @@ for l in sys.stdin:
     cp /tmp/h200.yaml "$OUT/h200.yaml"
     # GEOMETRIES=a,b: only those runs now (the rest in a later call; PROFILE=profiles/h200.yaml skips calibrating)
     # CPUS=2: pin the validation process to that core (an experiment on the host's run-to-run noise)
-    timeout ${VALIDATE_S:-300} python3 -m executor.validate executor/suites/h200.yaml --profile /tmp/h200.yaml \
+    # VALIDATE_S: the validation's time limit; default: what is left of DEADLINE (s since the script began, 560)
+    VALIDATE_S=${VALIDATE_S:-$(( ${DEADLINE:-560} - ($(date +%s) - T0) ))}
+    timeout $VALIDATE_S python3 -m executor.validate executor/suites/h200.yaml --profile /tmp/h200.yaml \
       --out /tmp/val --resume --machine "H200 GPU machine" ${GEOMETRIES:+--geometries $GEOMETRIES} \
       ${CPUS:+--cpus $CPUS} 2>&1 \
       | tee "$OUT/validate.log"
