@@ -25,6 +25,7 @@ from traces.reader import Trace
 
 _TRACES: dict[str, Trace] = {}
 _SEQS: dict[tuple, list] = {}
+_FITTED: dict[tuple, tuple] = {}  # prepare()'s (predictor, split) by what decides the fit (trained_predictor)
 
 
 def _trace(path: Path) -> Trace:
@@ -115,12 +116,20 @@ def trained_predictor(cfg: RunConfig, trace: Trace, seqs):
     if cfg.prefetch.artifact:
         artifact = str(resolve_path(cfg.prefetch.artifact, cfg.base_dir, field="prefetch.artifact",
                                     source=cfg.source_file))
-    try:
-        predictor, split = prepare(trace, cfg.prefetch.predictor, cfg.prefetch.distance,
+    routing = Path(trace.path) / "routing.parquet"
+    st = routing.stat() if routing.exists() else None
+    key = (str(trace.path), st and (st.st_size, st.st_mtime_ns), cfg.prefetch.predictor, cfg.prefetch.distance,
+           json.dumps(cfg.prefetch.predictor_params, sort_keys=True), artifact,
+           artifact and Path(artifact).stat().st_mtime_ns, cfg.prefetch.train_fraction, cfg.seed)
+    if key not in _FITTED:  # a fit is deterministic and runs reset() the predictor: fit once per process
+        try:
+            _FITTED.clear()
+            _FITTED[key] = prepare(trace, cfg.prefetch.predictor, cfg.prefetch.distance,
                                    params=cfg.prefetch.predictor_params or None, artifact=artifact,
                                    fraction=cfg.prefetch.train_fraction, seed=cfg.seed)
-    except (ValueError, TypeError, ImportError) as exc:
-        raise TraceError(str(exc), where="field 'prefetch.predictor'") from None
+        except (ValueError, TypeError, ImportError) as exc:
+            raise TraceError(str(exc), where="field 'prefetch.predictor'") from None
+    predictor, split = _FITTED[key]
     return (predictor, *restrict_to_split(cfg, seqs, split))
 
 
