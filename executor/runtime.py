@@ -413,7 +413,7 @@ class OffloadedRuntime:
         b = self._batch_index
         self.gated = (b, layer)
         keys = self._keys(layer, ids)
-        cache.pin_layer(keys)
+        cache.hold(keys)
         cache.lookup_layer(keys)
         missing = classify_lookups(layer, ids, ready, inflight, unused_pf, c, keys)
         local: dict = {}
@@ -564,7 +564,7 @@ class OffloadedRuntime:
             self.predict(layer)
         if self.device.type == "cuda" and self._layer_reads:
             # one event guards every slot the layer read: none of them can be refilled before the layer ends
-            # (its experts are pinned until unpin_layer below, its scratch slots released here)
+            # (its experts are held until hold(()) below, its scratch slots released here)
             ev = self.clock.event()
             for pool, slot in self._layer_reads:
                 pool.last_read[slot] = ev
@@ -577,7 +577,7 @@ class OffloadedRuntime:
         if self._touch_hooks is not None:
             # recency = order of first use in the batch
             touch_in_use_order(self._touch_hooks, self.cache.resident, layer, ids, keys)
-        self.cache.unpin_layer(keys)
+        self.cache.hold(())
         if self.check:
             self._check_slab()
 

@@ -10,7 +10,8 @@ Semantics (DESIGN.md):
 - `lookup(key)` is one demand lookup (the driver calls it once per unique expert per (layer, batch)); it counts a
   hit or a miss. It does not insert: on a miss the driver calls `insert(key)` (at once, or when a transfer is
   started, pinning it while the transfer is in flight).
-- pinned keys are never evicted (the running layer's batch, in-flight transfers). Pins are counted.
+- pinned keys are never evicted (in-flight transfers). Pins are counted. The running layer's experts are held
+  instead (`hold`): never evicted either, one call for the whole layer.
 - `insert` either makes room and inserts, or changes nothing and returns None (nothing evictable / policy
   declines / key larger than its partition).
 - scope `global`: one budget and one policy instance over all layers; `per_layer`: the budget is split evenly
@@ -46,21 +47,22 @@ class CacheStats:
 
 
 class _Candidates:
-    """Set-like view of the evictable keys of one partition: resident there, not pinned, not already chosen."""
+    """Set-like view of the evictable keys of one partition: resident there, not pinned, not held, not already
+    chosen."""
 
-    __slots__ = ("_members", "_pins", "_chosen")
+    __slots__ = ("_members", "_cache", "_chosen")
 
-    def __init__(self, members: dict[Key, int], pins: dict[Key, int], chosen: set[Key]):
+    def __init__(self, members: dict[Key, int], cache: ExpertCache, chosen: set[Key]):
         self._members = members
-        self._pins = pins
+        self._cache = cache
         self._chosen = chosen
 
     def __contains__(self, key: object) -> bool:
-        return key in self._members and key not in self._pins and key not in self._chosen
+        return key in self._members and not self._cache.is_pinned(key) and key not in self._chosen
 
     def __iter__(self) -> Iterator[Key]:
-        pins, chosen = self._pins, self._chosen
-        return (k for k in self._members if k not in pins and k not in chosen)
+        pinned, chosen = self._cache.is_pinned, self._chosen
+        return (k for k in self._members if not pinned(k) and k not in chosen)
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -121,6 +123,8 @@ class ExpertCache:
         self._valid = frozenset((la, e) for la in range(n_layers) for e in range(n_experts))
         self._size: dict[Key, int] = {}  # all resident keys -> bytes
         self._pins: dict[Key, int] = {}
+        self._held: Sequence[Key] = ()  # the running layer's keys (hold)
+        self._held_layer = -1
         self.stats = CacheStats()
 
     # -- capacity helpers -----------------------------------------------------------------------------------
@@ -179,7 +183,8 @@ class ExpertCache:
         return self.expert_bytes[key[0]]
 
     def is_pinned(self, key: Key) -> bool:
-        return key in self._pins
+        """Pinned or held: not evictable."""
+        return key in self._pins or (key[0] == self._held_layer and key in self._held)
 
     def free_bytes(self, layer: int = 0) -> int:
         """Free bytes of the partition that holds `layer`'s experts (the whole cache in global scope)."""
@@ -270,10 +275,11 @@ class ExpertCache:
         st = self.stats
         if need > 0:
             order = policy.eviction_order()
-            if order is not None:  # fast path: walk the policy's order, skip pinned keys
+            if order is not None:  # fast path: walk the policy's order, skip pinned and held keys
                 pins = self._pins
+                held_layer = self._held_layer
                 for v in order:
-                    if v in pins:
+                    if v in pins or (v[0] == held_layer and v in self._held):
                         continue
                     victims.append(v)
                     need -= members[v]
@@ -284,7 +290,7 @@ class ExpertCache:
                     return None
             else:
                 chosen: set[Key] = set()
-                cands = _Candidates(members, self._pins, chosen)
+                cands = _Candidates(members, self, chosen)
                 victim = policy.victim
                 while need > 0:
                     v = victim(cands)
@@ -324,7 +330,7 @@ class ExpertCache:
         """Take a resident, unpinned key out (not counted as an eviction). Absent keys are ignored."""
         if key not in self._size:
             return
-        if key in self._pins:
+        if self.is_pinned(key):
             raise ValueError(f"cannot remove pinned expert {key}")
         p = key[0] if self._per_layer else 0
         self._drop(key, p)
@@ -334,23 +340,12 @@ class ExpertCache:
         """Protect `key` from eviction (counted: n pins need n unpins). A key may be pinned before it is inserted."""
         self._pins[key] = self._pins.get(key, 0) + 1
 
-    def pin_layer(self, keys: Sequence[Key]) -> None:
-        """`pin(key)` for each key of `keys` (distinct keys)."""
-        pins = self._pins
-        get = pins.get
-        for key in keys:
-            pins[key] = get(key, 0) + 1
-
-    def unpin_layer(self, keys: Sequence[Key]) -> None:
-        """`unpin(key)` for each key of `keys` (distinct keys; all pinned, else ValueError)."""
-        pins = self._pins
-        pop = pins.pop
-        for key in keys:
-            n = pop(key, 0)
-            if n != 1:  # (the common case, one pin, is the pop alone)
-                if n <= 0:
-                    raise ValueError(f"unpin_layer: {key} of {list(keys)} is not pinned")
-                pins[key] = n - 1
+    def hold(self, keys: Sequence[Key]) -> None:
+        """The running layer's experts (`keys`, all of one layer, distinct; `()`: none): not evictable until the
+        next `hold`. One call for the layer instead of a pin and an unpin per key: most layers insert nothing,
+        and the eviction walk tests the layer before the keys."""
+        self._held = keys
+        self._held_layer = keys[0][0] if keys else -1
 
     def unpin(self, key: Key) -> None:
         pins = self._pins

@@ -7,8 +7,8 @@ Per batch and layer (the GPU stream, one SimPy process `gpu_stream`):
    event is due before its own time or when it must touch the link, so a layer whose experts are all resident
    while the link is idle costs no SimPy event at all (a sync processes the due events itself: see `sync`);
 2. at the gate: one demand lookup per unique expert of the layer (ExpertCache.lookup, in first-occurrence
-   order, as sim.access.lookup_stream), each pinned until the layer's experts are done (pins are taken
-   lazily, just before the first insert that could evict one: equivalent and cheaper). hit = resident and
+   order, as sim.access.lookup_stream), all held in the cache (`ExpertCache.hold`: not evictable) until the
+   layer's experts are done. hit = resident and
    fully copied; a prefetch still queued or copying is a late prefetch (a miss); otherwise a demand miss.
    With `early_preemption` the layer's queued speculative transfers that are not needed are dropped, the
    needed ones raised to high priority, and every demand miss is enqueued now, at high priority. With
@@ -177,10 +177,6 @@ class Simulation:
         self.warmup_batches = warmup_batches  # leading batches simulated but left out of the metrics
         self.predictor_blocking = predictor_blocking
         self._snap: tuple | None = None
-        # lazy pinning: the running layer's experts are pinned only once something may be inserted
-        self.cur_layer = -1
-        self.cur_ids: list | None = None  # running layer's experts, not yet pinned
-        self.pinned_ids: list | None = None  # running layer's experts, pinned
 
     def warm(self, keys) -> int:
         """Make experts resident before the run (a warm start); returns how many fit."""
@@ -208,11 +204,6 @@ class Simulation:
         """Reserve a slot (or stream) and queue the copy. `at`: the caller's own time if it runs ahead of the
         clock (see _gpu_stream); the link starts it then if an engine is idle."""
         cache = self.cache
-        cur = self.cur_ids
-        if cur is not None:  # pin the running layer's experts before anything can be evicted
-            cache.pin_layer(cur)
-            self.pinned_ids = cur
-            self.cur_ids = None
         victims = cache.insert(key, True)  # (pinned)
         if victims is None:
             if speculative or background:
@@ -324,6 +315,7 @@ class Simulation:
                     raise RuntimeError("the GPU stream waits for a copy that never lands")
                 _fire(env, heappop(queue))
         lookup_layer = cache.lookup_layer
+        hold = cache.hold
         hooks = touch_hooks(cache)
         resident = cache.resident
         table = key_table(L, self.meta.n_experts)
@@ -358,8 +350,7 @@ class Simulation:
                 # -- the gate: lookups ---------------------------------------------------------------------------
                 kt = table[layer]
                 keys = [kt[e] for e in ids]
-                self.cur_ids = keys
-                self.pinned_ids = None
+                hold(keys)
                 lookup_layer(keys)
                 missing = classify_lookups(layer, ids, ready, inflight, unused_pf, c, keys)
                 n_ids = len(ids)
@@ -434,7 +425,7 @@ class Simulation:
                 # -- the experts -------------------------------------------------------------------------------------
                 gs = group_s[layer]
                 if local is None and spans is None:
-                    # all resident at the gate, and pinned before anything could evict them: compute only (no
+                    # all resident at the gate, and held until its end: compute only (no
                     # event is processed meanwhile, so whether the link is busy does not change during the loop)
                     pen = overlap_penalty if (overlap_penalty != 1.0 and link.n_busy) else 1.0
                     if cnt is None:  # one token: every expert takes it (a resident group when gs is measured)
@@ -520,22 +511,18 @@ class Simulation:
                     if cpu_done > gpu_end:
                         c.stall_s += cpu_done - gpu_end
                         carry = cpu_done - env._now
-                if self.pinned_ids is not None or pf is not None:
-                    # a prediction may issue (insert, evict) before this layer's end: keep the pins honest
-                    if carry and pf is not None and pf.pending and pf.next_issue <= env._now + carry:
-                        sync(carry)
-                        carry = 0.0
+                if carry and pf is not None and pf.pending and pf.next_issue <= env._now + carry:
+                    # a prediction issues (inserts, evicts) before this layer's end, while its experts are held
+                    sync(carry)
+                    carry = 0.0
                 if hooks is not None:  # recency = order of first use in the batch (touch_in_use_order)
-                    if missing is None:  # all resident at the gate and pinned before any insert: still resident
+                    if missing is None:  # all resident at the gate and held since: still resident
                         touch = hooks[layer]
                         for key in keys:
                             touch(key)
                     else:
                         touch_in_use_order(hooks, resident, layer, ids, keys)
-                if self.pinned_ids is not None:
-                    cache.unpin_layer(self.pinned_ids)
-                    self.pinned_ids = None
-                self.cur_ids = None
+                hold(())
             end = env._now + carry
             dur = end - start
             c.layer_steps += L
