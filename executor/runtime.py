@@ -8,8 +8,8 @@ Per batch and layer, on the compute stream (the default CUDA stream, or the CPU)
    thread issues every copy); finished copies are reaped (the simulator's `_landed`).
 2. at the gate, exactly the simulator's decisions, with the same objects: `ExpertCache.lookup_layer` (one lookup
    per unique expert in first-occurrence order, sim.engine.schedule.layer_sets), hit = resident and fully copied, a
-   prefetch still queued or copying = late prefetch (miss), else demand miss; the layer's experts are pinned
-   until the layer is done. With early preemption the layer's queued speculative transfers are upgraded if
+   prefetch still queued or copying = late prefetch (miss), else demand miss; the layer's experts are held
+   (`ExpertCache.hold`) until the layer is done. With early preemption the layer's queued speculative transfers are upgraded if
    needed and dropped if not, and every demand miss is enqueued now at high priority. The prefetcher (the
    simulator's own `sim.engine.prefetcher.Prefetcher`, with the same predictor object, distance, top_n and
    in-flight bound; its predictor cost is real time here, so its simulated cost is 0) predicts layer l+d and
@@ -414,8 +414,8 @@ class OffloadedRuntime:
         self.gated = (b, layer)
         keys = self._keys(layer, ids)
         cache.hold(keys)
-        cache.lookup_layer(keys)
         missing = classify_lookups(layer, ids, ready, inflight, unused_pf, c, keys)
+        cache.lookup_layer(keys, self._touch_hooks is not None, missing is None)  # (touched in end_layer)
         local: dict = {}
         ep = self.early_preemption
         if ep:  # at every gate, miss or not (this layer's queued speculation is now exact or useless)

@@ -112,7 +112,11 @@ class ExpertCache:
         # hot-path hooks, bound once; on_lookup is skipped for policies that do not override it
         self._on_lookup = [pol.on_lookup if type(pol).on_lookup is not Policy.on_lookup else None
                            for pol in self.policies]
-        self._on_hit = [pol.on_hit for pol in self.policies]
+        self._on_hit = [pol.on_hit if type(pol).on_hit is not Policy.on_hit else None for pol in self.policies]
+        # on_hit when the driver touches the layer's keys again at its end (lookup_layer's `touched`): None where
+        # that touch replaces the hit (Policy.touch_replaces_hit)
+        self._on_hit_touched = [None if pol.touch_replaces_hit else hit
+                                for pol, hit in zip(self.policies, self._on_hit)]
         self._admit = [pol.admit if type(pol).admit is not Policy.admit else None for pol in self.policies]
         # insert's per-layer constants, one tuple: (partition, expert bytes, partition capacity, admit hook,
         # policy, members)
@@ -205,14 +209,21 @@ class ExpertCache:
         st.lookups += 1
         if key in self._size:
             st.hits += 1
-            self._on_hit[p](key)
+            on_hit = self._on_hit[p]
+            if on_hit is not None:
+                on_hit(key)
             return True
         st.misses += 1
         return False
 
-    def lookup_layer(self, keys: Sequence[Key]) -> int:
+    def lookup_layer(self, keys: Sequence[Key], touched: bool = False, resident: bool = False) -> int:
         """`lookup(key)` for each key of `keys` (keys of one layer), in that order: the same hooks in the same
-        order and the same statistics, in one call. Returns the number of hits."""
+        order and the same statistics, in one call. Returns the number of hits.
+
+        `touched`: the caller holds the keys (`hold`) and touches every one still resident at the layer's end
+        (`sim.engine.decisions.touch_in_use_order`); where that touch replaces a hit
+        (`Policy.touch_replaces_hit`: LRU) the hits run no hook. `resident`: the caller knows every key is
+        resident; with no hook to run, only the statistics change then."""
         if not keys:
             return 0
         st = self.stats
@@ -220,14 +231,19 @@ class ExpertCache:
         on_lookup = self._on_lookup[p]
         size = self._size
         n = len(keys)
-        on_hit = self._on_hit[p]
+        on_hit = (self._on_hit_touched if touched else self._on_hit)[p]
         if on_lookup is None:
             misses = 0  # (counted instead of the hits: the rarer case)
-            for key in keys:
-                if key in size:
-                    on_hit(key)
-                else:
-                    misses += 1
+            if on_hit is not None:
+                for key in keys:
+                    if key in size:
+                        on_hit(key)
+                    else:
+                        misses += 1
+            elif not resident:
+                for key in keys:
+                    if key not in size:
+                        misses += 1
             st.lookups += n
             st.hits += n - misses
             st.misses += misses
@@ -239,7 +255,8 @@ class ExpertCache:
             if key in size:
                 st.hits += 1
                 hits += 1
-                on_hit(key)
+                if on_hit is not None:
+                    on_hit(key)
             else:
                 st.misses += 1
         return hits

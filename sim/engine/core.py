@@ -317,6 +317,7 @@ class Simulation:
         lookup_layer = cache.lookup_layer
         hold = cache.hold
         hooks = touch_hooks(cache)
+        touched = hooks is not None  # every layer's keys are touched at its end
         resident = cache.resident
         table = key_table(L, self.meta.n_experts)
         for batch in batches:
@@ -351,8 +352,8 @@ class Simulation:
                 kt = table[layer]
                 keys = [kt[e] for e in ids]
                 hold(keys)
-                lookup_layer(keys)
                 missing = classify_lookups(layer, ids, ready, inflight, unused_pf, c, keys)
+                lookup_layer(keys, touched, missing is None)  # (ready: resident)
                 n_ids = len(ids)
                 es = expert_s[layer]
                 cnt = dict(zip(ids, counts)) if counts is not None else None

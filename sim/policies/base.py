@@ -19,6 +19,11 @@ The cache calls the hooks in this order:
 (the whole cache in `global` scope, the key's layer in `per_layer` scope) minus pinned keys and minus victims
 already chosen for this insert. Return one of them, or None to decline (then the insert is abandoned).
 A policy instance serves exactly one partition.
+
+`touch_replaces_hit = True` declares that on_hit(key) followed by on_touch(key), the key resident and not
+evictable in between, leaves the policy as the touch alone would (pure recency: the last access wins, as LRU).
+A driver that touches a layer's keys again at the layer's end (`ExpertCache.lookup_layer(..., touched=True)`)
+then skips that layer's on_hit calls.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class Policy:
     name: ClassVar[str] = ""
     #: set by policies that read the demand lookup sequence (Belady); the cache then passes `future=`.
     needs_future: ClassVar[bool] = False
+    #: a later touch of a held key replaces its hit (see the module docstring)
+    touch_replaces_hit: ClassVar[bool] = False
 
     def on_lookup(self, key: Key, index: int) -> None:
         pass

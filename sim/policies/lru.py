@@ -10,6 +10,8 @@ from sim.policies.base import Key, Policy, register_policy
 
 @register_policy("lru")
 class LRU(Policy):
+    touch_replaces_hit = True  # a hit and a touch both move the key to the end
+
     def __init__(self) -> None:
         self._order: OrderedDict[Key, None] = OrderedDict()  # least recent first
         # the hooks below, bound straight to the OrderedDict's own (C) methods: the same effect, no Python frame
