@@ -9,11 +9,11 @@ Per batch and layer, on the compute stream (the default CUDA stream, or the CPU)
 2. at the gate, exactly the simulator's decisions, with the same objects: `ExpertCache.lookup_layer` (one lookup
    per unique expert in first-occurrence order, sim.engine.schedule.layer_sets), hit = resident and fully copied, a
    prefetch still queued or copying = late prefetch (miss), else demand miss; the layer's experts are held
-   (`ExpertCache.hold`) until the layer is done. With early preemption the layer's queued speculative transfers are upgraded if
-   needed and dropped if not, and every demand miss is enqueued now at high priority. The prefetcher (the
-   simulator's own `sim.engine.prefetcher.Prefetcher`, with the same predictor object, distance, top_n and
-   in-flight bound; its predictor cost is real time here, so its simulated cost is 0) predicts layer l+d and
-   enqueues speculative transfers.
+   (`ExpertCache.hold`) until the layer is done. With early preemption the layer's queued speculative transfers
+   are upgraded if needed and dropped if not, and every demand miss is enqueued now at high priority. The
+   prefetcher (the simulator's own `sim.engine.prefetcher.Prefetcher`, with the same predictor object, distance,
+   top_n and in-flight bound; its predictor cost is real time here, so its simulated cost is 0) predicts layer
+   l+d and enqueues speculative transfers.
 3. experts in order (ascending id; reordered inference: resident, copying, queued high, queued low, not started;
    sim.engine.decisions). An expert not resident and not already copying at high priority: the host first waits
    for the GPU to reach it (as at the gate: the simulator's "the stream gets here"), then without early

@@ -72,9 +72,10 @@ def classify_lookups(layer: int, ids: list[int], ready, inflight, unused_pf, c,
                      keys: list | None = None) -> list[int] | None:
     """The gate's lookups, classified. The driver also makes them in the cache: `ExpertCache.lookup_layer(keys)`,
     one lookup per unique expert in the given (first-occurrence) order, after this call or before it (the
-    classification reads only `ready` and `inflight`, which lookups do not change). hit = resident and fully copied (a landed prefetch looked up for the
-    first time counts as prefetched-and-used); a prefetch still queued or copying is a late prefetch (a miss;
-    marked `used`); anything else is a demand miss (a background copy of a CPU-computed miss is not a prefetch).
+    classification reads only `ready` and `inflight`, which lookups do not change). hit = resident and fully
+    copied (a landed prefetch looked up for the first time counts as prefetched-and-used); a prefetch still queued
+    or copying is a late prefetch (a miss; marked `used`); anything else is a demand miss (a background copy of a
+    CPU-computed miss is not a prefetch).
     Updates the counters `lookups`, `hits`, `misses`, `demand_misses`, `prefetched_used`, `n_prefetch_late`.
     Returns the missing experts in lookup order, or None when every expert is resident.
     `keys`: the keys (layer, e) of `ids`, if the caller has them."""
