@@ -74,11 +74,28 @@ for l in sys.stdin:
       # a live run is compared with the simulator replaying the live run's own routing). The simulator's speed
       # benchmark runs beside it on a free core (CPU time of one process: the GPU job does not change it).
       [ -n "$SIM_BENCH" ] && { python3 -m sim.bench --json > "$OUT/sim_bench.json" 2> "$OUT/sim_bench.err" & BENCH_PID=$!; }
+      # the live learned predictor's training prompts (reserved training documents: text the model does not train
+      # on, disjoint from the held-out prompts), made on a CPU core meanwhile
+      python3 -m traces.small_moe.train_prompts --data build/small_moe --n ${LIVE_PROMPTS:-2048} --per-doc 64 \
+        --reserve-docs 8 --out /tmp/live_prompts.jsonl > "$OUT/live_prompts.log" 2>&1 & PROMPTS_PID=$!
       python3 -m traces.small_moe.train --data build/small_moe --out build/small_moe_model \
         --time-budget ${TRAIN_MODEL_S:-180} --balance pooled --reserve-docs 8 --device cuda 2>&1 \
         | grep --line-buffered -v -e "^Writing" -e "Loading weights" | tail -n 5 | tee "$OUT/train_model.log"
       cp build/small_moe_model/train_report.json "$OUT/" 2>/dev/null
       [ -n "$BENCH_PID" ] && wait $BENCH_PID
+      # the live ProMoE label's learned_mlp (d = 2), fit on a trace of this very model (executor.live.live_artifact
+      # reads it from the model's directory); the fit settings are traces/small_moe/device_predictors.sh's MLP_SETS
+      if wait $PROMPTS_PID; then
+        python3 -m traces.record --model build/small_moe_model --prompts /tmp/live_prompts.jsonl \
+          --max-prompts ${LIVE_PROMPTS:-2048} --max-prompt-tokens 24 --max-new-tokens 64 --batch-size 1024 \
+          --temperature 0.8 --seed 1 --hidden-states --device cuda --name small-moe-live-train --out /tmp/live-train \
+          --json 2>&1 | grep -v "Loading weights" | tail -n 2 | tee "$OUT/live_fit.log"
+        mkdir -p build/small_moe_model/predictors
+        python3 -m predictors.train /tmp/live-train --predictor learned_mlp --distance 2 --split 1.0 --set device=cuda \
+          --set batch_size=4096 --set lr=0.003 --set epochs=40 --set patience=6 --set schedule=cosine --set warmup=1 \
+          --set dropout=0.1 --set skip=true --set max_units=1536 --set max_rows=100000000 \
+          --out build/small_moe_model/predictors/learned_mlp_d2.npz 2>&1 | tail -n 2 | tee -a "$OUT/live_fit.log"
+      fi
     fi
     [ -d build/small_moe_model ] && export SMALL_MOE_DIR=${SMALL_MOE_DIR:-build/small_moe_model}
     [ -n "$PROFILE" ] && cp "$PROFILE" /tmp/h200.yaml   # a profile measured in an earlier call
@@ -97,6 +114,7 @@ for l in sys.stdin:
       ${CPUS:+--cpus $CPUS} 2>&1 \
       | tee "$OUT/validate.log"
     mkdir -p "$OUT/h200" && cp /tmp/val/summary.md /tmp/val/results.parquet /tmp/val/meta.json "$OUT/h200/" 2>/dev/null
+    cp -r /tmp/val/live-predictors "$OUT/h200/" 2>/dev/null   # the live learned predictor (validate --resimulate)
     # at most 8 files come back: the logs travel as one tar (h200.yaml and the three report files beside it)
     (cd "$OUT" && tar cf logs.tar --remove-files $(ls gpu.txt ./*.log train_report.json sim_bench.* 2>/dev/null))
     ;;

@@ -12,19 +12,25 @@
    order from the slab (`expert_buffer`, waiting for copies), then `end_layer`. The router's top-k is read on the
    host at that point, as any offloading system must;
 3. the prefetcher sees the live routing so far (this batch's layers and each sequence's earlier positions) and
-   the live hidden state entering the layer (for hidden-state predictors), through the same `BatchView`;
+   the live hidden state entering the layer (for hidden-state predictors: the MoE block's input, rounded to
+   float16 as a trace stores it, so that the simulator replaying the stored states predicts exactly the same),
+   through the same `BatchView`; a trained predictor (`learned_mlp`) comes from an artifact fit on a trace of the
+   same model (`live_predictor`);
 4. `generate(prompts)` runs greedy decoding with the KV cache: one prefill batch per prompt, then one decode batch
    per new token, timed like replay (TTFT, TPOT); `metrics()` gives the simulator's metric names.
 
-Not yet: recording the live routing as a trace (so the simulator replays exactly what ran: use
-`python -m traces.record` on the same model and prompts meanwhile), the oracle predictor (no future in a live
-run), Belady (needs the future), cpu_experts, and models whose experts are separate nn.Linear modules.
+The routing a run produced (and, for hidden-state predictors, its hidden states) is kept in `history`; the
+simulator replays exactly that (`sequences_for_simulator`, `live_hidden`), also later from a validation row
+(`routing_json`, `hidden_blob`). Not supported: the oracle predictor (no future in a live run), Belady (needs the
+future), cpu_experts, and models whose experts are separate nn.Linear modules.
 The small trained model (traces/small_moe) is a Qwen3-MoE; its weights are not committed: its training run
 (`traces/small_moe/device_run.sh`) must save them where `SMALL_MOE_DIR` points.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from types import SimpleNamespace
 
@@ -143,7 +149,8 @@ class LiveOffload:
         self._batch = None
         self._past: dict[int, list[np.ndarray]] = {}
         self._index = 0
-        self.history: list[tuple] = []  # (phase, sequences, positions, experts [T, L, k]) of every batch run
+        # (phase, sequences, positions, experts [T, L, k], hidden float16 [T, L, H] or None) of every batch run
+        self.history: list[tuple] = []
 
     # -- the prefetcher's view of the live run ------------------------------------------------------------------
     def _hidden_states(self, layer: int) -> np.ndarray:
@@ -170,7 +177,11 @@ class LiveOffload:
         b = self._batch
         for i, s in enumerate(b.sequences.tolist()):
             self._past.setdefault(s, []).append(b.experts[i:i + 1])
-        self.history.append((b.phase, b.sequences, b.positions, b.experts))
+        hidden = None
+        if self._hidden_now:
+            hidden = np.stack([self._hidden_now[layer] for layer in range(self.meta.n_layers)], axis=1)
+        self.history.append((b.phase, b.sequences, b.positions, b.experts,
+                             None if hidden is None else hidden.astype(np.float16)))
         self.rt.end_batch(b.phase, b.tokens, output)
         self._batch = None
 
@@ -185,8 +196,8 @@ class LiveOffload:
         T = hidden.shape[0]
         idx = top_k_index.detach().to("cpu").numpy().astype(np.int16)  # the host reads the routing here
         b.experts[:T, layer, :] = idx
-        if "hidden_states" in rt.prefetcher.predictor.needs:
-            self._hidden_now[layer] = hidden.detach().float().cpu().numpy()
+        if "hidden_states" in rt.prefetcher.predictor.needs:  # float16, as a trace stores it (module docstring)
+            self._hidden_now[layer] = hidden.detach().to(torch.float16).float().cpu().numpy()
         ids = layer_sets(idx[:, None, :])[0][0]
         order, local = rt.gate(layer, ids)
         out = torch.zeros((T, idx.shape[1], hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
@@ -302,42 +313,92 @@ def routing_json(live: LiveOffload) -> str:
     """The routing a live run produced (its batches' phase, sequences, positions, experts), as JSON: stored in the
     validation row so the simulator side can be recomputed later without the model (`validate --resimulate`)."""
     return json.dumps({"n_layers": live.meta.n_layers, "top_k": live.top_k,
-                       "batches": [[ph, seqs.tolist(), pos.tolist(), ex.tolist()]
-                                   for ph, seqs, pos, ex in live.history]})
+                       "batches": [[h[0], h[1].tolist(), h[2].tolist(), h[3].tolist()] for h in live.history]})
 
 
-def sequences_from_routing(blob: str) -> list:
-    """`routing_json`'s text back as the simulator's SequenceData (prefill batch, then decode rows)."""
+def live_hidden(history) -> np.ndarray | None:
+    """Every batch token's hidden states in run order, float16 [N, L, H] (the rows `_sequences` numbers), or None
+    where the run kept none (no hidden-state predictor)."""
+    parts = [h[4] for h in history if len(h) > 4 and h[4] is not None]
+    return np.concatenate(parts) if parts else None
+
+
+def hidden_blob(live: LiveOffload) -> str | None:
+    """`live_hidden` as text (base64 of a compressed .npz) for a validation row; None without hidden states."""
+    hidden = live_hidden(live.history)
+    if hidden is None:
+        return None
+    buf = io.BytesIO()
+    np.savez_compressed(buf, hidden=hidden)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class HiddenStates:
+    """What the simulator's prefetcher reads of a trace for hidden-state predictors (`hidden_states(layer)`), over
+    a live run's kept states; rows are numbered as `_sequences` numbers them."""
+
+    def __init__(self, hidden: np.ndarray):
+        self.hidden = hidden
+
+    def hidden_states(self, layer: int) -> np.ndarray:
+        return self.hidden[:, layer]
+
+
+def sequences_from_routing(blob: str, hidden: str | None = None) -> tuple[list, HiddenStates | None]:
+    """`routing_json`'s text (and `hidden_blob`'s) back as the simulator's SequenceData (prefill batch, then decode
+    rows) and the hidden states they point at (None without)."""
     d = json.loads(blob)
     history = [(ph, np.asarray(s, dtype=np.int64), np.asarray(p, dtype=np.int64), np.asarray(e, dtype=np.int16))
                for ph, s, p, e in d["batches"]]
-    return _sequences(history, d["n_layers"], d["top_k"])
+    states = None
+    if isinstance(hidden, str):
+        states = np.load(io.BytesIO(base64.b64decode(hidden)))["hidden"]
+        n, i = len(states), 0
+        for j, h in enumerate(history):  # the states belong to the batches in run order
+            history[j] = (*h, states[i:i + len(h[2])])
+            i += len(h[2])
+        if i != n:
+            raise ValueError(f"the stored hidden states have {n} rows, the stored routing {i} batch tokens")
+    return _sequences(history, d["n_layers"], d["top_k"]), None if states is None else HiddenStates(states)
 
 
-def sequences_for_simulator(live: LiveOffload) -> list:
-    """The routing a live run produced, as the simulator's SequenceData (prefill batch, then decode rows)."""
-    return _sequences(live.history, live.meta.n_layers, live.top_k)
+def sequences_for_simulator(live: LiveOffload) -> tuple[list, HiddenStates | None]:
+    """The routing a live run produced, as the simulator's SequenceData (prefill batch, then decode rows), and its
+    hidden states (None when the run kept none)."""
+    hidden = live_hidden(live.history)
+    return (_sequences(live.history, live.meta.n_layers, live.top_k),
+            None if hidden is None else HiddenStates(hidden))
 
 
 def _sequences(history, L: int, k: int) -> list:
+    """SequenceData per sequence; where the batches carry hidden states, hidden rows number the batch tokens in
+    run order (the rows of `live_hidden`)."""
     from sim.engine.schedule import SequenceData
 
     by_seq: dict[int, dict] = {}
-    for phase, seqs, pos, experts in history:
+    row0 = 0
+    for h in history:
+        phase, seqs, pos, experts = h[:4]
+        has_hidden = len(h) > 4 and h[4] is not None
+        rows = np.arange(row0, row0 + len(pos), dtype=np.int64)
+        row0 += len(pos)
         for s in sorted(set(seqs.tolist())):
             sel = seqs == s
-            by_seq.setdefault(s, {"prefill": [], "decode": []})[phase].append((pos[sel], experts[sel]))
+            hr = np.repeat(rows[sel][:, None], L, axis=1) if has_hidden else None
+            by_seq.setdefault(s, {"prefill": [], "decode": []})[phase].append((pos[sel], experts[sel], hr))
     out = []
     for s, parts in by_seq.items():
-        prompts = [("prefill", ex, p, None) for p, ex in parts["prefill"]]
+        prompts = [("prefill", ex, p, hr) for p, ex, hr in parts["prefill"]]
         if parts["decode"]:
-            gen = np.concatenate([ex for _, ex in parts["decode"]])
-            gpos = np.concatenate([p for p, _ in parts["decode"]])
+            gen = np.concatenate([ex for _, ex, _ in parts["decode"]])
+            gpos = np.concatenate([p for p, _, _ in parts["decode"]])
+            ghr = (np.concatenate([hr for _, _, hr in parts["decode"]])
+                   if all(hr is not None for _, _, hr in parts["decode"]) else None)
         else:
-            gen, gpos = np.full((0, L, k), -1, np.int16), np.zeros(0, np.int64)
+            gen, gpos, ghr = np.full((0, L, k), -1, np.int16), np.zeros(0, np.int64), None
         n_before = sum(len(p[1]) for p in prompts)
         allrows = np.concatenate([p[1] for p in prompts] + [gen]) if prompts or len(gen) else gen
-        out.append(SequenceData(s, prompts, gen, gpos, None, allrows, n_before))
+        out.append(SequenceData(s, prompts, gen, gpos, ghr, allrows, n_before))
     return out
 
 
@@ -394,20 +455,22 @@ def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int 
 
     from executor.geometry import REPO_ROOT
     from executor.validate import compare_row, repeat_median
-    from predictors.registry import make_predictor
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fresh = (lambda: copy.deepcopy(model)) if model is not None else (lambda: load_small_model(device)[0])
+    model_dir = None if model is not None else small_moe_dir()
     prompts = read_prompt_ids(ex.get("prompts") or REPO_ROOT / "data" / "small_moe" / "prompts.jsonl",
                               cfg.max_sequences or 4)
     inflight = cfg.prefetch.max_inflight_mib * (1 << 20) if cfg.prefetch.max_inflight_mib is not None else None
     new_tokens = cfg.max_decode_tokens if cfg.max_decode_tokens is not None else 32
 
+    artifact = live_artifact(cfg, model_dir)
+
     def one(prompts_=prompts, tokens: int = max(1, new_tokens + 1)):
         live = LiveOffload(fresh(), cache_capacity_bytes=None, cache_rate=cfg.cache.cache_rate,
                            cache_policy=cfg.cache.policy, cache_scope=cfg.cache.scope,
                            policy_params=cfg.cache.policy_params,
-                           predictor=make_predictor(cfg.prefetch.predictor, **cfg.prefetch.predictor_params),
+                           predictor=live_predictor(cfg, artifact),
                            distance=cfg.prefetch.distance, top_n=cfg.prefetch.top_n, max_inflight_bytes=inflight,
                            chunked_prefetch=cfg.chunked_prefetch, chunks=cfg.prefetch.chunks,
                            early_preemption=cfg.early_preemption, reordered_inference=cfg.reordered_inference,
@@ -420,18 +483,52 @@ def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int 
     one(prompts[:1], 2)  # warm-up, not timed
     (live, real), repeat_cols = repeat_median(one, repeats, device)
     capacity = live.rt.n_slots * live.meta.expert_bytes[0]
-    sim = simulate_live(cfg, profile, ex.get("geometry") or "small-moe", live.meta, sequences_for_simulator(live),
-                        capacity)
+    seqs, hidden = sequences_for_simulator(live)
+    sim = simulate_live(cfg, profile, ex.get("geometry") or "small-moe", live.meta, seqs, capacity, hidden,
+                        live.rt.prefetcher.predictor)
     return compare_row(real, sim, {"geometry_name": live.geom.name, "n_layers": live.meta.n_layers,
                                    "slab_slots": live.rt.n_slots, "capacity_bytes": capacity, "device": str(device),
-                                   "live_routing": routing_json(live), **repeat_cols})
+                                   "live_routing": routing_json(live), "live_hidden": hidden_blob(live),
+                                   "live_artifact": str(artifact) if artifact else None, **repeat_cols})
 
 
-def simulate_live(cfg, profile, name: str, meta, sequences, capacity_bytes: int) -> dict:
-    """The simulator on a live run's routing: both phases (a live run always prefills, then decodes), the
-    profile's live layer of model `name` in place of the dense stand-in (`live_profile`)."""
+def live_artifact(cfg, model_dir=None):
+    """The artifact of a live run's trainable predictor (learned_mlp, cross_layer, ...), which must have been fit on
+    a trace of the same model: `prefetch.artifact`, else `MODEL_DIR/predictors/NAME_dD.npz` beside the live model's
+    weights (executor/device_run.sh fits it there right after training the model); missing, the run is skipped.
+    None for a predictor that is not trained."""
+    from executor.replay import predictor_class
+    from sim.config import resolve_path
+
+    name, d = cfg.prefetch.predictor, cfg.prefetch.distance
+    if cfg.prefetch.artifact:
+        return resolve_path(cfg.prefetch.artifact, cfg.base_dir, field="prefetch.artifact", source=cfg.source_file)
+    if not getattr(predictor_class(name), "trainable", False):
+        return None
+    path = model_dir / "predictors" / f"{name}_d{d}.npz" if model_dir is not None else None
+    if path is None or not path.exists():
+        where = f"{path} is missing" if path is not None else "no small-moe model directory (SMALL_MOE_DIR)"
+        raise NotImplementedError(f"live {name} at d={d} needs an artifact fit on a trace of the live model "
+                                  f"({where}; set prefetch.artifact, or see executor/device_run.sh)")
+    return path
+
+
+def live_predictor(cfg, artifact=None):
+    """The run's predictor: loaded from `artifact` (live_artifact), else made from the config."""
+    from predictors.registry import make_predictor
+
+    if artifact is not None:
+        return make_predictor(cfg.prefetch.predictor, artifact=str(artifact))
+    return make_predictor(cfg.prefetch.predictor, **cfg.prefetch.predictor_params)
+
+
+def simulate_live(cfg, profile, name: str, meta, sequences, capacity_bytes: int, hidden=None,
+                  predictor=None) -> dict:
+    """The simulator on a live run's routing (and hidden states, for hidden-state predictors) with the run's own
+    predictor (`live_predictor`; made from the config when None): both phases (a live run always prefills, then
+    decodes), the profile's live layer of model `name` in place of the dense stand-in (`live_profile`)."""
     from executor.validate import simulate
 
-    setup = SimpleNamespace(meta=meta, sequences=sequences, trace=None)
+    setup = SimpleNamespace(meta=meta, sequences=sequences, trace=hidden, predictor=predictor)
     return simulate(cfg.model_copy(update={"phase": "both"}), setup, live_profile(profile, name, meta),
                     capacity_bytes)

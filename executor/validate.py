@@ -209,24 +209,43 @@ def repeat_median(run, n: int, device) -> tuple[tuple, dict]:
                     "real_probes": json.dumps(probes)}
 
 
-def resimulate_row(row: dict, run: dict, profile) -> dict:
+def keep_artifact(path: str, out: Path) -> str:
+    """A live run's predictor artifact copied into the report (`live-predictors/`, named by its content hash), so
+    that --resimulate finds it without the model's directory; returns the path relative to the report."""
+    import hashlib
+    import shutil
+
+    src = Path(path)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    rel = Path("live-predictors") / f"{src.stem}-{digest}{src.suffix}"
+    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+    if not (out / rel).exists():
+        shutil.copyfile(src, out / rel)
+    return str(rel)
+
+
+def resimulate_row(row: dict, run: dict, profile, out: Path) -> dict:
     """The row with its simulator side recomputed (same run config, trace, layers and slot capacity; the real side
-    untouched): the model or the profile changed since the real run. Live runs replay the routing they stored."""
+    untouched): the model or the profile changed since the real run. Live runs replay the routing (and hidden
+    states) they stored, with the predictor artifact kept in the report (`keep_artifact`)."""
     from executor.geometry import parse_geometry_overrides, resolve_geometry
     from executor.replay import prepare
 
     ex, cfg = split_run(run)
     geom = resolve_geometry(ex["geometry"], parse_geometry_overrides(ex.get("set_geometry")))
     if ex["mode"] == "live":
-        from executor.live import live_meta, sequences_from_routing, simulate_live
+        from executor.live import live_meta, live_predictor, sequences_from_routing, simulate_live
 
         blob = row.get("live_routing")
         if not isinstance(blob, str):
             raise TraceError("a live row without its routing (recorded before --resimulate existed)",
                              where=str(row.get("run_id")))
-        seqs = sequences_from_routing(blob)
+        seqs, hidden = sequences_from_routing(blob, row.get("live_hidden"))
         meta = live_meta(geom, int(row["n_layers"]), seqs[0].all.shape[2], str(ex["geometry"]))
-        sim = simulate_live(cfg, profile, str(ex["geometry"]), meta, seqs, int(row["capacity_bytes"]))
+        art = row.get("live_artifact")
+        predictor = live_predictor(cfg, out / art if isinstance(art, str) else None)
+        sim = simulate_live(cfg, profile, str(ex["geometry"]), meta, seqs, int(row["capacity_bytes"]), hidden,
+                            predictor)
     else:
         sim = simulate(cfg, prepare(cfg, geom, layers=ex.get("layers")), profile, int(row["capacity_bytes"]))
     real = {k[len("real_"):]: v for k, v in row.items() if k.startswith("real_")}
@@ -592,7 +611,7 @@ def main(argv=None) -> int:
                 if row["run_id"] not in by_id:
                     raise TraceError(f"run {row['run_id']} ({row.get('name')}) is not in {args.configs}",
                                      where="--resimulate")
-                rows[i] = resimulate_row(row, by_id[row["run_id"]], profile)
+                rows[i] = resimulate_row(row, by_id[row["run_id"]], profile, out)
         runs = []
     for i, run in enumerate(runs):
         ex, cfg = split_run(run)
@@ -618,6 +637,8 @@ def main(argv=None) -> int:
         except (TraceError, ValueError) as exc:  # FitError and configurations a mode refuses: record, go on
             print(f"error: run {ex['name']} ({ex['geometry']}, {ex['mode']}): {exc}", file=sys.stderr)
             row = {"status": "error", "error": str(exc)}
+        if row.get("live_artifact"):
+            row["live_artifact"] = keep_artifact(row["live_artifact"], out)
         rows.append({**base, **row, "wall_s": round(time.perf_counter() - t_run, 1)})
         df = pd.DataFrame(rows)
         atomic_write(results, lambda p, df=df: df.to_parquet(p, index=False))

@@ -104,12 +104,13 @@ def test_live_validation_run(tiny_model, tmp_path):
     assert row["real_ttft_ms"] is not None and row["real_tpot_ms"] is not None
     live = LiveOffload(copy.deepcopy(tiny_model), cache_rate=0.5)
     live.generate([[1, 2, 3]], 3)
-    seqs = sequences_for_simulator(live)
+    seqs, hidden = sequences_for_simulator(live)
+    assert hidden is None  # no hidden-state predictor: none kept
     assert len(seqs) == 1 and seqs[0].prompts[0][1].shape == (3, 3, 2) and seqs[0].gen.shape == (2, 3, 2)
     # the routing stored in a validation row gives the same sequences back (validate --resimulate)
     from executor.live import routing_json, sequences_from_routing
 
-    back = sequences_from_routing(routing_json(live))
+    back, _ = sequences_from_routing(routing_json(live))
     assert len(back) == 1 and np.array_equal(back[0].all, seqs[0].all) and np.array_equal(back[0].gen, seqs[0].gen)
     assert np.array_equal(back[0].gen_positions, seqs[0].gen_positions)
     assert isinstance(row.get("live_routing"), str)
@@ -137,3 +138,69 @@ def test_live_dense_table_and_its_use(tiny_model, tmp_path):
     cost.prepare(6)
     assert cost.dense_s[0][6] == pytest.approx(table["ms"][2] * 1e-3)
     assert live_profile(with_live, "other-model", live.meta) is with_live
+
+
+def test_live_learned_predictor_in_the_loop(tiny_model, tmp_path, monkeypatch):
+    """A learned_mlp fit on a trace recorded from the same model predicts from the live hidden states; the
+    simulator replays the states the run kept (float16, as the trace) and makes the same predictions, also later
+    from the validation row (validate --resimulate)."""
+    import json
+
+    from executor.calibrate import main as calibrate_main
+    from executor.live import live_predictor, run_live, sequences_from_routing, simulate_live
+    from predictors.train import main as train_main
+    from sim.config import build_config
+    from sim.hardware import load_profile
+    from traces.record import main as record_main
+
+    model_dir = tmp_path / "model"
+    tiny_model.save_pretrained(model_dir)
+    trace = tmp_path / "train-trace"
+    assert record_main(["--model", str(model_dir), "--out", str(trace), "--num-prompts", "24", "--prompt-len", "8",
+                        "--max-new-tokens", "8", "--hidden-states", "--seed", "3", "--quiet"]) == 0
+    art = tmp_path / "learned_mlp_d1.npz"
+    assert train_main([str(trace), "--predictor", "learned_mlp", "--distance", "1", "--split", "1.0", "--set",
+                       "epochs=3", "--out", str(art)]) == 0
+    prof = tmp_path / "cpu.yaml"
+    assert calibrate_main(["--out", str(prof), "--device", "cpu", "--repeats", "1", "--geometries", "tiny",
+                           "--predictors", "none"]) == 0
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"ids": p}) for p in ([1, 5, 9, 3], [7, 2, 2, 8, 4])) + "\n")
+    cfg = build_config({"trace": str(tmp_path), "max_sequences": 2, "max_decode_tokens": 4,
+                        "cache": {"policy": "lru", "cache_rate": 0.25},
+                        "prefetch": {"predictor": "learned_mlp", "distance": 1, "artifact": str(art)}})
+    profile = load_profile(str(prof))
+    # every prediction, keyed by what it was made from (layer, the hidden state's bytes)
+    from predictors.learned_mlp import LearnedMLPPredictor
+
+    calls: list = []
+    predict = LearnedMLPPredictor.predict
+
+    def logged(self, view, distance, future=None):
+        out = predict(self, view, distance, future)
+        calls.append(((view.layer, view.hidden.tobytes()), tuple(out.experts.tolist())))
+        return out
+
+    monkeypatch.setattr(LearnedMLPPredictor, "predict", logged)
+    row = run_live({"geometry": "small-moe", "prompts": str(prompts)}, cfg, profile, device="cpu",
+                   model=copy.deepcopy(tiny_model), repeats=1)
+    assert row["status"] == "ok" and isinstance(row["live_hidden"], str)
+    assert row["real_prefetches"] > 0 and row["real_lookups"] == row["sim_lookups"]
+    real = dict(calls)
+    calls.clear()
+    # the row alone gives the simulation back, the predictor seeing exactly the states the live run fed it
+    seqs, hidden = sequences_from_routing(row["live_routing"], row["live_hidden"])
+    meta = LiveOffload(copy.deepcopy(tiny_model)).meta
+    again = simulate_live(cfg, profile, "small-moe", meta, seqs, int(row["capacity_bytes"]), hidden,
+                          live_predictor(cfg, art))
+    assert again["prefetches"] == row["sim_prefetches"] and again["hits"] == row["sim_hits"]
+    sim = dict(calls)
+    assert len(sim) > 10 and all(real.get(k) == v for k, v in sim.items())
+    with pytest.raises(ValueError, match="hidden"):  # the predictor needs the states the row kept
+        simulate_live(cfg, profile, "small-moe", meta, seqs, int(row["capacity_bytes"]), None,
+                      live_predictor(cfg, art))
+    # a trainable predictor without an artifact is refused (the run is reported as skipped)
+    bare = build_config({**cfg.identity(), "prefetch": {"predictor": "learned_mlp", "distance": 1}})
+    with pytest.raises(NotImplementedError, match="artifact"):
+        run_live({"geometry": "small-moe", "prompts": str(prompts)}, bare, profile, device="cpu",
+                 model=copy.deepcopy(tiny_model), repeats=1)
