@@ -454,7 +454,7 @@ def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int 
     import copy
 
     from executor.geometry import REPO_ROOT
-    from executor.validate import compare_row, repeat_median
+    from executor.validate import batch_times, compare_row, repeat_median
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fresh = (lambda: copy.deepcopy(model)) if model is not None else (lambda: load_small_model(device)[0])
@@ -489,7 +489,8 @@ def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int 
     return compare_row(real, sim, {"geometry_name": live.geom.name, "n_layers": live.meta.n_layers,
                                    "slab_slots": live.rt.n_slots, "capacity_bytes": capacity, "device": str(device),
                                    "live_routing": routing_json(live), "live_hidden": hidden_blob(live),
-                                   "live_artifact": str(artifact) if artifact else None, **repeat_cols})
+                                   "live_artifact": str(artifact) if artifact else None,
+                                   "real_batch_ms": batch_times(live.rt), **repeat_cols})
 
 
 def live_artifact(cfg, model_dir=None):

@@ -182,7 +182,13 @@ def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget
     sim = simulate(cfg, setup, profile, capacity)
     return compare_row(real, sim, {"geometry_name": setup.geometry.name, "n_layers": setup.n_layers, **repeat_cols,
                                    "slab_slots": rt.n_slots, "capacity_bytes": capacity, "device": str(rt.device),
-                                   **pcie_floor(cfg, setup, profile, capacity)})
+                                   "real_batch_ms": batch_times(rt), **pcie_floor(cfg, setup, profile, capacity)})
+
+
+def batch_times(rt) -> str:
+    """The compared (median) run's time of each batch, ms, in run order (JSON): where along the run real and
+    simulated times part."""
+    return json.dumps([round(r["duration_ms"], 4) for r in rt.batch_rows])
 
 
 def repeat_median(run, n: int, device) -> tuple[tuple, dict]:
