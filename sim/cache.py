@@ -117,6 +117,10 @@ class ExpertCache:
         # that touch replaces the hit (Policy.touch_replaces_hit)
         self._on_hit_touched = [None if pol.touch_replaces_hit else hit
                                 for pol, hit in zip(self.policies, self._on_hit)]
+        # no lookup runs a hook (without, with `touched`): lookups of resident keys only count
+        no_lookup = all(h is None for h in self._on_lookup)
+        self._silent = (no_lookup and all(h is None for h in self._on_hit),
+                        no_lookup and all(h is None for h in self._on_hit_touched))
         self._admit = [pol.admit if type(pol).admit is not Policy.admit else None for pol in self.policies]
         # insert's per-layer constants, one tuple: (partition, expert bytes, partition capacity, admit hook,
         # policy, members)
@@ -224,13 +228,17 @@ class ExpertCache:
         (`sim.engine.decisions.touch_in_use_order`); where that touch replaces a hit
         (`Policy.touch_replaces_hit`: LRU) the hits run no hook. `resident`: the caller knows every key is
         resident; with no hook to run, only the statistics change then."""
-        if not keys:
-            return 0
         st = self.stats
+        n = len(keys)
+        if resident and self._silent[touched]:
+            st.lookups += n
+            st.hits += n
+            return n
+        if not n:
+            return 0
         p = keys[0][0] if self._per_layer else 0
         on_lookup = self._on_lookup[p]
         size = self._size
-        n = len(keys)
         on_hit = (self._on_hit_touched if touched else self._on_hit)[p]
         if on_lookup is None:
             misses = 0  # (counted instead of the hits: the rarer case)

@@ -345,6 +345,7 @@ class Simulation:
                     spans.append(("dense", layer, b, env._now + carry, d))
                 carry += d
                 if queue and queue[0][0] <= env._now + carry:  # something happens before the gate: let it happen first
+                    hold(())  # (the last layer's experts were held until here: nothing could evict them before)
                     sync(carry)
                     carry = 0.0
                 self.gated = (b, layer)
@@ -523,7 +524,6 @@ class Simulation:
                             touch(key)
                     else:
                         touch_in_use_order(hooks, resident, layer, ids, keys)
-                hold(())
             end = env._now + carry
             dur = end - start
             c.layer_steps += L
@@ -542,6 +542,7 @@ class Simulation:
                     "duration_ms": dur * 1e3, "stall_ms": (c.stall_s - stall0) * 1e3,
                     "lookups": c.lookups - look0, "hits": c.hits - hits0, "bytes_h2d_cum": link.bytes,
                 })
+        hold(())
         if carry:
             sync(carry)
         return
