@@ -129,7 +129,8 @@ class ExpertCache:
                              for la in range(n_layers) for p in [la if n_parts > 1 else 0]]
         # every valid key, for insert's range check (one hash lookup)
         self._valid = frozenset((la, e) for la in range(n_layers) for e in range(n_experts))
-        self._size: dict[Key, int] = {}  # all resident keys -> bytes
+        # all resident keys -> bytes (global scope: its one partition's members, the same dict)
+        self._size: dict[Key, int] = self._part_members[0] if n_parts == 1 else {}
         self._pins: dict[Key, int] = {}
         self._held: Sequence[Key] = ()  # the running layer's keys (hold)
         self._held_layer = -1
@@ -298,6 +299,7 @@ class ExpertCache:
         need = part_used[p] + size - cap
         victims: list[Key] = []
         st = self.stats
+        freed = 0
         if need > 0:
             order = policy.eviction_order()
             if order is not None:  # fast path: walk the policy's order, skip pinned and held keys
@@ -328,16 +330,17 @@ class ExpertCache:
                     victims.append(v)
                     need -= members[v]
             on_evict = policy.on_evict
-            freed = 0
             for v in victims:
-                freed += sizes.pop(v)
-                del members[v]
+                freed += members.pop(v)
                 on_evict(v)
-            part_used[p] -= freed
+            if members is not sizes:  # (per_layer scope)
+                for v in victims:
+                    del sizes[v]
             st.evictions += len(victims)
-        sizes[key] = size
         members[key] = size
-        part_used[p] += size
+        if members is not sizes:
+            sizes[key] = size
+        part_used[p] += size - freed
         st.insertions += 1
         st.bytes_inserted += size
         policy.on_insert(key)
@@ -347,8 +350,10 @@ class ExpertCache:
         return victims
 
     def _drop(self, key: Key, p: int) -> None:
-        size = self._size.pop(key)
-        del self._part_members[p][key]
+        members = self._part_members[p]
+        size = members.pop(key)
+        if members is not self._size:
+            del self._size[key]
         self._part_used[p] -= size
 
     def remove(self, key: Key) -> None:
