@@ -282,6 +282,7 @@ class Simulation:
         check = self.check
         spans = self.spans
         overlap_penalty = 2.0 - cost.overlap if cost.overlap < 1.0 else 1.0
+        penalized = overlap_penalty != 1.0
         group_s = cost.group_s  # per layer: a resident group's cost per expert, or None (sim.hardware)
         demand_host = cost.demand_host_s
         prefetch_host = cost.prefetch_host_s
@@ -429,7 +430,7 @@ class Simulation:
                 if local is None and spans is None:
                     # all resident at the gate, and held until its end: compute only (no
                     # event is processed meanwhile, so whether the link is busy does not change during the loop)
-                    pen = overlap_penalty if (overlap_penalty != 1.0 and link.n_busy) else 1.0
+                    pen = overlap_penalty if (penalized and link.n_busy) else 1.0
                     if cnt is None:  # one token: every expert takes it (a resident group when gs is measured)
                         x = (gs if gs is not None and n_ids > 1 else es[1]) * pen
                         for _ in ids:
@@ -463,7 +464,7 @@ class Simulation:
                     # compute_experts), the rest one by one below
                     n = leading_group(order, kt, ready, cnt, T)
                     if n:
-                        x = gs * overlap_penalty if (overlap_penalty != 1.0 and link.n_busy) else gs
+                        x = gs * overlap_penalty if (penalized and link.n_busy) else gs
                         if spans is not None:
                             spans.append(("expert", kt[order[0]], b, env._now + carry, n * x))
                         for _ in range(n):
@@ -472,38 +473,38 @@ class Simulation:
                 ks = kernel_s[layer]
                 for e in order:
                     key = kt[e]
-                    waited = 0.0
-                    if demand_host and key not in ready and key not in local and key not in inflight:
-                        carry += demand_host  # the host issues this demand load (profile: demand_transfer_host_us)
+                    tk = cnt[e] if cnt is not None else 1  # its tokens
+                    x = es[tk]
                     if key not in ready:
+                        if demand_host and key not in local and key not in inflight:
+                            carry += demand_host  # the host issues this demand load (demand_transfer_host_us)
                         vt = env._now + carry  # the GPU reaches this expert now
                         if carry and queue and queue[0][0] <= vt:  # let what happens before it happen first
                             sync(carry)
                             carry = 0.0
                             vt = env._now
-                    if key not in ready:
-                        t = local.get(key)
-                        if t is None:
-                            t = inflight.get(key)
-                        if t is None:  # not requested yet: the demand load starts when the stream gets here
-                            t = local[key] = self.start_transfer(key, speculative=False, at=vt)
-                        if not t.finished:  # it lands after vt: nothing is scheduled before vt
-                            if not t.high:
-                                link.upgrade(t, vt)
-                            wait(link.wait_event(t))
-                            waited = env._now - vt
-                            c.stall_s += waited
-                            carry = 0.0
+                        if key not in ready:
+                            t = local.get(key)
+                            if t is None:
+                                t = inflight.get(key)
+                            if t is None:  # not requested yet: the demand load starts when the stream gets here
+                                t = local[key] = self.start_transfer(key, speculative=False, at=vt)
+                            if not t.finished:  # it lands after vt: nothing is scheduled before vt
+                                if not t.high:
+                                    link.upgrade(t, vt)
+                                wait(link.wait_event(t))
+                                waited = env._now - vt
+                                c.stall_s += waited
+                                carry = 0.0
+                                if waited and ks is not None:
+                                    # its launches ran while the stream waited for the copy: the kernels, or what
+                                    # is left of the launches, remain (sim.hardware, kernel_ms)
+                                    k_ = ks[tk]
+                                    x = k_ if k_ > x - waited else x - waited
                     if check:
                         assert key in ready or (local.get(key) is not None and local[key].finished), \
                             f"expert {key} computed while not resident"
-                    x = es[cnt[e] if cnt is not None else 1]
-                    if waited and ks is not None:
-                        # its launches ran while the stream waited for the copy: the kernels, or what is left of
-                        # the launches, remain (sim.hardware, kernel_ms)
-                        k_ = ks[cnt[e] if cnt is not None else 1]
-                        x = k_ if k_ > x - waited else x - waited
-                    if overlap_penalty != 1.0 and link.n_busy:
+                    if penalized and link.n_busy:
                         x *= overlap_penalty
                     if spans is not None:
                         spans.append(("expert", key, b, env._now + carry, x))
