@@ -156,7 +156,8 @@ class Prefetcher:
         """Refresh the resident predicted experts and queue copies of the others (at `at`, the caller's own
         time when it runs ahead of the clock)."""
         eng = self.engine
-        if (batch_key, target) <= eng.gated:  # its layer already passed the gate: too late to matter
+        tgt = (batch_key, target)
+        if tgt <= eng.gated:  # its layer already passed the gate: too late to matter
             return
         hooks = self._touch_hooks
         if hooks is False:
@@ -174,4 +175,4 @@ class Prefetcher:
             elif key not in inflight:
                 if bound is not None and eng.link.pending_bytes + eng.cost.expert_bytes[target] > bound:
                     break
-                eng.start_transfer(key, speculative=True, target=(batch_key, target), at=at)
+                eng.start_transfer(key, speculative=True, target=tgt, at=at)
