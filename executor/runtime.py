@@ -413,9 +413,8 @@ class OffloadedRuntime:
         b = self._batch_index
         self.gated = (b, layer)
         keys = self._keys(layer, ids)
-        cache.hold(keys)
         missing = classify_lookups(layer, ids, ready, inflight, unused_pf, c, keys)
-        cache.lookup_layer(keys, self._touch_hooks is not None, missing is None)  # (touched in end_layer)
+        cache.lookup_layer(keys, self._touch_hooks is not None, missing is None)  # (holds them; touched in end_layer)
         local: dict = {}
         ep = self.early_preemption
         if ep:  # at every gate, miss or not (this layer's queued speculation is now exact or useless)

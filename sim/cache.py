@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from sim.policies import Key, Policy, make_policy
 
 SCOPES = ("global", "per_layer")
+_NOTHING_HELD = ((-1, -1),)  # what `hold(())` holds: a key of no layer
 
 
 @dataclass
@@ -132,8 +133,7 @@ class ExpertCache:
         # all resident keys -> bytes (global scope: its one partition's members, the same dict)
         self._size: dict[Key, int] = self._part_members[0] if n_parts == 1 else {}
         self._pins: dict[Key, int] = {}
-        self._held: Sequence[Key] = ()  # the running layer's keys (hold)
-        self._held_layer = -1
+        self._held: Sequence[Key] = _NOTHING_HELD  # the running layer's keys (hold)
         self.stats = CacheStats()
 
     # -- capacity helpers -----------------------------------------------------------------------------------
@@ -193,7 +193,8 @@ class ExpertCache:
 
     def is_pinned(self, key: Key) -> bool:
         """Pinned or held: not evictable."""
-        return key in self._pins or (key[0] == self._held_layer and key in self._held)
+        held = self._held
+        return key in self._pins or (key[0] == held[0][0] and key in held)
 
     def free_bytes(self, layer: int = 0) -> int:
         """Free bytes of the partition that holds `layer`'s experts (the whole cache in global scope)."""
@@ -222,13 +223,15 @@ class ExpertCache:
         return False
 
     def lookup_layer(self, keys: Sequence[Key], touched: bool = False, resident: bool = False) -> int:
-        """`lookup(key)` for each key of `keys` (keys of one layer), in that order: the same hooks in the same
-        order and the same statistics, in one call. Returns the number of hits.
+        """The gate of a layer: `lookup(key)` for each key of `keys` (keys of one layer), in that order (the same
+        hooks in the same order and the same statistics, in one call), and `hold(keys)`: the running layer's
+        experts. Returns the number of hits.
 
-        `touched`: the caller holds the keys (`hold`) and touches every one still resident at the layer's end
-        (`sim.engine.decisions.touch_in_use_order`); where that touch replaces a hit
-        (`Policy.touch_replaces_hit`: LRU) the hits run no hook. `resident`: the caller knows every key is
+        `touched`: the caller touches every key still resident at the layer's end
+        (`sim.engine.decisions.touch_in_use_order`) before it holds another layer; where that touch replaces a
+        hit (`Policy.touch_replaces_hit`: LRU) the hits run no hook. `resident`: the caller knows every key is
         resident; with no hook to run, only the statistics change then."""
+        self._held = keys if keys else _NOTHING_HELD  # (hold(keys), one call fewer)
         st = self.stats
         n = len(keys)
         if resident and self._silent[touched]:
@@ -304,9 +307,10 @@ class ExpertCache:
             order = policy.eviction_order()
             if order is not None:  # fast path: walk the policy's order, skip pinned and held keys
                 pins = self._pins
-                held_layer = self._held_layer
+                held = self._held
+                held_layer = held[0][0]
                 for v in order:
-                    if v in pins or (v[0] == held_layer and v in self._held):
+                    if v in pins or (v[0] == held_layer and v in held):
                         continue
                     victims.append(v)
                     need -= members[v]
@@ -372,10 +376,9 @@ class ExpertCache:
 
     def hold(self, keys: Sequence[Key]) -> None:
         """The running layer's experts (`keys`, all of one layer, distinct; `()`: none): not evictable until the
-        next `hold`. One call for the layer instead of a pin and an unpin per key: most layers insert nothing,
-        and the eviction walk tests the layer before the keys."""
-        self._held = keys
-        self._held_layer = keys[0][0] if keys else -1
+        next `hold` (or `lookup_layer`). One call for the layer instead of a pin and an unpin per key: most
+        layers insert nothing, and the eviction walk tests the layer before the keys."""
+        self._held = keys if keys else _NOTHING_HELD
 
     def unpin(self, key: Key) -> None:
         pins = self._pins

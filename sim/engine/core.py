@@ -353,9 +353,8 @@ class Simulation:
                 # -- the gate: lookups ---------------------------------------------------------------------------
                 kt = table[layer]
                 keys = [kt[e] for e in ids]
-                hold(keys)
                 missing = classify_lookups(layer, ids, ready, inflight, unused_pf, c, keys)
-                lookup_layer(keys, touched, missing is None)  # (ready: resident)
+                lookup_layer(keys, touched, missing is None)  # (and holds them; ready: resident)
                 n_ids = len(ids)
                 es = expert_s[layer]
                 cnt = dict(zip(ids, counts)) if counts is not None else None
