@@ -194,3 +194,27 @@ def test_invariants(ops, capacity, scope, policy):
         for layer in range(N_LAYERS):
             assert c.free_bytes(layer) >= 0
         assert c.stats.hits + c.stats.misses == c.stats.lookups
+
+
+def test_hold_and_lookup_layer():
+    """lookup_layer holds its layer's keys (not evictable) until the next hold; with `touched`, LRU skips the
+    hits' hook and the end-of-layer touch leaves the same order as hit-then-touch."""
+    def run(touched):
+        c = make(capacity=4, sizes=[1, 1, 1])
+        drive(c, [(0, 0), (0, 1), (1, 0), (1, 1)])
+        assert c.lookup_layer([(0, 1), (0, 0)], touched, True) == 2
+        assert c.is_pinned((0, 0)) and c.is_pinned((0, 1))
+        assert c.insert((2, 0)) == [(1, 0)]  # the held layer-0 keys are skipped
+        for k in [(0, 1), (0, 0)]:
+            c.touch(k)
+        c.hold(())
+        assert not c.is_pinned((0, 0))
+        assert (c.stats.hits, c.stats.lookups) == (2, 6)
+        return list(c.policies[0].eviction_order())
+    assert run(True) == run(False) == [(1, 1), (2, 0), (0, 1), (0, 0)]
+    c = make(capacity=2, sizes=[1, 1, 1])
+    drive(c, [(0, 0), (0, 1)])
+    c.hold([(0, 0), (0, 1)])
+    assert c.insert((1, 0)) is None
+    with pytest.raises(ValueError):
+        c.remove((0, 0))
