@@ -127,7 +127,7 @@ def layer_sets(experts: np.ndarray) -> list[tuple[list[int], list[int] | None]]:
     if T == 1:
         rows = experts[0]
         srt = np.sort(rows, axis=1)
-        if k > 1 and ((srt[:, 1:] == srt[:, :-1]).any() or (srt[:, 0] < 0).any()):
+        if k > 1 and (np.count_nonzero(srt[:, 1:] == srt[:, :-1]) or np.count_nonzero(srt[:, 0] < 0)):
             return [(list(dict.fromkeys(x for x in r if x >= 0)), None) for r in rows.tolist()]
         return [(r, None) for r in rows.tolist()]
     out = []
