@@ -358,7 +358,6 @@ class Simulation:
                 n_ids = len(ids)
                 es = expert_s[layer]
                 cnt = dict(zip(ids, counts)) if counts is not None else None
-                order = ids
                 local: dict | None = None
                 cpu_done = 0.0
                 vt = env._now + carry  # the gate time; nothing is scheduled before it (checked above)
@@ -439,7 +438,6 @@ class Simulation:
                     else:
                         for e in sorted(ids):
                             carry += es[cnt[e]] * pen
-                    order = ()
                     if direct is not None:
                         # What the scheduled issue would do, without its event: nothing is queued before `when` and
                         # this layer computes without touching the link or the cache, so the issue can run now with
@@ -455,64 +453,65 @@ class Simulation:
                             carry = 0.0
                         else:  # (ids: nothing was taken since the gate, so scheduling it now is the same)
                             pf.schedule(experts, target, b, when - env._now)
-                elif local is None:
-                    local = {}
-                    order = sorted(ids) if n_ids > 1 else ids
-                if gs is not None and order:
-                    # the leading experts resident now that take every token: one group (executor.runtime's
-                    # compute_experts), the rest one by one below
-                    n = leading_group(order, kt, ready, cnt, T)
-                    if n:
-                        x = gs * overlap_penalty if (penalized and link.n_busy) else gs
-                        if spans is not None:
-                            spans.append(("expert", kt[order[0]], b, env._now + carry, n * x))
-                        for _ in range(n):
-                            carry += x
-                        order = order[n:]
-                ks = kernel_s[layer]
-                for e in order:
-                    key = kt[e]
-                    tk = cnt[e] if cnt is not None else 1  # its tokens
-                    x = es[tk]
-                    if key not in ready:
-                        if demand_host and key not in local and key not in inflight:
-                            carry += demand_host  # the host issues this demand load (demand_transfer_host_us)
-                        vt = env._now + carry  # the GPU reaches this expert now
-                        if carry and queue and queue[0][0] <= vt:  # let what happens before it happen first
-                            sync(carry)
-                            carry = 0.0
-                            vt = env._now
+                else:  # (the per-expert loop below: some expert missing at the gate, or spans recorded)
+                    if local is None:
+                        local = {}
+                        order = sorted(ids) if n_ids > 1 else ids
+                    if gs is not None and order:
+                        # the leading experts resident now that take every token: one group (executor.runtime's
+                        # compute_experts), the rest one by one below
+                        n = leading_group(order, kt, ready, cnt, T)
+                        if n:
+                            x = gs * overlap_penalty if (penalized and link.n_busy) else gs
+                            if spans is not None:
+                                spans.append(("expert", kt[order[0]], b, env._now + carry, n * x))
+                            for _ in range(n):
+                                carry += x
+                            order = order[n:]
+                    ks = kernel_s[layer]
+                    for e in order:
+                        key = kt[e]
+                        tk = cnt[e] if cnt is not None else 1  # its tokens
+                        x = es[tk]
                         if key not in ready:
-                            t = local.get(key)
-                            if t is None:
-                                t = inflight.get(key)
-                            if t is None:  # not requested yet: the demand load starts when the stream gets here
-                                t = local[key] = self.start_transfer(key, speculative=False, at=vt)
-                            if not t.finished:  # it lands after vt: nothing is scheduled before vt
-                                if not t.high:
-                                    link.upgrade(t, vt)
-                                wait(link.wait_event(t))
-                                waited = env._now - vt
-                                c.stall_s += waited
+                            if demand_host and key not in local and key not in inflight:
+                                carry += demand_host  # the host issues this demand load (demand_transfer_host_us)
+                            vt = env._now + carry  # the GPU reaches this expert now
+                            if carry and queue and queue[0][0] <= vt:  # let what happens before it happen first
+                                sync(carry)
                                 carry = 0.0
-                                if waited and ks is not None:
-                                    # its launches ran while the stream waited for the copy: the kernels, or what
-                                    # is left of the launches, remain (sim.hardware, kernel_ms)
-                                    k_ = ks[tk]
-                                    x = k_ if k_ > x - waited else x - waited
-                    if check:
-                        assert key in ready or (local.get(key) is not None and local[key].finished), \
-                            f"expert {key} computed while not resident"
-                    if penalized and link.n_busy:
-                        x *= overlap_penalty
-                    if spans is not None:
-                        spans.append(("expert", key, b, env._now + carry, x))
-                    carry += x
-                if cpu_done:
-                    gpu_end = env._now + carry
-                    if cpu_done > gpu_end:
-                        c.stall_s += cpu_done - gpu_end
-                        carry = cpu_done - env._now
+                                vt = env._now
+                            if key not in ready:
+                                t = local.get(key)
+                                if t is None:
+                                    t = inflight.get(key)
+                                if t is None:  # not requested yet: the demand load starts when the stream gets here
+                                    t = local[key] = self.start_transfer(key, speculative=False, at=vt)
+                                if not t.finished:  # it lands after vt: nothing is scheduled before vt
+                                    if not t.high:
+                                        link.upgrade(t, vt)
+                                    wait(link.wait_event(t))
+                                    waited = env._now - vt
+                                    c.stall_s += waited
+                                    carry = 0.0
+                                    if waited and ks is not None:
+                                        # its launches ran while the stream waited for the copy: the kernels, or what
+                                        # is left of the launches, remain (sim.hardware, kernel_ms)
+                                        k_ = ks[tk]
+                                        x = k_ if k_ > x - waited else x - waited
+                        if check:
+                            assert key in ready or (local.get(key) is not None and local[key].finished), \
+                                f"expert {key} computed while not resident"
+                        if penalized and link.n_busy:
+                            x *= overlap_penalty
+                        if spans is not None:
+                            spans.append(("expert", key, b, env._now + carry, x))
+                        carry += x
+                    if cpu_done:
+                        gpu_end = env._now + carry
+                        if cpu_done > gpu_end:
+                            c.stall_s += cpu_done - gpu_end
+                            carry = cpu_done - env._now
                 if carry and pf is not None and pf.pending and pf.next_issue <= env._now + carry:
                     # a prediction issues (inserts, evicts) before this layer's end, while its experts are held
                     sync(carry)
