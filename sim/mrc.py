@@ -538,10 +538,10 @@ if HAVE_NUMBA:
         OL = S + NMAX + 2
         n = a.shape[0]
         c16 = np.zeros(NW + 16, np.int16)
-        words = np.zeros(NW, np.uint64)
+        words = np.zeros(NW + 1, np.uint64)  # words[NW]: the word of slot S, every key's slot before its first lookup
         c32 = np.empty(OL + NMAX, np.int32)
         c32[OH:OL] = 0
-        c32[OL:] = -1
+        c32[OL:] = S
         keys = np.empty(n + 1, np.uint32)
         for t in range(n):
             keys[t] = a[t] * mul + b[t]
@@ -551,27 +551,28 @@ if HAVE_NUMBA:
         words[0] = _ALL
         k = keys[0]
         p = np.int64(c32[np.uintp(OL + k)])
-        x = words[max(p, 0) >> 6]
+        x = words[np.uintp(p >> 6)]
         for t in range(n):
             c32[np.uintp(OL + k)] = cur
             c32[np.uintp(cur)] = k
             k2 = keys[t + 1]  # the next lookup, read before this one's writes below
             p2 = np.int64(c32[np.uintp(OL + k2)])
-            pw2 = max(p2, 0) >> 6
-            x2 = words[pw2]
-            if p >= 0:
+            pw2 = p2 >> 6
+            x2 = words[np.uintp(pw2)]  # indices unsigned: no negative-index wraparound code
+            if p != S:
                 pw = p >> 6
                 pb = pw >> _LWB
                 bit = _ONE << np.uint64(p & 63)
-                words[pw] = x ^ bit
-                h = live - np.int64(c16[OP2 + pb]) - np.int64(c16[pw]) - _pc(x & (bit - _ONE))
+                y = x ^ bit
+                words[np.uintp(pw)] = y
+                h = live - np.int64(c16[np.uintp(OP2 + pb)]) - np.int64(c16[np.uintp(pw)]) - _pc(x & (bit - _ONE))
                 c32[np.uintp(OH + h)] += 1
                 if out is not None:
                     out[t] = h
                 _dec_after(c16, pb << _LWB, pw & (_WB - 1))
                 _dec_after(c16, OP2, pb)
                 if pw2 == pw:
-                    x2 ^= bit
+                    x2 = y
             else:
                 live += 1
                 if out is not None:
@@ -587,7 +588,7 @@ if HAVE_NUMBA:
                         c16[OP2 + (cw >> _LWB)] = live
                     c16[cw] = live - c16[OP2 + (cw >> _LWB)]
                 p2 = np.int64(c32[np.uintp(OL + k2)])  # slots moved, or the new word's counts written
-                x2 = words[max(p2, 0) >> 6]
+                x2 = words[np.uintp(p2 >> 6)]
             p = p2
             x = x2
             k = k2
