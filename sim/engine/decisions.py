@@ -16,7 +16,6 @@ at the layer's end `touch_in_use_order` (recency = order of first use in the bat
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 
@@ -140,9 +139,6 @@ def touch_in_use_order(hooks: list[Callable], resident, layer: int, ids: list[in
     on_touch = hooks[layer]
     if keys is None:
         keys = [(layer, e) for e in ids]
-    if all(map(resident.__contains__, keys)):  # all resident (the common case): the calls run in C
-        deque(map(on_touch, keys), 0)
-        return
     for key in keys:
         if key in resident:
             on_touch(key)
