@@ -46,6 +46,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from traces.atomic import atomic_write
 from traces.errors import TraceError, run_cli
@@ -174,7 +175,8 @@ def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget
         if models is not None and models.get("key") != key:
             key = models.get("key")  # a new store: this run was its first
             return None
-        return rt, m
+        # what the row needs of the runtime, not the runtime: the repeats' slabs must not stay on the GPU together
+        return SimpleNamespace(n_slots=rt.n_slots, device=rt.device, batch_rows=rt.batch_rows), m
 
     n = prefill_repeats if cfg.phase == "prefill" else decode_repeats
     (rt, real), repeat_cols = repeat_median(one, n, device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -600,6 +602,7 @@ def main(argv=None) -> int:
     done: set[str] = set()
     if args.resume and results.exists():
         prev = pd.read_parquet(results)
+        prev = prev[prev["status"] != "error"]  # failed runs are run again
         rows = prev.to_dict("records")
         done = set(prev["run_id"])
     # runs of one geometry together, so the host store is built once per geometry (see replay.build_runtime)
