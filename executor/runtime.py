@@ -22,7 +22,8 @@ Per batch and layer, on the compute stream (the default CUDA stream, or the CPU)
    around the wait, or perf_counter on the CPU). Between these synchronisation points the host only launches
    resident experts' kernels, ahead of the GPU.
 
-Copies reserve their cache slot (and a slab slot) when enqueued and stay pinned until they land; a demand miss
+Copies reserve their cache slot (and a slab slot) when enqueued and are not evictable until they land (the cache
+reads `inflight`: `ExpertCache(busy=...)`); a demand miss
 the cache cannot hold is copied into a scratch buffer; a prefetch that cannot get a slot is skipped.
 `cpu_experts` (Fiddler-style CPU compute of a miss) is not implemented in the executor.
 
@@ -194,9 +195,10 @@ class OffloadedRuntime:
         future = None
         if policy_class(cache_policy).needs_future:
             future = demand_lookups(sequences, phase, batch_size)
+        self.inflight: dict = {}  # key -> Transfer (cached, queued or copying): not evictable
         self.cache = ExpertCache(n_layers=meta.n_layers, n_experts=meta.n_experts, expert_bytes=meta.expert_bytes,
                                  capacity_bytes=cache_capacity_bytes, scope=cache_scope, policy=cache_policy,
-                                 policy_params=policy_params, future=future)
+                                 policy_params=policy_params, future=future, busy=self.inflight)
         eb = meta.expert_bytes[0]
         n_parts = meta.n_layers if cache_scope == "per_layer" else 1
         self.n_slots = (cache_capacity_bytes // n_parts // eb) * n_parts
@@ -232,7 +234,6 @@ class OffloadedRuntime:
         self.keep_outputs = keep_outputs
         self.check = check
         self.ready: set = set()
-        self.inflight: dict = {}
         self.unused_pf: set = set()
         self.c = Counters()
         self.seq = 0
@@ -279,7 +280,6 @@ class OffloadedRuntime:
             cached = True
             if victims:
                 self._evicted(victims)
-            cache.pin(key)
             pool = self.slab
             owner = key
             if self.check:
@@ -313,9 +313,8 @@ class OffloadedRuntime:
         self._note_write(t)
         if t.cached and not t.dropped:
             key = t.key
-            del self.inflight[key]
+            del self.inflight[key]  # (evictable again)
             self.ready.add(key)
-            self.cache.unpin(key)
             if t.speculative and not t.used:
                 self.unused_pf.add(key)
 
@@ -324,7 +323,6 @@ class OffloadedRuntime:
             return
         if t.cached:
             del self.inflight[t.key]
-            self.cache.unpin(t.key)
             self.cache.remove(t.key)
             self._note_write(t)  # a chunk may still be landing in this slot: later copies into it wait for it
             self.slab.release(t.key)
@@ -403,7 +401,7 @@ class OffloadedRuntime:
                           self._batch_start, list(self.host_s))
 
     def gate(self, layer: int, ids: list[int]) -> tuple[list[int], dict]:
-        """The gate of `layer` (call after its dense part is enqueued): sync, reap, lookups, pins, early
+        """The gate of `layer` (call after its dense part is enqueued): sync, reap, lookups (held keys), early
         preemption, prefetch. Returns (compute order, demand transfers started here)."""
         cache, ready, inflight, unused_pf, c = self.cache, self.ready, self.inflight, self.unused_pf, self.c
         engine = self.engine
@@ -476,7 +474,7 @@ class OffloadedRuntime:
             pending = local.get(key) or self.inflight.get(key)
             if self.sync_misses and (pending is None or not pending.high):
                 self._sync_to_stream()
-            self._reap()  # copies that landed meanwhile release their pins (and may be this one) before an insert
+            self._reap()  # copies that landed meanwhile become evictable (and may be this one) before an insert
         if key in self.ready:
             pool, owner = self.slab, key
         else:

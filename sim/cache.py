@@ -11,7 +11,8 @@ Semantics (DESIGN.md):
   hit or a miss. It does not insert: on a miss the driver calls `insert(key)` (at once, or when a transfer is
   started, pinning it while the transfer is in flight).
 - pinned keys are never evicted (in-flight transfers). Pins are counted. The running layer's experts are held
-  instead (`hold`): never evicted either, one call for the whole layer.
+  instead (`hold`): never evicted either, one call for the whole layer. A driver may also hand over its own
+  live container of in-flight keys (`busy=`, e.g. its dict of copies): never evicted, no pin per copy.
 - `insert` either makes room and inserts, or changes nothing and returns None (nothing evictable / policy
   declines / key larger than its partition).
 - scope `global`: one budget and one policy instance over all layers; `per_layer`: the budget is split evenly
@@ -20,7 +21,7 @@ Semantics (DESIGN.md):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, KeysView, Sequence
+from collections.abc import Container, Iterator, KeysView, Sequence
 from dataclasses import asdict, dataclass
 
 from sim.policies import Key, Policy, make_policy
@@ -81,7 +82,10 @@ class ExpertCache:
         policy: str = "lru",
         policy_params: dict | None = None,
         future: Sequence[Key] | None = None,
+        busy: Container[Key] | None = None,
     ):
+        """`busy`: the driver's live container of keys being copied into their slots (not evictable, as pinned;
+        cheaper than a pin and an unpin per copy)."""
         if scope not in SCOPES:
             raise ValueError(f"cache scope must be one of {SCOPES}, got {scope!r}")
         if len(expert_bytes) != n_layers:
@@ -133,6 +137,7 @@ class ExpertCache:
         # all resident keys -> bytes (global scope: its one partition's members, the same dict)
         self._size: dict[Key, int] = self._part_members[0] if n_parts == 1 else {}
         self._pins: dict[Key, int] = {}
+        self._busy = busy
         self._held: Sequence[Key] = _NOTHING_HELD  # the running layer's keys (hold)
         self.stats = CacheStats()
 
@@ -194,7 +199,8 @@ class ExpertCache:
     def is_pinned(self, key: Key) -> bool:
         """Pinned or held: not evictable."""
         held = self._held
-        return key in self._pins or (key[0] == held[0][0] and key in held)
+        return (key in self._pins or (self._busy is not None and key in self._busy)
+                or (key[0] == held[0][0] and key in held))
 
     def free_bytes(self, layer: int = 0) -> int:
         """Free bytes of the partition that holds `layer`'s experts (the whole cache in global scope)."""
@@ -307,10 +313,11 @@ class ExpertCache:
             order = policy.eviction_order()
             if order is not None:  # fast path: walk the policy's order, skip pinned and held keys
                 pins = self._pins
+                busy = self._busy
                 held = self._held
                 held_layer = held[0][0]
                 for v in order:
-                    if v in pins or (v[0] == held_layer and v in held):
+                    if v in pins or (busy is not None and v in busy) or (v[0] == held_layer and v in held):
                         continue
                     victims.append(v)
                     need -= members[v]

@@ -24,7 +24,8 @@ Per batch and layer (the GPU stream, one SimPy process `gpu_stream`):
    expert that waited for its copy costs only max(kernel, its time - the wait) after it (its launches ran
    during the wait).
 
-Copies reserve their cache slot when enqueued (evicting then, per policy) and stay pinned until they land.
+Copies reserve their cache slot when enqueued (evicting then, per policy) and are not evictable until they land
+(the cache reads the engine's `inflight` dict: `ExpertCache(busy=...)`).
 A demand miss that cannot get a slot (capacity 0, or everything pinned) is streamed through a scratch buffer
 outside the cache budget; a prefetch that cannot get one is skipped. Prefetches target layers of the same
 batch only (l + d < n_layers).
@@ -146,11 +147,11 @@ class Simulation:
         future = None
         if policy_class(cache_policy).needs_future:
             future = demand_lookups(sequences, phase, batch_size)
+        self.inflight: dict = {}  # key -> Transfer (cached, queued or copying): not evictable
         self.cache = ExpertCache(n_layers=meta.n_layers, n_experts=meta.n_experts, expert_bytes=meta.expert_bytes,
                                  capacity_bytes=cache_capacity_bytes, scope=cache_scope, policy=cache_policy,
-                                 policy_params=policy_params, future=future)
+                                 policy_params=policy_params, future=future, busy=self.inflight)
         self.ready: set = set()  # cached and fully copied
-        self.inflight: dict = {}  # key -> Transfer (cached, queued or copying)
         self.unused_pf: set = set()  # landed prefetches not yet looked up
         self.c = Counters()
         self.chunks = chunks if chunked_prefetch else 1
@@ -204,7 +205,7 @@ class Simulation:
         """Reserve a slot (or stream) and queue the copy. `at`: the caller's own time if it runs ahead of the
         clock (see _gpu_stream); the link starts it then if an engine is idle."""
         cache = self.cache
-        victims = cache.insert(key, True)  # (pinned)
+        victims = cache.insert(key)  # (not evictable once in self.inflight, below)
         if victims is None:
             if speculative or background:
                 return None
@@ -238,9 +239,8 @@ class Simulation:
     def _landed(self, t: Transfer) -> None:
         if t.cached:
             key = t.key
-            del self.inflight[key]
+            del self.inflight[key]  # (evictable again)
             self.ready.add(key)
-            self.cache.unpin(key)
             if t.speculative and not t.used:
                 self.unused_pf.add(key)
         if t.done is not None:
@@ -250,7 +250,6 @@ class Simulation:
         self.link.drop(t, at)
         if t.cached:
             del self.inflight[t.key]
-            self.cache.unpin(t.key)
             self.cache.remove(t.key)
         self.c.n_prefetch_dropped += 1
         self.c.n_prefetch_unused += 1
