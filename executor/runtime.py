@@ -23,8 +23,8 @@ Per batch and layer, on the compute stream (the default CUDA stream, or the CPU)
    resident experts' kernels, ahead of the GPU.
 
 Copies reserve their cache slot (and a slab slot) when enqueued and are not evictable until they land (the cache
-reads `inflight`: `ExpertCache(busy=...)`); a demand miss
-the cache cannot hold is copied into a scratch buffer; a prefetch that cannot get a slot is skipped.
+reads `inflight`: `ExpertCache(busy=...)`); a demand miss the cache cannot hold is copied into a scratch buffer;
+a prefetch that cannot get a slot is skipped.
 `cpu_experts` (Fiddler-style CPU compute of a miss) is not implemented in the executor.
 
 Metrics: the simulator's names and definitions (`sim.engine.metrics.finalize`), from real time: per batch the
