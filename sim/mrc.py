@@ -30,8 +30,9 @@ Methods (the `method` key):
   semantics, plus one; in bytes their sizes plus its own size) in O(1) per lookup: a bitmap marks each key's latest
   slot, slots are compacted when used up (arrays bounded by the number of keys) and two levels of running counts
   (in experts each updated with one vector compare-and-add per lookup) answer "live slots after p" with one popcount
-  (numba when installed, plain Python with a Fenwick tree otherwise; same integers). In experts the kernel
-  returns the cumulative histogram, i.e. the hits at every capacity, directly.
+  (numba when installed, plain Python with a Fenwick tree otherwise; same integers; in experts in sequential
+  semantics up to 8192 keys a copy specialised per size class: `_seq_body`). In experts the kernel returns the
+  cumulative histogram, i.e. the hits at every capacity, directly.
   In bytes with unequal sizes (Gemma, Qwen3 here) the LRU content is always the longest prefix of the recency stack
   that fits, so the byte stack distance is exact for every capacity >= the largest expert (steps below that size
   are moved up to it).
