@@ -496,10 +496,11 @@ if HAVE_NUMBA:
     # Sequential semantics, up to _SEQ_MAX keys: the same slots and counts, specialised. The sizes are compile-time
     # constants (one compiled kernel per size class, _SEQ_CLASSES), the per-key and per-slot arrays share one int32
     # buffer and the per-word and per-block counts one int16 buffer at constant offsets (fewer live pointers: the
-    # loop no longer spills them), there are 4 slots per key (one compaction instead of four on the Qwen3 stream),
-    # and the next lookup's previous slot and bitmap word are read before this lookup's writes (the word fixed up in
-    # a register when it is the same), which takes the load-xor-store chain through memory off the critical path
-    # when consecutive lookups clear bits of one word. 1.2 to 1.3 times the speed of _lru_unit_nb on the Qwen3 stream.
+    # loop spills fewer of them), there are 2 to 2.7 slots per possible key (16384 for Qwen3's 6144 ids, 4.4 per key
+    # it looks up: one compaction instead of four), a key not looked up yet has slot S (a spare word: no sign test,
+    # unsigned indices), and the next lookup's previous slot and bitmap word are read before this lookup's writes
+    # (the word replaced in a register when it is the same). 1.25 to 1.4 times the speed of _lru_unit_nb on the
+    # Qwen3 stream (docs/simulator.md).
     _SEQ_CLASSES = ((1024, 2048), (8192, 16384))  # (most keys, slots): S >= 2 * keys, at most 16 blocks (P2 lanes)
 
     @numba.njit(inline="always")
