@@ -530,6 +530,10 @@ def simulate_live(cfg, profile, name: str, meta, sequences, capacity_bytes: int,
     decodes), the profile's live layer of model `name` in place of the dense stand-in (`live_profile`)."""
     from executor.validate import simulate
 
+    return simulate(*live_simulation_inputs(cfg, profile, name, meta, sequences, hidden, predictor), capacity_bytes)
+
+
+def live_simulation_inputs(cfg, profile, name: str, meta, sequences, hidden=None, predictor=None) -> tuple:
+    """(config, setup, profile) of `simulate_live`."""
     setup = SimpleNamespace(meta=meta, sequences=sequences, trace=hidden, predictor=predictor)
-    return simulate(cfg.model_copy(update={"phase": "both"}), setup, live_profile(profile, name, meta),
-                    capacity_bytes)
+    return cfg.model_copy(update={"phase": "both"}), setup, live_profile(profile, name, meta)

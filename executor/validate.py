@@ -121,6 +121,11 @@ def run_id(ex: dict, cfg) -> str:
 # -- one run -----------------------------------------------------------------------------------------------------
 def simulate(cfg, setup, profile, capacity_bytes: int) -> dict:
     """The simulator on exactly what the executor ran: meta, sequences (first N layers), capacity in whole slots."""
+    return build_simulation(cfg, setup, profile, capacity_bytes).run()
+
+
+def build_simulation(cfg, setup, profile, capacity_bytes: int, *, record: bool = False):
+    """`simulate`'s Simulation, not yet run (`record`: keep its per-batch rows, for executor.gap)."""
     from predictors.registry import make_predictor
     from sim.engine import Simulation
     from sim.hardware import CostModel
@@ -140,10 +145,10 @@ def simulate(cfg, setup, profile, capacity_bytes: int) -> dict:
                      chunked_prefetch=cfg.chunked_prefetch, chunks=cfg.prefetch.chunks,
                      early_preemption=cfg.early_preemption, reordered_inference=cfg.reordered_inference,
                      cpu_experts=cfg.cpu_experts,
-                     trace=setup.trace,
+                     trace=setup.trace, record=record,
                      warmup_batches=getattr(setup, "warmup_batches", cfg.warmup_batches),
                      predictor_blocking=True)  # the executor predicts on its host at the gate; the GPU waits
-    return sim.run()
+    return sim
 
 
 def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget=None, check=False,
@@ -236,29 +241,32 @@ def resimulate_row(row: dict, run: dict, profile, out: Path) -> dict:
     """The row with its simulator side recomputed (same run config, trace, layers and slot capacity; the real side
     untouched): the model or the profile changed since the real run. Live runs replay the routing (and hidden
     states) they stored, with the predictor artifact kept in the report (`keep_artifact`)."""
+    sim = simulate(*row_simulation_inputs(row, run, profile, out), int(row["capacity_bytes"]))
+    real = {k[len("real_"):]: v for k, v in row.items() if k.startswith("real_")}
+    new = compare_row(real, sim, {})
+    return {**row, **{k: v for k, v in new.items() if k.startswith(("sim_", "diff_"))}}
+
+
+def row_simulation_inputs(row: dict, run: dict, profile, out: Path) -> tuple:
+    """(config, setup, profile) the simulator side of a stored row runs on (`simulate`, `build_simulation`)."""
     from executor.geometry import parse_geometry_overrides, resolve_geometry
     from executor.replay import prepare
 
     ex, cfg = split_run(run)
     geom = resolve_geometry(ex["geometry"], parse_geometry_overrides(ex.get("set_geometry")))
-    if ex["mode"] == "live":
-        from executor.live import live_meta, live_predictor, sequences_from_routing, simulate_live
+    if ex["mode"] != "live":
+        return cfg, prepare(cfg, geom, layers=ex.get("layers")), profile
+    from executor.live import live_meta, live_predictor, live_simulation_inputs, sequences_from_routing
 
-        blob = row.get("live_routing")
-        if not isinstance(blob, str):
-            raise TraceError("a live row without its routing (recorded before --resimulate existed)",
-                             where=str(row.get("run_id")))
-        seqs, hidden = sequences_from_routing(blob, row.get("live_hidden"))
-        meta = live_meta(geom, int(row["n_layers"]), seqs[0].all.shape[2], str(ex["geometry"]))
-        art = row.get("live_artifact")
-        predictor = live_predictor(cfg, out / art if isinstance(art, str) else None)
-        sim = simulate_live(cfg, profile, str(ex["geometry"]), meta, seqs, int(row["capacity_bytes"]), hidden,
-                            predictor)
-    else:
-        sim = simulate(cfg, prepare(cfg, geom, layers=ex.get("layers")), profile, int(row["capacity_bytes"]))
-    real = {k[len("real_"):]: v for k, v in row.items() if k.startswith("real_")}
-    new = compare_row(real, sim, {})
-    return {**row, **{k: v for k, v in new.items() if k.startswith(("sim_", "diff_"))}}
+    blob = row.get("live_routing")
+    if not isinstance(blob, str):
+        raise TraceError("a live row without its routing (recorded before --resimulate existed)",
+                         where=str(row.get("run_id")))
+    seqs, hidden = sequences_from_routing(blob, row.get("live_hidden"))
+    meta = live_meta(geom, int(row["n_layers"]), seqs[0].all.shape[2], str(ex["geometry"]))
+    art = row.get("live_artifact")
+    predictor = live_predictor(cfg, out / art if isinstance(art, str) else None)
+    return live_simulation_inputs(cfg, profile, str(ex["geometry"]), meta, seqs, hidden, predictor)
 
 
 def compare_row(real: dict, sim: dict, extra: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -133,6 +134,31 @@ def test_validate_suite_report(tmp_path, profile_path):
     ok2 = slower["status"] == "ok"
     new, old = slower[ok2]["sim_ttft_ms"].values, df[ok2]["sim_ttft_ms"].values
     assert (new >= old - 1e-9).all() and (new > old).any()  # (prefetching hides the slower link in some runs)
+    # executor.gap: the per-batch gap of every run (its real batch times kept in the row: prompt, then 4 decode
+    # batches), fitted
+    from executor.gap import run_gaps
+
+    gaps = run_gaps(str(suite), str(profile_path), out)
+    done = df[df["status"] == "ok"]
+    assert {g["run_id"] for g in gaps} == set(done["run_id"])
+    for g in gaps:
+        real = json.loads(done[done["run_id"] == g["run_id"]]["real_batch_ms"].iloc[0])
+        assert g["batches"] == len(real) == 5 and g["real_ms"] == pytest.approx(np.mean(real))
+        assert g["gap_ms"] == pytest.approx(g["real_ms"] - g["sim_ms"]) and g["gap_sd_ms"] >= 0
+
+
+def test_batch_gap_fit():
+    """The fit recovers a known per-batch constant and per-miss cost."""
+    from executor.gap import batch_gap
+
+    misses = [0, 3, 1, 5, 2]
+    sim = [{"duration_ms": 1.0 + m, "lookups": 8, "hits": 8 - m} for m in misses]
+    real = [r["duration_ms"] + 0.4 + 0.05 * m for r, m in zip(sim, misses)]
+    fit = batch_gap([9.0] + real, sim, n_layers=4)  # a leading real batch the simulation lacks is left out
+    assert fit["batches"] == 5 and fit["per_batch_ms"] == pytest.approx(0.4)
+    assert fit["per_layer_us"] == pytest.approx(100) and fit["per_miss_us"] == pytest.approx(50)
+    assert fit["gap_sd_ms"] == pytest.approx(np.std([0.05 * m for m in misses]))
+    assert batch_gap([1.0, 2.0], sim[:2], 4) is None
 
 
 def test_suite_errors(tmp_path):
