@@ -425,7 +425,7 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
         host["issue_overhead_us_copy_thread"] = round(
             transfer_issue_overhead_us(geoms[0], device, table.seconds, busy=busy, backend="cuda-thread"), 3)
     overlap = measure_overlap(geoms[0], device, timer) if cuda else 1.0
-    transfer_host = {"demand_transfer_us": 0.0, "prefetch_transfer_us": 0.0}
+    transfer_host = {"demand_transfer_us": 0.0, "prefetch_transfer_us": 0.0, "prefetch_call_us": 0.0}
     if runtime_costs:
         g, rc = geoms[0], host[geoms[0].name]
         log(f"runtime transfer host costs: {g.name}")
@@ -458,6 +458,7 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
         "copy_compute_overlap": round(overlap, 3),
         "demand_transfer_host_us": transfer_host["demand_transfer_us"],
         "prefetch_transfer_host_us": transfer_host["prefetch_transfer_us"],
+        "prefetch_call_host_us": transfer_host["prefetch_call_us"],
     }
     if pageable_pts:
         prof["h2d"]["pageable"] = {"points": pageable_pts}

@@ -14,8 +14,10 @@ spends:
   - time(1)) / (K - 1) and base = time(1) - per_expert (one expert is never grouped); the group's cost per expert
   = (time(K, grouped) - base) / K.
 - `runtime_transfer_costs`: host time per demand load and per prefetch the runtime issues (cache insert, slot, the
-  copies and their events, the prefetcher's ranking), measured where it is spent (the runtime's perf_counter
-  accounting, `host_demand_issue_ms` / `host_prefetch_issue_ms`) in all-miss and all-prefetch cycle-trace runs.
+  copies and their events), measured where it is spent (the runtime's perf_counter accounting,
+  `host_demand_issue_ms` / `host_prefetch_issue_ms`) in all-miss and all-prefetch cycle-trace runs, and the
+  prefetcher's cost per call (ranking the prediction, refreshing what is resident) in an all-resident run where
+  every call issues nothing: a call's cost is then charged once per call, not spread over the copies it issues.
 - `transfer_issue_overhead_us`: the runtime's `TransferEngine` (CUDA backend: the main thread issues the copies,
   `lookahead` groups ahead) moving a queue of single-chunk expert copies back to back while the main thread
   launches expert kernels between pumps (as it does in a run): (wall time - bytes / table bandwidth) / groups.
@@ -102,25 +104,37 @@ def runtime_transfer_costs(geom, device, top_k: int, *, repeats: int = 5, n_laye
 
     - demand: every lookup misses (cycle trace over 2k experts, per-layer capacity k, LRU, no prefetch), so every
       expert is a demand load;
-    - prefetch: the same trace with the oracle predictor at distance 1, chunked (`chunks`), early preemption and
-      reordering (the validation suite's prefetching switches): every expert prefetched one layer ahead.
-    Medians over `repeats` runs of (host time issuing) / (transfers issued)."""
+    - call: the oracle predictor at distance 1 with the validation suite's prefetching switches (chunked by
+      `chunks`, early preemption, reordering) while every expert is resident: each call ranks k experts and
+      issues none, so (host time issuing) / calls is the prefetcher's cost per call;
+    - prefetch: the same switches on the demand run's cache: every expert prefetched one layer ahead, k per call;
+      per copy = (host time issuing - calls x the call cost) / prefetches.
+    Medians over `repeats` runs: demand_transfer_us, prefetch_call_us, prefetch_transfer_us (per copy) and
+    prefetch_issue_us (per copy with the call cost spread over the copies, what profiles held before the split)."""
     n_experts = 2 * top_k
     small = {"cache.scope": "per_layer", "cache.cache_rate": 0.5}
-    pf = {**small, "prefetch.predictor": "oracle", "prefetch.distance": 1, "prefetch.chunks": chunks,
-          "prefetch.max_inflight_mib": 512, "chunked_prefetch": True, "early_preemption": True,
-          "reordered_inference": True}
-    res = {}
-    for name, extra, host, count in (("demand", small, "host_demand_issue_ms", "demand_loads"),
-                                     ("prefetch", pf, "host_prefetch_issue_ms", "prefetches")):
-        per = []
-        for m in _decode_runs(geom, device, top_k, n_layers=n_layers, n_experts=n_experts, tokens=tokens,
-                              repeats=repeats, extra=extra, warm=2, lookahead=lookahead):
-            if not m[count]:
-                raise RuntimeError(f"calibration run issued no {name} transfers")
-            per.append(m[host] / m[count] * 1e3)
-        res[f"{name}_transfer_us"] = round(statistics.median(per), 3)
-    return res
+    switches = {"prefetch.predictor": "oracle", "prefetch.distance": 1, "prefetch.chunks": chunks,
+                "prefetch.max_inflight_mib": 512, "chunked_prefetch": True, "early_preemption": True,
+                "reordered_inference": True}
+    calls = tokens * (n_layers - 1)  # one call per gate with a layer at distance 1 (the measured batches)
+    kw = dict(n_layers=n_layers, n_experts=n_experts, tokens=tokens, repeats=repeats, lookahead=lookahead)
+
+    def runs(extra: dict, warm: int | None) -> list[dict]:
+        return _decode_runs(geom, device, top_k, extra=extra, warm=warm, **kw)
+
+    demand = [m["host_demand_issue_ms"] / m["demand_loads"] * 1e3 for m in runs(small, 2) if m["demand_loads"]]
+    idle = runs(switches, None)  # every expert resident after the warm-up: the calls issue nothing
+    if any(m["prefetches"] for m in idle):
+        raise RuntimeError("the all-resident calibration run issued prefetches")
+    call_us = statistics.median(m["host_prefetch_issue_ms"] / calls * 1e3 for m in idle)
+    full = [m for m in runs({**small, **switches}, 2) if m["prefetches"]]
+    if not demand or not full:
+        raise RuntimeError("calibration run issued no demand loads or no prefetches")
+    issue = statistics.median(m["host_prefetch_issue_ms"] / m["prefetches"] * 1e3 for m in full)
+    copy = statistics.median(max(0.0, m["host_prefetch_issue_ms"] * 1e3 - calls * call_us) / m["prefetches"]
+                             for m in full)
+    return {"demand_transfer_us": round(statistics.median(demand), 3), "prefetch_call_us": round(call_us, 3),
+            "prefetch_transfer_us": round(copy, 3), "prefetch_issue_us": round(issue, 3)}
 
 
 def runtime_layer_costs(geom, device, *, repeats: int = 5, n_layers: int = 4, tokens: int = 48) -> dict:

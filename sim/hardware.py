@@ -207,8 +207,13 @@ class HardwareProfile(_Strict):
         default=0.0, ge=0, description="compute-timeline (host) time per demand load issued: the executor's cache "
                                        "insert, slot and the copy's launch (its own accounting, host_demand_issue_ms)")
     prefetch_transfer_host_us: float = Field(
-        default=0.0, ge=0, description="the same per prefetch issued at the gate after the prediction, the "
-                                       "prefetcher's ranking included (host_prefetch_issue_ms)")
+        default=0.0, ge=0, description="the same per prefetch issued at the gate after the prediction (profiles "
+                                       "without prefetch_call_host_us: the prefetcher's ranking included, spread "
+                                       "over the copies of an all-miss run)")
+    prefetch_call_host_us: float = Field(
+        default=0.0, ge=0, description="compute-timeline (host) time of one prefetcher call that has a prediction "
+                                       "to issue, whether or not it issues a copy: ranking it and refreshing what "
+                                       "is resident (the executor's host_prefetch_issue_ms in an all-resident run)")
     live_dense_compute: list[DenseTable] | None = Field(
         default=None, description="per model run live by the executor (table name = its geometry name): the rest of "
                                   "a layer beside the experts (Hugging Face attention, norms, router, and the "
@@ -361,6 +366,7 @@ class CostModel:
         self.overlap = profile.copy_compute_overlap
         self.demand_host_s = profile.demand_transfer_host_us * 1e-6
         self.prefetch_host_s = profile.prefetch_transfer_host_us * 1e-6
+        self.prefetch_call_host_s = profile.prefetch_call_host_us * 1e-6
         self._max_tokens = 0
         self.expert_s: list[list[float]] = [[0.0] for _ in range(L)]
         self.dense_s: list[list[float]] = [[0.0] for _ in range(L)]

@@ -58,4 +58,11 @@ def test_transfer_cost_runs_miss_and_prefetch_as_intended():
     assert demand["hits"] == 0 and demand["demand_loads"] == demand["lookups"] > 0 and demand["prefetches"] == 0
     res = runtime_transfer_costs(geom, "cpu", 2, repeats=1, n_layers=2, tokens=6)
     # the runtime's own accounting of its host time per transfer issued
-    assert set(res) == {"demand_transfer_us", "prefetch_transfer_us"} and min(res.values()) > 0
+    assert set(res) == {"demand_transfer_us", "prefetch_call_us", "prefetch_transfer_us", "prefetch_issue_us"}
+    assert min(res.values()) > 0
+    # the per-call run: every expert resident, the oracle's calls rank the next layer's experts and issue nothing
+    idle = _decode_runs(geom, "cpu", 2, n_layers=2, n_experts=4, tokens=6, repeats=1,
+                        extra={"prefetch.predictor": "oracle", "prefetch.distance": 1, "chunked_prefetch": True})[0]
+    assert idle["prefetches"] == 0 and idle["misses"] == 0 and idle["host_prefetch_issue_ms"] > 0
+    # spreading the call over its copies gives the old per-copy figure, which is above the copy's own
+    assert res["prefetch_issue_us"] >= res["prefetch_transfer_us"]
