@@ -66,3 +66,15 @@ def test_transfer_cost_runs_miss_and_prefetch_as_intended():
     assert idle["prefetches"] == 0 and idle["misses"] == 0 and idle["host_prefetch_issue_ms"] > 0
     # spreading the call over its copies gives the old per-copy figure, which is above the copy's own
     assert res["prefetch_issue_us"] >= res["prefetch_transfer_us"]
+
+
+def test_predictor_cost_of_a_trained_hidden_state_predictor():
+    """calibrate times learned_mlp fit on the small-MoE trace (its hidden states), beside the plain ones; the
+    fallback for unmeasured predictors stays the dearest plain one."""
+    from executor.calibrate import measure_predictors
+    from executor.geometry import REPO_ROOT
+
+    cost = measure_predictors(["previous_token", "learned_mlp"], str(REPO_ROOT / "data" / "traces" / "qwen3-30b-a3b"),
+                              1, max_calls=30)
+    assert cost["learned_mlp"] > 0 and cost["previous_token"] > 0
+    assert cost["default"] == cost["previous_token"]
