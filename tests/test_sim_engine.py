@@ -85,6 +85,22 @@ def test_blocking_predictor_is_on_the_compute_timeline(tiny, blocking):
     assert m["bytes_h2d"] == 0
 
 
+def test_prefetch_call_cost_is_charged_once_per_call(tiny):
+    """Every expert resident: the oracle's calls issue no copy, yet each costs the profile's
+    prefetch_call_host_us on the compute timeline (the executor ranks and refreshes on its host at the gate)."""
+    meta = tiny.meta
+    call_us, d = 1000.0, 1
+    prof = load_profile("h200-quoted").model_copy(update={"prefetch_call_host_us": call_us})
+    sim = Simulation(meta, load_sequences(tiny, "both", None, None), CostModel(prof, meta),
+                     cache_capacity_bytes=meta.total_expert_bytes(), predictor=make_predictor("oracle"),
+                     distance=d, trace=tiny, check=True, predictor_blocking=True)
+    sim.warm((layer, e) for layer in range(meta.n_layers) for e in range(meta.n_experts))
+    m = sim.run()
+    compute, _ = analytic_parts(sim)
+    extra = m["batches"] * (meta.n_layers - d) * call_us * 1e-6
+    assert m["prefetches"] == 0 and m["total_ms"] == pytest.approx((compute + extra) * 1e3, rel=1e-9)
+
+
 @pytest.mark.parametrize("capacity", [0, EXPERT_BYTES - 1])
 def test_empty_cache_no_prefetch_is_sum_of_transfers_and_compute(tiny, capacity):
     sim = build(tiny, capacity_bytes=capacity)

@@ -285,6 +285,7 @@ class Simulation:
         group_s = cost.group_s  # per layer: a resident group's cost per expert, or None (sim.hardware)
         demand_host = cost.demand_host_s
         prefetch_host = cost.prefetch_host_s
+        prefetch_call = cost.prefetch_call_host_s  # per call with a prediction to issue (prefetch_call_host_us)
         blocking = self.predictor_blocking
         carry = 0.0
         queue = env._queue  # SimPy 4 internals: a heap of (time, priority, event id, event)
@@ -405,7 +406,7 @@ class Simulation:
                             carry = 0.0
                         n0 = c.prefetches
                         pf.issue(r[0], r[1], b, at=env._now + carry)
-                        carry += (c.prefetches - n0) * prefetch_host
+                        carry += prefetch_call + (c.prefetches - n0) * prefetch_host
                 elif pf is not None:
                     r = pf.predict_at_gate(layer, L)
                     if r is not None:
@@ -421,7 +422,7 @@ class Simulation:
                         else:
                             n0 = c.prefetches
                             pf.issue(experts, target, b, at=vt)
-                            carry += (c.prefetches - n0) * prefetch_host  # host cost of issuing them
+                            carry += prefetch_call + (c.prefetches - n0) * prefetch_host  # host cost of issuing
                 # -- the experts -------------------------------------------------------------------------------------
                 gs = group_s[layer]
                 if local is None and spans is None:
