@@ -379,12 +379,13 @@ def _sequences(history, L: int, k: int) -> list:
     row0 = 0
     for h in history:
         phase, seqs, pos, experts = h[:4]
-        has_hidden = len(h) > 4 and h[4] is not None
-        rows = np.arange(row0, row0 + len(pos), dtype=np.int64)
-        row0 += len(pos)
+        rows = None
+        if len(h) > 4 and h[4] is not None:  # (only batches with states count rows, as live_hidden stacks them)
+            rows = np.arange(row0, row0 + len(pos), dtype=np.int64)
+            row0 += len(pos)
         for s in sorted(set(seqs.tolist())):
             sel = seqs == s
-            hr = np.repeat(rows[sel][:, None], L, axis=1) if has_hidden else None
+            hr = np.repeat(rows[sel][:, None], L, axis=1) if rows is not None else None
             by_seq.setdefault(s, {"prefill": [], "decode": []})[phase].append((pos[sel], experts[sel], hr))
     out = []
     for s, parts in by_seq.items():
