@@ -526,9 +526,14 @@ def write_plots(df, out_dir: Path) -> list[str]:
 
 
 def pin_cpus(spec: str) -> None:
-    """Pin this process (and the threads it starts) to the CPUs of `spec` ("2", "2,3"); a clear error otherwise."""
+    """Pin the main thread (and the threads it starts later) to the CPUs of `spec` ("2", "2,3"); a clear error
+    otherwise. torch's CPU thread pool is started first, so its threads keep every core: pinned before it, the pool
+    inherited the one core and filling Qwen3's 54 GiB host store took over 430 s (session 5)."""
     import os
 
+    import torch
+
+    torch.empty(1 << 24).fill_(1.0).sum()  # (a parallel op: the pool's threads start now, with every core)
     try:
         cpus = {int(c) for c in spec.split(",") if c.strip()}
         os.sched_setaffinity(0, cpus)
