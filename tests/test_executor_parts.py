@@ -241,11 +241,12 @@ class _AsyncCopier:
 
     asynchronous = True
 
-    def __init__(self, delay=0.002):
+    def __init__(self, delay=0.002, gate=None):
         import queue
         import threading
 
         self.delay = delay
+        self.gate = gate  # a threading.Event: nothing lands before it is set (a test's submissions all queued)
         self.q = queue.Queue()
         self.order = []
         threading.Thread(target=self._stream, daemon=True).start()
@@ -255,6 +256,8 @@ class _AsyncCopier:
 
         while True:
             t, c0, c1, ev = self.q.get()
+            if self.gate is not None:
+                self.gate.wait()
             time.sleep(self.delay)
             a, b = t.ranges[c0][0], t.ranges[c1 - 1][1]
             t.dst[a:b].copy_(t.src[a:b])
@@ -287,13 +290,17 @@ def test_asynchronous_engine_semantics(lookahead, backend):
     """The CUDA backends' logic (groups completing later, lookahead, poll, wait returning the event) with a
     stand-in copier, issued from the main thread (`pump`: the `cuda` backend) or a worker (`cuda-thread`):
     everything lands, demand loads overtake queued prefetches, at most `lookahead` groups ahead."""
-    cp = _AsyncCopier()
+    import threading
+
+    gate = threading.Event()  # no group lands until every transfer is submitted (a loaded machine's main thread
+    cp = _AsyncCopier(gate=gate)  # can be descheduled longer than a group's delay between two submissions)
     eng = TransferEngine(backend, copier=cp, lookahead=lookahead)
     lows = [_t((0, i), high=False, seq=i) for i in range(4)]
     for t in lows:
         eng.submit(t)
     high = _t((1, 9), high=True, seq=9)
     eng.submit(high)
+    gate.set()
     ev = eng.wait(high)  # returns once all its chunks are on the "stream"
     assert ev is high.last_handle and high.all_enqueued
     ev.wait()
