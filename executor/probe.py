@@ -1,6 +1,6 @@
-"""A cheap look at the machine's state beside each real run: how fast the host runs Python and how fast the link
-copies right now. Repeated runs of one config vary (a median spread of 14-21 % on the H200 machine);
-recording these next to each repeat's time tells whether the host or the link moved, so the noise can be
+"""A cheap look at the machine's state beside each real run: how fast the host runs Python and launches kernels,
+how fast the GPU computes and the link copies right now. Repeated runs of one config vary (a median spread of
+12-21 % on the H200 machine); recording these next to each repeat's time tells what moved, so the noise can be
 attributed instead of guessed at."""
 
 from __future__ import annotations
@@ -32,13 +32,7 @@ def h2d_gbps(device) -> float | None:
         _PINNED[dev] = (torch.empty(PROBE_BYTES, dtype=torch.uint8, pin_memory=True),
                         torch.empty(PROBE_BYTES, dtype=torch.uint8, device=dev))
     src, dst = _PINNED[dev]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(dev)
-    start.record()
-    dst.copy_(src, non_blocking=True)
-    end.record()
-    end.synchronize()
-    return PROBE_BYTES / (start.elapsed_time(end) * 1e-3) / 1e9
+    return PROBE_BYTES / (_once_ms(dev, lambda: dst.copy_(src, non_blocking=True)) * 1e-3) / 1e9
 
 
 def launch_us(device, n: int = 200) -> float | None:
@@ -68,14 +62,19 @@ def gpu_us(device, n: int = 20, size: int = 2048) -> float | None:
     if dev.type != "cuda":
         return None
     a = torch.ones(size, size, dtype=torch.bfloat16, device=dev)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(dev)
-    start.record()
-    for _ in range(n):
-        torch.mm(a, a)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3
+
+    def products():
+        for _ in range(n):
+            torch.mm(a, a)
+
+    return _once_ms(dev, products) * 1e3
+
+
+def _once_ms(dev, fn) -> float:
+    """One timing of fn with CUDA events, no warm-up (a probe's state is the point): calibrate's Timer."""
+    from executor.calibrate import Timer
+
+    return Timer(dev, repeats=1, warmup=0).ms(fn)
 
 
 def cpu_steal_ms() -> float | None:
