@@ -562,8 +562,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-budget-gib", type=float, default=None)
     ap.add_argument("--machine", default=platform.node())
     ap.add_argument("--cpus", default=None, metavar="LIST",
-                    help="pin this process to these CPUs (e.g. 2 or 2,3; Linux): the host is what varies from one "
-                         "repeat to the next, and a pinned main thread is not moved between cores")
+                    help="pin the main thread to these CPUs (e.g. 2 or 2,3; Linux; torch's CPU pool keeps every core): "
+                         "the host is what varies from one repeat to the next, and a pinned main thread is not moved "
+                         "between cores")
     ap.add_argument("--lookahead", type=int, default=None,
                     help="chunk groups ahead on the copy stream (default: the profile's h2d.lookahead, which the "
                          "simulator models)")
