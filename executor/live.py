@@ -180,8 +180,7 @@ class LiveOffload:
         hidden = None
         if self._hidden_now:
             hidden = np.stack([self._hidden_now[layer] for layer in range(self.meta.n_layers)], axis=1)
-        self.history.append((b.phase, b.sequences, b.positions, b.experts,
-                             None if hidden is None else hidden.astype(np.float16)))
+        self.history.append((b.phase, b.sequences, b.positions, b.experts, hidden))
         self.rt.end_batch(b.phase, b.tokens, output)
         self._batch = None
 
@@ -196,8 +195,8 @@ class LiveOffload:
         T = hidden.shape[0]
         idx = top_k_index.detach().to("cpu").numpy().astype(np.int16)  # the host reads the routing here
         b.experts[:T, layer, :] = idx
-        if "hidden_states" in rt.prefetcher.predictor.needs:  # float16, as a trace stores it (module docstring)
-            self._hidden_now[layer] = hidden.detach().to(torch.float16).float().cpu().numpy()
+        if "hidden_states" in rt.prefetcher.predictor.needs:  # float16, as a trace stores it (module docstring);
+            self._hidden_now[layer] = hidden.detach().to(torch.float16).cpu().numpy()  # read as float32, as a trace
         ids = layer_sets(idx[:, None, :])[0][0]
         order, local = rt.gate(layer, ids)
         out = torch.zeros((T, idx.shape[1], hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
