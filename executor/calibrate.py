@@ -337,18 +337,25 @@ def measure_predictors(names, trace_path, repeats: int, max_calls: int = 400,
     from predictors.views import HiddenSource, iter_batches, load_sequences
     from traces.reader import Trace
 
+    loaded: dict[bool, tuple] = {}  # needs hidden states -> (trace, its sequences), each read once
+
+    def trace_for(hidden: bool) -> tuple:
+        if hidden not in loaded:
+            tr = Trace(hidden_trace_path or REPO_ROOT / "data" / "traces" / "small-moe-qwen3moe-e32k4"
+                       if hidden else trace_path)
+            loaded[hidden] = (tr, load_sequences(tr))
+        return loaded[hidden]
+
     out = {}
     for name in names:
         pred = make_predictor(name)
-        trace = Trace(trace_path)
         hidden = "hidden_states" in pred.needs
-        if hidden:
-            trace = Trace(hidden_trace_path or REPO_ROOT / "data" / "traces" / "small-moe-qwen3moe-e32k4")
-        seqs = load_sequences(trace)
+        trace, seqs = trace_for(hidden)
         if getattr(pred, "trainable", False):
             fast = {"epochs": 1, "max_rows": 2000} if name.startswith("learned_") else None
             pred, split = prepare(trace, name, 1, params=fast)
-            seqs = [s for s in seqs if s.sequence in set(split.eval)]
+            held = set(split.eval)
+            seqs = [s for s in seqs if s.sequence in held]
         seqs = seqs[:2]
         source = HiddenSource(trace) if hidden or trace.meta.has_router_weights else None
         pred.reset()
