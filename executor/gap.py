@@ -44,7 +44,7 @@ def batch_gap(real_ms: list[float], sim_rows: list[dict], n_layers: int) -> dict
 def run_gaps(suite: str, profile_path: str, out: Path, only: str | None = None) -> list[dict]:
     import pandas as pd
 
-    from executor.validate import build_simulation, load_suite, row_simulation_inputs, run_id, split_run
+    from executor.validate import build_simulation, load_suite, row_simulation_inputs, run_id, split_run, stored_run
     from sim.hardware import load_profile
 
     results = out / "results.parquet"
@@ -61,9 +61,7 @@ def run_gaps(suite: str, profile_path: str, out: Path, only: str | None = None) 
             continue
         if only and only not in str(row["name"]):
             continue
-        if row["run_id"] not in runs:
-            raise TraceError(f"run {row['run_id']} ({row.get('name')}) is not in {suite}")
-        cfg, setup, prof = row_simulation_inputs(row, runs[row["run_id"]], profile, out)
+        cfg, setup, prof = row_simulation_inputs(row, stored_run(row, runs, suite), profile, out)
         sim = build_simulation(cfg, setup, prof, int(row["capacity_bytes"]), record=True)
         sim.run()
         fit = batch_gap(json.loads(row["real_batch_ms"]), sim.batch_rows, int(row["n_layers"]))

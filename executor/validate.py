@@ -237,6 +237,13 @@ def keep_artifact(path: str, out: Path) -> str:
     return str(rel)
 
 
+def stored_run(row: dict, by_id: dict, suite, where: str | None = None) -> dict:
+    """The suite run (by run id) a stored report row came from, or an error naming the row and the suite."""
+    if row["run_id"] not in by_id:
+        raise TraceError(f"run {row['run_id']} ({row.get('name')}) is not in {suite}", where=where)
+    return by_id[row["run_id"]]
+
+
 def resimulate_row(row: dict, run: dict, profile, out: Path) -> dict:
     """The row with its simulator side recomputed (same run config, trace, layers and slot capacity; the real side
     untouched): the model or the profile changed since the real run. Live runs replay the routing (and hidden
@@ -631,10 +638,7 @@ def main(argv=None) -> int:
             for i, row in enumerate(rows):
                 if row.get("status") != "ok":
                     continue
-                if row["run_id"] not in by_id:
-                    raise TraceError(f"run {row['run_id']} ({row.get('name')}) is not in {args.configs}",
-                                     where="--resimulate")
-                rows[i] = resimulate_row(row, by_id[row["run_id"]], profile, out)
+                rows[i] = resimulate_row(row, stored_run(row, by_id, args.configs, "--resimulate"), profile, out)
         runs = []
     for i, run in enumerate(runs):
         ex, cfg = split_run(run)
