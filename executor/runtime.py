@@ -65,6 +65,8 @@ from traces.format import TraceMeta
 
 HOST_METRICS = ("host_predict_ms", "host_prefetch_issue_ms", "host_demand_issue_ms", "host_sync_wait_ms",
                 "host_copy_wait_ms", "host_expert_launch_ms")
+# their places in OffloadedRuntime.host_s
+_PREDICT, _PREFETCH_ISSUE, _DEMAND_ISSUE, _SYNC_WAIT, _COPY_WAIT, _EXPERT_LAUNCH = range(len(HOST_METRICS))
 
 
 class _Clock:
@@ -299,7 +301,7 @@ class OffloadedRuntime:
             self.c.demand_loads += 1
         self.engine.submit(t)
         if not speculative:  # (a prefetch's host time is counted around the prefetcher's whole issue, in predict)
-            self.host_s[2] += time.perf_counter() - t0
+            self.host_s[_DEMAND_ISSUE] += time.perf_counter() - t0
         return t
 
     def _reap(self) -> None:
@@ -443,7 +445,7 @@ class OffloadedRuntime:
             ev = self.clock.event()
             self.engine.feed_until(ev.query)
             ev.synchronize()
-            self.host_s[3] += time.perf_counter() - t0
+            self.host_s[_SYNC_WAIT] += time.perf_counter() - t0
 
     def predict(self, layer: int) -> None:
         """The simulator's prefetcher at this layer's gate: observe, predict layer + d, issue. Its CPU time is real
@@ -454,10 +456,10 @@ class OffloadedRuntime:
         r = pf.predict_at_gate(layer, self.L)
         t1 = time.perf_counter()
         host = self.host_s
-        host[0] += t1 - t0
+        host[_PREDICT] += t1 - t0
         if r is not None:
             pf.issue(r[0], r[1], self._batch_index)
-            host[1] += time.perf_counter() - t1
+            host[_PREFETCH_ISSUE] += time.perf_counter() - t1
 
     def expert_buffer(self, layer: int, e: int, local: dict) -> tuple[object, SlotPool, int]:
         """The matrices (`SlotPool.matrices`) of the slot holding expert (layer, e), its pool and slot, waiting for
@@ -490,7 +492,7 @@ class OffloadedRuntime:
                     m0 = self.clock.mark()
                     w0 = time.perf_counter()
                     ev = engine.wait(t)
-                    self.host_s[4] += time.perf_counter() - w0
+                    self.host_s[_COPY_WAIT] += time.perf_counter() - w0
                     self.clock.stream.wait_event(ev)
                     self._stall_marks.append((m0, self.clock.mark()))
                 else:
@@ -500,7 +502,7 @@ class OffloadedRuntime:
                         engine.copier.wait(ev)
                     waited = time.perf_counter() - m0
                     self._stall_host_s += waited
-                    self.host_s[4] += waited
+                    self.host_s[_COPY_WAIT] += waited
             self._reap()  # (cuda: t may still be copying; the stream waits on its event)
             if t.cached:
                 pool, owner = self.slab, key
@@ -536,7 +538,7 @@ class OffloadedRuntime:
                     self.checks["computed_resident_checks"] += n
                 t0 = time.perf_counter()
                 model.experts_into(out2d, slab, slots, h, [rows[e] for e in order[:n]])
-                self.host_s[5] += time.perf_counter() - t0
+                self.host_s[_EXPERT_LAUNCH] += time.perf_counter() - t0
                 self.grouped_experts += n
                 self._layer_reads.extend((slab, s) for s in slots)
                 self.engine.pump(self.pump_per_expert * n)
@@ -547,7 +549,7 @@ class OffloadedRuntime:
             mats, pool, slot = self.expert_buffer(layer, e, local)
             t0 = time.perf_counter()
             model.expert_into(out2d, mats, h, rows[e])
-            host[5] += time.perf_counter() - t0
+            host[_EXPERT_LAUNCH] += time.perf_counter() - t0
             self.expert_done(pool, slot)
 
     def expert_done(self, pool: SlotPool, slot: int) -> None:
