@@ -67,9 +67,9 @@ class Timer:
         self.repeats = repeats
         self.warmup = warmup
 
-    def ms(self, fn, stream=None, queued: bool = False) -> float:
+    def ms(self, fn, stream=None, queued: bool = False, before=None) -> float:
         """`queued`: the start event and fn's work are queued behind a GPU sleep, so the events time the GPU's
-        work alone (not the host's launch of it)."""
+        work alone (not the host's launch of it). `before`: called untimed before each timed call."""
         torch = self.torch
         for _ in range(self.warmup):
             fn()
@@ -77,6 +77,8 @@ class Timer:
             torch.cuda.synchronize()
         out = []
         for _ in range(self.repeats):
+            if before is not None:
+                before()
             if self.cuda:
                 s = torch.cuda.Event(enable_timing=True)
                 e = torch.cuda.Event(enable_timing=True)
@@ -306,21 +308,14 @@ def measure_overlap(geom, device, timer: Timer) -> float:
     src = torch.empty(size, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(size, dtype=torch.uint8, device=device)
     s = torch.cuda.Stream()
-    times = []
-    for _ in range(timer.repeats):
+
+    def start_copy():
         torch.cuda.synchronize()
         with torch.cuda.stream(s):
-            dst.copy_(src, non_blocking=True)  # ~20 ms at 55 GB/s: longer than the compute below
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(QUEUE_SLEEP_CYCLES)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-        torch.cuda.current_stream().wait_stream(s)
-    concurrent = statistics.median(times)
+            dst.copy_(src, non_blocking=True)  # ~20 ms at 55 GB/s: longer than the compute timed after it
+
+    concurrent = timer.ms(fn, queued=True, before=start_copy)
+    torch.cuda.synchronize()  # (the last copy, before its buffers go)
     return float(min(1.0, max(0.0, 2.0 - concurrent / alone)))
 
 
@@ -346,7 +341,7 @@ def measure_predictors(names, trace_path, repeats: int, max_calls: int = 400,
             loaded[hidden] = (tr, load_sequences(tr))
         return loaded[hidden]
 
-    out = {}
+    out, plain = {}, []
     for name in names:
         pred = make_predictor(name)
         hidden = "hidden_states" in pred.needs
@@ -373,8 +368,9 @@ def measure_predictors(names, trace_path, repeats: int, max_calls: int = 400,
             if len(times) >= max_calls:
                 break
         out[name] = round(statistics.median(times) * 1e6, 2) if times else 0.0
+        if not hidden:
+            plain.append(out[name])
     # the fallback for predictors not measured: the dearest of those that read no hidden states
-    plain = [v for k, v in out.items() if "hidden_states" not in make_predictor(k).needs]
     out["default"] = max(plain or out.values()) if out else 0.0
     return out
 
