@@ -84,17 +84,16 @@ for l in sys.stdin:
       cp build/small_moe_model/train_report.json "$OUT/" 2>/dev/null
       [ -n "$BENCH_PID" ] && wait $BENCH_PID
       # the live ProMoE label's learned_mlp (d = 2), fit on a trace of this very model (executor.live.live_artifact
-      # reads it from the model's directory); the fit settings are traces/small_moe/device_predictors.sh's MLP_SETS
+      # reads it from the model's directory), with the small MoE's GPU fit settings (MLP_SETS)
       if wait $PROMPTS_PID; then
         python3 -m traces.record --model build/small_moe_model --prompts /tmp/live_prompts.jsonl \
           --max-prompts ${LIVE_PROMPTS:-2048} --max-prompt-tokens 24 --max-new-tokens 64 --batch-size 1024 \
           --temperature 0.8 --seed 1 --hidden-states --device cuda --name small-moe-live-train --out /tmp/live-train \
           --json 2>&1 | grep -v "Loading weights" | tail -n 2 | tee "$OUT/live_fit.log"
         mkdir -p build/small_moe_model/predictors
+        . traces/small_moe/fit_settings.sh
         python3 -m predictors.train /tmp/live-train --predictor learned_mlp --distance 2 --split 1.0 --set device=cuda \
-          --set batch_size=4096 --set lr=0.003 --set epochs=40 --set patience=6 --set schedule=cosine --set warmup=1 \
-          --set dropout=0.1 --set skip=true --set max_units=1536 --set max_rows=100000000 \
-          --out build/small_moe_model/predictors/learned_mlp_d2.npz 2>&1 | tail -n 2 | tee -a "$OUT/live_fit.log"
+          $MLP_SETS --out build/small_moe_model/predictors/learned_mlp_d2.npz 2>&1 | tail -n 2 | tee -a "$OUT/live_fit.log"
       fi
     fi
     [ -d build/small_moe_model ] && export SMALL_MOE_DIR=${SMALL_MOE_DIR:-build/small_moe_model}

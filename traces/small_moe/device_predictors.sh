@@ -40,8 +40,7 @@ N_TRAIN=${N_TRAIN:-8192}           # training prompts offered (the recording sto
 TRAIN_BATCH=${TRAIN_BATCH:-1024}   # sequences per recording batch
 TRAIN_NEW_TOKENS=${TRAIN_NEW_TOKENS:-128}
 PROMPTS=${PROMPTS:-/tmp/train_prompts.jsonl}   # made beside the model's training (CPU), unless it exists
-MLP_SETS=${MLP_SETS:-"--set batch_size=4096 --set lr=0.003 --set epochs=40 --set patience=6 --set schedule=cosine --set warmup=1 --set dropout=0.1 --set skip=true --set max_units=1536 --set max_rows=100000000"}
-HIST_SETS=${HIST_SETS:-"--set batch_size=4096 --set lr=0.003 --set epochs=40 --set patience=6 --set schedule=cosine --set warmup=1"}
+. traces/small_moe/fit_settings.sh   # MLP_SETS, HIST_SETS
 TRAIN_TRACE=/tmp/train-trace
 EVAL_TRACE=/tmp/$NAME
 ART=/tmp/artifacts/$NAME           # predictors.report --artifacts /tmp/artifacts layout
