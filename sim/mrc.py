@@ -505,7 +505,9 @@ if HAVE_NUMBA:
 
     @numba.njit(inline="always")
     def _seq_compact(words, c16, c32, cur, S, NMAX):  # pragma: no cover - compiled
-        """_compact_unit on the shared buffers (skey = c32[0:S], last = c32[S + NMAX + 2:])."""
+        """_compact_unit on the shared buffers (skey = c32[0:S], last = c32[S + NMAX + 2:]), written out at constant
+        offsets: calling _compact_unit on views of the buffers made the whole kernel about 1.4 times slower
+        (186 -> 252-298 us on the Qwen3 stream), though compaction itself runs once."""
         NW = S >> 6
         OL = S + NMAX + 2
         if cur & 63:
