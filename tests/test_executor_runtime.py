@@ -212,9 +212,9 @@ def _instant_profile(tmp_path):
     raw["name"] = "instant-link"
     # the executor's predictor cost is real time and its prediction is issued at the gate, before the experts
     raw["predictor_cost_us"] = {"default": 0.0}
-    # and no host time per copy: the pump backend issues and lands a copy at once
+    # and no host time per copy or per prefetcher call: the pump backend issues and lands a copy at once
     raw["h2d"]["issue_overhead_us"] = 0.0
-    raw["demand_transfer_host_us"] = raw["prefetch_transfer_host_us"] = 0.0
+    raw["demand_transfer_host_us"] = raw["prefetch_transfer_host_us"] = raw["prefetch_call_host_us"] = 0.0
     path = tmp_path / "instant.yaml"
     path.write_text(yaml.safe_dump(raw))
     return load_profile(str(path))
