@@ -56,7 +56,8 @@ from traces.format import format_validation_error
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # bump when the model changes in a way that invalidates stored sweep results
 # (2: the engine touches a layer's experts in first-occurrence order at its end: LRU recency = order of first use)
-SIM_VERSION = 2
+# (3: a high-priority chunked copy pays the per-group issue overhead once, as the executor issues it as one group)
+SIM_VERSION = 3
 
 OUTPUT_KEYS = ("timeline", "chrome_trace")
 

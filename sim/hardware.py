@@ -335,6 +335,7 @@ class CostModel:
         L = meta.n_layers
         self.expert_bytes = [int(b) for b in meta.expert_bytes]
         issue = profile.h2d.issue_overhead_us * 1e-6
+        self.issue_s = issue  # link time lost per chunk group (in each chunk's time; sim.engine.link)
         self.xfer_s = [link.seconds(b) + issue for b in self.expert_bytes]  # one expert in one piece (one group)
         self.chunks = max(1, int(chunks))
         over = profile.h2d.chunk_overhead_us * 1e-6

@@ -294,6 +294,36 @@ def test_link_lookahead_commits_chunks_ahead_of_a_demand_load():
     assert _link_landings(3) == {"prefetch": 3.0, "demand": 4.0}
 
 
+def _group_landing(high: bool, upgrade_at: float | None = None) -> float:
+    """One transfer of 3 chunks of 1 s each, 0.25 s of which is the issue overhead of a chunk group; its landing."""
+    import simpy
+
+    from sim.engine.link import Link, Transfer
+
+    env = simpy.Environment()
+    landed = []
+    link = Link(env, 1, lambda t: landed.append(env.now), issue_s=0.25)
+    t = Transfer((0, 0), 300, 3, 1.0, high, not high, True, 0)
+    link.submit(t)
+    if upgrade_at is not None:
+        def up():
+            yield env.timeout(upgrade_at)
+            link.upgrade(t)
+
+        env.process(up())
+    env.run()
+    return landed[0]
+
+
+def test_link_issue_overhead_once_per_chunk_group():
+    # the executor (executor.transfer) hands a demand load's chunks to the copy stream as one group and a
+    # prefetch's one chunk at a time; h2d.issue_overhead_us is link time lost per chunk group
+    assert _group_landing(high=False) == 3.0  # three groups: three issue overheads
+    assert _group_landing(high=True) == 2.5  # one group: one issue overhead (3 x 1 - 2 x 0.25)
+    # a prefetch upgraded while its first chunk moves: that chunk lands at 1, the other two go as one group
+    assert _group_landing(high=False, upgrade_at=0.5) == 2.75
+
+
 def test_profile_lookahead_default_and_validation(tiny, tmp_path):
     import yaml
 

@@ -168,7 +168,8 @@ class Simulation:
         self.spans: list | None = [] if record else None
         self.link_spans: list | None = [] if record else None
         self.batch_rows: list | None = [] if record else None
-        self.link = Link(self.env, cost.copy_engines, self._landed, self.link_spans, lookahead=cost.lookahead)
+        self.link = Link(self.env, cost.copy_engines, self._landed, self.link_spans, lookahead=cost.lookahead,
+                         issue_s=cost.issue_s)
         self.seq = 0
         self.gated = (-1, -1)
         predictor.reset()

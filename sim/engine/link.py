@@ -9,6 +9,12 @@
   piece only; when that piece has fewer left, it simply completes, and chunks the stream would have committed of
   the next transfer in pick order are not modelled (the waiting demand load goes next). L = 1 is the exact
   chunk-by-chunk model.
+- Chunk groups: the executor hands a high-priority transfer's remaining chunks to its copy stream as one group
+  and a low-priority one's one chunk at a time (executor.transfer), and the profile's `h2d.issue_overhead_us`
+  (link time lost per chunk group, `issue_s`) is in every chunk's time (`Transfer.chunk_s`). A piece started at
+  high priority is one group: it pays the issue overhead once, k chunks cost k * chunk_s - (k - 1) * issue_s.
+  A low-priority piece upgraded while it moves is cut (its chunk in flight and committed ones finish) so that
+  its rest goes as one high group, as in the executor.
 - For speed a copy engine moves all remaining chunks of a transfer with one event (a "piece"); when a demand
   load must not wait behind it, the engine is interrupted (an urgent event at the request) and stops at the
   end of the chunk in flight (exactly what chunk-by-chunk copying gives). One event per piece, none per chunk,
@@ -88,11 +94,13 @@ class Transfer:
 class Link:
     """H2D copy engines. `on_complete(transfer)` is called when the last chunk of a live transfer lands."""
 
-    def __init__(self, env: simpy.Environment, n_engines: int, on_complete, record=None, lookahead: int = 1):
+    def __init__(self, env: simpy.Environment, n_engines: int, on_complete, record=None, lookahead: int = 1,
+                 issue_s: float = 0.0):
         if lookahead < 1:
             raise ValueError(f"h2d.lookahead must be >= 1, got {lookahead}")
         self.env = env
         self.lookahead = lookahead  # chunks a preempted piece still moves: the one in flight + (lookahead - 1)
+        self.issue_s = issue_s  # the issue overhead in each chunk's time, paid once per high-priority piece
         self.high: deque[Transfer] = deque()
         self.low: deque[Transfer] = deque()
         self.on_complete = on_complete
@@ -134,11 +142,19 @@ class Link:
     def _start(self, engine: int, t: Transfer, start: float, ahead: float) -> None:
         """Engine `engine` moves all remaining chunks of `t` from `start` (= now + ahead) on, as one piece."""
         n = t.chunks_left
-        dur = n * t.chunk_s
+        hi = t.high
+        dur = self._piece_s(t, n, hi)
         t.active = True
         self.n_busy += 1
-        t.final_ev = self._running[engine] = ev = Call(self._finish_fn, (engine, t, start, n, dur))
+        t.final_ev = self._running[engine] = ev = Call(self._finish_fn, (engine, t, start, n, dur, hi))
         heappush(self._queue, (self.env._now + (ahead + dur), NORMAL, next(self._eid), ev))
+
+    def _piece_s(self, t: Transfer, k: int, hi: bool) -> float:
+        """Link time of k chunks of `t` moved as one piece: one chunk group per chunk at low priority, one group
+        (one issue overhead) at high priority."""
+        if hi and k > 1:
+            return k * t.chunk_s - (k - 1) * self.issue_s
+        return k * t.chunk_s
 
     def wait_event(self, t: Transfer):
         """An event that fires once `t` has landed: its last piece's event when that piece is in flight."""
@@ -182,7 +198,8 @@ class Link:
             if run is None:
                 continue
             t = run.args[1]
-            if not t.high or self._high_ahead(t):
+            # a low piece is cut (also one of a prefetch upgraded meanwhile: its rest goes as one high group)
+            if not run.args[5] or self._high_ahead(t):
                 self._cut(engine, at)
 
     def _high_ahead(self, t: Transfer) -> bool:
@@ -206,21 +223,25 @@ class Link:
     def _interrupted(self, ev: Call) -> None:
         """Finish the chunk in flight at the time of the preemption request (and lookahead - 1 more committed
         chunks of the piece), then give way."""
-        engine, t, start, n, _dur = ev.args
+        engine, t, start, n, _dur, hi = ev.args
         ev.callbacks = []  # the piece's own end no longer means anything
         now = self.env._now
-        x = (max(self._cut_at[engine], now) - start) / t.chunk_s
+        elapsed = max(self._cut_at[engine], now) - start
+        if hi:  # one group: the issue overhead once, then the chunks
+            x = (elapsed - self.issue_s) / (t.chunk_s - self.issue_s)
+        else:
+            x = elapsed / t.chunk_s
         j = round(x)
         k = j if (abs(x - j) < 1e-9 and j >= 1) else int(x) + 1
         k = min(max(k, 1) + self.lookahead - 1, n)
-        dur = k * t.chunk_s
+        dur = self._piece_s(t, k, hi)
         if start + dur > now:
-            call_in(self.env, start + dur - now, self._finish, (engine, t, start, k, dur))
+            call_in(self.env, start + dur - now, self._finish, (engine, t, start, k, dur, hi))
         else:
-            self._finish(engine, t, start, k, dur)
+            self._finish(engine, t, start, k, dur, hi)
 
     # -- a piece is done ---------------------------------------------------------------------------------------
-    def _finish(self, engine: int, t: Transfer, start: float, n: int, dur: float) -> None:
+    def _finish(self, engine: int, t: Transfer, start: float, n: int, dur: float, hi: bool = False) -> None:
         self._running[engine] = None  # (already None if the piece was cut)
         self.n_busy -= 1
         t.active = False
