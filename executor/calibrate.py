@@ -19,8 +19,11 @@ What it measures (each figure the median of `--repeats` runs, 20 by default; GPU
   of executor.model, the gate synchronisation and its launch bubble, the norm, the combine buffer), by batch
   tokens, keyed by the geometry's dense bytes (one table per distinct layer size); `default_dense` = the first.
   Not in it: the runtime's host-side bookkeeping at the gate (lookups, predictor), which the GPU waits for.
-- `predictor_cost_us`: CPU time of one observe + predict call per predictor (`--predictors`) on batches of an
-  embedded trace (the calling pattern of the simulator's prefetcher).
+- `predictor_cost_us`: host time of one predictor call per predictor (`--predictors`) as the runtime accounts it
+  (calibrate_runtime.runtime_predictor_costs: `host_predict_ms` / calls in an all-resident replay of the
+  small-MoE trace: view, hidden states, observe, predict); without the runtime's costs, or for a predictor that
+  trace cannot feed, the observe + predict call alone on batches of an embedded trace (`measure_predictors`).
+  The notes keep both figures.
 - `copy_compute_overlap`: 2 - (expert time while a large copy runs / expert time alone), clipped to [0, 1]
   (1 = they do not slow each other; sim.hardware applies it).
 
@@ -43,7 +46,12 @@ from pathlib import Path
 
 import yaml
 
-from executor.calibrate_runtime import runtime_layer_costs, runtime_transfer_costs, transfer_issue_overhead_us
+from executor.calibrate_runtime import (
+    runtime_layer_costs,
+    runtime_predictor_costs,
+    runtime_transfer_costs,
+    transfer_issue_overhead_us,
+)
 from traces.atomic import atomic_write
 from traces.errors import TraceError, run_cli
 
@@ -375,6 +383,22 @@ def measure_predictors(names, trace_path, repeats: int, max_calls: int = 400,
     return out
 
 
+def predictor_costs(micro: dict, runtime: dict) -> tuple[dict, str]:
+    """The profile's predictor_cost_us and a note: per predictor the runtime's cost per call (`runtime`, from
+    runtime_predictor_costs) where measured, else the observe + predict time alone (`micro`, measure_predictors,
+    which misses the view, the hidden states' fetch and conversion the runtime pays around the call); `default`
+    as measure_predictors sets it: the dearest predictor that reads no hidden states."""
+    from predictors.registry import make_predictor
+
+    names = [n for n in micro if n != "default"]
+    out = {n: runtime[n]["us"] if n in runtime else micro[n] for n in names}
+    plain = [out[n] for n in names if "hidden_states" not in make_predictor(n).needs]
+    out["default"] = max(plain or out.values()) if out else 0.0
+    parts = [f"{n} runtime {runtime[n]['us']} us ({runtime[n]['calls']} calls), observe+predict alone {micro[n]} us"
+             if n in runtime else f"{n} observe+predict alone {micro[n]} us (no runtime measurement)" for n in names]
+    return out, "predictor_cost_us per call: " + "; ".join(parts)
+
+
 # -- the profile ---------------------------------------------------------------------------------------------------
 def add_runtime_costs(expert_table: dict, dense_tables: list[dict], rc: dict) -> None:
     """Fold the runtime's measured host costs (executor.calibrate_runtime) into one geometry's tables: an expert
@@ -420,8 +444,8 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
     latency_us = 4096 / (small["gbps"] * 1e9) * 1e6 if lat_ms is None else 0.0
     engines = measure_copy_engines(device, 64 << 20, timer)
     chunk_us = measure_chunk_overhead_us(device, geoms[0].expert_bytes, timer) if cuda else 0.0
-    log("predictor cost")
-    pcost = measure_predictors(predictors, trace_for_predictors, repeats)
+    log("predictor cost: observe + predict alone")
+    micro = measure_predictors(predictors, trace_for_predictors, repeats)
     expert_tables, dense_tables, host = [], [], {}
     for g in geoms:
         log(f"expert and dense compute: {g.name}")
@@ -454,6 +478,16 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
         transfer_host = runtime_transfer_costs(g, device, rc["top_k"], repeats=max(3, repeats // 4),
                                                lookahead=lookahead)
         host["transfer_host"] = transfer_host
+    runtime_pred: dict = {}
+    if runtime_costs:
+        log("runtime predictor costs: small-moe")
+        try:
+            short = {} if cuda else {"sequences": 1, "tokens": 8}  # (a CPU dry run: a short replay)
+            runtime_pred = runtime_predictor_costs(predictors, device, repeats=max(3, repeats // 4) if cuda else 1,
+                                                   **short)
+        except TraceError as exc:  # no small-MoE config or trace here: observe + predict alone
+            log(f"runtime predictor costs not measured: {exc}")
+    pcost, pnote = predictor_costs(micro, runtime_pred)
     gpu = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()})"
     when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "python -m executor.calibrate " + " ".join(sys.argv[1:])
@@ -467,7 +501,7 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
                   + (", floored at the runtime's measured per-expert host cost" if runtime_costs else "")
                   + "; dense tables: the executor's dense stand-in"
                   + (" + the runtime's measured per-layer host cost" if runtime_costs else "")
-                  + (f"; runtime layer-step measurements: {host}" if host else "")),
+                  + (f"; runtime layer-step measurements: {host}" if host else "") + f"; {pnote}"),
         "h2d": {"pinned": {"points": pinned_pts}, "latency_us": round(latency_us, 3), "copy_engines": engines,
                 "chunk_overhead_us": round(chunk_us, 3), "issue_overhead_us": round(issue_us, 3),
                 "lookahead": int(lookahead)},  # the chunk groups the runtime keeps on the copy stream

@@ -18,6 +18,9 @@ spends:
   `host_demand_issue_ms` / `host_prefetch_issue_ms`) in all-miss and all-prefetch cycle-trace runs, and the
   prefetcher's cost per call (ranking the prediction, refreshing what is resident) in an all-resident run where
   every call issues nothing: a call's cost is then charged once per call, not spread over the copies it issues.
+- `runtime_predictor_costs`: host time per predictor call, as the runtime accounts it (`host_predict_ms`: the
+  view, the hidden states fetched and converted, observe and predict) over the calls it counts
+  (`predict_calls`), in an all-resident replay of the small-MoE trace (its decode batches, held-out sequences).
 - `transfer_issue_overhead_us`: the runtime's `TransferEngine` (CUDA backend: the main thread issues the copies,
   `lookahead` groups ahead) moving a queue of single-chunk expert copies back to back while the main thread
   launches expert kernels between pumps (as it does in a run): (wall time - bytes / table bandwidth) / groups.
@@ -135,6 +138,79 @@ def runtime_transfer_costs(geom, device, top_k: int, *, repeats: int = 5, n_laye
                              for m in full)
     return {"demand_transfer_us": round(statistics.median(demand), 3), "prefetch_call_us": round(call_us, 3),
             "prefetch_transfer_us": round(copy, 3), "prefetch_issue_us": round(issue, 3)}
+
+
+SMALL_MOE_TRACE = "data/traces/small-moe-qwen3moe-e32k4"  # the suite's only trace with hidden states
+
+
+def runtime_predictor_costs(names, device, *, geom=None, trace: str | None = None, distance: int = 1,
+                            sequences: int = 2, tokens: int = 32, layers: int | None = None, repeats: int = 3,
+                            fit_params: dict | None = None, models: dict | None = None) -> dict:
+    """Per predictor the runtime's own host time per call: {name: {"us", "calls", "host_predict_ms", "prefetches"}}
+    (medians over `repeats` runs; prefetches: the most any measured pass issued, 0 when all-resident holds; a
+    predictor the trace cannot feed is left out). `distance` does not change a call's work (one prediction).
+
+    The runtime replays the small-MoE geometry on its embedded trace (default) as the validation suite's
+    small-MoE labels do: decode, batch size 1, the held-out sequences of the trace's 9:1 split (the first
+    `sequences`, `tokens` decode positions each; `layers`: the first N layers), a trainable predictor fit on the
+    training split (sim.run's trained_predictor) with its default parameters but `fit_params` (default one epoch
+    on at most 2,000 rows per layer: the cost per call depends on the network's shape, which those parameters
+    leave as in the suite, not on its weights).
+
+    Every expert is resident: the held-out sequences are replayed twice over a cache holding every expert and
+    the first pass is warm-up, so the measured pass has no miss, and every expert a prediction names was named
+    (and copied) in the first pass (the predictors here are deterministic given the batch), so the calls issue
+    no copy. That isolates the predictor: no copy is issued, waited for or completes on the host between two
+    calls (with a copy thread it would also compete for the interpreter), and the predictor's work (which layers,
+    which hidden rows) does not depend on the cache, so the cost per call carries over to any configuration.
+    `calls` counts the calls with a target layer (the runtime's `predict_calls`: what the simulator charges);
+    the last layers' calls, which predict nothing, are in `host_predict_ms` too, so the simulator's total
+    matches the runtime's."""
+    import dataclasses
+
+    from executor.geometry import REPO_ROOT, get_geometry
+    from executor.replay import build_runtime, prepare
+    from predictors.registry import make_predictor
+    from sim.config import build_config
+    from sim.engine.schedule import iter_batches
+    from traces.reader import Trace
+
+    geom = geom if geom is not None else get_geometry("small-moe")
+    trace = str(trace or REPO_ROOT / SMALL_MOE_TRACE)
+    meta = Trace(trace).meta
+    fit_params = {"epochs": 1, "max_rows": 2000} if fit_params is None else fit_params
+    models = {} if models is None else models
+    out = {}
+    for name in names:
+        pred = make_predictor(name)
+        try:
+            pred.check_trace(meta)
+        except ValueError:
+            continue  # (a predictor needing arrays this trace does not have)
+        trainable = getattr(pred, "trainable", False)
+        cfg = build_config({"trace": trace, "phase": "decode", "batch_size": 1, "max_decode_tokens": tokens,
+                            "heldout_only": True, "cache": {"policy": "lru", "scope": "global", "cache_rate": 1.0},
+                            "prefetch": {"predictor": name, "distance": distance,
+                                         "predictor_params": fit_params if trainable else {}}})
+        setup = prepare(cfg, geom, layers=layers)
+        seqs = setup.sequences[:sequences]
+        warm = sum(1 for _ in iter_batches(seqs, "decode", 1))
+        setup = dataclasses.replace(setup, sequences=seqs + seqs, warmup_batches=warm)
+        runs = []
+        for _ in range(repeats):
+            rt = build_runtime(cfg, setup, device=device, models=models)
+            rt.warmup()
+            m = rt.run()
+            if m["misses"]:
+                raise RuntimeError(f"the all-resident predictor run ({name}) had {m['misses']} misses")
+            runs.append(m)
+        ms = statistics.median(m["host_predict_ms"] for m in runs)
+        calls = runs[0]["predict_calls"]
+        us = statistics.median(m["host_predict_ms"] / m["predict_calls"] * 1e3 if m["predict_calls"] else 0.0
+                               for m in runs)
+        out[name] = {"us": round(us, 3), "calls": int(calls), "host_predict_ms": round(ms, 4),
+                     "prefetches": int(max(m["prefetches"] for m in runs))}
+    return out
 
 
 def runtime_layer_costs(geom, device, *, repeats: int = 5, n_layers: int = 4, tokens: int = 48) -> dict:

@@ -400,7 +400,7 @@ class OffloadedRuntime:
             e = self.engine
             self._snap = (snapshot(self.c), len(self._batch_marks), len(self._stall_marks),
                           self._stall_host_s, len(e.spans), e.bytes, e.bytes_demand, e.bytes_prefetch,
-                          self._batch_start, list(self.host_s))
+                          self._batch_start, list(self.host_s), self.predict_calls)
 
     def gate(self, layer: int, ids: list[int]) -> tuple[list[int], dict]:
         """The gate of `layer` (call after its dense part is enqueued): sync, reap, lookups (held keys), early
@@ -457,6 +457,8 @@ class OffloadedRuntime:
         t1 = time.perf_counter()
         host = self.host_s
         host[_PREDICT] += t1 - t0
+        if layer + pf.distance < self.L:  # a call the simulator charges predictor_cost_us for (sim.engine.core)
+            self.predict_calls += 1
         if r is not None:
             pf.issue(r[0], r[1], self._batch_index)
             host[_PREFETCH_ISSUE] += time.perf_counter() - t1
@@ -602,6 +604,9 @@ class OffloadedRuntime:
         # then waiting for the GPU (gates, misses), waiting for copies to be issued (engine.wait) and launching
         # expert kernels: where a run's host time goes, beside its GPU time (HOST_METRICS)
         self.host_s = [0.0] * len(HOST_METRICS)
+        # predictor calls with a target layer (layer + distance < L): host_predict_ms / predict_calls is the cost
+        # per call the simulator charges (the calls at the last layers predict nothing; their time is in the sum)
+        self.predict_calls = 0
 
     # -- the replay loop -------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -654,9 +659,11 @@ class OffloadedRuntime:
         spans, moved, demand, prefetch = e.spans, e.bytes, e.bytes_demand, e.bytes_prefetch
         first = self._first_mark
         host = list(self.host_s)
+        calls = self.predict_calls
         if self._snap is not None:
-            c0, i0, s0, h0, k0, m0, d0, p0, first, host0 = self._snap
+            c0, i0, s0, h0, k0, m0, d0, p0, first, host0, calls0 = self._snap
             host = [a - b for a, b in zip(host, host0)]
+            calls -= calls0
             subtract(c, c0)
             marks, stalls, host_stall, spans = marks[i0:], stalls[s0:], host_stall - h0, spans[k0:]
             moved, demand, prefetch = moved - m0, demand - d0, prefetch - p0
@@ -677,6 +684,7 @@ class OffloadedRuntime:
         busy = sum(e.copier.span_s(h) for h in spans)
         m = finalize(c, total_s=total, busy_s=busy, bytes_h2d=moved, bytes_demand=demand, bytes_prefetch=prefetch)
         m.update({k: h * 1e3 for k, h in zip(HOST_METRICS, host)})
+        m["predict_calls"] = calls
         m["slab_slots"] = self.n_slots
         m["scratch_slots"] = self.scratch.n_slots
         m["cache_capacity_bytes"] = self.cache.capacity_bytes

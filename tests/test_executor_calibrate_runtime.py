@@ -10,6 +10,7 @@ from executor.calibrate_runtime import (  # noqa: E402
     _layer_step_ms,
     cycle_trace,
     runtime_layer_costs,
+    runtime_predictor_costs,
     runtime_transfer_costs,
 )
 from executor.geometry import get_geometry  # noqa: E402
@@ -78,3 +79,49 @@ def test_predictor_cost_of_a_trained_hidden_state_predictor():
                               1, max_calls=30)
     assert cost["learned_mlp"] > 0 and cost["previous_token"] > 0
     assert cost["default"] == cost["previous_token"]
+
+
+def test_predictor_cost_per_call_from_the_runtime(monkeypatch):
+    """calibrate's predictor cost is the runtime's host_predict_ms over the calls it counts: exactly one per decode
+    token and layer with a target layer, and at least the observe + predict time of those very calls (timed
+    inside them, same process: the runtime's figure adds the view and the hidden states around them)."""
+    import time
+
+    from predictors.learned_mlp import LearnedMLPPredictor
+
+    durations = []  # of each learned_mlp.predict call, in call order
+    predict = LearnedMLPPredictor.predict
+
+    def timed(self, view, distance, future=None):
+        t0 = time.perf_counter()
+        try:
+            return predict(self, view, distance, future)
+        finally:
+            durations.append(time.perf_counter() - t0)
+
+    monkeypatch.setattr(LearnedMLPPredictor, "predict", timed)
+    res = runtime_predictor_costs(["none", "learned_mlp"], "cpu", sequences=1, tokens=4, layers=3, repeats=1,
+                                  fit_params={"epochs": 1, "max_rows": 200})
+    lm = res["learned_mlp"]
+    assert res["none"] == {"us": 0.0, "calls": 0, "host_predict_ms": 0.0, "prefetches": 0}  # (no call)
+    assert lm["prefetches"] == 0  # every expert resident: the calls issue nothing
+    assert lm["calls"] == 4 * (3 - 1)  # 4 decode tokens x layers 0..1 predicting layer + 1 (of 3)
+    # the warm-up pass (the same tokens first) calls it as often; the measured pass is the second half
+    assert len(durations) == 2 * lm["calls"]
+    inner_ms = sum(durations[lm["calls"]:]) * 1e3
+    assert lm["host_predict_ms"] >= inner_ms - 1e-3 > 0
+    assert lm["us"] == pytest.approx(lm["host_predict_ms"] * 1e3 / lm["calls"], rel=1e-4)
+    assert lm["us"] >= inner_ms * 1e3 / lm["calls"] - 1e-3
+
+
+def test_profile_takes_the_runtime_predictor_cost_and_notes_both():
+    from executor.calibrate import predictor_costs
+
+    micro = {"none": 0.3, "previous_token": 20.0, "learned_mlp": 85.0, "gate_reuse": 40.0, "default": 20.0}
+    runtime = {"none": {"us": 0.0, "calls": 0}, "previous_token": {"us": 30.0, "calls": 10},
+               "learned_mlp": {"us": 330.0, "calls": 10}}
+    cost, note = predictor_costs(micro, runtime)
+    assert cost["learned_mlp"] == 330.0 and cost["previous_token"] == 30.0 and cost["gate_reuse"] == 40.0
+    assert cost["default"] == 30.0  # the dearest one reading no hidden states, as measure_predictors
+    assert "learned_mlp runtime 330.0 us (10 calls), observe+predict alone 85.0 us" in note
+    assert "gate_reuse observe+predict alone 40.0 us (no runtime measurement)" in note

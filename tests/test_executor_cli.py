@@ -55,6 +55,8 @@ def test_calibrate_dry_run_profile(profile_path):
     assert prof.name == "cpu-dry-run" and "NOT A GPU PROFILE" in prof.provenance
     assert prof.expert_compute[0].hidden == 32 and prof.expert_compute[0].intermediate == 16
     assert set(prof.predictor_cost_us) >= {"none", "previous_token", "default"}
+    # taken from the runtime's own accounting (small-MoE replay), the observe + predict figure kept in the notes
+    assert "previous_token runtime" in prof.notes and "observe+predict alone" in prof.notes
     assert profile_path.read_text().startswith("# NOT A GPU PROFILE")
 
 
