@@ -47,12 +47,15 @@ EXTRA = {
     "dense_compute": "GPU time of a layer's dense part (attention, norms, gate) by batch tokens",
     "dense_launch_floor_ms": "lower bound of the dense part's time",
     "cpu_expert_compute": "host-CPU time of one expert (cpu_experts), same tables as expert_compute",
-    "predictor_cost_us": "CPU time of one predictor call by predictor name (`default` for the rest)",
+    "predictor_cost_us": "host time of one predictor call by predictor name (`default` for the rest): us per call, "
+                         "or {call, token}: call + token x the batch's tokens",
     "copy_compute_overlap": "1.0: a copy and a kernel on separate streams do not slow each other",
     "pinned": "bandwidth table for pinned host memory",
     "pageable": "bandwidth table for pageable host memory (pinned_memory: false)",
     "points": "(size, GB/s) points, strictly increasing sizes; log-size interpolation, clamped",
     "tokens": "token counts, strictly increasing, >= 1",
+    "call": "us of a predictor call, whatever the batch",
+    "token": "us more per token of the batch (a prefill batch: the whole prompt)",
     "ms": "time in ms at each token count (piecewise linear)",
     "hidden": "model hidden size",
     "intermediate": "expert intermediate size",
@@ -156,7 +159,7 @@ def _notes(model: type[BaseModel]) -> list[str]:
 
 def render() -> str:
     from sim.config import CacheConfig, PrefetchConfig, RunConfig
-    from sim.hardware import H2D, BandwidthPoint, DenseTable, ExpertTable, HardwareProfile, LinkTable
+    from sim.hardware import H2D, BandwidthPoint, DenseTable, ExpertTable, HardwareProfile, LinkTable, PredictorCost
 
     docs = _docstring_descriptions()
     out = [HEADER]
@@ -182,7 +185,7 @@ def render() -> str:
             ""]
     for model, title in ((HardwareProfile, "HardwareProfile"), (H2D, "H2D"), (LinkTable, "LinkTable"),
                          (BandwidthPoint, "BandwidthPoint"), (ExpertTable, "ExpertTable"),
-                         (DenseTable, "DenseTable")):
+                         (DenseTable, "DenseTable"), (PredictorCost, "PredictorCost")):
         out += [f"### {title}", ""]
         out += _table(model, "", {})
         out += [""]

@@ -20,10 +20,11 @@ What it measures (each figure the median of `--repeats` runs, 20 by default; GPU
   tokens, keyed by the geometry's dense bytes (one table per distinct layer size); `default_dense` = the first.
   Not in it: the runtime's host-side bookkeeping at the gate (lookups, predictor), which the GPU waits for.
 - `predictor_cost_us`: host time of one predictor call per predictor (`--predictors`) as the runtime accounts it
-  (calibrate_runtime.runtime_predictor_costs: `host_predict_ms` / calls in an all-resident replay of the
-  small-MoE trace: view, hidden states, observe, predict); without the runtime's costs, or for a predictor that
-  trace cannot feed, the observe + predict call alone on batches of an embedded trace (`measure_predictors`).
-  The notes keep both figures.
+  (calibrate_runtime.runtime_predictor_costs: `host_predict_ms` / calls in all-resident replays of the
+  small-MoE trace: view, hidden states, observe, predict): `{call, token}` fit through its decode (1 token per
+  call) and prefill (whole prompts) figures, a plain number per call where only decode was measured; without the
+  runtime's costs, or for a predictor that trace cannot feed, the observe + predict call alone on batches of an
+  embedded trace (`measure_predictors`). The notes keep every measured figure.
 - `copy_compute_overlap`: 2 - (expert time while a large copy runs / expert time alone), clipped to [0, 1]
   (1 = they do not slow each other; sim.hardware applies it).
 
@@ -384,19 +385,36 @@ def measure_predictors(names, trace_path, repeats: int, max_calls: int = 400,
 
 
 def predictor_costs(micro: dict, runtime: dict) -> tuple[dict, str]:
-    """The profile's predictor_cost_us and a note: per predictor the runtime's cost per call (`runtime`, from
-    runtime_predictor_costs) where measured, else the observe + predict time alone (`micro`, measure_predictors,
-    which misses the view, the hidden states' fetch and conversion the runtime pays around the call); `default`
-    as measure_predictors sets it: the dearest predictor that reads no hidden states."""
+    """The profile's predictor_cost_us and a note: per predictor the runtime's cost (`runtime`, from
+    runtime_predictor_costs) where measured: {call, token} where it was fit over decode and prefill, else its
+    decode cost per call; else the observe + predict time alone (`micro`, measure_predictors, which misses the
+    view, the hidden states' fetch and conversion the runtime pays around the call); `default` as
+    measure_predictors sets it: the entry of the dearest predictor (per decode call) that reads no hidden
+    states."""
     from predictors.registry import make_predictor
 
     names = [n for n in micro if n != "default"]
-    out = {n: runtime[n]["us"] if n in runtime else micro[n] for n in names}
-    plain = [out[n] for n in names if "hidden_states" not in make_predictor(n).needs]
-    out["default"] = max(plain or out.values()) if out else 0.0
-    parts = [f"{n} runtime {runtime[n]['us']} us ({runtime[n]['calls']} calls), observe+predict alone {micro[n]} us"
-             if n in runtime else f"{n} observe+predict alone {micro[n]} us (no runtime measurement)" for n in names]
-    return out, "predictor_cost_us per call: " + "; ".join(parts)
+    per_call = {n: runtime[n]["us"] if n in runtime else micro[n] for n in names}
+    out = {n: {"call": runtime[n]["call_us"], "token": runtime[n]["token_us"]}
+           if "token_us" in runtime.get(n, {}) else per_call[n] for n in names}
+    plain = [n for n in names if "hidden_states" not in make_predictor(n).needs] or names
+    dear = out[max(plain, key=lambda n: per_call[n])] if plain else 0.0
+    out["default"] = dict(dear) if isinstance(dear, dict) else dear  # (a copy: no YAML alias)
+
+    def runtime_note(n: str) -> str:
+        r = runtime[n]
+        text = f"{n} runtime {r['us']} us ({r['calls']} calls)"
+        pre = r.get("prefill")
+        if pre is not None and pre["calls"]:
+            text += (f" decode, {pre['us']} us per call at {pre['tokens_per_call']} tokens ({pre['calls']} calls)"
+                     " prefill")
+        if "token_us" in r:
+            text += f" -> {r['call_us']} + {r['token_us']} us/token"
+        return text + f", observe+predict alone {micro[n]} us"
+
+    parts = [runtime_note(n) if n in runtime else f"{n} observe+predict alone {micro[n]} us (no runtime measurement)"
+             for n in names]
+    return out, "predictor_cost_us: " + "; ".join(parts)
 
 
 # -- the profile ---------------------------------------------------------------------------------------------------

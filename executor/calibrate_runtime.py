@@ -20,7 +20,8 @@ spends:
   every call issues nothing: a call's cost is then charged once per call, not spread over the copies it issues.
 - `runtime_predictor_costs`: host time per predictor call, as the runtime accounts it (`host_predict_ms`: the
   view, the hidden states fetched and converted, observe and predict) over the calls it counts
-  (`predict_calls`), in an all-resident replay of the small-MoE trace (its decode batches, held-out sequences).
+  (`predict_calls`), in all-resident replays of the small-MoE trace (held-out sequences): its decode batches (1
+  token per call) and its prompts as prefill batches (the whole prompt per call), fit as call + token x tokens.
 - `transfer_issue_overhead_us`: the runtime's `TransferEngine` (CUDA backend: the main thread issues the copies,
   `lookahead` groups ahead) moving a queue of single-chunk expert copies back to back while the main thread
   launches expert kernels between pumps (as it does in a run): (wall time - bytes / table bandwidth) / groups.
@@ -143,19 +144,40 @@ def runtime_transfer_costs(geom, device, top_k: int, *, repeats: int = 5, n_laye
 SMALL_MOE_TRACE = "data/traces/small-moe-qwen3moe-e32k4"  # the suite's only trace with hidden states
 
 
+def fit_call_token(points) -> tuple[float, float]:
+    """(call, token) of the line cost = call + token x tokens through (tokens, cost per call) points (least squares;
+    through both when there are two), both >= 0: a negative slope (timing noise, no growth) gives token 0 and the
+    mean cost, a negative intercept call 0 and the slope through the origin."""
+    xs = np.array([float(x) for x, _ in points])
+    ys = np.array([float(y) for _, y in points])
+    if len(xs) < 2 or np.ptp(xs) == 0:
+        return float(ys.mean()), 0.0
+    token, call = np.polyfit(xs, ys, 1)
+    if token < 0:
+        return float(ys.mean()), 0.0
+    if call < 0:
+        return 0.0, float((xs * ys).sum() / (xs * xs).sum())
+    return float(call), float(token)
+
+
 def runtime_predictor_costs(names, device, *, geom=None, trace: str | None = None, distance: int = 1,
                             sequences: int = 2, tokens: int = 32, layers: int | None = None, repeats: int = 3,
-                            fit_params: dict | None = None, models: dict | None = None) -> dict:
-    """Per predictor the runtime's own host time per call: {name: {"us", "calls", "host_predict_ms", "prefetches"}}
-    (medians over `repeats` runs; prefetches: the most any measured pass issued, 0 when all-resident holds; a
-    predictor the trace cannot feed is left out). `distance` does not change a call's work (one prediction).
+                            fit_params: dict | None = None, models: dict | None = None,
+                            prefill: bool = True) -> dict:
+    """Per predictor the runtime's own host time per call in decode: {name: {"us", "calls", "host_predict_ms",
+    "prefetches", "tokens_per_call"}} (medians over `repeats` runs; prefetches: the most any measured pass
+    issued, 0 when all-resident holds; a predictor the trace cannot feed is left out). `distance` does not change
+    a call's work (one prediction). With `prefill`, also {"prefill": the same for the prompts} and, where both
+    phases made calls, "call_us" and "token_us": the line call + token x tokens through the decode point (1 token
+    per call) and the prefill one (fit_call_token): a learned predictor multiplies over the batch's tokens, a
+    history predictor builds per-token features, so one number per call under-charges a prompt.
 
     The runtime replays the small-MoE geometry on its embedded trace (default) as the validation suite's
-    small-MoE labels do: decode, batch size 1, the held-out sequences of the trace's 9:1 split (the first
-    `sequences`, `tokens` decode positions each; `layers`: the first N layers), a trainable predictor fit on the
-    training split (sim.run's trained_predictor) with its default parameters but `fit_params` (default one epoch
-    on at most 2,000 rows per layer: the cost per call depends on the network's shape, which those parameters
-    leave as in the suite, not on its weights).
+    small-MoE labels do: batch size 1, the held-out sequences of the trace's 9:1 split (the first `sequences`;
+    decode: `tokens` decode positions each; prefill: each prompt as one batch; `layers`: the first N layers), a
+    trainable predictor fit on the training split (sim.run's trained_predictor) with its default parameters but
+    `fit_params` (default one epoch on at most 2,000 rows per layer: the cost per call depends on the network's
+    shape, which those parameters leave as in the suite, not on its weights).
 
     Every expert is resident: the held-out sequences are replayed twice over a cache holding every expert and
     the first pass is warm-up, so the measured pass has no miss, and every expert a prediction names was named
@@ -165,7 +187,8 @@ def runtime_predictor_costs(names, device, *, geom=None, trace: str | None = Non
     which hidden rows) does not depend on the cache, so the cost per call carries over to any configuration.
     `calls` counts the calls with a target layer (the runtime's `predict_calls`: what the simulator charges);
     the last layers' calls, which predict nothing, are in `host_predict_ms` too, so the simulator's total
-    matches the runtime's."""
+    matches the runtime's. `tokens_per_call`: the measured batches' tokens (the runtime's batch rows) summed
+    over those calls (each batch makes one per layer with a target), over the calls."""
     import dataclasses
 
     from executor.geometry import REPO_ROOT, get_geometry
@@ -180,6 +203,41 @@ def runtime_predictor_costs(names, device, *, geom=None, trace: str | None = Non
     meta = Trace(trace).meta
     fit_params = {"epochs": 1, "max_rows": 2000} if fit_params is None else fit_params
     models = {} if models is None else models
+
+    def measure(name: str, phase: str, trainable: bool) -> dict:
+        raw = {"trace": trace, "phase": phase, "batch_size": 1, "heldout_only": True,
+               "cache": {"policy": "lru", "scope": "global", "cache_rate": 1.0},
+               "prefetch": {"predictor": name, "distance": distance,
+                            "predictor_params": fit_params if trainable else {}}}
+        if phase == "decode":
+            raw["max_decode_tokens"] = tokens
+        cfg = build_config(raw)
+        setup = prepare(cfg, geom, layers=layers)
+        seqs = setup.sequences[:sequences]
+        warm = sum(1 for _ in iter_batches(seqs, phase, 1))
+        setup = dataclasses.replace(setup, sequences=seqs + seqs, warmup_batches=warm)
+        runs, n_tokens = [], 0
+        for _ in range(repeats):
+            rt = build_runtime(cfg, setup, device=device, models=models)
+            rt.warmup()
+            m = rt.run()
+            if m["misses"]:
+                raise RuntimeError(f"the all-resident predictor run ({name}, {phase}) had {m['misses']} misses")
+            per_batch = max(0, rt.L - distance)  # calls with a target layer in each batch
+            if m["predict_calls"] not in (0, len(rt.batch_rows) * per_batch):  # (0: predictor "none")
+                raise RuntimeError(f"{name} {phase}: {m['predict_calls']} calls counted, expected "
+                                   f"{len(rt.batch_rows)} batches x {per_batch}")
+            n_tokens = sum(r["tokens"] for r in rt.batch_rows) * per_batch
+            runs.append(m)
+        calls = runs[0]["predict_calls"]
+        us = statistics.median(m["host_predict_ms"] / m["predict_calls"] * 1e3 if m["predict_calls"] else 0.0
+                               for m in runs)
+        out = {"us": round(us, 3), "calls": int(calls),
+               "host_predict_ms": round(statistics.median(m["host_predict_ms"] for m in runs), 4),
+               "prefetches": int(max(m["prefetches"] for m in runs)),
+               "tokens_per_call": round(n_tokens / calls, 4) if calls else 0.0}
+        return out
+
     out = {}
     for name in names:
         pred = make_predictor(name)
@@ -188,28 +246,13 @@ def runtime_predictor_costs(names, device, *, geom=None, trace: str | None = Non
         except ValueError:
             continue  # (a predictor needing arrays this trace does not have)
         trainable = getattr(pred, "trainable", False)
-        cfg = build_config({"trace": trace, "phase": "decode", "batch_size": 1, "max_decode_tokens": tokens,
-                            "heldout_only": True, "cache": {"policy": "lru", "scope": "global", "cache_rate": 1.0},
-                            "prefetch": {"predictor": name, "distance": distance,
-                                         "predictor_params": fit_params if trainable else {}}})
-        setup = prepare(cfg, geom, layers=layers)
-        seqs = setup.sequences[:sequences]
-        warm = sum(1 for _ in iter_batches(seqs, "decode", 1))
-        setup = dataclasses.replace(setup, sequences=seqs + seqs, warmup_batches=warm)
-        runs = []
-        for _ in range(repeats):
-            rt = build_runtime(cfg, setup, device=device, models=models)
-            rt.warmup()
-            m = rt.run()
-            if m["misses"]:
-                raise RuntimeError(f"the all-resident predictor run ({name}) had {m['misses']} misses")
-            runs.append(m)
-        ms = statistics.median(m["host_predict_ms"] for m in runs)
-        calls = runs[0]["predict_calls"]
-        us = statistics.median(m["host_predict_ms"] / m["predict_calls"] * 1e3 if m["predict_calls"] else 0.0
-                               for m in runs)
-        out[name] = {"us": round(us, 3), "calls": int(calls), "host_predict_ms": round(ms, 4),
-                     "prefetches": int(max(m["prefetches"] for m in runs))}
+        res = out[name] = measure(name, "decode", trainable)
+        if not prefill:
+            continue
+        pre = res["prefill"] = measure(name, "prefill", trainable)
+        if res["calls"] and pre["calls"] and pre["tokens_per_call"] > 1:
+            call, token = fit_call_token([(res["tokens_per_call"], res["us"]), (pre["tokens_per_call"], pre["us"])])
+            res["call_us"], res["token_us"] = round(call, 3), round(token, 3)
     return out
 
 

@@ -136,12 +136,13 @@ def build_simulation(cfg, setup, profile, capacity_bytes: int, *, record: bool =
     predictor = getattr(setup, "predictor", None)
     if predictor is None:
         predictor = make_predictor(cfg.prefetch.predictor, **cfg.prefetch.predictor_params)
+    call_s, token_s = profile.predictor_cost(cfg.prefetch.predictor)
     sim = Simulation(setup.meta, setup.sequences, cost, phase=cfg.phase, batch_size=cfg.batch_size,
                      cache_capacity_bytes=capacity_bytes, cache_scope=cfg.cache.scope, cache_policy=cfg.cache.policy,
                      policy_params=cfg.cache.policy_params,
                      predictor=predictor, distance=cfg.prefetch.distance, top_n=cfg.prefetch.top_n,
                      max_inflight_bytes=inflight,
-                     predictor_cost_s=profile.predictor_cost_s(cfg.prefetch.predictor),
+                     predictor_cost_s=call_s, predictor_token_s=token_s,
                      chunked_prefetch=cfg.chunked_prefetch, chunks=cfg.prefetch.chunks,
                      early_preemption=cfg.early_preemption, reordered_inference=cfg.reordered_inference,
                      cpu_experts=cfg.cpu_experts,

@@ -11,7 +11,9 @@ A profile (profiles/NAME.yaml) holds:
 - `dense_compute`: tables of the dense part of one layer (attention, norms, gate) by batch tokens, keyed by the
   dense bytes of the layer; `dense_launch_floor_ms`;
 - `cpu_expert_compute` (optional): the same tables for computing an expert on the host CPU (llama.cpp/Fiddler);
-- `predictor_cost_us`: CPU time of one predictor call, by predictor name (`default` for the rest);
+- `predictor_cost_us`: host time of one predictor call, by predictor name (`default` for the rest): a number
+  (us per call) or `{call: X, token: Y}` (X + Y x the batch's tokens, us: learned predictors multiply over the
+  batch's tokens, history predictors build per-token features, so a prefill call costs more than a decode one);
 - `copy_compute_overlap`: 1.0 = a copy and a kernel on separate streams do not slow each other.
 
 Lookup rules (applied once per run in `CostModel`, which turns everything into per-layer Python lists):
@@ -188,6 +190,33 @@ class DenseTable(TokenTable):
         return parse_size(v)
 
 
+class PredictorCost(_Strict):
+    """A predictor call's host cost that grows with the batch: `call` + `token` x tokens of the batch (us)."""
+    call: float = Field(ge=0)
+    token: float = Field(ge=0)
+
+
+def _check_predictor_costs(v):
+    """predictor_cost_us entries: a number >= 0 or {call, token}, each >= 0; errors name the entry."""
+    if not isinstance(v, dict):
+        raise ValueError("must be a mapping of predictor name -> us per call or {call: us, token: us}")
+    for name, c in v.items():
+        where = f"predictor_cost_us.{name}"
+        if isinstance(c, PredictorCost):
+            continue
+        if isinstance(c, dict):
+            if set(c) != {"call", "token"}:
+                raise ValueError(f"{where} must have exactly the keys call and token (got {sorted(map(str, c))})")
+            vals = c.values()
+        else:
+            vals = [c]
+        for x in vals:
+            if isinstance(x, bool) or not isinstance(x, int | float) or not x >= 0:
+                raise ValueError(f"{where} must be a number >= 0 (us per call) or {{call: us, token: us}} with "
+                                 f"numbers >= 0 (got {c!r})")
+    return v
+
+
 class HardwareProfile(_Strict):
     name: str
     provenance: str = Field(description="where the figures come from (measured, datasheet, ...)")
@@ -201,7 +230,7 @@ class HardwareProfile(_Strict):
     cpu_expert_compute: list[ExpertTable] | None = None
     cpu_activation_copy_us: float = Field(default=0.0, ge=0,
                                           description="moving a token's activations to the CPU and back")
-    predictor_cost_us: dict[str, float] = Field(default_factory=lambda: {"default": 0.0})
+    predictor_cost_us: dict[str, float | PredictorCost] = Field(default_factory=lambda: {"default": 0.0})
     copy_compute_overlap: float = Field(default=1.0, ge=0, le=1)
     demand_transfer_host_us: float = Field(
         default=0.0, ge=0, description="compute-timeline (host) time per demand load issued: the executor's cache "
@@ -220,15 +249,29 @@ class HardwareProfile(_Strict):
                                   "model's head spread over its layers) by batch tokens; validate uses it for live "
                                   "runs instead of the replay model's dense stand-in")
 
+    @field_validator("predictor_cost_us", mode="before")
+    @classmethod
+    def _predictor_costs(cls, v):
+        return _check_predictor_costs(v)
+
     @model_validator(mode="after")
     def _check(self):
         if self.default_dense is not None and self.default_dense not in {d.name for d in self.dense_compute}:
             raise ValueError(f"default_dense {self.default_dense!r} names no dense_compute table")
         return self
 
-    def predictor_cost_s(self, name: str) -> float:
+    def predictor_cost(self, name: str) -> tuple[float, float]:
+        """(call_s, token_s): a call of predictor `name` costs call_s + token_s x the batch's tokens (seconds)."""
         costs = self.predictor_cost_us
-        return float(costs.get(name, costs.get("default", 0.0))) * 1e-6
+        c = costs.get(name, costs.get("default", 0.0))
+        if isinstance(c, PredictorCost):
+            return c.call * 1e-6, c.token * 1e-6
+        return float(c) * 1e-6, 0.0
+
+    def predictor_cost_s(self, name: str, tokens: int = 1) -> float:
+        """Seconds of one call of predictor `name` on a batch of `tokens` tokens."""
+        call_s, token_s = self.predictor_cost(name)
+        return call_s + token_s * tokens
 
 
 def resolve_profile_path(name_or_path: str, base_dir: Path | None = None) -> Path:

@@ -80,12 +80,13 @@ def _build(cfg: RunConfig, *, record: bool, check: bool) -> Simulation:
     elif cfg.heldout_only:
         seqs, warmup = heldout_part(cfg, trace, seqs)
     inflight = cfg.prefetch.max_inflight_mib * (1 << 20) if cfg.prefetch.max_inflight_mib is not None else None
+    call_s, token_s = profile.predictor_cost(cfg.prefetch.predictor)
     try:
         return Simulation(
             meta, seqs, cost, phase=cfg.phase, batch_size=cfg.batch_size, cache_capacity_bytes=capacity,
             cache_scope=cfg.cache.scope, cache_policy=cfg.cache.policy, policy_params=cfg.cache.policy_params,
             predictor=predictor, distance=cfg.prefetch.distance, top_n=cfg.prefetch.top_n,
-            max_inflight_bytes=inflight, predictor_cost_s=profile.predictor_cost_s(cfg.prefetch.predictor),
+            max_inflight_bytes=inflight, predictor_cost_s=call_s, predictor_token_s=token_s,
             chunked_prefetch=cfg.chunked_prefetch, chunks=cfg.prefetch.chunks,
             early_preemption=cfg.early_preemption, reordered_inference=cfg.reordered_inference,
             cpu_experts=cfg.cpu_experts, trace=trace, record=record, check=check, warmup_batches=warmup)

@@ -84,17 +84,22 @@ def test_predictor_cost_of_a_trained_hidden_state_predictor():
 def test_predictor_cost_per_call_from_the_runtime(monkeypatch):
     """calibrate's predictor cost is the runtime's host_predict_ms over the calls it counts: exactly one per decode
     token and layer with a target layer, and at least the observe + predict time of those very calls (timed
-    inside them, same process: the runtime's figure adds the view and the hidden states around them)."""
+    inside them, same process: the runtime's figure adds the view and the hidden states around them); a prefill
+    replay (the prompt as one batch) gives the second point of call + token x tokens."""
     import time
 
     from predictors.learned_mlp import LearnedMLPPredictor
 
-    durations = []  # of each learned_mlp.predict call, in call order
+    durations, batch_tokens = [], []  # of each learned_mlp.predict call, in call order
     predict = LearnedMLPPredictor.predict
 
     def timed(self, view, distance, future=None):
+        batch_tokens.append(view.current.shape[0])
         t0 = time.perf_counter()
         try:
+            # a call that costs 3 ms + 0.5 ms per token on top of its own work: a fit through both points
+            # then has a clear intercept and slope whatever this (shared) CPU's own timings
+            time.sleep(3e-3 + 0.5e-3 * view.current.shape[0])
             return predict(self, view, distance, future)
         finally:
             durations.append(time.perf_counter() - t0)
@@ -103,15 +108,54 @@ def test_predictor_cost_per_call_from_the_runtime(monkeypatch):
     res = runtime_predictor_costs(["none", "learned_mlp"], "cpu", sequences=1, tokens=4, layers=3, repeats=1,
                                   fit_params={"epochs": 1, "max_rows": 200})
     lm = res["learned_mlp"]
-    assert res["none"] == {"us": 0.0, "calls": 0, "host_predict_ms": 0.0, "prefetches": 0}  # (no call)
-    assert lm["prefetches"] == 0  # every expert resident: the calls issue nothing
+    none = {"us": 0.0, "calls": 0, "host_predict_ms": 0.0, "prefetches": 0, "tokens_per_call": 0.0}
+    assert res["none"] == {**none, "prefill": none}  # (no call: nothing to fit)
+    assert lm["prefetches"] == 0 and lm["prefill"]["prefetches"] == 0  # every expert resident: no copy issued
     assert lm["calls"] == 4 * (3 - 1)  # 4 decode tokens x layers 0..1 predicting layer + 1 (of 3)
-    # the warm-up pass (the same tokens first) calls it as often; the measured pass is the second half
-    assert len(durations) == 2 * lm["calls"]
-    inner_ms = sum(durations[lm["calls"]:]) * 1e3
+    assert lm["tokens_per_call"] == 1.0
+    # the prefill replay: the sequence's prompt as one batch, one call per layer with a target, all its tokens
+    pre = lm["prefill"]
+    prompt = batch_tokens[-1]
+    assert pre["calls"] == 3 - 1 and pre["tokens_per_call"] == prompt > 1
+    assert batch_tokens == [1] * 2 * lm["calls"] + [prompt] * 2 * pre["calls"]
+    # the fit: call + token x tokens through both measured points, both parts >= 0
+    assert lm["call_us"] > 0 and lm["token_us"] > 0
+    assert lm["call_us"] + lm["token_us"] == pytest.approx(lm["us"], abs=2e-3)
+    assert lm["call_us"] + lm["token_us"] * prompt == pytest.approx(pre["us"], abs=1e-3 * prompt)
+    # decode first: the warm-up pass (the same tokens first) calls it as often; the measured pass is the second
+    # half; then the prefill replay's two passes
+    assert len(durations) == 2 * lm["calls"] + 2 * pre["calls"]
+    inner_ms = sum(durations[lm["calls"]:2 * lm["calls"]]) * 1e3
     assert lm["host_predict_ms"] >= inner_ms - 1e-3 > 0
     assert lm["us"] == pytest.approx(lm["host_predict_ms"] * 1e3 / lm["calls"], rel=1e-4)
     assert lm["us"] >= inner_ms * 1e3 / lm["calls"] - 1e-3
+
+
+def test_fit_call_token_through_the_points_and_never_negative():
+    from executor.calibrate_runtime import fit_call_token
+
+    assert fit_call_token([(1, 330.0), (29, 1450.0)]) == pytest.approx((290.0, 40.0))
+    assert fit_call_token([(1, 10.0), (2, 12.0), (3, 14.0)]) == pytest.approx((8.0, 2.0))
+    assert fit_call_token([(1, 330.0), (29, 300.0)]) == pytest.approx((315.0, 0.0))  # falling: noise, no growth
+    assert fit_call_token([(1, 1.0), (3, 9.0)]) == pytest.approx((0.0, 2.8))  # rising faster: x.y / x.x, origin
+    assert fit_call_token([(1, 5.0)]) == (5.0, 0.0)
+
+
+def test_profile_takes_call_and_token_where_prefill_was_measured():
+    from executor.calibrate import predictor_costs
+    from sim.hardware import HardwareProfile, load_profile
+
+    micro = {"previous_token": 20.0, "learned_mlp": 85.0, "default": 20.0}
+    runtime = {"previous_token": {"us": 30.0, "calls": 10},
+               "learned_mlp": {"us": 330.0, "calls": 10, "prefill": {"us": 1450.0, "calls": 2, "tokens_per_call": 29.0},
+                               "call_us": 290.0, "token_us": 40.0}}
+    cost, note = predictor_costs(micro, runtime)
+    assert cost == {"previous_token": 30.0, "learned_mlp": {"call": 290.0, "token": 40.0}, "default": 30.0}
+    assert ("learned_mlp runtime 330.0 us (10 calls) decode, 1450.0 us per call at 29.0 tokens (2 calls) prefill "
+            "-> 290.0 + 40.0 us/token") in note
+    raw = load_profile("h200-quoted").model_dump()
+    prof = HardwareProfile.model_validate({**raw, "predictor_cost_us": cost})  # what calibrate writes validates
+    assert prof.predictor_cost_s("learned_mlp", tokens=29) == pytest.approx(1450e-6)
 
 
 def test_profile_takes_the_runtime_predictor_cost_and_notes_both():

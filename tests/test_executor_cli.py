@@ -57,7 +57,11 @@ def test_calibrate_dry_run_profile(profile_path):
     assert set(prof.predictor_cost_us) >= {"none", "previous_token", "default"}
     # taken from the runtime's own accounting (small-MoE replay), the observe + predict figure kept in the notes
     assert "previous_token runtime" in prof.notes and "observe+predict alone" in prof.notes
-    assert profile_path.read_text().startswith("# NOT A GPU PROFILE")
+    # measured in decode and prefill: a call part and a per-token part, the prefill point in the notes (one
+    # prompt, small-MoE: 7 of its 8 layers have a target)
+    cost = prof.predictor_cost_us["previous_token"]
+    assert cost.call >= 0 and cost.token >= 0 and "tokens (7 calls) prefill ->" in prof.notes
+    assert profile_path.read_text().startswith("# NOT A GPU PROFILE") and "&id" not in profile_path.read_text()
 
 
 def test_validate_suite_report(tmp_path, profile_path):

@@ -8,7 +8,7 @@ import pytest
 
 from sim.config import build_config, load_config, parse_sets
 from sim.engine.synthetic import make_trace
-from sim.hardware import CostModel, load_profile
+from sim.hardware import PROFILES_DIR, CostModel, load_profile
 from sim.run import main as run_main
 from traces.errors import TraceError, run_cli
 from traces.reader import Trace
@@ -127,6 +127,26 @@ def test_profile_errors_name_file_and_field(tmp_path):
     assert str(p) in msg and "h2d.pinned.points" in msg and "bogus" in msg
     with pytest.raises(TraceError, match="no hardware profile"):
         load_profile("no-such-gpu")
+
+
+def test_predictor_cost_per_call_or_per_call_and_token(tmp_path):
+    """predictor_cost_us entries: a number (per call, as before) or {call, token} (call + token x batch tokens)."""
+    import yaml
+
+    raw = yaml.safe_load((PROFILES_DIR / "h200-quoted.yaml").read_text())
+    raw["predictor_cost_us"] = {"default": 6.5, "previous_token": 20, "learned_mlp": {"call": 300, "token": 40.5}}
+    prof = load_profile(str(write(tmp_path, yaml.safe_dump(raw), name="ok.yaml")))
+    assert prof.predictor_cost("learned_mlp") == pytest.approx((300e-6, 40.5e-6))
+    assert prof.predictor_cost("previous_token") == pytest.approx((20e-6, 0.0))
+    assert prof.predictor_cost("oracle") == pytest.approx((6.5e-6, 0.0))  # (default)
+    assert prof.predictor_cost_s("learned_mlp", tokens=29) == pytest.approx((300 + 29 * 40.5) * 1e-6)
+    assert prof.predictor_cost_s("previous_token") == pytest.approx(20e-6)
+    for i, bad in enumerate([{"call": 300}, {"call": 1, "token": 2, "per": 3}, {"call": -1, "token": 0},
+                             {"call": "x", "token": 1}, -5, "fast", True]):
+        raw["predictor_cost_us"] = {"default": 0.0, "learned_mlp": bad}
+        with pytest.raises(TraceError) as e:
+            load_profile(str(write(tmp_path, yaml.safe_dump(raw), name=f"bad{i}.yaml")))
+        assert "field 'predictor_cost_us'" in str(e.value) and "predictor_cost_us.learned_mlp" in str(e.value)
 
 
 def test_build_config_dotted_and_nested(trace_dir):

@@ -85,6 +85,45 @@ def test_blocking_predictor_is_on_the_compute_timeline(tiny, blocking):
     assert m["bytes_h2d"] == 0
 
 
+@pytest.mark.parametrize("blocking", [False, True])
+def test_predictor_cost_grows_with_the_batch_tokens(tiny, blocking):
+    """A call costs call + token x T (T: the batch's tokens, a whole prompt in prefill): a blocking predictor adds
+    exactly that per layer whose target exists; beside the stream, each prediction is ready that much after its
+    gate (the first call of a run, the predictor idle till then; the oracle names experts at every gate)."""
+    meta = tiny.meta
+    call_s, token_s, d = 1e-4, 3e-5, 1
+    seqs = load_sequences(tiny, "both", None, None)
+    sim = Simulation(meta, seqs, CostModel(load_profile("h200-quoted"), meta),
+                     cache_capacity_bytes=meta.total_expert_bytes(), predictor=make_predictor("oracle"),
+                     distance=d, predictor_cost_s=call_s, predictor_token_s=token_s, trace=tiny, check=True,
+                     predictor_blocking=blocking)
+    sim.warm((layer, e) for layer in range(meta.n_layers) for e in range(meta.n_experts))
+    first = next(iter_batches(seqs, "both", 1))
+    assert first.phase == "prefill" and first.tokens == 6
+    pf = sim.prefetcher
+    seen, free = [], []
+    start_batch, predict_at_gate = pf.start_batch, pf.predict_at_gate
+
+    def spy(batch):
+        start_batch(batch)
+        seen.append((batch.tokens, pf.cost_s))
+
+    def spy_predict(layer, n_layers):
+        free.append(pf.free_at)
+        return predict_at_gate(layer, n_layers)
+
+    pf.start_batch, pf.predict_at_gate = spy, spy_predict
+    m = sim.run()
+    assert seen[0] == (6, pytest.approx(call_s + 6 * token_s))  # the prompt: 6 tokens, one call per layer
+    assert all(c == pytest.approx(call_s + t * token_s) for t, c in seen)
+    compute, _ = analytic_parts(sim)
+    tokens = sum(b.tokens for b in iter_batches(seqs, "both", 1))
+    extra = (m["batches"] * call_s + tokens * token_s) * (meta.n_layers - d) if blocking else 0.0
+    assert m["total_ms"] == pytest.approx((compute + extra) * 1e3, rel=1e-9)
+    if not blocking:  # the first prediction: ready at the first gate (after layer 0's dense part) + its cost
+        assert free[1] == pytest.approx(sim.cost.dense_s[0][6] + call_s + 6 * token_s, rel=1e-12)
+
+
 def test_prefetch_call_cost_is_charged_once_per_call(tiny):
     """Every expert resident: the oracle's calls issue no copy, yet each costs the profile's
     prefetch_call_host_us on the compute timeline (the executor ranks and refreshes on its host at the gate)."""

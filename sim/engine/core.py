@@ -122,6 +122,7 @@ class Simulation:
         top_n: int | None = None,
         max_inflight_bytes: float | None = None,
         predictor_cost_s: float = 0.0,
+        predictor_token_s: float = 0.0,
         chunked_prefetch: bool = False,
         chunks: int = 3,
         early_preemption: bool = False,
@@ -135,7 +136,8 @@ class Simulation:
     ):
         """`predictor_blocking`: the predictor runs on the compute timeline at the gate, and its copies are issued
         when it returns (the real executor predicts on its host, the GPU waiting); by default it runs beside the
-        stream and only delays its own copies (`predictor_cost_s` later)."""
+        stream and only delays its own copies (`predictor_cost_s` + `predictor_token_s` x the batch's tokens
+        later)."""
         from sim.policies import policy_class
 
         self.meta = meta
@@ -174,7 +176,7 @@ class Simulation:
         self.gated = (-1, -1)
         predictor.reset()
         self.prefetcher = Prefetcher(self, predictor, distance, top_n, max_inflight_bytes, predictor_cost_s, trace,
-                                     meta=meta)
+                                     meta=meta, token_s=predictor_token_s)
         self.max_used_bytes = 0
         self.warmup_batches = warmup_batches  # leading batches simulated but left out of the metrics
         self.predictor_blocking = predictor_blocking

@@ -6,7 +6,8 @@ fetched when the predictor declares `needs`), and router weights. The future is 
 predictors with `reads_future` (the oracle), as a function of the target layer.
 
 The predictor runs on the CPU, concurrently with the GPU, one call at a time: its prediction is ready at
-max(gate time, predictor free) + cost (profile's predictor_cost_us); the transfers are issued then. A
+max(gate time, predictor free) + cost (profile's predictor_cost_us: per call + per token of the batch, set at
+each batch's start); the transfers are issued then. A
 prediction that becomes ready after its target layer's gate is discarded.
 """
 
@@ -46,16 +47,20 @@ class Prefetcher:
     `meta`: the meta the run models (the executor's geometry sizes, its first N layers); default the engine's.
     `trace`: where optional arrays come from (router weights, hidden states), or None.
     `hidden_fn(batch, layer)`: the hidden state entering `layer` for the batch's tokens ([T, hidden] float32) or
-    None; default: the trace's hidden states at the batch's `hidden_rows` (live mode passes its own)."""
+    None; default: the trace's hidden states at the batch's `hidden_rows` (live mode passes its own).
+    `cost_s` + `token_s` x the batch's tokens: a call's host time (`cost_s`, what the engine reads per call, is
+    set once per batch, and only when `token_s` is non-zero)."""
 
     def __init__(self, engine, predictor: Predictor, distance: int, top_n: int | None, max_inflight_bytes: float | None,
-                 cost_s: float, trace=None, *, meta: TraceMeta | None = None, hidden_fn=None):
+                 cost_s: float, trace=None, *, meta: TraceMeta | None = None, hidden_fn=None, token_s: float = 0.0):
         self.engine = engine
         self.predictor = predictor
         self.distance = distance
         self.top_n = top_n
         self.max_inflight = max_inflight_bytes
         self.cost_s = cost_s
+        self.call_s = cost_s
+        self.token_s = token_s
         self.free_at = 0.0
         self.trace = trace
         self.meta = meta if meta is not None else engine.meta
@@ -90,7 +95,10 @@ class Prefetcher:
         # the view's per-batch fields, built once (predict_at_gate adds the layer's)
         self._view_base = {"meta": self.meta, "sequences": batch.sequences, "positions": batch.positions,
                            "past": batch.past, "phase": batch.phase, "router_weights": self.router}
-        self._n = self.top_n if self.top_n is not None else self.meta.top_k * batch.tokens
+        T = batch.tokens
+        self._n = self.top_n if self.top_n is not None else self.meta.top_k * T
+        if self.token_s:
+            self.cost_s = self.call_s + self.token_s * T  # every call on this batch sees its T tokens
         if self.reads_future:
             experts = batch.experts
             self._future = lambda layer: experts[:, layer, :]
