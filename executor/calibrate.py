@@ -14,7 +14,9 @@ What it measures (each figure the median of `--repeats` runs, 20 by default; GPU
   the executor uses (`--launch eager`, default; `graph` = CUDA-graph replay); the CUDA-graph figures are also
   the table's `kernel_ms` (the GPU's time alone). `expert_launch_floor_ms` = the smallest entry. With the
   runtime's costs (calibrate_runtime) an entry is floored at the runtime's per-expert cost, and `group_ms` is its
-  cost per expert of a resident group.
+  cost per expert of a resident group, and `demand_transfer_host_us`, `prefetch_transfer_host_us`,
+  `prefetch_call_host_us` the geometry's own runtime_transfer_costs (the host cost per copy depends on the
+  expert's size); the profile's top-level three are the first geometry's, the fallback for other geometries.
 - `dense_compute`: everything of the runtime's layer step but the experts (`layer_skeleton`: the dense stand-in
   of executor.model, the gate synchronisation and its launch bubble, the norm, the combine buffer), by batch
   tokens, keyed by the geometry's dense bytes (one table per distinct layer size); `default_dense` = the first.
@@ -435,6 +437,14 @@ def add_runtime_costs(expert_table: dict, dense_tables: list[dict], rc: dict) ->
         dt["note"] += f"; + {round(extra, 5)} ms of the runtime's per-layer host bookkeeping (measured)"
 
 
+def add_transfer_host(expert_table: dict, th: dict) -> None:
+    """Write one geometry's runtime_transfer_costs into its expert table (CostModel uses them for traces of
+    exactly this geometry: the host cost per copy issued depends on the expert's size)."""
+    expert_table["demand_transfer_host_us"] = th["demand_transfer_us"]
+    expert_table["prefetch_transfer_host_us"] = th["prefetch_transfer_us"]
+    expert_table["prefetch_call_host_us"] = th["prefetch_call_us"]
+
+
 def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, launch: str, machine: str,
               trace_for_predictors: str, pageable: bool = True, runtime_costs: bool = True, lookahead: int = 2,
               log=print) -> dict:
@@ -491,11 +501,17 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
     overlap = measure_overlap(geoms[0], device, timer) if cuda else 1.0
     transfer_host = {"demand_transfer_us": 0.0, "prefetch_transfer_us": 0.0, "prefetch_call_us": 0.0}
     if runtime_costs:
-        g, rc = geoms[0], host[geoms[0].name]
-        log(f"runtime transfer host costs: {g.name}")
-        transfer_host = runtime_transfer_costs(g, device, rc["top_k"], repeats=max(3, repeats // 4),
-                                               lookahead=lookahead)
-        host["transfer_host"] = transfer_host
+        # per geometry: a copy's host cost depends on the expert's size (the top-level values, the first
+        # geometry's, stay as the fallback for traces of other geometries)
+        short = {} if cuda else {"repeats": 1, "tokens": 8}  # (a CPU dry run: short runs)
+        per_geom = {}
+        for g, et in zip(geoms, expert_tables, strict=True):
+            log(f"runtime transfer host costs: {g.name}")
+            per_geom[g.name] = runtime_transfer_costs(
+                g, device, host[g.name]["top_k"], **{"repeats": max(3, repeats // 4), **short}, lookahead=lookahead)
+            add_transfer_host(et, per_geom[g.name])
+        transfer_host = per_geom[geoms[0].name]
+        host["transfer_host"] = per_geom
     runtime_pred: dict = {}
     if runtime_costs:
         log("runtime predictor costs: small-moe")

@@ -18,6 +18,7 @@ spends:
   `host_demand_issue_ms` / `host_prefetch_issue_ms`) in all-miss and all-prefetch cycle-trace runs, and the
   prefetcher's cost per call (ranking the prediction, refreshing what is resident) in an all-resident run where
   every call issues nothing: a call's cost is then charged once per call, not spread over the copies it issues.
+  `executor.calibrate` runs it for every geometry (a copy's host cost depends on the expert's size).
 - `runtime_predictor_costs`: host time per predictor call, as the runtime accounts it (`host_predict_ms`: the
   view, the hidden states fetched and converted, observe and predict) over the calls it counts
   (`predict_calls`), in all-resident replays of the small-MoE trace (held-out sequences): its decode batches (1

@@ -29,6 +29,9 @@ Lookup rules (applied once per run in `CostModel`, which turns everything into p
   of expert bytes (= the ratio of weight bytes and FLOPs per token at the same dtype), and floored at
   `expert_launch_floor_ms` (small experts are launch-bound). Dense tables likewise by dense bytes per layer;
   a trace without dense_bytes uses the profile's `default_dense` table unscaled.
+- transfer host costs (`demand_transfer_host_us`, `prefetch_transfer_host_us`, `prefetch_call_host_us`): an
+  expert table may carry its geometry's own; a run whose layers all match that table exactly uses them, any other
+  run (or a table without them) the profile's top-level values.
 - launch-bound refinements, only for layers whose geometry has an exact table (what the executor measured on
   itself): `group_ms` (a layer's leading resident experts that take every token computed as one group) and
   `kernel_ms` (an expert that waited for its copy had its launches overlap the wait: max(kernel, ms - wait) is
@@ -167,6 +170,13 @@ class ExpertTable(TokenTable):
                                         "and each take every token of the batch (batch-size-1 decode) are computed "
                                         "as one group of batched kernels (the executor's group_resident), instead "
                                         "of ms each; used for traces of exactly this geometry")
+    demand_transfer_host_us: float | None = Field(
+        default=None, ge=0, description="this geometry's demand_transfer_host_us (expert_compute tables; the host "
+                                        "cost of a copy depends on the expert's size); absent: the profile's")
+    prefetch_transfer_host_us: float | None = Field(
+        default=None, ge=0, description="this geometry's prefetch_transfer_host_us; absent: the profile's")
+    prefetch_call_host_us: float | None = Field(
+        default=None, ge=0, description="this geometry's prefetch_call_host_us; absent: the profile's")
 
     @model_validator(mode="after")
     def _kernel(self):
@@ -363,6 +373,17 @@ def dense_time_fn(profile: HardwareProfile, meta: TraceMeta, layer: int):
             f"table {ref.name} scaled by dense bytes x{ratio:.3g}")
 
 
+def transfer_host_us(profile: HardwareProfile, exact: list[ExpertTable | None], field: str) -> float:
+    """A transfer host cost (`field`, us) for a run: the value of the expert table every layer matches exactly, when
+    it carries one (the executor measured it on this geometry: issuing a tiny expert's copy costs more host time,
+    as the copy stream is idle and the copy is started and reaped in the issue path), else the profile's."""
+    if exact and exact[0] is not None and all(t is exact[0] for t in exact):
+        v = getattr(exact[0], field)
+        if v is not None:
+            return v
+    return getattr(profile, field)
+
+
 class CostModel:
     """Per-run lookup tables in seconds, as plain Python lists indexed by layer (and token count)."""
 
@@ -408,9 +429,9 @@ class CostModel:
         if profile.cpu_expert_compute:
             self._cpu_fns = [expert_time_fn(profile.cpu_expert_compute, meta, layer, 0.0)[0] for layer in range(L)]
         self.overlap = profile.copy_compute_overlap
-        self.demand_host_s = profile.demand_transfer_host_us * 1e-6
-        self.prefetch_host_s = profile.prefetch_transfer_host_us * 1e-6
-        self.prefetch_call_host_s = profile.prefetch_call_host_us * 1e-6
+        self.demand_host_s = transfer_host_us(profile, exact, "demand_transfer_host_us") * 1e-6
+        self.prefetch_host_s = transfer_host_us(profile, exact, "prefetch_transfer_host_us") * 1e-6
+        self.prefetch_call_host_s = transfer_host_us(profile, exact, "prefetch_call_host_us") * 1e-6
         self._max_tokens = 0
         self.expert_s: list[list[float]] = [[0.0] for _ in range(L)]
         self.dense_s: list[list[float]] = [[0.0] for _ in range(L)]

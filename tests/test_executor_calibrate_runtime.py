@@ -4,7 +4,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from executor.calibrate import add_runtime_costs  # noqa: E402
+from executor.calibrate import add_runtime_costs, add_transfer_host  # noqa: E402
 from executor.calibrate_runtime import (  # noqa: E402
     _decode_runs,
     _layer_step_ms,
@@ -49,6 +49,18 @@ def test_add_runtime_costs_floors_experts_and_adds_layer_bookkeeping():
     assert et["ms"] == [0.1, 0.1, 0.4]  # max(kernel, host) per expert
     assert et["group_ms"] == 0.03  # a resident group's cost per expert
     assert dts[0]["ms"] == [0.5, 0.6]  # + (base - skeleton at the smallest batch)
+
+
+def test_add_transfer_host_writes_the_geometry_table():
+    """calibrate writes each geometry's runtime_transfer_costs into its expert table, under the profile's names."""
+    et = {"name": "g", "hidden": 32, "intermediate": 16, "tokens": [1], "ms": [0.1]}
+    add_transfer_host(et, {"demand_transfer_us": 170.0, "prefetch_transfer_us": 300.0, "prefetch_call_us": 6.0,
+                           "prefetch_issue_us": 310.0})
+    assert (et["demand_transfer_host_us"], et["prefetch_transfer_host_us"], et["prefetch_call_host_us"]) == (
+        170.0, 300.0, 6.0)
+    from sim.hardware import ExpertTable
+
+    assert ExpertTable.model_validate(et).prefetch_transfer_host_us == 300.0
 
 
 def test_transfer_cost_runs_miss_and_prefetch_as_intended():

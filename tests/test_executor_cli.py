@@ -61,6 +61,12 @@ def test_calibrate_dry_run_profile(profile_path):
     # prompt, small-MoE: 7 of its 8 layers have a target)
     cost = prof.predictor_cost_us["previous_token"]
     assert cost.call >= 0 and cost.token >= 0 and "tokens (7 calls) prefill ->" in prof.notes
+    # the transfer host costs measured per geometry, in its expert table; the first geometry's also top-level
+    tiny = prof.expert_compute[0]
+    assert tiny.demand_transfer_host_us > 0 and tiny.prefetch_transfer_host_us > 0 and tiny.prefetch_call_host_us > 0
+    assert (prof.demand_transfer_host_us, prof.prefetch_transfer_host_us, prof.prefetch_call_host_us) == (
+        tiny.demand_transfer_host_us, tiny.prefetch_transfer_host_us, tiny.prefetch_call_host_us)
+    assert f"'transfer_host': {{'tiny-cpu-mini': {{'demand_transfer_us': {tiny.demand_transfer_host_us}," in prof.notes
     assert profile_path.read_text().startswith("# NOT A GPU PROFILE") and "&id" not in profile_path.read_text()
 
 

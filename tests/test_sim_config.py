@@ -149,6 +149,36 @@ def test_predictor_cost_per_call_or_per_call_and_token(tmp_path):
         assert "field 'predictor_cost_us'" in str(e.value) and "predictor_cost_us.learned_mlp" in str(e.value)
 
 
+def test_transfer_host_costs_per_expert_table(tmp_path, trace_dir):
+    """An expert table may carry its geometry's transfer host costs (>= 0, errors name the field); CostModel uses
+    them for a trace of exactly that geometry, the profile's top-level ones otherwise."""
+    import yaml
+
+    raw = yaml.safe_load((PROFILES_DIR / "h200-quoted.yaml").read_text())
+    raw.update(demand_transfer_host_us=100.0, prefetch_transfer_host_us=150.0, prefetch_call_host_us=5.0)
+    meta = Trace(trace_dir).meta  # 2048 x 768 bf16 experts
+    i = next(i for i, t in enumerate(raw["expert_compute"]) if t["hidden"] == 2048 and t["intermediate"] == 768)
+    base = CostModel(load_profile(str(write(tmp_path, yaml.safe_dump(raw), name="top.yaml"))), meta)
+    assert (base.demand_host_s, base.prefetch_host_s, base.prefetch_call_host_s) == pytest.approx(
+        (100e-6, 150e-6, 5e-6))
+    raw["expert_compute"][i].update(demand_transfer_host_us=200.0, prefetch_call_host_us=0.0)
+    own = CostModel(load_profile(str(write(tmp_path, yaml.safe_dump(raw), name="own.yaml"))), meta)
+    # the table's values where it has them (0 included), the top-level one where it has none
+    assert (own.demand_host_s, own.prefetch_host_s, own.prefetch_call_host_s) == pytest.approx((200e-6, 150e-6, 0.0))
+    # another geometry's table values are not used
+    other = [dict(t) for t in raw["expert_compute"]]
+    other[i] = {k: v for k, v in other[i].items() if not k.endswith("_host_us")}
+    other[(i + 1) % len(other)]["demand_transfer_host_us"] = 999.0
+    prof = load_profile(str(write(tmp_path, yaml.safe_dump({**raw, "expert_compute": other}), name="other.yaml")))
+    assert CostModel(prof, meta).demand_host_s == pytest.approx(100e-6)
+    for field in ("demand_transfer_host_us", "prefetch_transfer_host_us", "prefetch_call_host_us"):
+        bad = [dict(t) for t in raw["expert_compute"]]
+        bad[i][field] = -1.0
+        with pytest.raises(TraceError) as e:
+            load_profile(str(write(tmp_path, yaml.safe_dump({**raw, "expert_compute": bad}), name=f"{field}.yaml")))
+        assert f"expert_compute.{i}.{field}" in str(e.value)
+
+
 def test_build_config_dotted_and_nested(trace_dir):
     cfg = build_config({"trace": str(trace_dir), "cache": {"policy": "lfu"}, "cache.cache_rate": 0.5})
     assert cfg.cache.policy == "lfu" and cfg.cache.cache_rate == 0.5

@@ -140,6 +140,26 @@ def test_prefetch_call_cost_is_charged_once_per_call(tiny):
     assert m["prefetches"] == 0 and m["total_ms"] == pytest.approx((compute + extra) * 1e3, rel=1e-9)
 
 
+@pytest.mark.parametrize("table_us", [None, 300.0])
+def test_demand_host_cost_of_the_matching_expert_table(tiny, table_us):
+    """Every lookup a demand load: each costs the host's issue time before its copy starts, the value of the
+    expert table of exactly the trace's geometry when it has one (sim.hardware.transfer_host_us), else the
+    profile's top-level one."""
+    meta = tiny.meta
+    prof = load_profile("h200-quoted").model_copy(update={"demand_transfer_host_us": 100.0})
+    tables = [t.model_copy(update={"demand_transfer_host_us": table_us}) if t.expert_bytes == EXPERT_BYTES
+              and t.hidden == meta.hidden_size else t for t in prof.expert_compute]
+    prof = prof.model_copy(update={"expert_compute": tables})
+    sim = Simulation(meta, load_sequences(tiny, "both", None, None), CostModel(prof, meta), cache_capacity_bytes=0,
+                     predictor=make_predictor("none"), trace=tiny, check=True)
+    assert "exact" in sim.cost.geometry[0]
+    m = sim.run()
+    compute, xfer = analytic_parts(sim)
+    host_s = (100.0 if table_us is None else table_us) * 1e-6
+    assert m["hits"] == 0
+    assert m["total_ms"] == pytest.approx((compute + xfer + m["lookups"] * host_s) * 1e3, rel=1e-12)
+
+
 @pytest.mark.parametrize("capacity", [0, EXPERT_BYTES - 1])
 def test_empty_cache_no_prefetch_is_sum_of_transfers_and_compute(tiny, capacity):
     sim = build(tiny, capacity_bytes=capacity)
