@@ -500,25 +500,23 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
             transfer_issue_overhead_us(geoms[0], device, table.seconds, busy=busy, backend="cuda-thread"), 3)
     overlap = measure_overlap(geoms[0], device, timer) if cuda else 1.0
     transfer_host = {"demand_transfer_us": 0.0, "prefetch_transfer_us": 0.0, "prefetch_call_us": 0.0}
+    runtime_pred: dict = {}
     if runtime_costs:
+        # (a CPU dry run: short runs and replays)
+        runs = {"repeats": max(3, repeats // 4)} if cuda else {"repeats": 1, "tokens": 8}
         # per geometry: a copy's host cost depends on the expert's size (the top-level values, the first
         # geometry's, stay as the fallback for traces of other geometries)
-        short = {} if cuda else {"repeats": 1, "tokens": 8}  # (a CPU dry run: short runs)
         per_geom = {}
         for g, et in zip(geoms, expert_tables, strict=True):
             log(f"runtime transfer host costs: {g.name}")
-            per_geom[g.name] = runtime_transfer_costs(
-                g, device, host[g.name]["top_k"], **{"repeats": max(3, repeats // 4), **short}, lookahead=lookahead)
+            per_geom[g.name] = runtime_transfer_costs(g, device, host[g.name]["top_k"], **runs, lookahead=lookahead)
             add_transfer_host(et, per_geom[g.name])
         transfer_host = per_geom[geoms[0].name]
         host["transfer_host"] = per_geom
-    runtime_pred: dict = {}
-    if runtime_costs:
         log("runtime predictor costs: small-moe")
         try:
-            short = {} if cuda else {"sequences": 1, "tokens": 8}  # (a CPU dry run: a short replay)
-            runtime_pred = runtime_predictor_costs(predictors, device, repeats=max(3, repeats // 4) if cuda else 1,
-                                                   **short)
+            replay = runs if cuda else {**runs, "sequences": 1}
+            runtime_pred = runtime_predictor_costs(predictors, device, **replay)
         except TraceError as exc:  # no small-MoE config or trace here: observe + predict alone
             log(f"runtime predictor costs not measured: {exc}")
     pcost, pnote = predictor_costs(micro, runtime_pred)
