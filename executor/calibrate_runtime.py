@@ -30,6 +30,7 @@ spends:
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
@@ -103,6 +104,13 @@ def _layer_step_ms(geom, device, top_k: int, *, n_layers: int, n_experts: int, t
     return statistics.median(out)
 
 
+def calibration_inflight_mib(geom, top_k: int) -> int:
+    """The in-flight bound of the transfer-cost runs: the suite's 512 MiB, raised to two layers' worth of copies
+    where experts are large. The bound counts demand loads too: 512 MiB (under two Mixtral-8x7B experts of 336
+    MiB) admitted no prefetch, and the calibration stopped there."""
+    return max(512, math.ceil(2 * top_k * geom.expert_bytes / 2**20))
+
+
 def runtime_transfer_costs(geom, device, top_k: int, *, repeats: int = 5, n_layers: int = 4, tokens: int = 48,
                            chunks: int = 3, lookahead: int = 1) -> dict:
     """Host time per transfer the runtime issues, as it accounts it itself (`host_*_issue_ms`):
@@ -119,7 +127,8 @@ def runtime_transfer_costs(geom, device, top_k: int, *, repeats: int = 5, n_laye
     n_experts = 2 * top_k
     small = {"cache.scope": "per_layer", "cache.cache_rate": 0.5}
     switches = {"prefetch.predictor": "oracle", "prefetch.distance": 1, "prefetch.chunks": chunks,
-                "prefetch.max_inflight_mib": 512, "chunked_prefetch": True, "early_preemption": True,
+                "prefetch.max_inflight_mib": calibration_inflight_mib(geom, top_k), "chunked_prefetch": True,
+                "early_preemption": True,
                 "reordered_inference": True}
     calls = tokens * (n_layers - 1)  # one call per gate with a layer at distance 1 (the measured batches)
     kw = dict(n_layers=n_layers, n_experts=n_experts, tokens=tokens, repeats=repeats, lookahead=lookahead)

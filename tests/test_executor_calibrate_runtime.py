@@ -8,6 +8,7 @@ from executor.calibrate import add_runtime_costs, add_transfer_host  # noqa: E40
 from executor.calibrate_runtime import (  # noqa: E402
     _decode_runs,
     _layer_step_ms,
+    calibration_inflight_mib,
     cycle_trace,
     runtime_layer_costs,
     runtime_predictor_costs,
@@ -181,3 +182,11 @@ def test_profile_takes_the_runtime_predictor_cost_and_notes_both():
     assert cost["default"] == 30.0  # the dearest one reading no hidden states, as measure_predictors
     assert "learned_mlp runtime 330.0 us (10 calls), observe+predict alone 85.0 us" in note
     assert "gate_reuse observe+predict alone 40.0 us (no runtime measurement)" in note
+
+
+def test_transfer_cost_runs_admit_prefetches_of_large_experts():
+    """The prefetch run's in-flight bound holds two layers of copies even for Mixtral's 336 MiB experts (the
+    suite's 512 MiB admitted none, and calibrate stopped with 'issued no demand loads or no prefetches')."""
+    mixtral = get_geometry("mixtral-8x7b")
+    assert calibration_inflight_mib(mixtral, 2) * 2**20 >= 4 * mixtral.expert_bytes
+    assert calibration_inflight_mib(get_geometry("qwen3-30b-a3b"), 8) == 512  # the suite's bound where it fits
