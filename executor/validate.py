@@ -155,42 +155,105 @@ def build_simulation(cfg, setup, profile, capacity_bytes: int, *, record: bool =
 def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget=None, check=False,
             models: dict | None = None, lookahead: int = 1, predict_after_resident: bool = False,
             prefill_repeats: int = 5, decode_repeats: int = 3) -> dict:
+    """One config's row: the median of its real repeats beside the simulation."""
+    return run_group([(ex, cfg)], profile, device=device, host_budget=host_budget, gpu_budget=gpu_budget,
+                     check=check, models=models, lookahead=lookahead, predict_after_resident=predict_after_resident,
+                     prefill_repeats=prefill_repeats, decode_repeats=decode_repeats)[0]
+
+
+def run_group(items: list[tuple[dict, object]], profile, *, device=None, host_budget=None, gpu_budget=None,
+              check=False, models: dict | None = None, lookahead: int = 1, predict_after_resident: bool = False,
+              prefill_repeats: int = 5, decode_repeats: int = 3) -> list[dict]:
+    """The rows of several replay configs of one geometry and phase (`group_key`), their repeats interleaved:
+    repeat r of every config, then repeat r + 1, so a drift of the host's speed between configs (it spreads a
+    config's repeats by 12-22 % on the H200 machine) weighs on every label alike, not on whichever ran in the slow
+    minutes, and does not decide the ranking or the speedups. A live config runs on its own (its repeats reload
+    the model)."""
     import torch
 
+    if len(items) == 1 and items[0][0]["mode"] == "live":
+        from executor.live import run_live
+
+        ex, cfg = items[0]
+        # (each live run reloads the model: repeats at the decode count for prefill rows too, to bound the time)
+        return [guarded(lambda: run_live(ex, cfg, profile, device=device, lookahead=lookahead,
+                                         repeats=decode_repeats), ex)]
+    if any(ex["mode"] == "live" for ex, _ in items):
+        raise ValueError("a live config runs on its own, not in an interleaved group")
+    plans = [guarded(lambda ex=ex, cfg=cfg: replay_plan(
+        ex, cfg, profile, device=device, host_budget=host_budget, gpu_budget=gpu_budget, check=check, models=models,
+        lookahead=lookahead, predict_after_resident=predict_after_resident), ex) for ex, cfg in items]
+    ready = [i for i, p in enumerate(plans) if not isinstance(p, dict)]  # (a dict: the row of one that failed)
+    n = max(prefill_repeats if cfg.phase == "prefill" else decode_repeats for _, cfg in items)
+    medians = repeat_medians([plans[i][0] for i in ready], n,
+                             device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = list(plans)
+    for i, m in zip(ready, medians):
+        rows[i] = guarded(lambda i=i, m=m: reraise(m) if isinstance(m, Exception) else plans[i][1](*m), items[i][0])
+    return rows
+
+
+def reraise(exc: Exception):
+    raise exc
+
+
+def guarded(make, ex: dict):
+    """make(), or the row of a config that cannot run: skipped (a mode refuses it) or error (FitError, a
+    configuration that does not fit; the suite goes on)."""
+    try:
+        return make()
+    except NotImplementedError as exc:
+        return {"status": "skipped", "error": str(exc)}
+    except (TraceError, ValueError) as exc:
+        print(f"error: run {ex['name']} ({ex['geometry']}, {ex['mode']}): {exc}", file=sys.stderr)
+        return {"status": "error", "error": str(exc)}
+
+
+def group_key(ex: dict, cfg) -> tuple:
+    """Configs whose repeats interleave (`run_group`): replays of one geometry, layers, trace, phase, batch size
+    and cache size, i.e. the labels a ranking compares (they share the host store)."""
+    if ex["mode"] == "live":
+        return ("live", id(ex))
+    return (str(ex["geometry"]), str(ex.get("layers")), json.dumps(ex.get("set_geometry")), str(cfg.trace),
+            cfg.phase, cfg.batch_size, cfg.max_sequences, cfg.max_decode_tokens, cfg.cache.scope,
+            cfg.cache.cache_rate, cfg.cache.capacity_mib, cfg.cache.capacity_experts)
+
+
+def replay_plan(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget=None, check=False,
+                models: dict | None = None, lookahead: int = 1, predict_after_resident: bool = False):
+    """(one, finish) for a replay config: `one()` runs it once on the GPU (None for a run to leave out), `finish(
+    (rt, real), repeat_cols)` simulates it and makes the row from the median repeat."""
     from executor.geometry import parse_geometry_overrides, resolve_geometry
     from executor.memory import DEFAULT_HOST_BUDGET
     from executor.replay import build_runtime, prepare
 
-    if ex["mode"] == "live":
-        from executor.live import run_live
-
-        # (each live run reloads the model: repeats at the decode count for prefill rows too, to bound the time)
-        return run_live(ex, cfg, profile, device=device, lookahead=lookahead, repeats=decode_repeats)
     geom = resolve_geometry(ex["geometry"], parse_geometry_overrides(ex.get("set_geometry")))
     setup = prepare(cfg, geom, layers=ex.get("layers"))
-    # the first run on a freshly built host store is slower (its pinned pages' first DMA): left out, run again
-    key = models.get("key") if models is not None else None
 
     def one():
-        nonlocal key
+        # the first run on a freshly built host store is slower (its pinned pages' first DMA): left out, run again
+        # (the configs of a group share the store: only the run that built it is left out)
+        key = models.get("key") if models is not None else None
         rt = build_runtime(cfg, setup, device=device, host_budget=host_budget or DEFAULT_HOST_BUDGET,
                            gpu_budget_bytes=gpu_budget, check=check, models=models, lookahead=lookahead,
                            predict_after_resident=predict_after_resident)
         rt.warmup()
         m = rt.run()
         if models is not None and models.get("key") != key:
-            key = models.get("key")  # a new store: this run was its first
             return None
         # what the row needs of the runtime, not the runtime: the repeats' slabs must not stay on the GPU together
         return SimpleNamespace(n_slots=rt.n_slots, device=rt.device, batch_rows=rt.batch_rows), m
 
-    n = prefill_repeats if cfg.phase == "prefill" else decode_repeats
-    (rt, real), repeat_cols = repeat_median(one, n, device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    capacity = rt.n_slots * setup.meta.expert_bytes[0]
-    sim = simulate(cfg, setup, profile, capacity)
-    return compare_row(real, sim, {"geometry_name": setup.geometry.name, "n_layers": setup.n_layers, **repeat_cols,
-                                   "slab_slots": rt.n_slots, "capacity_bytes": capacity, "device": str(rt.device),
-                                   "real_batch_ms": batch_times(rt), **pcie_floor(cfg, setup, profile, capacity)})
+    def finish(median, repeat_cols: dict) -> dict:
+        rt, real = median
+        capacity = rt.n_slots * setup.meta.expert_bytes[0]
+        sim = simulate(cfg, setup, profile, capacity)
+        return compare_row(real, sim, {"geometry_name": setup.geometry.name, "n_layers": setup.n_layers,
+                                       **repeat_cols, "slab_slots": rt.n_slots, "capacity_bytes": capacity,
+                                       "device": str(rt.device), "real_batch_ms": batch_times(rt),
+                                       **pcie_floor(cfg, setup, profile, capacity)})
+
+    return one, finish
 
 
 def batch_times(rt) -> str:
@@ -200,27 +263,56 @@ def batch_times(rt) -> str:
 
 
 def repeat_median(run, n: int, device) -> tuple[tuple, dict]:
-    """A run's time varies from one run to the next (host scheduling, the copy engine): `run()` (returning (extra,
-    metrics), or None for a run to leave out and repeat) is run until n runs are kept, each after a machine probe
-    (executor.probe). Returns the median run by total time and the row's repeat columns: real_repeats,
-    real_spread ((max - min) / the median's total) and real_probes (each with its run's total and CPU steal)."""
+    """`repeat_medians` of one run."""
+    return repeat_medians([run], n, device)[0]
+
+
+def repeat_medians(runs, n: int, device) -> list:
+    """A run's time varies from one run to the next (host scheduling, the copy engine): each `run()` (returning
+    (extra, metrics), or None for a run to leave out and repeat) is run until n runs are kept, round-robin over
+    `runs` (repeat r of each, then repeat r + 1), each after a machine probe (executor.probe). Returns per run the
+    median run by total time and the row's repeat columns: real_repeats, real_spread ((max - min) / the median's
+    total) and real_probes (each with its run's total, CPU steal and its place in the round-robin); for a run that
+    raised a configuration error (TraceError, ValueError, NotImplementedError) the exception instead, the others
+    going on without it."""
     from executor.probe import cpu_steal_ms, machine_probe, steal_during
     from executor.runtime import HOST_METRICS
 
-    runs, probes = [], []
-    while len(runs) < max(1, n):
-        probe = machine_probe(device)
-        r = run()
-        if r is None:
+    kept: list[list] = [[] for _ in runs]
+    probes: list[list] = [[] for _ in runs]
+    in_order: list[dict] = []  # every probe as taken: a repeat's steal runs up to the next probe, whoever's
+    order = 0
+    failed: dict[int, Exception] = {}
+    for _ in range(max(1, n)):
+        for i, run in enumerate(runs):
+            if i in failed:
+                continue
+            try:
+                while True:
+                    probe = machine_probe(device)
+                    r = run()
+                    if r is not None:
+                        break
+            except (NotImplementedError, TraceError, ValueError) as exc:  # this config only; the others go on
+                failed[i] = exc
+                continue
+            kept[i].append(r)
+            host = sum(r[1].get(k) or 0.0 for k in HOST_METRICS)  # the run's own host time (runtime accounting)
+            probes[i].append({**probe, "total_ms": round(r[1]["total_ms"], 3), "host_ms": round(host, 3),
+                              "order": order})
+            in_order.append(probes[i][-1])
+            order += 1
+    steal_during(in_order, cpu_steal_ms())
+    out: list = []
+    for i, (rs, ps) in enumerate(zip(kept, probes)):
+        if i in failed:
+            out.append(failed[i])
             continue
-        runs.append(r)
-        host = sum(r[1].get(k) or 0.0 for k in HOST_METRICS)  # the run's own host time (runtime accounting)
-        probes.append({**probe, "total_ms": round(r[1]["total_ms"], 3), "host_ms": round(host, 3)})
-    steal_during(probes, cpu_steal_ms())
-    totals = [r[1]["total_ms"] for r in runs]
-    median = sorted(runs, key=lambda r: r[1]["total_ms"])[len(runs) // 2]
-    return median, {"real_repeats": len(runs), "real_spread": (max(totals) - min(totals)) / median[1]["total_ms"],
-                    "real_probes": json.dumps(probes)}
+        totals = [r[1]["total_ms"] for r in rs]
+        median = sorted(rs, key=lambda r: r[1]["total_ms"])[len(rs) // 2]
+        spread = (max(totals) - min(totals)) / median[1]["total_ms"]
+        out.append((median, {"real_repeats": len(rs), "real_spread": spread, "real_probes": json.dumps(ps)}))
+    return out
 
 
 def keep_artifact(path: str, out: Path) -> str:
@@ -641,33 +733,37 @@ def main(argv=None) -> int:
                     continue
                 rows[i] = resimulate_row(row, stored_run(row, by_id, args.configs, "--resimulate"), profile, out)
         runs = []
+    # the labels of one geometry, phase and cache size run together, their repeats interleaved (run_group)
+    todo, groups = [], {}
     for i, run in enumerate(runs):
         ex, cfg = split_run(run)
         rid = run_id(ex, cfg)
-        if rid in done:
-            continue
-        print(f"[{i + 1}/{len(runs)}] {ex['name']} {ex['geometry']} {cfg.cache.policy} "
-              f"rate={cfg.cache.cache_rate} phase={cfg.phase}", file=sys.stderr)
-        base = {"run_id": rid, "name": ex["name"], "geometry": ex["geometry"], "mode": ex["mode"],
-                "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else "none (CPU)",
-                "torch": torch.__version__,
-                "layers_asked": ex.get("layers"), **{k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
-                                                      for k, v in flatten(cfg.identity()).items()}}
+        if rid not in done:  # (groups numbered in order of first appearance)
+            todo.append((groups.setdefault(json.dumps(group_key(ex, cfg), default=str), len(groups)), i, ex, cfg, rid))
+    todo.sort(key=lambda t: t[:2])
+    for _, group in itertools.groupby(todo, key=lambda t: t[0]):
+        group = [t[1:] for t in group]
+        bases = []
+        for i, ex, cfg, rid in group:
+            print(f"[{i + 1}/{len(runs)}] {ex['name']} {ex['geometry']} {cfg.cache.policy} "
+                  f"rate={cfg.cache.cache_rate} phase={cfg.phase}", file=sys.stderr)
+            bases.append({"run_id": rid, "name": ex["name"], "geometry": ex["geometry"], "mode": ex["mode"],
+                          "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else "none (CPU)",
+                          "torch": torch.__version__, "layers_asked": ex.get("layers"),
+                          **{k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
+                             for k, v in flatten(cfg.identity()).items()}})
         t_run = time.perf_counter()
-        try:
-            row = run_one(ex, cfg, profile, device=device, host_budget=int(args.host_budget_gib * GIB),
-                          gpu_budget=int(args.gpu_budget_gib * GIB) if args.gpu_budget_gib else None, check=args.check,
-                          models=models, lookahead=lookahead,
-                          predict_after_resident=args.predict_after_resident,
-                          prefill_repeats=args.prefill_repeats, decode_repeats=args.decode_repeats)
-        except NotImplementedError as exc:
-            row = {"status": "skipped", "error": str(exc)}
-        except (TraceError, ValueError) as exc:  # FitError and configurations a mode refuses: record, go on
-            print(f"error: run {ex['name']} ({ex['geometry']}, {ex['mode']}): {exc}", file=sys.stderr)
-            row = {"status": "error", "error": str(exc)}
-        if row.get("live_artifact"):
-            row["live_artifact"] = keep_artifact(row["live_artifact"], out)
-        rows.append({**base, **row, "wall_s": round(time.perf_counter() - t_run, 1)})
+        group_rows = run_group([(ex, cfg) for _, ex, cfg, _ in group], profile, device=device,
+                               host_budget=int(args.host_budget_gib * GIB),
+                               gpu_budget=int(args.gpu_budget_gib * GIB) if args.gpu_budget_gib else None,
+                               check=args.check, models=models, lookahead=lookahead,
+                               predict_after_resident=args.predict_after_resident,
+                               prefill_repeats=args.prefill_repeats, decode_repeats=args.decode_repeats)
+        wall = (time.perf_counter() - t_run) / len(group)  # the group's time, shared out
+        for base, row in zip(bases, group_rows):
+            if row.get("live_artifact"):
+                row["live_artifact"] = keep_artifact(row["live_artifact"], out)
+            rows.append({**base, **row, "wall_s": round(wall, 1)})
         df = pd.DataFrame(rows)
         atomic_write(results, lambda p, df=df: df.to_parquet(p, index=False))
     df = add_speedups(pd.DataFrame(rows)) if rows else pd.DataFrame()

@@ -97,6 +97,12 @@ def test_validate_suite_report(tmp_path, profile_path):
     # the GPU probes are absent on the CPU; the run's own host accounting is there
     assert all(r["launch_us"] is None and r["gpu_us"] is None and r["host_ms"] > 0 for p in probes for r in p)
     assert (df["wall_s"] >= 0).all() and (ok["wall_s"] > 0).all()
+    # the labels of one cache rate ran their repeats interleaved (lru, promoe, lru, promoe, ...): host drift
+    # between configs weighs on both alike
+    for rate in (0.25, 0.5):
+        at = ok[ok["cache.cache_rate"] == rate].set_index("name")["real_probes"]
+        orders = {name: [r["order"] for r in json.loads(p)] for name, p in at.items()}
+        assert orders == {"lru": [0, 2, 4], "promoe": [1, 3, 5]}
     text = (out / "summary.md").read_text()
     assert "CPU DRY RUN" in text and "| promoe |" in text
     meta = json.loads((out / "meta.json").read_text())
