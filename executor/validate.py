@@ -119,9 +119,20 @@ def run_id(ex: dict, cfg) -> str:
 
 
 # -- one run -----------------------------------------------------------------------------------------------------
+# host time the simulator charges on the compute stream, in the executor's categories (executor.runtime.HOST_METRICS):
+# the report puts them beside the runtime's own accounting, to show which of the profile's host costs is off
+SIM_HOST = ("host_predict_ms", "host_prefetch_issue_ms", "host_demand_issue_ms")
+
+
 def simulate(cfg, setup, profile, capacity_bytes: int) -> dict:
-    """The simulator on exactly what the executor ran: meta, sequences (first N layers), capacity in whole slots."""
-    return build_simulation(cfg, setup, profile, capacity_bytes).run()
+    """The simulator on exactly what the executor ran: meta, sequences (first N layers), capacity in whole slots.
+    Its metrics plus the host time it charged per category (SIM_HOST, warm-up batches left out)."""
+    sim = build_simulation(cfg, setup, profile, capacity_bytes)
+    m = sim.run()
+    c = sim.c
+    m.update({"host_predict_ms": c.host_predict_s * 1e3, "host_prefetch_issue_ms": c.host_prefetch_issue_s * 1e3,
+              "host_demand_issue_ms": c.host_demand_issue_s * 1e3})
+    return m
 
 
 def build_simulation(cfg, setup, profile, capacity_bytes: int, *, record: bool = False):
@@ -385,6 +396,8 @@ def compare_row(real: dict, sim: dict, extra: dict) -> dict:
 
     for k in HOST_METRICS:  # where the executor's host time went
         row[f"real_{k}"] = real.get(k)
+    for k in SIM_HOST:  # what the simulator charged for the same work
+        row[f"sim_{k}"] = sim.get(k)
     return row
 
 
@@ -570,6 +583,8 @@ def summary_markdown(df, fid: dict, meta: dict) -> str:
                                             _fmt(r.get("real_over_oracle")), _fmt(r.get("sim_over_oracle")),
                                             _fmt(r.get("pcie_floor_ms")), _fmt(r.get("real_over_pcie_floor"))])
                          + " |")
+    if all(f"sim_{k}" in df.columns for k in SIM_HOST):
+        lines += host_table(df)
     lines += ["", "## Fidelity", ""]
     for k, v in fid.items():
         if isinstance(v, dict):
@@ -580,6 +595,28 @@ def summary_markdown(df, fid: dict, meta: dict) -> str:
             lines.append(f"- {k}: {_fmt(v)}")
     lines += ["", "TTFT/TPOT differences are (sim - real) / real; hit-rate differences are sim - real.", ""]
     return "\n".join(lines)
+
+
+def host_table(df) -> list[str]:
+    """The report section: per run, the host time the runtime spent (its own accounting) and the simulator charged
+    (the profile's costs x its counts), ms over the measured batches, for the three costs the profile holds per
+    call or per copy (predictor_cost_us, prefetch_call/transfer_host_us, demand_transfer_host_us)."""
+    head = ["", "## Host time by category", "",
+            "ms over the measured batches: real = the runtime's own accounting (perf_counter around each part), sim = "
+            "what the simulator charged on the compute stream for the same work (the profile's cost per call or per "
+            "copy x its counts)", "",
+            "| run | geometry | phase | rate | predict real | predict sim | prefetch issue real | prefetch issue sim | "
+            "demand issue real | demand issue sim |", "|" + "---|" * 10]
+    lines = []
+    for _, r in df[df["status"] == "ok"].iterrows():
+        cells = []
+        for k in SIM_HOST:
+            cells += [_fmt(r.get(f"real_{k}")), _fmt(r.get(f"sim_{k}"))]
+        if all(c in ("-", "0") for c in cells):
+            continue
+        lines.append("| " + " | ".join([str(r.get("name")), str(r.get("geometry")), str(r.get("phase")),
+                                        _fmt(r.get("cache.cache_rate"))] + cells) + " |")
+    return head + lines if lines else []
 
 
 def write_plots(df, out_dir: Path) -> list[str]:

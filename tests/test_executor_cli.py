@@ -103,8 +103,23 @@ def test_validate_suite_report(tmp_path, profile_path):
         at = ok[ok["cache.cache_rate"] == rate].set_index("name")["real_probes"]
         orders = {name: [r["order"] for r in json.loads(p)] for name, p in at.items()}
         assert orders == {"lru": [0, 2, 4], "promoe": [1, 3, 5]}
+    # beside the runtime's host accounting, what the simulator charged for the same work: the profile's costs x
+    # its counts (tiny table: per demand load, per prefetch copy and call; previous_token per call + per token)
+    prof = load_profile(str(profile_path))
+    tiny = prof.expert_compute[0]
+    call_s, token_s = prof.predictor_cost("previous_token")
+    for _, r in ok.iterrows():
+        assert r["sim_host_demand_issue_ms"] == pytest.approx(r["sim_demand_loads"] * tiny.demand_transfer_host_us
+                                                              / 1e3)
+        if r["name"] == "lru":
+            assert r["sim_host_predict_ms"] == 0 and r["sim_host_prefetch_issue_ms"] == 0
+        else:  # 2 calls (layers 0 and 1, d = 2) per batch: the 5-token prompt and 4 one-token decode steps
+            assert r["sim_host_predict_ms"] == pytest.approx(2 * ((call_s + 5 * token_s) + 4 * (call_s + token_s))
+                                                             * 1e3)
+            copies = r["sim_prefetches"] * tiny.prefetch_transfer_host_us / 1e3
+            assert copies <= r["sim_host_prefetch_issue_ms"] <= copies + 10 * tiny.prefetch_call_host_us / 1e3
     text = (out / "summary.md").read_text()
-    assert "CPU DRY RUN" in text and "| promoe |" in text
+    assert "CPU DRY RUN" in text and "| promoe |" in text and "## Host time by category" in text
     meta = json.loads((out / "meta.json").read_text())
     assert meta["dry_run"] and meta["fidelity"]["ok"] == 4 and meta["fidelity"]["median_real_spread"] >= 0
     # the noise attribution from the probes (CPU: host speed only, no link figure)

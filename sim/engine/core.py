@@ -397,19 +397,23 @@ class Simulation:
                         for e in gate_demand_loads(layer, order, ready, inflight):
                             local[kt[e]] = self.start_transfer(kt[e], speculative=False, at=vt)
                             carry += demand_host
+                            c.host_demand_issue_s += demand_host
                 # -- the prefetcher ----------------------------------------------------------------------------------
                 direct = None
                 if pf is not None and blocking:
                     r = pf.predict_at_gate(layer, L)
                     if layer + pf.distance < L:  # the predictor ran: the stream waits for it
                         carry += pf.cost_s
+                        c.host_predict_s += pf.cost_s
                     if r is not None:
                         if carry and queue and queue[0][0] <= env._now + carry:
                             sync(carry)  # copies landing while it predicted land first
                             carry = 0.0
                         n0 = c.prefetches
                         pf.issue(r[0], r[1], b, at=env._now + carry)
-                        carry += prefetch_call + (c.prefetches - n0) * prefetch_host
+                        x_ = prefetch_call + (c.prefetches - n0) * prefetch_host
+                        carry += x_
+                        c.host_prefetch_issue_s += x_
                 elif pf is not None:
                     r = pf.predict_at_gate(layer, L)
                     if r is not None:
@@ -425,7 +429,9 @@ class Simulation:
                         else:
                             n0 = c.prefetches
                             pf.issue(experts, target, b, at=vt)
-                            carry += prefetch_call + (c.prefetches - n0) * prefetch_host  # host cost of issuing
+                            x_ = prefetch_call + (c.prefetches - n0) * prefetch_host  # host cost of issuing
+                            carry += x_
+                            c.host_prefetch_issue_s += x_
                 # -- the experts -------------------------------------------------------------------------------------
                 gs = group_s[layer]
                 if local is None and spans is None:
@@ -479,6 +485,7 @@ class Simulation:
                         if key not in ready:
                             if demand_host and key not in local and key not in inflight:
                                 carry += demand_host  # the host issues this demand load (demand_transfer_host_us)
+                                c.host_demand_issue_s += demand_host
                             vt = env._now + carry  # the GPU reaches this expert now
                             if carry and queue and queue[0][0] <= vt:  # let what happens before it happen first
                                 sync(carry)

@@ -33,6 +33,11 @@ class Counters:
     stall_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    # host time the simulator charged on the compute stream, by the executor's categories (HOST_METRICS): the
+    # predictor's calls (blocking mode), issuing prefetches (per call and per copy), issuing demand loads
+    host_predict_s: float = 0.0
+    host_prefetch_issue_s: float = 0.0
+    host_demand_issue_s: float = 0.0
 
 
 def count_unused_at_end(c: Counters, unused_pf, inflight) -> None:
