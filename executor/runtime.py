@@ -400,7 +400,7 @@ class OffloadedRuntime:
             e = self.engine
             self._snap = (snapshot(self.c), len(self._batch_marks), len(self._stall_marks),
                           self._stall_host_s, len(e.spans), e.bytes, e.bytes_demand, e.bytes_prefetch,
-                          self._batch_start, list(self.host_s), self.predict_calls)
+                          self._batch_start, list(self.host_s), self.predict_calls, e.issue_host_s, e.issues)
 
     def gate(self, layer: int, ids: list[int]) -> tuple[list[int], dict]:
         """The gate of `layer` (call after its dense part is enqueued): sync, reap, lookups (held keys), early
@@ -660,8 +660,9 @@ class OffloadedRuntime:
         first = self._first_mark
         host = list(self.host_s)
         calls = self.predict_calls
+        issue0 = issues0 = 0
         if self._snap is not None:
-            c0, i0, s0, h0, k0, m0, d0, p0, first, host0, calls0 = self._snap
+            c0, i0, s0, h0, k0, m0, d0, p0, first, host0, calls0, issue0, issues0 = self._snap
             host = [a - b for a, b in zip(host, host0)]
             calls -= calls0
             subtract(c, c0)
@@ -684,6 +685,10 @@ class OffloadedRuntime:
         busy = sum(e.copier.span_s(h) for h in spans)
         m = finalize(c, total_s=total, busy_s=busy, bytes_h2d=moved, bytes_demand=demand, bytes_prefetch=prefetch)
         m.update({k: h * 1e3 for k, h in zip(HOST_METRICS, host)})
+        # of which issuing chunk groups to the copy stream (wherever it happened; not one of HOST_METRICS, whose
+        # parts are disjoint): the per-group issue cost a profile could charge apart from the transfer bookkeeping
+        m["host_copy_issue_ms"] = (e.issue_host_s - issue0) * 1e3
+        m["copy_issues"] = e.issues - issues0
         m["predict_calls"] = calls
         m["slab_slots"] = self.n_slots
         m["scratch_slots"] = self.scratch.n_slots

@@ -191,6 +191,11 @@ class TransferEngine:
         self.bytes_prefetch = 0
         self.pending_bytes = 0
         self.chunk_groups = 0
+        # main-thread issue of chunk groups (pump backends): host seconds in copy_group + bookkeeping, and how many;
+        # wherever the issue happens (submit on an idle link, the pumps after launches, the waits). On the CPU the
+        # copier copies inside copy_group, so there it holds the copy too
+        self.issue_host_s = 0.0
+        self.issues = 0
         self._start_counter = itertools.count()
         self._closed = False
         self._error: BaseException | None = None
@@ -328,8 +333,11 @@ class TransferEngine:
         if pick is None:
             return False
         t, c0, c1 = pick
+        t0 = time.perf_counter()
         handle = self.copier.copy_group(0, t, c0, c1)
         self._enqueued(0, t, c0, c1, handle)
+        self.issue_host_s += time.perf_counter() - t0
+        self.issues += 1
         if not self.asynchronous:
             out.popleft()
             self._complete(t, c0, c1, handle)

@@ -394,7 +394,7 @@ def compare_row(real: dict, sim: dict, extra: dict) -> dict:
         row[f"real_{k}"], row[f"sim_{k}"] = real.get(k), sim.get(k)
     from executor.runtime import HOST_METRICS
 
-    for k in HOST_METRICS:  # where the executor's host time went
+    for k in HOST_METRICS + ("host_copy_issue_ms", "copy_issues"):  # where the executor's host time went
         row[f"real_{k}"] = real.get(k)
     for k in SIM_HOST:  # what the simulator charged for the same work
         row[f"sim_{k}"] = sim.get(k)
@@ -605,8 +605,11 @@ def host_table(df) -> list[str]:
             "ms over the measured batches: real = the runtime's own accounting (perf_counter around each part), sim = "
             "what the simulator charged on the compute stream for the same work (the profile's cost per call or per "
             "copy x its counts)", "",
+            "copy issue real: of these and the rest, the host time of issuing chunk groups to the copy stream "
+            "(`host_copy_issue_ms`, groups in brackets; not charged apart by the simulator; runs before it was "
+            "recorded show -)", "",
             "| run | geometry | phase | rate | predict real | predict sim | prefetch issue real | prefetch issue sim | "
-            "demand issue real | demand issue sim |", "|" + "---|" * 10]
+            "demand issue real | demand issue sim | copy issue real |", "|" + "---|" * 11]
     lines = []
     for _, r in df[df["status"] == "ok"].iterrows():
         cells = []
@@ -614,8 +617,11 @@ def host_table(df) -> list[str]:
             cells += [_fmt(r.get(f"real_{k}")), _fmt(r.get(f"sim_{k}"))]
         if all(c in ("-", "0") for c in cells):
             continue
+        issue = _fmt(r.get("real_host_copy_issue_ms"))
+        if issue != "-":
+            issue += f" ({_fmt(r.get('real_copy_issues'))})"
         lines.append("| " + " | ".join([str(r.get("name")), str(r.get("geometry")), str(r.get("phase")),
-                                        _fmt(r.get("cache.cache_rate"))] + cells) + " |")
+                                        _fmt(r.get("cache.cache_rate"))] + cells + [issue]) + " |")
     return head + lines if lines else []
 
 

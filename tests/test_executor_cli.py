@@ -118,6 +118,7 @@ def test_validate_suite_report(tmp_path, profile_path):
                                                              * 1e3)
             copies = r["sim_prefetches"] * tiny.prefetch_transfer_host_us / 1e3
             assert copies <= r["sim_host_prefetch_issue_ms"] <= copies + 10 * tiny.prefetch_call_host_us / 1e3
+    assert (ok["real_copy_issues"] >= ok["real_demand_loads"]).all() and (ok["real_host_copy_issue_ms"] > 0).all()
     text = (out / "summary.md").read_text()
     assert "CPU DRY RUN" in text and "| promoe |" in text and "## Host time by category" in text
     meta = json.loads((out / "meta.json").read_text())

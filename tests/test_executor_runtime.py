@@ -189,6 +189,10 @@ def test_layers_subset_and_metrics(trace_dir):
     assert m["host_expert_launch_ms"] > 0 and m["host_copy_wait_ms"] >= 0 and m["host_sync_wait_ms"] == 0  # (CPU)
     none = build_runtime(_cfg(trace_dir, "lru", 0.5), setup, device="cpu").run()
     assert none["host_predict_ms"] == none["host_prefetch_issue_ms"] == 0 and none["host_demand_issue_ms"] > 0
+    # of which issuing chunk groups to the copy stream: every group issued once (no warm-up here), one per
+    # unchunked transfer; chunked prefetches issue one group per chunk
+    assert none["copy_issues"] == none["demand_loads"] and none["host_copy_issue_ms"] > 0
+    assert m["copy_issues"] >= m["demand_loads"] + m["prefetches"] and m["host_copy_issue_ms"] > 0
 
 
 def test_cpu_experts_refused(trace_dir):
