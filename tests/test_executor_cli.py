@@ -230,3 +230,25 @@ def test_smoke_command_on_cpu(capsys):
     assert smoke.main(["--device", "cpu", "--backend", "thread"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["ok"] and summary["cases"] >= len(smoke.CASES)
+
+
+def test_repeat_medians_interleave_and_isolate_a_failing_config():
+    """Round-robin over the configs; a config that keeps being left out (a fresh host store on every run) ends as
+    its own error after three tries, the others go on."""
+    calls = []
+
+    def ok_run(name, total):
+        def run():
+            calls.append(name)
+            return name, {"total_ms": total}
+        return run
+
+    def never():
+        calls.append("never")
+        return None
+
+    first, failed, second = validate.repeat_medians([ok_run("a", 1.0), never, ok_run("b", 2.0)], 2, "cpu")
+    assert calls == ["a", "never", "never", "never", "b", "a", "b"]
+    assert isinstance(failed, ValueError) and "three runs in a row" in str(failed)
+    assert first[0] == ("a", {"total_ms": 1.0}) and first[1]["real_repeats"] == 2
+    assert [p["order"] for p in json.loads(second[1]["real_probes"])] == [1, 3]
