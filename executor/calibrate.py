@@ -440,9 +440,12 @@ def add_runtime_costs(expert_table: dict, dense_tables: list[dict], rc: dict) ->
 def add_transfer_host(expert_table: dict, th: dict) -> None:
     """Write one geometry's runtime_transfer_costs into its expert table (CostModel uses them for traces of
     exactly this geometry: the host cost per copy issued depends on the expert's size)."""
-    expert_table["demand_transfer_host_us"] = th["demand_transfer_us"]
-    expert_table["prefetch_transfer_host_us"] = th["prefetch_transfer_us"]
+    net = "copy_issue_us" in th  # the copy issue measured apart: the transfer costs without it
+    expert_table["demand_transfer_host_us"] = th["demand_transfer_net_us" if net else "demand_transfer_us"]
+    expert_table["prefetch_transfer_host_us"] = th["prefetch_transfer_net_us" if net else "prefetch_transfer_us"]
     expert_table["prefetch_call_host_us"] = th["prefetch_call_us"]
+    if net:
+        expert_table["copy_issue_host_us"] = th["copy_issue_us"]
 
 
 def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, launch: str, machine: str,
@@ -544,10 +547,8 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
         "dense_launch_floor_ms": round(min(min(t["ms"]) for t in dense_tables), 5),
         "predictor_cost_us": pcost,
         "copy_compute_overlap": round(overlap, 3),
-        "demand_transfer_host_us": transfer_host["demand_transfer_us"],
-        "prefetch_transfer_host_us": transfer_host["prefetch_transfer_us"],
-        "prefetch_call_host_us": transfer_host["prefetch_call_us"],
     }
+    add_transfer_host(prof, transfer_host)  # top level: the first geometry's (net of the copy issue if measured)
     if pageable_pts:
         prof["h2d"]["pageable"] = {"points": pageable_pts}
 

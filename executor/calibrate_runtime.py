@@ -123,7 +123,10 @@ def runtime_transfer_costs(geom, device, top_k: int, *, repeats: int = 5, n_laye
     - prefetch: the same switches on the demand run's cache: every expert prefetched one layer ahead, k per call;
       per copy = (host time issuing - calls x the call cost) / prefetches.
     Medians over `repeats` runs: demand_transfer_us, prefetch_call_us, prefetch_transfer_us (per copy) and
-    prefetch_issue_us (per copy with the call cost spread over the copies, what profiles held before the split)."""
+    prefetch_issue_us (per copy with the call cost spread over the copies, what profiles held before the split);
+    and the copy issue apart: copy_issue_us (host time per chunk group issued, wherever, over both runs: the
+    runtime's host_copy_issue_ms / copy_issues), demand_transfer_net_us and prefetch_transfer_net_us (each kind's
+    cost without the groups its own submit issued), which the profile holds when it charges copy_issue_host_us."""
     n_experts = 2 * top_k
     small = {"cache.scope": "per_layer", "cache.cache_rate": 0.5}
     switches = {"prefetch.predictor": "oracle", "prefetch.distance": 1, "prefetch.chunks": chunks,
@@ -136,7 +139,8 @@ def runtime_transfer_costs(geom, device, top_k: int, *, repeats: int = 5, n_laye
     def runs(extra: dict, warm: int | None) -> list[dict]:
         return _decode_runs(geom, device, top_k, extra=extra, warm=warm, **kw)
 
-    demand = [m["host_demand_issue_ms"] / m["demand_loads"] * 1e3 for m in runs(small, 2) if m["demand_loads"]]
+    dem_runs = [m for m in runs(small, 2) if m["demand_loads"]]
+    demand = [m["host_demand_issue_ms"] / m["demand_loads"] * 1e3 for m in dem_runs]
     idle = runs(switches, None)  # every expert resident after the warm-up: the calls issue nothing
     if any(m["prefetches"] for m in idle):
         raise RuntimeError("the all-resident calibration run issued prefetches")
@@ -147,8 +151,18 @@ def runtime_transfer_costs(geom, device, top_k: int, *, repeats: int = 5, n_laye
     issue = statistics.median(m["host_prefetch_issue_ms"] / m["prefetches"] * 1e3 for m in full)
     copy = statistics.median(max(0.0, m["host_prefetch_issue_ms"] * 1e3 - calls * call_us) / m["prefetches"]
                              for m in full)
+    # the copy issue apart (copy_issue_host_us): host time per chunk group issued over both runs, and each kind's
+    # own cost without the groups it issued itself (an idle link started in its submit)
+    groups = sum(m["copy_issues"] for m in dem_runs + full)
+    copy_issue = sum(m["host_copy_issue_ms"] for m in dem_runs + full) / groups * 1e3 if groups else 0.0
+    demand_net = statistics.median(max(0.0, m["host_demand_issue_ms"] - m["host_copy_issue_demand_submit_ms"])
+                                   / m["demand_loads"] * 1e3 for m in dem_runs)
+    copy_net = statistics.median(max(0.0, (m["host_prefetch_issue_ms"] - m["host_copy_issue_prefetch_submit_ms"])
+                                     * 1e3 - calls * call_us) / m["prefetches"] for m in full)
     return {"demand_transfer_us": round(statistics.median(demand), 3), "prefetch_call_us": round(call_us, 3),
-            "prefetch_transfer_us": round(copy, 3), "prefetch_issue_us": round(issue, 3)}
+            "prefetch_transfer_us": round(copy, 3), "prefetch_issue_us": round(issue, 3),
+            "copy_issue_us": round(copy_issue, 3), "demand_transfer_net_us": round(demand_net, 3),
+            "prefetch_transfer_net_us": round(copy_net, 3)}
 
 
 SMALL_MOE_TRACE = "data/traces/small-moe-qwen3moe-e32k4"  # the suite's only trace with hidden states

@@ -196,6 +196,9 @@ class TransferEngine:
         # copier copies inside copy_group, so there it holds the copy too
         self.issue_host_s = 0.0
         self.issues = 0
+        # of which inside submit() (an idle link started by the submitting call), by kind: the part of a demand
+        # load's or a prefetch's own issue cost that is the copy issue (calibration separates the two)
+        self.submit_issue_s = {"demand": 0.0, "prefetch": 0.0}
         self._start_counter = itertools.count()
         self._closed = False
         self._error: BaseException | None = None
@@ -213,7 +216,9 @@ class TransferEngine:
             self.pending_bytes += t.nbytes
             self.cond.notify_all()
             if self.main_pump:  # an idle link starts it at once
+                i0 = self.issue_host_s
                 self._fill()
+                self.submit_issue_s["prefetch" if t.speculative else "demand"] += self.issue_host_s - i0
 
     def upgrade(self, t: Transfer) -> None:
         """A queued or copying prefetch becomes a demand load (back of the high queue)."""

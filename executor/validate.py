@@ -121,7 +121,7 @@ def run_id(ex: dict, cfg) -> str:
 # -- one run -----------------------------------------------------------------------------------------------------
 # host time the simulator charges on the compute stream, in the executor's categories (executor.runtime.HOST_METRICS):
 # the report puts them beside the runtime's own accounting, to show which of the profile's host costs is off
-SIM_HOST = ("host_predict_ms", "host_prefetch_issue_ms", "host_demand_issue_ms")
+SIM_HOST = ("host_predict_ms", "host_prefetch_issue_ms", "host_demand_issue_ms", "host_copy_issue_ms")
 
 
 def simulate(cfg, setup, profile, capacity_bytes: int) -> dict:
@@ -131,7 +131,7 @@ def simulate(cfg, setup, profile, capacity_bytes: int) -> dict:
     m = sim.run()
     c = sim.c
     m.update({"host_predict_ms": c.host_predict_s * 1e3, "host_prefetch_issue_ms": c.host_prefetch_issue_s * 1e3,
-              "host_demand_issue_ms": c.host_demand_issue_s * 1e3})
+              "host_demand_issue_ms": c.host_demand_issue_s * 1e3, "host_copy_issue_ms": c.host_copy_issue_s * 1e3})
     return m
 
 
@@ -608,11 +608,11 @@ def host_table(df) -> list[str]:
             "ms over the measured batches: real = the runtime's own accounting (perf_counter around each part), sim = "
             "what the simulator charged on the compute stream for the same work (the profile's cost per call or per "
             "copy x its counts)", "",
-            "copy issue real: of these and the rest, the host time of issuing chunk groups to the copy stream "
-            "(`host_copy_issue_ms`, groups in brackets; not charged apart by the simulator; runs before it was "
-            "recorded show -)", "",
+            "copy issue: the host time of issuing chunk groups to the copy stream; real: of the other columns and "
+            "the rest (`host_copy_issue_ms`, groups issued in brackets; runs from before it was recorded show -); "
+            "sim: charged apart, on top of the other columns, only by profiles with `copy_issue_host_us`", "",
             "| run | geometry | phase | rate | predict real | predict sim | prefetch issue real | prefetch issue sim | "
-            "demand issue real | demand issue sim | copy issue real |", "|" + "---|" * 11]
+            "demand issue real | demand issue sim | copy issue real | copy issue sim |", "|" + "---|" * 12]
     lines = []
     for _, r in df[df["status"] == "ok"].iterrows():
         cells = []
@@ -620,11 +620,10 @@ def host_table(df) -> list[str]:
             cells += [_fmt(r.get(f"real_{k}")), _fmt(r.get(f"sim_{k}"))]
         if all(c in ("-", "0") for c in cells):
             continue
-        issue = _fmt(r.get("real_host_copy_issue_ms"))
-        if issue != "-":
-            issue += f" ({_fmt(r.get('real_copy_issues'))})"
+        if cells[-2] != "-":
+            cells[-2] += f" ({_fmt(r.get('real_copy_issues'))})"
         lines.append("| " + " | ".join([str(r.get("name")), str(r.get("geometry")), str(r.get("phase")),
-                                        _fmt(r.get("cache.cache_rate"))] + cells + [issue]) + " |")
+                                        _fmt(r.get("cache.cache_rate"))] + cells) + " |")
     return head + lines if lines else []
 
 
@@ -809,7 +808,7 @@ def main(argv=None) -> int:
         for base, row in zip(bases, group_rows):
             if row.get("live_artifact"):
                 row["live_artifact"] = keep_artifact(row["live_artifact"], out)
-            rows.append({**base, **row, "wall_s": round(wall, 1)})
+            rows.append({**base, **row, "wall_s": round(wall, 3)})
         df = pd.DataFrame(rows)
         atomic_write(results, lambda p, df=df: df.to_parquet(p, index=False))
     df = add_speedups(pd.DataFrame(rows)) if rows else pd.DataFrame()

@@ -29,9 +29,12 @@ Lookup rules (applied once per run in `CostModel`, which turns everything into p
   of expert bytes (= the ratio of weight bytes and FLOPs per token at the same dtype), and floored at
   `expert_launch_floor_ms` (small experts are launch-bound). Dense tables likewise by dense bytes per layer;
   a trace without dense_bytes uses the profile's `default_dense` table unscaled.
-- transfer host costs (`demand_transfer_host_us`, `prefetch_transfer_host_us`, `prefetch_call_host_us`): an
-  expert table may carry its geometry's own; a run whose layers all match that table exactly uses them, any other
-  run (or a table without them) the profile's top-level values.
+- transfer host costs (`demand_transfer_host_us`, `prefetch_transfer_host_us`, `prefetch_call_host_us`,
+  `copy_issue_host_us`): an expert table may carry its geometry's own; a run whose layers all match that table
+  exactly uses them, any other run (or a table without them) the profile's top-level values. `copy_issue_host_us`
+  (0 in profiles that do not measure it) is charged per chunk group the link moves (one per high-priority piece,
+  one per chunk of a low-priority one), paid by the compute stream at its next sync, except for the groups moved
+  while it waits for a copy (sim.engine.link `issue_debt`).
 - launch-bound refinements, only for layers whose geometry has an exact table (what the executor measured on
   itself): `group_ms` (a layer's leading resident experts that take every token computed as one group) and
   `kernel_ms` (an expert that waited for its copy had its launches overlap the wait: max(kernel, ms - wait) is
@@ -177,6 +180,8 @@ class ExpertTable(TokenTable):
         default=None, ge=0, description="this geometry's prefetch_transfer_host_us; absent: the profile's")
     prefetch_call_host_us: float | None = Field(
         default=None, ge=0, description="this geometry's prefetch_call_host_us; absent: the profile's")
+    copy_issue_host_us: float | None = Field(
+        default=None, ge=0, description="this geometry's copy_issue_host_us; absent: the profile's")
 
     @model_validator(mode="after")
     def _kernel(self):
@@ -253,6 +258,13 @@ class HardwareProfile(_Strict):
         default=0.0, ge=0, description="compute-timeline (host) time of one prefetcher call that has a prediction "
                                        "to issue, whether or not it issues a copy: ranking it and refreshing what "
                                        "is resident (the executor's host_prefetch_issue_ms in an all-resident run)")
+    copy_issue_host_us: float = Field(
+        default=0.0, ge=0, description="compute-timeline (host) time of issuing one chunk group to the copy stream "
+                                       "(the executor's host_copy_issue_ms / copy_issues: events, stream switch, "
+                                       "copies), charged for every group the link moves except while the stream "
+                                       "waits for a copy; profiles that set it measure demand_ and "
+                                       "prefetch_transfer_host_us without it. 0: not charged apart (older "
+                                       "profiles: a copy's issue is inside those two)")
     live_dense_compute: list[DenseTable] | None = Field(
         default=None, description="per model run live by the executor (table name = its geometry name): the rest of "
                                   "a layer beside the experts (Hugging Face attention, norms, router, and the "
@@ -432,6 +444,7 @@ class CostModel:
         self.demand_host_s = transfer_host_us(profile, exact, "demand_transfer_host_us") * 1e-6
         self.prefetch_host_s = transfer_host_us(profile, exact, "prefetch_transfer_host_us") * 1e-6
         self.prefetch_call_host_s = transfer_host_us(profile, exact, "prefetch_call_host_us") * 1e-6
+        self.copy_issue_host_s = transfer_host_us(profile, exact, "copy_issue_host_us") * 1e-6
         self._max_tokens = 0
         self.expert_s: list[list[float]] = [[0.0] for _ in range(L)]
         self.dense_s: list[list[float]] = [[0.0] for _ in range(L)]

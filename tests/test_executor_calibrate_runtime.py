@@ -52,6 +52,16 @@ def test_add_runtime_costs_floors_experts_and_adds_layer_bookkeeping():
     assert dts[0]["ms"] == [0.5, 0.6]  # + (base - skeleton at the smallest batch)
 
 
+def test_add_transfer_host_writes_the_copy_issue_apart():
+    """With the copy issue measured apart, the table holds the transfer costs without it and copy_issue_host_us."""
+    et: dict = {}
+    add_transfer_host(et, {"demand_transfer_us": 170.0, "prefetch_transfer_us": 300.0, "prefetch_call_us": 6.0,
+                           "prefetch_issue_us": 310.0, "copy_issue_us": 100.0, "demand_transfer_net_us": 70.0,
+                           "prefetch_transfer_net_us": 220.0})
+    assert et == {"demand_transfer_host_us": 70.0, "prefetch_transfer_host_us": 220.0, "prefetch_call_host_us": 6.0,
+                  "copy_issue_host_us": 100.0}
+
+
 def test_add_transfer_host_writes_the_geometry_table():
     """calibrate writes each geometry's runtime_transfer_costs into its expert table, under the profile's names."""
     et = {"name": "g", "hidden": 32, "intermediate": 16, "tokens": [1], "ms": [0.1]}
@@ -72,8 +82,13 @@ def test_transfer_cost_runs_miss_and_prefetch_as_intended():
     assert demand["hits"] == 0 and demand["demand_loads"] == demand["lookups"] > 0 and demand["prefetches"] == 0
     res = runtime_transfer_costs(geom, "cpu", 2, repeats=1, n_layers=2, tokens=6)
     # the runtime's own accounting of its host time per transfer issued
-    assert set(res) == {"demand_transfer_us", "prefetch_call_us", "prefetch_transfer_us", "prefetch_issue_us"}
+    assert set(res) == {"demand_transfer_us", "prefetch_call_us", "prefetch_transfer_us", "prefetch_issue_us",
+                        "copy_issue_us", "demand_transfer_net_us", "prefetch_transfer_net_us"}
     assert min(res.values()) > 0
+    # the copy issue apart: each kind's own cost without the chunk groups its submit issued (an idle link; on the
+    # CPU the pump backend issues only when pumped, so nothing is issued in a submit here: equal)
+    assert res["demand_transfer_net_us"] <= res["demand_transfer_us"]
+    assert res["prefetch_transfer_net_us"] <= res["prefetch_transfer_us"]
     # the per-call run: every expert resident, the oracle's calls rank the next layer's experts and issue nothing
     idle = _decode_runs(geom, "cpu", 2, n_layers=2, n_experts=4, tokens=6, repeats=1,
                         extra={"prefetch.predictor": "oracle", "prefetch.distance": 1, "chunked_prefetch": True})[0]

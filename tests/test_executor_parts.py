@@ -325,6 +325,27 @@ def test_asynchronous_engine_semantics(lookahead, backend):
     assert eng.pending_bytes == 0 and eng.bytes == 48 * 5
 
 
+def test_copy_issue_accounting_by_where_it_happens():
+    """The engine times every chunk-group issue (issue_host_s, issues) and, of it, the part inside submit() by
+    kind: an idle link is started by the submitting call (lookahead 1: the first submit issues, the next queue)."""
+    import threading
+
+    gate = threading.Event()
+    eng = TransferEngine("pump", copier=_AsyncCopier(gate=gate), lookahead=1)
+    low = _t((0, 1), high=False)
+    eng.submit(low)  # idle: its first chunk group goes out in this submit
+    assert eng.issues == 1 and eng.submit_issue_s["prefetch"] > 0 and eng.submit_issue_s["demand"] == 0
+    high = _t((1, 2), high=True)
+    eng.submit(high)  # the stream holds a group already: queued
+    assert eng.issues == 1 and eng.submit_issue_s["demand"] == 0
+    gate.set()
+    eng.wait(high).wait()  # issued in the wait, not in a submit
+    assert eng.issues >= 2 and eng.submit_issue_s["demand"] == 0
+    eng.close()
+    assert eng.issues == 4  # the prefetch's three single-chunk groups and the demand load's one group of three
+    assert eng.issue_host_s >= eng.submit_issue_s["prefetch"]
+
+
 def test_probe_steal_during_each_run():
     from executor.probe import cpu_steal_ms, machine_probe, steal_during
 

@@ -572,3 +572,36 @@ def test_group_then_each_charges_the_leading_full_experts_as_a_group():
     # one leading full expert is not a group
     assert group_then_each(0.0, [3, 1], cnt, 4, es, 0.5, 1.0) == 2.0 + 4.0
     assert leading_group([1, 2, 4], {e: ("k", e) for e in cnt}, {("k", 1), ("k", 2)}, cnt, 4) == 2
+
+
+def _with_copy_issue(sim: Simulation, us: float) -> Simulation:
+    """The same simulation with copy_issue_host_us set (a profile that measured the copy issue apart)."""
+    sim.cost.copy_issue_host_s = us * 1e-6
+    sim.link.issue_host_s = us * 1e-6
+    return sim
+
+
+def test_copy_issue_on_an_idle_link_delays_each_demand_load(tiny):
+    """Reactive LRU with a small cache: every demand load finds the link idle (the stream waited for the last
+    one), so the host issues its copy before it can start: the run takes exactly that much longer per load, and
+    the simulator counts it as copy-issue host time."""
+    kw = dict(capacity_bytes=4 * EXPERT_BYTES, phase="decode")
+    base = build(tiny, **kw).run()
+    sim = _with_copy_issue(build(tiny, **kw), 50.0)
+    m = sim.run()
+    assert m["demand_loads"] == base["demand_loads"] > 0 and m["hits"] == base["hits"]
+    assert m["total_ms"] - base["total_ms"] == pytest.approx(m["demand_loads"] * 0.050, rel=1e-6)
+    assert sim.c.host_copy_issue_s == pytest.approx(m["demand_loads"] * 50e-6)
+
+
+def test_copy_issue_of_queued_groups_is_paid_by_the_stream(tiny):
+    """Chunked prefetching: a speculative copy moves one chunk group at a time, each issued by the host; the groups
+    not issued in a submit are paid at the stream's next sync (or dropped while it waits for a copy), so the run
+    gets slower and the charged issue time covers more groups than the submits alone."""
+    kw = dict(capacity_bytes=8 * EXPERT_BYTES, phase="decode", predictor="oracle", chunked=True, ep=True, ro=True)
+    base = build(tiny, **kw).run()
+    sim = _with_copy_issue(build(tiny, **kw), 50.0)
+    m = sim.run()
+    assert m["prefetches"] > 0 and m["total_ms"] > base["total_ms"]
+    assert sim.c.host_copy_issue_s > 0
+    assert sim.link.issue_debt == 0 and sim.link.submit_debt == 0  # nothing left unpaid at the end

@@ -171,7 +171,7 @@ class Simulation:
         self.link_spans: list | None = [] if record else None
         self.batch_rows: list | None = [] if record else None
         self.link = Link(self.env, cost.copy_engines, self._landed, self.link_spans, lookahead=cost.lookahead,
-                         issue_s=cost.issue_s)
+                         issue_s=cost.issue_s, issue_host_s=cost.copy_issue_host_s)
         self.seq = 0
         self.gated = (-1, -1)
         predictor.reset()
@@ -289,6 +289,7 @@ class Simulation:
         demand_host = cost.demand_host_s
         prefetch_host = cost.prefetch_host_s
         prefetch_call = cost.prefetch_call_host_s  # per call with a prediction to issue (prefetch_call_host_us)
+        issue_host = cost.copy_issue_host_s  # per chunk group issued (copy_issue_host_us; 0: not charged apart)
         blocking = self.predictor_blocking
         carry = 0.0
         queue = env._queue  # SimPy 4 internals: a heap of (time, priority, event id, event)
@@ -300,18 +301,29 @@ class Simulation:
         # `yield ev` (events are processed until ev has been), without a Timeout object or a process switch.
         # Popped events are processed by _fire, as env.step() would. `n`: the
         # timeout's event id when it was taken earlier (the direct issue below), else a fresh one.
-        def sync(carry: float, n: int | None = None) -> None:
+        def sync(carry: float, n: int | None = None) -> float:
+            """Returns the carry to go on with, 0. With copy_issue_host_us, the host time of the chunk groups the
+            link moved meanwhile (the executor's main thread issues them between its launches) is spent here too:
+            the stream's clock moves on by it, events in that time happening as they come, until no debt is left."""
             t = env._now + carry
             if n is None:
                 n = next(eids)
-            while queue:
-                h = queue[0]
-                if h[0] < t or (h[0] == t and (h[1] < NORMAL or (h[1] == NORMAL and h[2] < n))):
-                    heappop(queue)
-                    _fire(env, h)
-                else:
-                    break
-            env._now = t
+            while True:
+                while queue:
+                    h = queue[0]
+                    if h[0] < t or (h[0] == t and (h[1] < NORMAL or (h[1] == NORMAL and h[2] < n))):
+                        heappop(queue)
+                        _fire(env, h)
+                    else:
+                        break
+                env._now = t
+                debt = link.issue_debt + link.submit_debt
+                if not debt:
+                    return 0.0
+                link.issue_debt = link.submit_debt = 0.0
+                c.host_copy_issue_s += debt
+                t += debt
+                n = next(eids)
 
         def wait(ev) -> None:
             while ev.callbacks is not None:
@@ -350,8 +362,7 @@ class Simulation:
                 carry += d
                 if queue and queue[0][0] <= env._now + carry:  # something happens before the gate: let it happen first
                     hold(())  # (the last layer's experts were held until here: nothing could evict them before)
-                    sync(carry)
-                    carry = 0.0
+                    carry = sync(carry)
                 self.gated = (b, layer)
                 # -- the gate: lookups ---------------------------------------------------------------------------
                 kt = table[layer]
@@ -398,6 +409,10 @@ class Simulation:
                             local[kt[e]] = self.start_transfer(kt[e], speculative=False, at=vt)
                             carry += demand_host
                             c.host_demand_issue_s += demand_host
+                        if link.submit_debt:  # the first load found the link idle: the gate issued its copy
+                            carry += link.submit_debt
+                            c.host_copy_issue_s += link.submit_debt
+                            link.submit_debt = 0.0
                 # -- the prefetcher ----------------------------------------------------------------------------------
                 direct = None
                 if pf is not None and blocking:
@@ -407,13 +422,16 @@ class Simulation:
                         c.host_predict_s += pf.cost_s
                     if r is not None:
                         if carry and queue and queue[0][0] <= env._now + carry:
-                            sync(carry)  # copies landing while it predicted land first
-                            carry = 0.0
+                            carry = sync(carry)  # copies landing while it predicted land first
                         n0 = c.prefetches
                         pf.issue(r[0], r[1], b, at=env._now + carry)
                         x_ = prefetch_call + (c.prefetches - n0) * prefetch_host
                         carry += x_
                         c.host_prefetch_issue_s += x_
+                        if link.submit_debt:  # a copy found the link idle: this call issued its first group
+                            carry += link.submit_debt
+                            c.host_copy_issue_s += link.submit_debt
+                            link.submit_debt = 0.0
                 elif pf is not None:
                     r = pf.predict_at_gate(layer, L)
                     if r is not None:
@@ -432,6 +450,10 @@ class Simulation:
                             x_ = prefetch_call + (c.prefetches - n0) * prefetch_host  # host cost of issuing
                             carry += x_
                             c.host_prefetch_issue_s += x_
+                            if link.submit_debt:
+                                carry += link.submit_debt
+                                c.host_copy_issue_s += link.submit_debt
+                                link.submit_debt = 0.0
                 # -- the experts -------------------------------------------------------------------------------------
                 gs = group_s[layer]
                 if local is None and spans is None:
@@ -458,8 +480,7 @@ class Simulation:
                             env._now = when
                             pf.issue(experts, target, b)
                             env._now = now
-                            sync(carry, e0)
-                            carry = 0.0
+                            carry = sync(carry, e0)
                         else:  # (ids: nothing was taken since the gate, so scheduling it now is the same)
                             pf.schedule(experts, target, b, when - env._now)
                 else:  # (the per-expert loop below: some expert missing at the gate, or spans recorded)
@@ -483,13 +504,18 @@ class Simulation:
                         tk = cnt[e] if cnt is not None else 1  # its tokens
                         x = es[tk]
                         if key not in ready:
-                            if demand_host and key not in local and key not in inflight:
-                                carry += demand_host  # the host issues this demand load (demand_transfer_host_us)
-                                c.host_demand_issue_s += demand_host
+                            pre = 0.0
+                            if key not in local and key not in inflight:
+                                if demand_host:
+                                    carry += demand_host  # the host issues this demand load (demand_transfer_host_us)
+                                    c.host_demand_issue_s += demand_host
+                                if issue_host and link._idle:  # its copy can start only once the host issued it
+                                    pre = issue_host
+                                    carry += pre
+                                    c.host_copy_issue_s += pre
                             vt = env._now + carry  # the GPU reaches this expert now
                             if carry and queue and queue[0][0] <= vt:  # let what happens before it happen first
-                                sync(carry)
-                                carry = 0.0
+                                carry = sync(carry)
                                 vt = env._now
                             if key not in ready:
                                 t = local.get(key)
@@ -497,6 +523,15 @@ class Simulation:
                                     t = inflight.get(key)
                                 if t is None:  # not requested yet: the demand load starts when the stream gets here
                                     t = local[key] = self.start_transfer(key, speculative=False, at=vt)
+                                    if pre and not link.submit_debt:
+                                        t.prepaid = 1  # (queued after all: its first group was paid above)
+                                    elif link.submit_debt:
+                                        if pre:  # (paid above, before its start)
+                                            link.submit_debt = 0.0
+                                        else:
+                                            carry += link.submit_debt
+                                            c.host_copy_issue_s += link.submit_debt
+                                            link.submit_debt = 0.0
                                 if not t.finished:  # it lands after vt: nothing is scheduled before vt
                                     if not t.high:
                                         link.upgrade(t, vt)
@@ -504,6 +539,9 @@ class Simulation:
                                     waited = env._now - vt
                                     c.stall_s += waited
                                     carry = 0.0
+                                    # the groups issued while the stream waited: the executor's host issued them
+                                    # while it waited for this copy (engine.wait), off the critical path
+                                    link.issue_debt = link.submit_debt = 0.0
                                     if waited and ks is not None:
                                         # its launches ran while the stream waited for the copy: the kernels, or what
                                         # is left of the launches, remain (sim.hardware, kernel_ms)
@@ -524,8 +562,7 @@ class Simulation:
                             carry = cpu_done - env._now
                 if carry and pf is not None and pf.pending and pf.next_issue <= env._now + carry:
                     # a prediction issues (inserts, evicts) before this layer's end, while its experts are held
-                    sync(carry)
-                    carry = 0.0
+                    carry = sync(carry)
                 if hooks is not None:  # recency = order of first use in the batch (touch_in_use_order)
                     if missing is None:  # all resident at the gate and held since: still resident
                         touch = hooks[layer]

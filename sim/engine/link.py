@@ -68,7 +68,7 @@ def call_in(env: simpy.Environment, delay: float, fn, args: tuple = (), priority
 
 class Transfer:
     __slots__ = ("key", "nbytes", "n_chunks", "chunks_left", "chunk_s", "high", "speculative", "cached", "done",
-                 "finished", "used", "dropped", "active", "moved", "seq", "t_start", "final_ev")
+                 "finished", "used", "dropped", "active", "moved", "seq", "t_start", "final_ev", "prepaid")
 
     def __init__(self, key, nbytes: int, n_chunks: int, chunk_s: float, high: bool, speculative: bool,
                  cached: bool, seq: int):
@@ -89,18 +89,28 @@ class Transfer:
         self.seq = seq
         self.t_start: float | None = None
         self.final_ev: Call | None = None  # the event of the piece that lands it, once that piece runs
+        self.prepaid = 0  # chunk groups whose host issue was charged when it was submitted (Link.submit)
 
 
 class Link:
     """H2D copy engines. `on_complete(transfer)` is called when the last chunk of a live transfer lands."""
 
     def __init__(self, env: simpy.Environment, n_engines: int, on_complete, record=None, lookahead: int = 1,
-                 issue_s: float = 0.0):
+                 issue_s: float = 0.0, issue_host_s: float = 0.0):
         if lookahead < 1:
             raise ValueError(f"h2d.lookahead must be >= 1, got {lookahead}")
         self.env = env
         self.lookahead = lookahead  # chunks a preempted piece still moves: the one in flight + (lookahead - 1)
         self.issue_s = issue_s  # the issue overhead in each chunk's time, paid once per high-priority piece
+        # the host's time to issue one chunk group (the executor issues every group from its main thread): a
+        # transfer that an idle engine starts at submit has its first group issued by the submitting call
+        # (`submit_debt`, paid by that caller at once); every other group a moved piece held (one at high
+        # priority, one per chunk at low) goes to `issue_debt`, paid by the compute stream at its next sync
+        # (sim.engine.core), or dropped while it waits for a copy (the executor issues them in that wait); 0 = not
+        # modelled
+        self.issue_host_s = issue_host_s
+        self.issue_debt = 0.0
+        self.submit_debt = 0.0
         self.high: deque[Transfer] = deque()
         self.low: deque[Transfer] = deque()
         self.on_complete = on_complete
@@ -135,6 +145,9 @@ class Link:
             now = self.env._now
             start = now if at is None else at
             t.t_start = start
+            if self.issue_host_s:
+                t.prepaid = 1
+                self.submit_debt += self.issue_host_s
             self._start(idle.pop(), t, start, start - now)
         elif t.high:
             self._preempt(self.env._now if at is None else at)
@@ -244,6 +257,11 @@ class Link:
     def _finish(self, engine: int, t: Transfer, start: float, n: int, dur: float, hi: bool = False) -> None:
         self._running[engine] = None  # (already None if the piece was cut)
         self.n_busy -= 1
+        if self.issue_host_s:
+            groups = (1 if hi else n) - t.prepaid
+            t.prepaid = 0
+            if groups > 0:
+                self.issue_debt += groups * self.issue_host_s
         t.active = False
         t.final_ev = None  # processed (or cut): no reference cycle transfer -> event -> transfer
         self.busy_s += dur

@@ -38,6 +38,7 @@ class Counters:
     host_predict_s: float = 0.0
     host_prefetch_issue_s: float = 0.0
     host_demand_issue_s: float = 0.0
+    host_copy_issue_s: float = 0.0  # issuing chunk groups (copy_issue_host_us), where not hidden by a copy wait
 
 
 def count_unused_at_end(c: Counters, unused_pf, inflight) -> None:
