@@ -505,18 +505,23 @@ class Simulation:
                         x = es[tk]
                         if key not in ready:
                             pre = 0.0
-                            if key not in local and key not in inflight:
-                                if demand_host:
-                                    carry += demand_host  # the host issues this demand load (demand_transfer_host_us)
-                                    c.host_demand_issue_s += demand_host
-                                if issue_host and link._idle:  # its copy can start only once the host issued it
-                                    pre = issue_host
-                                    carry += pre
-                                    c.host_copy_issue_s += pre
+                            if demand_host and key not in local and key not in inflight:
+                                carry += demand_host  # the host issues this demand load (demand_transfer_host_us)
+                                c.host_demand_issue_s += demand_host
                             vt = env._now + carry  # the GPU reaches this expert now
                             if carry and queue and queue[0][0] <= vt:  # let what happens before it happen first
                                 carry = sync(carry)
                                 vt = env._now
+                            if (issue_host and link._idle and key not in ready and key not in local
+                                    and key not in inflight):
+                                # its copy goes to an idle link: it can start only once the host has issued it
+                                pre = issue_host
+                                carry += pre
+                                c.host_copy_issue_s += pre
+                                vt = env._now + carry
+                                if queue and queue[0][0] <= vt:
+                                    carry = sync(carry)
+                                    vt = env._now
                             if key not in ready:
                                 t = local.get(key)
                                 if t is None:
