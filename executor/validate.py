@@ -163,15 +163,6 @@ def build_simulation(cfg, setup, profile, capacity_bytes: int, *, record: bool =
     return sim
 
 
-def run_one(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget=None, check=False,
-            models: dict | None = None, lookahead: int = 1, predict_after_resident: bool = False,
-            prefill_repeats: int = 5, decode_repeats: int = 3) -> dict:
-    """One config's row: the median of its real repeats beside the simulation."""
-    return run_group([(ex, cfg)], profile, device=device, host_budget=host_budget, gpu_budget=gpu_budget,
-                     check=check, models=models, lookahead=lookahead, predict_after_resident=predict_after_resident,
-                     prefill_repeats=prefill_repeats, decode_repeats=decode_repeats)[0]
-
-
 def run_group(items: list[tuple[dict, object]], profile, *, device=None, host_budget=None, gpu_budget=None,
               check=False, models: dict | None = None, lookahead: int = 1, predict_after_resident: bool = False,
               prefill_repeats: int = 5, decode_repeats: int = 3) -> list[dict]:
@@ -200,24 +191,32 @@ def run_group(items: list[tuple[dict, object]], profile, *, device=None, host_bu
                              device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = list(plans)
     for i, m in zip(ready, medians):
-        rows[i] = guarded(lambda i=i, m=m: reraise(m) if isinstance(m, Exception) else plans[i][1](*m), items[i][0])
+        if isinstance(m, Exception):
+            rows[i] = error_row(m, items[i][0])
+        else:
+            rows[i] = guarded(lambda i=i, m=m: plans[i][1](*m), items[i][0])
     return rows
 
 
-def reraise(exc: Exception):
-    raise exc
+# what a config that cannot run raises: a mode refuses it (NotImplementedError), a FitError or a configuration
+# that does not fit (TraceError, ValueError); its row says so and the suite goes on
+CONFIG_ERRORS = (NotImplementedError, TraceError, ValueError)
+
+
+def error_row(exc: Exception, ex: dict) -> dict:
+    """The row of a config that could not run: skipped (NotImplementedError) or error."""
+    if isinstance(exc, NotImplementedError):
+        return {"status": "skipped", "error": str(exc)}
+    print(f"error: run {ex['name']} ({ex['geometry']}, {ex['mode']}): {exc}", file=sys.stderr)
+    return {"status": "error", "error": str(exc)}
 
 
 def guarded(make, ex: dict):
-    """make(), or the row of a config that cannot run: skipped (a mode refuses it) or error (FitError, a
-    configuration that does not fit; the suite goes on)."""
+    """make(), or `error_row` of the configuration error it raised."""
     try:
         return make()
-    except NotImplementedError as exc:
-        return {"status": "skipped", "error": str(exc)}
-    except (TraceError, ValueError) as exc:
-        print(f"error: run {ex['name']} ({ex['geometry']}, {ex['mode']}): {exc}", file=sys.stderr)
-        return {"status": "error", "error": str(exc)}
+    except CONFIG_ERRORS as exc:
+        return error_row(exc, ex)
 
 
 def group_key(ex: dict, cfg) -> tuple:
@@ -307,7 +306,7 @@ def repeat_medians(runs, n: int, device) -> list:
                         break
                 else:  # (a run left out builds a fresh host store; one that does so every time would never end)
                     raise ValueError("three runs in a row were left out (each built a fresh host store)")
-            except (NotImplementedError, TraceError, ValueError) as exc:  # this config only; the others go on
+            except CONFIG_ERRORS as exc:  # this config only; the others go on
                 failed[i] = exc
                 continue
             kept[i].append(r)
