@@ -301,10 +301,10 @@ class Simulation:
         # `yield ev` (events are processed until ev has been), without a Timeout object or a process switch.
         # Popped events are processed by _fire, as env.step() would. `n`: the
         # timeout's event id when it was taken earlier (the direct issue below), else a fresh one.
-        def sync(carry: float, n: int | None = None) -> float:
-            """Returns the carry to go on with, 0. With copy_issue_host_us, the host time of the chunk groups the
-            link moved meanwhile (the executor's main thread issues them between its launches) is spent here too:
-            the stream's clock moves on by it, events in that time happening as they come, until no debt is left."""
+        def sync(carry: float, n: int | None = None) -> None:
+            """With copy_issue_host_us, the host time of the chunk groups the link moved meanwhile (the executor's
+            main thread issues them between its launches) is spent here too: the stream's clock moves on by it,
+            events in that time happening as they come, until no debt is left."""
             t = env._now + carry
             if n is None:
                 n = next(eids)
@@ -319,11 +319,19 @@ class Simulation:
                 env._now = t
                 debt = link.issue_debt + link.submit_debt
                 if not debt:
-                    return 0.0
+                    return
                 link.issue_debt = link.submit_debt = 0.0
                 c.host_copy_issue_s += debt
                 t += debt
                 n = next(eids)
+
+        def paid_submit() -> float:
+            """The host time of the chunk group a submit just issued to an idle link (Link.submit_debt): counted,
+            cleared, for the caller to add to its carry."""
+            debt = link.submit_debt
+            link.submit_debt = 0.0
+            c.host_copy_issue_s += debt
+            return debt
 
         def wait(ev) -> None:
             while ev.callbacks is not None:
@@ -362,7 +370,8 @@ class Simulation:
                 carry += d
                 if queue and queue[0][0] <= env._now + carry:  # something happens before the gate: let it happen first
                     hold(())  # (the last layer's experts were held until here: nothing could evict them before)
-                    carry = sync(carry)
+                    sync(carry)
+                    carry = 0.0
                 self.gated = (b, layer)
                 # -- the gate: lookups ---------------------------------------------------------------------------
                 kt = table[layer]
@@ -410,9 +419,7 @@ class Simulation:
                             carry += demand_host
                             c.host_demand_issue_s += demand_host
                         if link.submit_debt:  # the first load found the link idle: the gate issued its copy
-                            carry += link.submit_debt
-                            c.host_copy_issue_s += link.submit_debt
-                            link.submit_debt = 0.0
+                            carry += paid_submit()
                 # -- the prefetcher ----------------------------------------------------------------------------------
                 direct = None
                 if pf is not None and blocking:
@@ -422,16 +429,15 @@ class Simulation:
                         c.host_predict_s += pf.cost_s
                     if r is not None:
                         if carry and queue and queue[0][0] <= env._now + carry:
-                            carry = sync(carry)  # copies landing while it predicted land first
+                            sync(carry)  # copies landing while it predicted land first
+                            carry = 0.0
                         n0 = c.prefetches
                         pf.issue(r[0], r[1], b, at=env._now + carry)
                         x_ = prefetch_call + (c.prefetches - n0) * prefetch_host
                         carry += x_
                         c.host_prefetch_issue_s += x_
                         if link.submit_debt:  # a copy found the link idle: this call issued its first group
-                            carry += link.submit_debt
-                            c.host_copy_issue_s += link.submit_debt
-                            link.submit_debt = 0.0
+                            carry += paid_submit()
                 elif pf is not None:
                     r = pf.predict_at_gate(layer, L)
                     if r is not None:
@@ -451,9 +457,7 @@ class Simulation:
                             carry += x_
                             c.host_prefetch_issue_s += x_
                             if link.submit_debt:
-                                carry += link.submit_debt
-                                c.host_copy_issue_s += link.submit_debt
-                                link.submit_debt = 0.0
+                                carry += paid_submit()
                 # -- the experts -------------------------------------------------------------------------------------
                 gs = group_s[layer]
                 if local is None and spans is None:
@@ -480,7 +484,8 @@ class Simulation:
                             env._now = when
                             pf.issue(experts, target, b)
                             env._now = now
-                            carry = sync(carry, e0)
+                            sync(carry, e0)
+                            carry = 0.0
                         else:  # (ids: nothing was taken since the gate, so scheduling it now is the same)
                             pf.schedule(experts, target, b, when - env._now)
                 else:  # (the per-expert loop below: some expert missing at the gate, or spans recorded)
@@ -510,7 +515,8 @@ class Simulation:
                                 c.host_demand_issue_s += demand_host
                             vt = env._now + carry  # the GPU reaches this expert now
                             if carry and queue and queue[0][0] <= vt:  # let what happens before it happen first
-                                carry = sync(carry)
+                                sync(carry)
+                                carry = 0.0
                                 vt = env._now
                             if (issue_host and link._idle and key not in ready and key not in local
                                     and key not in inflight):
@@ -520,7 +526,8 @@ class Simulation:
                                 c.host_copy_issue_s += pre
                                 vt = env._now + carry
                                 if queue and queue[0][0] <= vt:
-                                    carry = sync(carry)
+                                    sync(carry)
+                                    carry = 0.0
                                     vt = env._now
                             if key not in ready:
                                 t = local.get(key)
@@ -528,15 +535,13 @@ class Simulation:
                                     t = inflight.get(key)
                                 if t is None:  # not requested yet: the demand load starts when the stream gets here
                                     t = local[key] = self.start_transfer(key, speculative=False, at=vt)
-                                    if pre and not link.submit_debt:
-                                        t.prepaid = 1  # (queued after all: its first group was paid above)
-                                    elif link.submit_debt:
-                                        if pre:  # (paid above, before its start)
+                                    if pre:  # its first group was paid above, before its start
+                                        if link.submit_debt:
                                             link.submit_debt = 0.0
                                         else:
-                                            carry += link.submit_debt
-                                            c.host_copy_issue_s += link.submit_debt
-                                            link.submit_debt = 0.0
+                                            t.prepaid = 1  # (queued after all: the group goes out later)
+                                    elif link.submit_debt:
+                                        carry += paid_submit()
                                 if not t.finished:  # it lands after vt: nothing is scheduled before vt
                                     if not t.high:
                                         link.upgrade(t, vt)
@@ -567,7 +572,8 @@ class Simulation:
                             carry = cpu_done - env._now
                 if carry and pf is not None and pf.pending and pf.next_issue <= env._now + carry:
                     # a prediction issues (inserts, evicts) before this layer's end, while its experts are held
-                    carry = sync(carry)
+                    sync(carry)
+                    carry = 0.0
                 if hooks is not None:  # recency = order of first use in the batch (touch_in_use_order)
                     if missing is None:  # all resident at the gate and held since: still resident
                         touch = hooks[layer]
