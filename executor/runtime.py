@@ -400,8 +400,7 @@ class OffloadedRuntime:
             e = self.engine
             self._snap = (snapshot(self.c), len(self._batch_marks), len(self._stall_marks),
                           self._stall_host_s, len(e.spans), e.bytes, e.bytes_demand, e.bytes_prefetch,
-                          self._batch_start, list(self.host_s), self.predict_calls, e.issue_host_s, e.issues,
-                          dict(e.submit_issue_s))
+                          self._batch_start, list(self.host_s), self.predict_calls, e.issue_totals())
 
     def gate(self, layer: int, ids: list[int]) -> tuple[list[int], dict]:
         """The gate of `layer` (call after its dense part is enqueued): sync, reap, lookups (held keys), early
@@ -661,10 +660,9 @@ class OffloadedRuntime:
         first = self._first_mark
         host = list(self.host_s)
         calls = self.predict_calls
-        issue0 = issues0 = 0
-        submit0 = {"demand": 0.0, "prefetch": 0.0}
+        issue0: dict = {}
         if self._snap is not None:
-            c0, i0, s0, h0, k0, m0, d0, p0, first, host0, calls0, issue0, issues0, submit0 = self._snap
+            c0, i0, s0, h0, k0, m0, d0, p0, first, host0, calls0, issue0 = self._snap
             host = [a - b for a, b in zip(host, host0)]
             calls -= calls0
             subtract(c, c0)
@@ -688,11 +686,9 @@ class OffloadedRuntime:
         m = finalize(c, total_s=total, busy_s=busy, bytes_h2d=moved, bytes_demand=demand, bytes_prefetch=prefetch)
         m.update({k: h * 1e3 for k, h in zip(HOST_METRICS, host)})
         # of which issuing chunk groups to the copy stream (wherever it happened; not one of HOST_METRICS, whose
-        # parts are disjoint): the per-group issue cost a profile could charge apart from the transfer bookkeeping
-        m["host_copy_issue_ms"] = (e.issue_host_s - issue0) * 1e3
-        m["copy_issues"] = e.issues - issues0
-        for kind in ("demand", "prefetch"):  # of it, inside the demand loads' / the prefetches' own issue
-            m[f"host_copy_issue_{kind}_submit_ms"] = (e.submit_issue_s[kind] - submit0[kind]) * 1e3
+        # parts are disjoint), and of it the part inside the demand loads' / the prefetches' own submit: the
+        # per-group issue cost a profile charges apart from the transfer bookkeeping (copy_issue_host_us)
+        m.update({k: v - issue0.get(k, 0) for k, v in e.issue_totals().items()})
         m["predict_calls"] = calls
         m["slab_slots"] = self.n_slots
         m["scratch_slots"] = self.scratch.n_slots

@@ -220,6 +220,12 @@ class TransferEngine:
                 self._fill()
                 self.submit_issue_s["prefetch" if t.speculative else "demand"] += self.issue_host_s - i0
 
+    def issue_totals(self) -> dict:
+        """The copy-issue accounting so far, as the runtime reports it (metric name -> cumulative value)."""
+        return {"host_copy_issue_ms": self.issue_host_s * 1e3, "copy_issues": self.issues,
+                "host_copy_issue_demand_submit_ms": self.submit_issue_s["demand"] * 1e3,
+                "host_copy_issue_prefetch_submit_ms": self.submit_issue_s["prefetch"] * 1e3}
+
     def upgrade(self, t: Transfer) -> None:
         """A queued or copying prefetch becomes a demand load (back of the high queue)."""
         with self.cond:
