@@ -86,7 +86,7 @@ def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = No
                   host_budget: int = DEFAULT_HOST_BUDGET, gpu_budget_bytes: int | None = None,
                   keep_outputs: bool = False, check: bool = False, lookahead: int = 1, copy_engines: int = 1,
                   models: dict | None = None, copier=None, predict_after_resident: bool = False,
-                  sync_misses: bool = True, group_resident: bool = True):
+                  sync_misses: bool = True, group_resident: bool = True, copy_api: str = "driver"):
     """Check memory, allocate the host store, the model and the runtime for one config.
 
     `models`: a dict reused across calls (executor.validate) that keeps the last host store and replay model, so
@@ -148,7 +148,7 @@ def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = No
         reordered_inference=cfg.reordered_inference, cpu_experts=cfg.cpu_experts, trace=setup.trace,
         transfer_backend=transfer_backend, keep_outputs=keep_outputs, check=check, lookahead=lookahead,
         copy_engines=copy_engines, copier=copier, predict_after_resident=predict_after_resident,
-        sync_misses=sync_misses, group_resident=group_resident,
+        sync_misses=sync_misses, group_resident=group_resident, copy_api=copy_api,
         warmup_batches=setup.warmup_batches)
 
 
@@ -169,6 +169,9 @@ def add_memory_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-group-resident", action="store_true",
                     help="compute every expert on its own (the default groups a decode layer's leading resident "
                          "experts into batched kernels)")
+    ap.add_argument("--copy-api", default="driver", choices=("driver", "torch"),
+                    help="how a chunk is issued to the copy stream: the CUDA driver's cuMemcpyHtoDAsync (default) or "
+                         "Tensor.copy_ (the former path, for comparison)")
     ap.add_argument("--no-sync-misses", action="store_true",
                     help="the host acts on a missing expert as soon as it gets there, ahead of the GPU (the default "
                          "waits for the GPU to reach it: the simulator's semantics)")
@@ -194,7 +197,8 @@ def main(argv=None) -> int:
                        gpu_budget_bytes=int(args.gpu_budget_gib * GIB) if args.gpu_budget_gib is not None else None,
                        check=args.check, lookahead=args.lookahead, transfer_backend=args.backend,
                        predict_after_resident=args.predict_after_resident,
-                       sync_misses=not args.no_sync_misses, group_resident=not args.no_group_resident)
+                       sync_misses=not args.no_sync_misses, group_resident=not args.no_group_resident,
+                       copy_api=args.copy_api)
     rt.warmup()
     metrics = rt.run()
     out = {"config": cfg.flat(), "geometry": setup.geometry.describe(), "layers": setup.n_layers,

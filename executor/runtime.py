@@ -179,6 +179,7 @@ class OffloadedRuntime:
         group_resident: bool = True,
         warmup_batches: int = 0,
         hidden_fn=None,
+        copy_api: str = "driver",
     ):
         from sim.policies import policy_class
 
@@ -212,7 +213,7 @@ class OffloadedRuntime:
         if transfer_backend is None:
             transfer_backend = "cuda" if self.device.type == "cuda" else "pump"
         self.engine = TransferEngine(transfer_backend, device=self.device, copy_engines=copy_engines,
-                                     lookahead=lookahead, copier=copier)
+                                     lookahead=lookahead, copier=copier, copy_api=copy_api)
         self.link = self.engine  # the prefetcher reads `eng.link.pending_bytes`
         self.chunks = chunks if chunked_prefetch else 1
         self.ranges = chunk_ranges(numel, self.chunks)
@@ -694,4 +695,5 @@ class OffloadedRuntime:
         m["scratch_slots"] = self.scratch.n_slots
         m["cache_capacity_bytes"] = self.cache.capacity_bytes
         m["timing"] = "cuda_events" if cuda else "perf_counter (CPU: not a GPU measurement)"
+        m["copy_api"] = getattr(e.copier, "api", "cpu")
         return m

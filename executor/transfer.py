@@ -119,28 +119,77 @@ def cuda_device(device) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dev.index is None else dev
 
 
+COPY_APIS = ("driver", "torch")
+
+
+def driver_memcpy():
+    """`cuMemcpyHtoDAsync` from the CUDA driver library torch has loaded, through ctypes, or None without one.
+
+    Why: `Tensor.copy_(non_blocking=True)` costs the host about 10 to 30 us a chunk on the H200 machine (argument
+    parsing, dispatch, the pinned-memory allocator's event) and the stream switch around it more; the session-7
+    check measured 71 to 125 us of host time per chunk group, two thirds of a Qwen3 demand load's host cost. The
+    driver call with precomputed addresses is about a microsecond. Streams and events are the runtime's handles
+    (a cudaStream_t is a CUstream), and the main thread runs in the primary context torch made current."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        fn = lib.cuMemcpyHtoDAsync_v2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def issue_chunk_copies(memcpy, t: Transfer, c0: int, c1: int, stream_handle) -> None:
+    """Chunks c0..c1-1 of `t` as one `memcpy(dst_address, src_address, nbytes, stream)` each (one DMA per chunk,
+    as the simulator models). `memcpy` returns 0 on success (a CUresult)."""
+    src, dst = t.src, t.dst
+    if c0 == 0 and not (src.is_contiguous() and dst.is_contiguous() and src.dtype == dst.dtype):
+        raise ValueError(f"expert {t.key}: a raw copy needs contiguous buffers of one dtype")
+    elem = src.element_size()
+    s0, d0 = src.data_ptr(), dst.data_ptr()
+    for c in range(c0, c1):
+        a, b = t.ranges[c]
+        r = memcpy(d0 + a * elem, s0 + a * elem, (b - a) * elem, stream_handle)
+        if r:
+            raise RuntimeError(f"host-to-device copy of expert {t.key} chunk {c} failed (CUresult {r})")
+
+
 class _CudaCopier:
     timing = "cuda_events"
 
-    def __init__(self, device, n_streams: int, threaded: bool = True):
+    def __init__(self, device, n_streams: int, threaded: bool = True, api: str = "driver"):
+        """`api`: "driver" issues each chunk with the driver's cuMemcpyHtoDAsync (main-thread issue only; falls
+        back to "torch" where the driver library cannot be loaded), "torch" with `Tensor.copy_` under the copy
+        stream (the threaded backend always; kept for comparison: `TransferEngine(copy_api=...)`)."""
+        if api not in COPY_APIS:
+            raise ValueError(f"copy api must be one of {COPY_APIS}, got {api!r}")
         self.device = cuda_device(device)
         self.streams = [torch.cuda.Stream(device=self.device) for _ in range(n_streams)]
+        self.handles = [s.cuda_stream for s in self.streams]
         # a worker thread must select the device; the main thread already has (and the context costs microseconds)
         self._device_ctx = (lambda: torch.cuda.device(self.device)) if threaded else contextlib.nullcontext
+        self.memcpy = driver_memcpy() if api == "driver" and not threaded else None
+        self.api = "driver" if self.memcpy is not None else "torch"
 
     def copy_group(self, worker: int, t: Transfer, c0: int, c1: int):
         s = self.streams[worker]
-        with self._device_ctx(), torch.cuda.stream(s):
-            if c0 == 0:
-                for ev in t.guards:
-                    s.wait_event(ev)
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record(s)
-            for c in range(c0, c1):  # one copy per chunk: each chunk is a separate DMA, as the simulator models
-                a, b = t.ranges[c]
-                t.dst[a:b].copy_(t.src[a:b], non_blocking=True)
-            end.record(s)
+        if c0 == 0:
+            for ev in t.guards:
+                s.wait_event(ev)
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record(s)
+        if self.memcpy is not None:
+            issue_chunk_copies(self.memcpy, t, c0, c1, self.handles[worker])
+        else:
+            with self._device_ctx(), torch.cuda.stream(s):
+                for c in range(c0, c1):  # one copy per chunk: each chunk is a separate DMA, as the simulator models
+                    a, b = t.ranges[c]
+                    t.dst[a:b].copy_(t.src[a:b], non_blocking=True)
+        end.record(s)
         return (start, end)
 
     def wait(self, handle) -> None:
@@ -158,9 +207,10 @@ class _CudaCopier:
 
 class TransferEngine:
     def __init__(self, backend: str = "pump", *, device=None, copy_engines: int = 1, lookahead: int = 1,
-                 copier=None):
+                 copier=None, copy_api: str = "driver"):
         """`copier`: a stand-in for the CUDA copier in tests (asynchronous copies completing later, with
-        `copy_group`, `wait`, `done`, `span_s`, `wait_event` and `asynchronous = True`)."""
+        `copy_group`, `wait`, `done`, `span_s`, `wait_event` and `asynchronous = True`). `copy_api`: how the
+        cuda backend issues a chunk (`_CudaCopier`)."""
         if backend not in BACKENDS:
             raise ValueError(f"transfer backend must be one of {BACKENDS}, got {backend!r}")
         if backend.startswith("cuda") and not torch.cuda.is_available():
@@ -170,7 +220,7 @@ class TransferEngine:
         self.copy_engines = max(1, int(copy_engines)) if self.threaded else 1
         if copier is None:
             if backend.startswith("cuda"):
-                copier = _CudaCopier(device, self.copy_engines, threaded=self.threaded)
+                copier = _CudaCopier(device, self.copy_engines, threaded=self.threaded, api=copy_api)
             else:
                 copier = _CpuCopier()
         self.copier = copier

@@ -384,7 +384,7 @@ def row_simulation_inputs(row: dict, run: dict, profile, out: Path) -> tuple:
 
 def compare_row(real: dict, sim: dict, extra: dict) -> dict:
     """One report row: real_*, sim_* and diff_* (relative for times and bytes, absolute for ratios)."""
-    row = {"status": "ok", **extra, "timing": real.get("timing")}
+    row = {"status": "ok", **extra, "timing": real.get("timing"), "copy_api": real.get("copy_api")}
     for k in COMPARED:
         r, s = real.get(k), sim.get(k)
         row[f"real_{k}"] = r

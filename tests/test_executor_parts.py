@@ -346,6 +346,38 @@ def test_copy_issue_accounting_by_where_it_happens():
     assert eng.issue_host_s >= eng.submit_issue_s["prefetch"]
 
 
+def test_raw_chunk_copies_move_exactly_the_chunks_asked_for():
+    """The cuda copier's driver path (`issue_chunk_copies`) computes each chunk's byte addresses itself: checked
+    here with the host's memmove as the copy function, on views with an offset into larger buffers (as the host
+    arenas and the slab are), bf16 elements, and a partial chunk group."""
+    import ctypes
+
+    from executor.transfer import issue_chunk_copies
+
+    calls = []
+
+    def memmove(dst, src, n, stream):
+        calls.append((n, stream))
+        ctypes.memmove(dst, src, n)
+        return 0
+
+    arena = torch.arange(40, dtype=torch.bfloat16)
+    slab = torch.zeros(2, 30, dtype=torch.bfloat16)
+    t = Transfer((0, 5), arena[7:37], slab[1], 60, chunk_ranges(30, 3), high=False, speculative=True, cached=True,
+                 seq=0)
+    issue_chunk_copies(memmove, t, 1, 2, "s")  # the middle chunk only
+    assert torch.equal(slab[1, 10:20], arena[17:27]) and not slab[1, :10].any() and not slab[1, 20:].any()
+    assert not slab[0].any() and calls == [(20, "s")]
+    issue_chunk_copies(memmove, t, 0, 3, "s")
+    assert torch.equal(slab[1], arena[7:37]) and [n for n, _ in calls[1:]] == [20, 20, 20]
+    with pytest.raises(RuntimeError, match="CUresult 1"):
+        issue_chunk_copies(lambda *a: 1, t, 0, 1, None)
+    bad = Transfer((0, 6), arena[::2], slab[0, :20], 40, chunk_ranges(20, 1), high=True, speculative=False,
+                   cached=True, seq=1)
+    with pytest.raises(ValueError, match="contiguous"):
+        issue_chunk_copies(memmove, bad, 0, 1, None)
+
+
 def test_probe_steal_during_each_run():
     from executor.probe import cpu_steal_ms, machine_probe, steal_during
 
