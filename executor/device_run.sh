@@ -50,8 +50,8 @@ for l in sys.stdin:
     # ~1.5 min: the smoke test (outputs = reference with every check, the driver copy path), then the two ways of
     # issuing a chunk (executor.transfer: the driver's cuMemcpyHtoDAsync against Tensor.copy_) side by side on a
     # 12-layer Qwen3 decode replay, reactive LRU and the ProMoE-style switches, alternating
-    python3 -m executor.smoke --device cuda 2>&1 | tail -n 3 | tee "$OUT/copyapi.log"
-    for rep in 1 2; do
+    python3 -m executor.smoke --device cuda 2>&1 | tail -n 3 | tee "$OUT/copyapi.log" || exit 3
+    for rep in $(seq ${REPS:-1}); do
       for api in torch driver; do
         for cfg in "prefetch.predictor=none" "prefetch.predictor=previous_token prefetch.distance=2 chunked_prefetch=true early_preemption=true reordered_inference=true"; do
           sets=$(for kv in $cfg; do printf -- "--set %s " "$kv"; done)
