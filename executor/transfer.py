@@ -13,8 +13,9 @@ Semantics, the same as `sim.engine.link.Link`:
 
 Backends:
 
-- `cuda` (the default on a GPU): no thread. The main thread issues the copies: a chunk group is `non_blocking`
-  copies from pinned memory on the copy stream (`torch.cuda.Stream`) followed by a CUDA event, and at most
+- `cuda` (the default on a GPU): no thread. The main thread issues the copies: a chunk group is one
+  `cuMemcpyHtoDAsync` per chunk from pinned memory on the copy stream (`torch.cuda.Stream`; `copy_api="torch"`:
+  `Tensor.copy_(non_blocking=True)` under that stream, the former path) between two CUDA events, and at most
   `lookahead` groups are on the stream at a time (1 = exactly the simulator's "at most one chunk ahead"; 2 keeps
   the link busy across the host's gaps, at the price of a demand load waiting for up to two committed chunks:
   the simulator's `h2d.lookahead`). The stream is refilled wherever the runtime touches the engine: on submit,
