@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 
@@ -23,6 +24,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--numel", type=int, default=3 * 2048 * 768, help="elements of one expert (default Qwen3's)")
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("executor.issue_bench: needs a CUDA GPU (it times the copy stream's issue path)", file=sys.stderr)
+        return 2
     dev = torch.device("cuda", torch.cuda.current_device())
     src = torch.randn(args.numel).to(torch.bfloat16).pin_memory()
     dst = torch.empty(args.numel, dtype=torch.bfloat16, device=dev)

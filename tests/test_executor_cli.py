@@ -232,6 +232,18 @@ def test_smoke_command_on_cpu(capsys):
     assert summary["ok"] and summary["cases"] >= len(smoke.CASES)
 
 
+def test_issue_bench_refuses_without_a_gpu(capsys):
+    """`python -m executor.issue_bench` times CUDA calls: without a GPU it says so (exit 2), no traceback."""
+    import torch
+
+    from executor import issue_bench
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    assert issue_bench.main(["--n", "10"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
 def test_repeat_medians_interleave_and_isolate_a_failing_config():
     """Round-robin over the configs; a config that keeps being left out (a fresh host store on every run) ends as
     its own error after three tries, the others go on."""
