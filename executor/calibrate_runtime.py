@@ -10,7 +10,7 @@ spends:
 - `runtime_layer_costs`: the real `OffloadedRuntime` replays a synthetic decode trace (one token per batch) whose
   experts are all resident (a warm-up pass loads them; the cache holds every expert; no prefetch): top-1, top-K
   with every expert computed on its own, and top-K with the resident experts computed as one group (the runtime's
-  default at batch size 1). Per layer step: time(K, eager) = base + K x per_expert, so per_expert = (time(K, eager)
+  default at batch size 1), in interleaved rounds (medians of the rounds' figures). Per layer step: time(K, eager) = base + K x per_expert, so per_expert = (time(K, eager)
   - time(1)) / (K - 1) and base = time(1) - per_expert (one expert is never grouped); the group's cost per expert
   = (time(K, grouped) - base) / K.
 - `runtime_transfer_costs`: host time per demand load and per prefetch the runtime issues (cache insert, slot, the
@@ -66,9 +66,10 @@ def cycle_trace(dst, *, n_layers: int, n_experts: int, top_k: int, decode_len: i
 
 def _decode_runs(geom, device, top_k: int, *, n_layers: int, n_experts: int, tokens: int, repeats: int,
                  extra: dict | None = None, warm: int | None = None, lookahead: int = 1,
-                 group_resident: bool = True) -> list[dict]:
+                 group_resident: bool = True, models: dict | None = None) -> list[dict]:
     """The runtime's metrics of `repeats` decode runs of a cycle trace (config `extra`, dotted keys, on top of an
-    LRU cache holding every expert)."""
+    LRU cache holding every expert). `models`: a host store and model kept between calls (executor.replay
+    `build_runtime`)."""
     from executor.replay import build_runtime, prepare
     from sim.config import build_config, set_dotted
 
@@ -83,7 +84,7 @@ def _decode_runs(geom, device, top_k: int, *, n_layers: int, n_experts: int, tok
             set_dotted(raw, k, v)
         cfg = build_config(raw)
         setup = prepare(cfg, geom.first_layers(n_layers))
-        models: dict = {}
+        models = {} if models is None else models
         for _ in range(repeats):
             rt = build_runtime(cfg, setup, device=device, models=models, lookahead=lookahead,
                                group_resident=group_resident)
@@ -93,11 +94,11 @@ def _decode_runs(geom, device, top_k: int, *, n_layers: int, n_experts: int, tok
 
 
 def _layer_step_ms(geom, device, top_k: int, *, n_layers: int, n_experts: int, tokens: int, repeats: int,
-                   group_resident: bool = True) -> float:
+                   group_resident: bool = True, models: dict | None = None) -> float:
     """Median over `repeats` runs of the runtime's mean decode layer-step time, every expert resident."""
     out = []
     for m in _decode_runs(geom, device, top_k, n_layers=n_layers, n_experts=n_experts, tokens=tokens,
-                          repeats=repeats, group_resident=group_resident):
+                          repeats=repeats, group_resident=group_resident, models=models):
         if m["misses"]:
             raise RuntimeError(f"calibration run had {m['misses']} misses after its warm-up")
         out.append(m["tpot_ms"] / n_layers)
@@ -283,17 +284,29 @@ def runtime_predictor_costs(names, device, *, geom=None, trace: str | None = Non
 def runtime_layer_costs(geom, device, *, repeats: int = 5, n_layers: int = 4, tokens: int = 48) -> dict:
     """The runtime's decode layer step split into a per-layer base, a per-expert part (an expert computed on its
     own) and the per-expert cost inside a resident group (see the module docstring): per_expert_ms,
-    layer_base_ms, group_expert_ms, the three measured steps and top_k."""
+    layer_base_ms, group_expert_ms, the three measured steps (medians) and top_k.
+
+    The three steps are measured in `repeats` interleaved rounds (top-1, top-K, top-K grouped, then again), and
+    each figure is the median of its per-round values: a slow spell of the host then slows one round's three
+    steps alike instead of one whole step's repeats. Session 8's calibration, measured step after step, charged
+    Gemma-4 a per-expert host cost of 0.177 ms against 0.116 in session 6 and simulated its LRU decode 52 % too
+    slow."""
     k = max(2, min(geom.top_k, 8))
-    kw = dict(n_layers=n_layers, n_experts=2 * k, tokens=tokens, repeats=repeats)
-    t1 = _layer_step_ms(geom, device, 1, **kw)
-    tk = _layer_step_ms(geom, device, k, group_resident=False, **kw)
-    tg = _layer_step_ms(geom, device, k, group_resident=True, **kw)
-    per_expert = max(0.0, (tk - t1) / (k - 1))
-    base = max(0.0, t1 - per_expert)
-    return {"per_expert_ms": round(per_expert, 5), "layer_base_ms": round(base, 5),
-            "group_expert_ms": round(max(0.0, tg - base) / k, 5), "layer_ms_top1": round(t1, 5),
-            f"layer_ms_top{k}": round(tk, 5), f"layer_ms_top{k}_grouped": round(tg, 5), "top_k": k}
+    models: dict = {}  # the three steps share one host store (same geometry, layers, experts)
+    kw = dict(n_layers=n_layers, n_experts=2 * k, tokens=tokens, repeats=1, models=models)
+    rounds = []
+    for _ in range(max(1, repeats)):
+        t1 = _layer_step_ms(geom, device, 1, **kw)
+        tk = _layer_step_ms(geom, device, k, group_resident=False, **kw)
+        tg = _layer_step_ms(geom, device, k, group_resident=True, **kw)
+        per_expert = max(0.0, (tk - t1) / (k - 1))
+        base = max(0.0, t1 - per_expert)
+        rounds.append((per_expert, base, max(0.0, tg - base) / k, t1, tk, tg))
+    pe, base, group, t1, tk, tg = (statistics.median(col) for col in zip(*rounds))
+    return {"per_expert_ms": round(pe, 5), "layer_base_ms": round(base, 5),
+            "group_expert_ms": round(group, 5), "layer_ms_top1": round(t1, 5),
+            f"layer_ms_top{k}": round(tk, 5), f"layer_ms_top{k}_grouped": round(tg, 5), "top_k": k,
+            "rounds": len(rounds)}
 
 
 def transfer_issue_overhead_us(geom, device, link_seconds, *, n: int = 24, repeats: int = 5, busy=None,

@@ -43,6 +43,31 @@ def test_runtime_costs_run_all_hits_on_cpu():
                                                   abs=1e-4)
 
 
+def test_layer_costs_interleave_the_three_steps_and_pair_them_by_round(monkeypatch):
+    """The three steps run round by round (top-1, top-K, top-K grouped, again), and per_expert is the median of
+    each round's difference: here 1 ms, where the difference of the steps' medians would give 2 (the third
+    round's top-K ran in a slow spell)."""
+    import executor.calibrate_runtime as cr
+
+    t1, tk, tg = [1.0, 2.0, 3.0], [5.0, 3.0, 4.0], [2.0, 2.5, 3.5]
+    calls = []
+
+    def fake(geom, device, top_k, *, group_resident=True, **kw):
+        step = "1" if top_k == 1 else ("g" if group_resident else "k")
+        r = sum(1 for c in calls if c == step)
+        calls.append(step)
+        assert kw["repeats"] == 1 and isinstance(kw["models"], dict)
+        return {"1": t1, "k": tk, "g": tg}[step][r]
+
+    monkeypatch.setattr(cr, "_layer_step_ms", fake)
+    rc = cr.runtime_layer_costs(get_geometry("mixtral-8x7b"), "cpu", repeats=3)  # top-2: per expert = tk - t1
+    assert calls == ["1", "k", "g"] * 3 and rc["rounds"] == 3 and rc["top_k"] == 2
+    assert rc["per_expert_ms"] == 1.0  # rounds: 4, 1, 1
+    assert rc["layer_base_ms"] == 1.0  # t1 - per expert by round: 0 (clipped), 1, 2
+    assert rc["group_expert_ms"] == 0.75  # (tg - base) / 2 by round: 1, 0.75, 0.75
+    assert (rc["layer_ms_top1"], rc["layer_ms_top2"], rc["layer_ms_top2_grouped"]) == (2.0, 4.0, 2.5)
+
+
 def test_add_runtime_costs_floors_experts_and_adds_layer_bookkeeping():
     et = {"ms": [0.03, 0.05, 0.4], "note": "n"}
     dts = [{"ms": [0.2, 0.3], "note": "d"}]
