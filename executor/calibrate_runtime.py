@@ -10,9 +10,9 @@ spends:
 - `runtime_layer_costs`: the real `OffloadedRuntime` replays a synthetic decode trace (one token per batch) whose
   experts are all resident (a warm-up pass loads them; the cache holds every expert; no prefetch): top-1, top-K
   with every expert computed on its own, and top-K with the resident experts computed as one group (the runtime's
-  default at batch size 1), in interleaved rounds (medians of the rounds' figures). Per layer step: time(K, eager) = base + K x per_expert, so per_expert = (time(K, eager)
-  - time(1)) / (K - 1) and base = time(1) - per_expert (one expert is never grouped); the group's cost per expert
-  = (time(K, grouped) - base) / K.
+  default at batch size 1), in interleaved rounds (medians of the rounds' figures). Per layer step: time(K,
+  eager) = base + K x per_expert, so per_expert = (time(K, eager) - time(1)) / (K - 1) and base = time(1) -
+  per_expert (one expert is never grouped); the group's cost per expert = (time(K, grouped) - base) / K.
 - `runtime_transfer_costs`: host time per demand load and per prefetch the runtime issues (cache insert, slot, the
   copies and their events), measured where it is spent (the runtime's perf_counter accounting,
   `host_demand_issue_ms` / `host_prefetch_issue_ms`) in all-miss and all-prefetch cycle-trace runs, and the
