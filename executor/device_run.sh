@@ -111,7 +111,7 @@ for l in sys.stdin:
       if wait $PROMPTS_PID; then
         python3 -m traces.record --model build/small_moe_model --prompts /tmp/live_prompts.jsonl \
           --max-prompts ${LIVE_PROMPTS:-2048} --max-prompt-tokens 24 --max-new-tokens 64 --batch-size 1024 \
-          --temperature 0.8 --seed 1 --hidden-states --device cuda --name small-moe-live-train --out /tmp/live-train \
+          --temperature 0.8 --seed 1 --hidden-states --router-weights --device cuda --name small-moe-live-train --out /tmp/live-train \
           --json 2>&1 | grep -v "Loading weights" | tail -n 2 | tee "$OUT/live_fit.log"
         mkdir -p build/small_moe_model/predictors
         . traces/small_moe/fit_settings.sh
