@@ -28,9 +28,11 @@ this option have float32 weights and load as before).
 "router" (layer l+d's router softmax over every expert, on that layer's own input hidden state of the same
 training token, at `temperature`: distillation from the router, 32 probabilities per row instead of 4 ones),
 "mixed" (the average of the two), or "auto" (the default: "router" where the trace has router weights, else
-"topk"; the fit report says which ran). Only the training rows' later layers are read, as for the top-k labels;
-at prediction time the network still sees layer l's hidden state alone. On the small MoE's in-trace split the
-router target gives 0.828 against 0.789 at d = 1 and 0.777 against 0.748 at d = 2 (docs/predictors.md).
+"topk"; the fit report says which ran). `temperature` (default "auto": the one at which the router's own top-k
+hold `TOPK_MASS` of the target's mass; the fit report lists each network's). Only the training rows' later
+layers are read, as for the top-k labels; at prediction time the network still sees layer l's hidden state
+alone. On the small MoE's in-trace split the router target gives 0.829 against 0.789 at d = 1 and 0.777 against
+0.748 at d = 2 (docs/predictors.md).
 Measured alternatives are in docs/predictors.md.
 """
 
@@ -82,8 +84,13 @@ class LearnedMLPPredictor(Predictor):
                  temperature: float | str = "auto", **params):
         if target not in TARGETS:
             raise ValueError(f"learned_mlp target must be one of {TARGETS}, got {target!r}")
-        if temperature != "auto" and not float(temperature) > 0:
-            raise ValueError(f"learned_mlp temperature must be > 0 or 'auto', got {temperature!r}")
+        if temperature != "auto":
+            try:
+                ok = float(temperature) > 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"learned_mlp temperature must be > 0 or 'auto', got {temperature!r}")
         super().__init__(distances=list(distances), target_params=target_params, min_units=min_units,
                          max_units=max_units, epochs=epochs, lr=lr, weight_decay=weight_decay,
                          batch_size=batch_size, max_rows=max_rows, seed=seed, device=device, loss=loss,
@@ -130,8 +137,8 @@ class LearnedMLPPredictor(Predictor):
                 xs.append(x)
                 y = _torchfit.multi_hot(experts[ok, layer + d], meta.n_experts)
                 if target != "topk":
-                    y = self._router_target(trace, rows[ok, layer + d], layer + d, y, target, p,
-                                            self.fit_report.setdefault("temperature", {}))
+                    y, temp = self._router_target(trace, rows[ok, layer + d], layer + d, y, target, p)
+                    self.fit_report.setdefault("temperature", {})[names[-1]] = round(temp, 4)
                 ys.append(y)
             if not xs:
                 continue
@@ -147,12 +154,12 @@ class LearnedMLPPredictor(Predictor):
 
     @staticmethod
     def _router_target(trace, target_rows: np.ndarray, target_layer: int, topk: np.ndarray, target: str,
-                       p: dict, report: dict | None = None) -> np.ndarray:
+                       p: dict) -> tuple[np.ndarray, float]:
         """The training target from layer l+d's own router: its softmax over every expert at a temperature, on
         the hidden state entering layer l+d of the same training token (`router`), or that averaged with the
-        normalized top-k target (`mixed`). Read from the training rows only, like the top-k labels. The
-        temperature (`report[layer]` says which) is `temperature`, or with "auto" the one that leaves
-        `TOPK_MASS` of the target's mass, on average, on the k experts the router chose (`auto_temperature`)."""
+        normalized top-k target (`mixed`). Read from the training rows only, like the top-k labels. Returns the
+        target and its temperature: `temperature`, or with "auto" the one that leaves `TOPK_MASS` of the target's
+        mass, on average, on the k experts the router chose (`auto_temperature`)."""
         w = np.asarray(trace.router_weights(target_layer), dtype=np.float32).T
         hidden = trace.hidden_states(target_layer)
         logits = np.empty((len(target_rows), w.shape[1]), dtype=np.float32)
@@ -165,15 +172,13 @@ class LearnedMLPPredictor(Predictor):
         t = p.get("temperature", 1.0)
         k = int(topk.sum(axis=1).max()) if len(topk) else 1
         t = auto_temperature(logits[: 1 << 16], k) if t == "auto" else float(t)
-        if report is not None:
-            report[f"l{target_layer}"] = round(t, 4)
         soft = np.empty_like(logits)
         for a in range(0, len(logits), 1 << 16):
             soft[a: a + (1 << 16)] = _softmax(logits[a: a + (1 << 16)] / t)
         if target == "router":
-            return soft
+            return soft, t
         hard = topk / np.maximum(topk.sum(axis=1, keepdims=True), 1.0)
-        return (0.5 * (soft + hard)).astype(np.float32)
+        return (0.5 * (soft + hard)).astype(np.float32), t
 
     def get_state(self):
         return _torchfit.pack(self._nets, self.params.get("weights_dtype", "float32"))

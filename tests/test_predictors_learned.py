@@ -137,10 +137,10 @@ def test_learned_mlp_router_target_is_layer_l_plus_d_router_softmax(trace, tmp_p
     topk[np.arange(4), [1, 2, 3, 4]] = 1
     topk[np.arange(4), [0, 0, 0, 0]] = 1
     want = _softmax(np.asarray(trace.hidden_states(2), np.float32)[rows] @ np.asarray(trace.router_weights(2)).T)
-    got = LearnedMLPPredictor._router_target(trace, rows, 2, topk, "router", {"temperature": 1.0}, rep := {})
-    assert rep == {"l2": 1.0}
+    got, temp = LearnedMLPPredictor._router_target(trace, rows, 2, topk, "router", {"temperature": 1.0})
+    assert temp == 1.0
     assert np.allclose(got, want, atol=1e-6) and np.allclose(got.sum(axis=1), 1, atol=1e-5)
-    mixed = LearnedMLPPredictor._router_target(trace, rows, 2, topk, "mixed", {"temperature": 1.0})
+    mixed, _ = LearnedMLPPredictor._router_target(trace, rows, 2, topk, "mixed", {"temperature": 1.0})
     assert np.allclose(mixed, 0.5 * (want + topk / 2), atol=1e-6)
 
     split = make_split(trace, 0.9, 0)
@@ -156,6 +156,8 @@ def test_learned_mlp_router_target_is_layer_l_plus_d_router_softmax(trace, tmp_p
         fit_on_split(make_predictor("learned_mlp", distances=(1,), target="router"), no_router, split)
     with pytest.raises(ValueError, match="target"):
         make_predictor("learned_mlp", target="logits")
+    with pytest.raises(ValueError, match="temperature"):
+        make_predictor("learned_mlp", temperature="hot")
 
 
 def test_learned_mlp_router_target_beats_topk_labels(trace):
@@ -172,7 +174,7 @@ def test_learned_mlp_router_target_beats_topk_labels(trace):
     assert soft["accuracy"] > hard["accuracy"] + 0.02 > sharp["accuracy"] + 0.02
     p, _ = prepare(trace, "learned_mlp", 1, params={"max_units": 16, "epochs": 1})
     temps = p.fit_report["temperature"]
-    assert p.fit_report["target"] == "router" and sorted(temps) == ["l1", "l2", "l3"]
+    assert p.fit_report["target"] == "router" and sorted(temps) == ["l0_d1", "l1_d1", "l2_d1"]
     assert all(2.0 < t < 6.0 for t in temps.values())
     logits = np.random.default_rng(0).standard_normal((500, 8)) * 5
     t = auto_temperature(logits, 2)
