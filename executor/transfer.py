@@ -129,8 +129,9 @@ def driver_memcpy():
     Why: `Tensor.copy_(non_blocking=True)` costs the host about 10 to 30 us a chunk on the H200 machine (argument
     parsing, dispatch, the pinned-memory allocator's event) and the stream switch around it more; the session-7
     check measured 71 to 125 us of host time per chunk group, two thirds of a Qwen3 demand load's host cost. The
-    driver call, addresses included, took 6 us a chunk there (`executor.issue_bench`: 27 us for `copy_`). Streams and events are the runtime's handles
-    (a cudaStream_t is a CUstream), and the main thread runs in the primary context torch made current."""
+    driver call, addresses included, took 6 us a chunk there (`executor.issue_bench`: 27 us for `copy_`).
+    Streams and events are the runtime's handles (a cudaStream_t is a CUstream), and the main thread runs in the
+    primary context torch made current."""
     import ctypes
 
     try:
