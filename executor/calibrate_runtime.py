@@ -123,11 +123,13 @@ def runtime_transfer_costs(geom, device, top_k: int, *, repeats: int = 5, n_laye
       issues none, so (host time issuing) / calls is the prefetcher's cost per call;
     - prefetch: the same switches on the demand run's cache: every expert prefetched one layer ahead, k per call;
       per copy = (host time issuing - calls x the call cost) / prefetches.
-    Medians over `repeats` runs: demand_transfer_us, prefetch_call_us, prefetch_transfer_us (per copy) and
-    prefetch_issue_us (per copy with the call cost spread over the copies, what profiles held before the split);
-    and the copy issue apart: copy_issue_us (host time per chunk group issued, wherever, over both runs: the
-    runtime's host_copy_issue_ms / copy_issues), demand_transfer_net_us and prefetch_transfer_net_us (each kind's
-    cost without the groups its own submit issued), which the profile holds when it charges copy_issue_host_us."""
+    The three kinds of run are interleaved round by round (demand, call, prefetch, then again) and a prefetch run
+    is paired with its own round's call cost. Medians over the `repeats` rounds: demand_transfer_us,
+    prefetch_call_us, prefetch_transfer_us (per copy) and prefetch_issue_us (per copy with the call cost spread
+    over the copies, what profiles held before the split); and the copy issue apart: copy_issue_us (host time per
+    chunk group issued, wherever, over both runs: the runtime's host_copy_issue_ms / copy_issues),
+    demand_transfer_net_us and prefetch_transfer_net_us (each kind's cost without the groups its own submit
+    issued), which the profile holds when it charges copy_issue_host_us."""
     n_experts = 2 * top_k
     small = {"cache.scope": "per_layer", "cache.cache_rate": 0.5}
     switches = {"prefetch.predictor": "oracle", "prefetch.distance": 1, "prefetch.chunks": chunks,
@@ -135,23 +137,36 @@ def runtime_transfer_costs(geom, device, top_k: int, *, repeats: int = 5, n_laye
                 "early_preemption": True,
                 "reordered_inference": True}
     calls = tokens * (n_layers - 1)  # one call per gate with a layer at distance 1 (the measured batches)
-    kw = dict(n_layers=n_layers, n_experts=n_experts, tokens=tokens, repeats=repeats, lookahead=lookahead)
+    kw = dict(n_layers=n_layers, n_experts=n_experts, tokens=tokens, repeats=1, lookahead=lookahead,
+              models={})  # one host store for the three kinds of run (same geometry, layers, experts)
 
-    def runs(extra: dict, warm: int | None) -> list[dict]:
-        return _decode_runs(geom, device, top_k, extra=extra, warm=warm, **kw)
+    def run(extra: dict, warm: int | None) -> dict:
+        return _decode_runs(geom, device, top_k, extra=extra, warm=warm, **kw)[0]
 
-    dem_runs = [m for m in runs(small, 2) if m["demand_loads"]]
-    demand = [m["host_demand_issue_ms"] / m["demand_loads"] * 1e3 for m in dem_runs]
-    idle = runs(switches, None)  # every expert resident after the warm-up: the calls issue nothing
-    if any(m["prefetches"] for m in idle):
-        raise RuntimeError("the all-resident calibration run issued prefetches")
-    call_us = statistics.median(m["host_prefetch_issue_ms"] / calls * 1e3 for m in idle)
-    full = [m for m in runs({**small, **switches}, 2) if m["prefetches"]]
-    if not demand or not full:
+    # the three runs interleaved round by round (a slow spell of the host falls on one round, not on one kind's
+    # repeats), and each prefetch run paired with its own round's call cost
+    dem_runs, full, rounds = [], [], []
+    for _ in range(max(1, repeats)):
+        dem = run(small, 2)
+        idle = run(switches, None)  # every expert resident after the warm-up: the calls issue nothing
+        if idle["prefetches"]:
+            raise RuntimeError("the all-resident calibration run issued prefetches")
+        pf = run({**small, **switches}, 2)
+        call_r = idle["host_prefetch_issue_ms"] / calls * 1e3
+        if dem["demand_loads"]:
+            dem_runs.append(dem)
+        if pf["prefetches"]:
+            full.append(pf)
+            rounds.append((pf, call_r))
+        else:
+            rounds.append((None, call_r))
+    if not dem_runs or not full:
         raise RuntimeError("calibration run issued no demand loads or no prefetches")
+    demand = [m["host_demand_issue_ms"] / m["demand_loads"] * 1e3 for m in dem_runs]
+    call_us = statistics.median(c for _, c in rounds)
     issue = statistics.median(m["host_prefetch_issue_ms"] / m["prefetches"] * 1e3 for m in full)
-    copy = statistics.median(max(0.0, m["host_prefetch_issue_ms"] * 1e3 - calls * call_us) / m["prefetches"]
-                             for m in full)
+    copy = statistics.median(max(0.0, m["host_prefetch_issue_ms"] * 1e3 - calls * c) / m["prefetches"]
+                             for m, c in rounds if m is not None)
     # the copy issue apart (copy_issue_host_us): host time per chunk group issued over both runs, and each kind's
     # own cost without the groups it issued itself (an idle link started in its submit)
     groups = sum(m["copy_issues"] for m in dem_runs + full)
@@ -159,7 +174,7 @@ def runtime_transfer_costs(geom, device, top_k: int, *, repeats: int = 5, n_laye
     demand_net = statistics.median(max(0.0, m["host_demand_issue_ms"] - m["host_copy_issue_demand_submit_ms"])
                                    / m["demand_loads"] * 1e3 for m in dem_runs)
     copy_net = statistics.median(max(0.0, (m["host_prefetch_issue_ms"] - m["host_copy_issue_prefetch_submit_ms"])
-                                     * 1e3 - calls * call_us) / m["prefetches"] for m in full)
+                                     * 1e3 - calls * c) / m["prefetches"] for m, c in rounds if m is not None)
     return {"demand_transfer_us": round(statistics.median(demand), 3), "prefetch_call_us": round(call_us, 3),
             "prefetch_transfer_us": round(copy, 3), "prefetch_issue_us": round(issue, 3),
             "copy_issue_us": round(copy_issue, 3), "demand_transfer_net_us": round(demand_net, 3),

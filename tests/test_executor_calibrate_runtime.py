@@ -122,6 +122,36 @@ def test_transfer_cost_runs_miss_and_prefetch_as_intended():
     assert res["prefetch_issue_us"] >= res["prefetch_transfer_us"]
 
 
+def test_transfer_cost_runs_interleave_and_pair_each_prefetch_run_with_its_call_cost(monkeypatch):
+    """Demand, call and prefetch runs alternate round by round, and a prefetch run's per-copy cost subtracts its
+    own round's call cost: here 10 us, where the median call cost (10) would leave 1 us in two of three rounds."""
+    import executor.calibrate_runtime as cr
+
+    order, n = [], {"demand": 0, "call": 0, "prefetch": 0}
+    call_us, pf_host_ms = [1.0, 10.0, 10.0], [0.066, 0.12, 0.066]
+
+    def fake(geom, device, top_k, *, extra, warm, repeats, models, **kw):
+        kind = ("prefetch" if "cache.scope" in extra else "call") if "prefetch.predictor" in extra else "demand"
+        r = n[kind]
+        n[kind] += 1
+        order.append(kind)
+        assert repeats == 1 and isinstance(models, dict)
+        if kind == "demand":
+            return [{"demand_loads": 4, "host_demand_issue_ms": 0.4, "host_copy_issue_demand_submit_ms": 0.0,
+                     "copy_issues": 4, "host_copy_issue_ms": 0.2}]
+        if kind == "call":  # 6 calls (tokens 6 x (2 layers - 1))
+            return [{"prefetches": 0, "host_prefetch_issue_ms": call_us[r] * 6 / 1e3}]
+        return [{"prefetches": 6, "host_prefetch_issue_ms": pf_host_ms[r], "host_copy_issue_prefetch_submit_ms": 0.0,
+                 "copy_issues": 6, "host_copy_issue_ms": 0.3}]
+
+    monkeypatch.setattr(cr, "_decode_runs", fake)
+    res = cr.runtime_transfer_costs(get_geometry("tiny"), "cpu", 2, repeats=3, n_layers=2, tokens=6)
+    assert order == ["demand", "call", "prefetch"] * 3
+    assert res["prefetch_call_us"] == 10.0
+    assert res["prefetch_transfer_us"] == pytest.approx(10.0)  # rounds: 10, 10, 1
+    assert res["demand_transfer_us"] == pytest.approx(100.0) and res["copy_issue_us"] == pytest.approx(50.0)
+
+
 def test_predictor_cost_of_a_trained_hidden_state_predictor():
     """calibrate times learned_mlp fit on the small-MoE trace (its hidden states), beside the plain ones; the
     fallback for unmeasured predictors stays the dearest plain one."""
