@@ -4,7 +4,8 @@
 #      (or `quick`: the smoke test's summary and the copy backends side by side on a 12-layer Qwen3 replay)
 #   2. bash executor/device_run.sh calibrate    # ~2-4 min: profiles/h200.yaml (measured) -> $OUT/h200.yaml
 #   3. bash executor/device_run.sh validate     # the suite, resumable: rerun until every run is in the Parquet
-#   or 2+3 as `session`; `copyapi` (~1.5 min): the smoke test and the two chunk-issue paths side by side (calibrate once into /tmp, validate into /tmp/val; rerun on the warm machine to resume)
+#   or 2+3 as `session` (calibrate once into /tmp, validate into /tmp/val; rerun on the warm machine to resume)
+#   `copyapi` (~1.5 min): the smoke test and the two chunk-issue paths side by side
 # run tool: carry [".whl"] (pydantic and simpy wheels: the GPU image lacks them; pandas, pyarrow, yaml,
 # matplotlib, transformers are there). results/validation/h200 travels as untracked files, so a second validate
 # call resumes from its results.parquet once the first call's $OUT/h200 is copied back there.
@@ -24,6 +25,28 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 free -g | tee -a "$OUT/gpu.txt"
 # where the GPU sits (NUMA, CPU affinity) and what the host is: context for the runs' noise
 { nvidia-smi topo -m; lscpu | grep -E "Model name|^CPU\(s\)|NUMA|MHz"; } >> "$OUT/gpu.txt" 2>/dev/null
+# A 12-layer Qwen3-30B-A3B decode replay (2 sequences, cache rate 0.25 per layer) for each VARIANT (executor.replay
+# arguments) x {reactive LRU, the ProMoE-style switches}: one line each with the metrics KEYS and the host time
+# per chunk group issued. Used by `quick` and `copyapi`.
+qwen3_replays() {  # LOG TOKENS KEYS VARIANT...
+  local log=$1 tokens=$2 keys=$3 variant cfg sets
+  shift 3
+  for variant in "$@"; do
+    for cfg in "prefetch.predictor=none" "prefetch.predictor=previous_token prefetch.distance=2 chunked_prefetch=true early_preemption=true reordered_inference=true"; do
+      sets=$(for kv in $cfg; do printf -- "--set %s " "$kv"; done)
+      python3 -m executor.replay configs/examples/qwen3-decode-lru.yaml --geometry qwen3-30b-a3b --layers 12 $variant \
+        --set phase=decode --set max_decode_tokens=$tokens --set max_sequences=2 --set cache.scope=per_layer \
+        --set cache.cache_rate=0.25 --set prefetch.chunks=3 $sets --json 2>&1 | python3 -c "
+import json,sys
+for l in sys.stdin:
+    if l.startswith('{'):
+        m=json.loads(l)['metrics']; n=max(m.get('copy_issues') or 0, 1)
+        print('$variant | $cfg |', {k: m.get(k) for k in '$keys'.split(',')},
+              'us/group %.1f' % (1e3 * (m.get('host_copy_issue_ms') or 0) / n))
+    else: print(l.rstrip()[-300:])" | tee -a "$log"
+    done
+  done
+}
 case "$STEP" in
   smoke)
     python3 -m executor.smoke --device cuda 2>&1 | tee "$OUT/smoke.log"
@@ -32,41 +55,18 @@ case "$STEP" in
   quick)
     # the new main-thread copy issue vs the copy thread, and the smoke test, in a couple of minutes
     python3 -m executor.smoke --device cuda 2>&1 | tail -n 3 | tee "$OUT/quick.log"
-    for args in "--backend cuda-thread --lookahead 1" "--backend cuda --lookahead 1" "--backend cuda --lookahead 2"; do
-      for cfg in "prefetch.predictor=none" "prefetch.predictor=previous_token prefetch.distance=2 chunked_prefetch=true early_preemption=true reordered_inference=true"; do
-        sets=$(for kv in $cfg; do printf -- "--set %s " "$kv"; done)
-        python3 -m executor.replay configs/examples/qwen3-decode-lru.yaml --geometry qwen3-30b-a3b --layers 12 $args \
-          --set phase=decode --set max_decode_tokens=32 --set max_sequences=2 --set cache.scope=per_layer \
-          --set cache.cache_rate=0.25 --set prefetch.chunks=3 $sets --json 2>&1 | python3 -c "
-import json,sys
-for l in sys.stdin:
-    if l.startswith('{'):
-        m=json.loads(l)['metrics']; print('$args | $cfg |', {k: m.get(k) for k in ('tpot_ms','hit_rate','stall_ms','pcie_busy_frac','prefetches','n_prefetch_late')})
-    else: print(l.rstrip()[-300:])" | tee -a "$OUT/quick.log"
-      done
-    done
+    qwen3_replays "$OUT/quick.log" 32 tpot_ms,hit_rate,stall_ms,pcie_busy_frac,prefetches,n_prefetch_late \
+      "--backend cuda-thread --lookahead 1" "--backend cuda --lookahead 1" "--backend cuda --lookahead 2"
     ;;
   copyapi)
     # ~1.5 min: the smoke test (outputs = reference with every check, the driver copy path), then the two ways of
-    # issuing a chunk (executor.transfer: the driver's cuMemcpyHtoDAsync against Tensor.copy_) side by side on a
-    # 12-layer Qwen3 decode replay, reactive LRU and the ProMoE-style switches, alternating
+    # issuing a chunk (executor.transfer: the driver's cuMemcpyHtoDAsync against Tensor.copy_) side by side,
+    # alternating, REPS rounds
     python3 -m executor.smoke --device cuda 2>&1 | tail -n 3 | tee "$OUT/copyapi.log" || exit 3
     for rep in $(seq ${REPS:-1}); do
-      for api in torch driver; do
-        for cfg in "prefetch.predictor=none" "prefetch.predictor=previous_token prefetch.distance=2 chunked_prefetch=true early_preemption=true reordered_inference=true"; do
-          sets=$(for kv in $cfg; do printf -- "--set %s " "$kv"; done)
-          python3 -m executor.replay configs/examples/qwen3-decode-lru.yaml --geometry qwen3-30b-a3b --layers 12 \
-            --copy-api $api --set phase=decode --set max_decode_tokens=48 --set max_sequences=2 \
-            --set cache.scope=per_layer --set cache.cache_rate=0.25 --set prefetch.chunks=3 $sets --json 2>&1 \
-            | python3 -c "
-import json,sys
-for l in sys.stdin:
-    if l.startswith('{'):
-        m=json.loads(l)['metrics']; n=max(m.get('copy_issues') or 0, 1)
-        print('$rep $api | $cfg |', {k: m.get(k) for k in ('copy_api','tpot_ms','hit_rate','stall_ms','prefetches','host_copy_issue_ms','copy_issues','host_demand_issue_ms','host_prefetch_issue_ms')}, 'us/group %.1f' % (1e3*m['host_copy_issue_ms']/n))
-    else: print(l.rstrip()[-300:])" | tee -a "$OUT/copyapi.log"
-        done
-      done
+      qwen3_replays "$OUT/copyapi.log" 48 \
+        copy_api,tpot_ms,hit_rate,stall_ms,prefetches,host_copy_issue_ms,copy_issues,host_demand_issue_ms,host_prefetch_issue_ms \
+        "--copy-api torch" "--copy-api driver"
     done
     ;;
   calibrate)
