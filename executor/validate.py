@@ -129,9 +129,7 @@ def simulate(cfg, setup, profile, capacity_bytes: int) -> dict:
     Its metrics plus the host time it charged per category (SIM_HOST, warm-up batches left out)."""
     sim = build_simulation(cfg, setup, profile, capacity_bytes)
     m = sim.run()
-    c = sim.c
-    m.update({"host_predict_ms": c.host_predict_s * 1e3, "host_prefetch_issue_ms": c.host_prefetch_issue_s * 1e3,
-              "host_demand_issue_ms": c.host_demand_issue_s * 1e3, "host_copy_issue_ms": c.host_copy_issue_s * 1e3})
+    m.update({k: getattr(sim.c, k.removesuffix("_ms") + "_s") * 1e3 for k in SIM_HOST})  # (Counters.host_*_s)
     return m
 
 
