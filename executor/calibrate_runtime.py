@@ -145,28 +145,24 @@ def runtime_transfer_costs(geom, device, top_k: int, *, repeats: int = 5, n_laye
 
     # the three runs interleaved round by round (a slow spell of the host falls on one round, not on one kind's
     # repeats), and each prefetch run paired with its own round's call cost
-    dem_runs, full, rounds = [], [], []
+    dem_runs, rounds = [], []  # rounds: (the prefetch run, its round's call cost in us)
     for _ in range(max(1, repeats)):
         dem = run(small, 2)
         idle = run(switches, None)  # every expert resident after the warm-up: the calls issue nothing
         if idle["prefetches"]:
             raise RuntimeError("the all-resident calibration run issued prefetches")
-        pf = run({**small, **switches}, 2)
-        call_r = idle["host_prefetch_issue_ms"] / calls * 1e3
+        rounds.append((run({**small, **switches}, 2), idle["host_prefetch_issue_ms"] / calls * 1e3))
         if dem["demand_loads"]:
             dem_runs.append(dem)
-        if pf["prefetches"]:
-            full.append(pf)
-            rounds.append((pf, call_r))
-        else:
-            rounds.append((None, call_r))
+    call_us = statistics.median(c for _, c in rounds)
+    paired = [(m, c) for m, c in rounds if m["prefetches"]]
+    full = [m for m, _ in paired]
     if not dem_runs or not full:
         raise RuntimeError("calibration run issued no demand loads or no prefetches")
     demand = [m["host_demand_issue_ms"] / m["demand_loads"] * 1e3 for m in dem_runs]
-    call_us = statistics.median(c for _, c in rounds)
     issue = statistics.median(m["host_prefetch_issue_ms"] / m["prefetches"] * 1e3 for m in full)
     copy = statistics.median(max(0.0, m["host_prefetch_issue_ms"] * 1e3 - calls * c) / m["prefetches"]
-                             for m, c in rounds if m is not None)
+                             for m, c in paired)
     # the copy issue apart (copy_issue_host_us): host time per chunk group issued over both runs, and each kind's
     # own cost without the groups it issued itself (an idle link started in its submit)
     groups = sum(m["copy_issues"] for m in dem_runs + full)
@@ -174,7 +170,7 @@ def runtime_transfer_costs(geom, device, top_k: int, *, repeats: int = 5, n_laye
     demand_net = statistics.median(max(0.0, m["host_demand_issue_ms"] - m["host_copy_issue_demand_submit_ms"])
                                    / m["demand_loads"] * 1e3 for m in dem_runs)
     copy_net = statistics.median(max(0.0, (m["host_prefetch_issue_ms"] - m["host_copy_issue_prefetch_submit_ms"])
-                                     * 1e3 - calls * c) / m["prefetches"] for m, c in rounds if m is not None)
+                                     * 1e3 - calls * c) / m["prefetches"] for m, c in paired)
     return {"demand_transfer_us": round(statistics.median(demand), 3), "prefetch_call_us": round(call_us, 3),
             "prefetch_transfer_us": round(copy, 3), "prefetch_issue_us": round(issue, 3),
             "copy_issue_us": round(copy_issue, 3), "demand_transfer_net_us": round(demand_net, 3),
