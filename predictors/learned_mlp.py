@@ -66,6 +66,15 @@ def auto_temperature(logits: np.ndarray, k: int, mass: float = TOPK_MASS) -> flo
     return float(2.0 ** (0.5 * (lo + hi)))
 
 
+def gather_rows(hidden: np.ndarray, rows: np.ndarray, dtype) -> np.ndarray:
+    """hidden[rows] as `dtype`, read from the memory-mapped file in file order (sorted rows), returned in `rows`'
+    order."""
+    order = np.argsort(rows)
+    out = np.empty((len(rows), hidden.shape[1]), dtype=dtype)
+    out[order] = hidden[rows[order]]
+    return out
+
+
 def hidden_width(hidden_size: int, n_experts: int, target_params: int, min_units: int, max_units: int) -> int:
     return int(np.clip(round(target_params / (hidden_size + n_experts + 1)), min_units, max_units))
 
@@ -128,11 +137,8 @@ class LearnedMLPPredictor(Predictor):
                 if ok.size > p["max_rows"]:
                     ok = np.sort(rng.choice(ok, p["max_rows"], replace=False))
                 hidden = trace.hidden_states(layer)
-                src = rows[ok, layer]
-                order = np.argsort(src)  # memory-mapped reads in file order
                 # float32 for a CPU fit; on a GPU the stored dtype (float16) travels and is converted there
-                x = np.empty((len(ok), hidden.shape[1]), dtype=np.float32 if p["device"] == "cpu" else hidden.dtype)
-                x[order] = hidden[src[order]]
+                x = gather_rows(hidden, rows[ok, layer], np.float32 if p["device"] == "cpu" else hidden.dtype)
                 names.append(f"l{layer}_d{d}")
                 xs.append(x)
                 y = _torchfit.multi_hot(experts[ok, layer + d], meta.n_experts)
@@ -165,10 +171,7 @@ class LearnedMLPPredictor(Predictor):
         logits = np.empty((len(target_rows), w.shape[1]), dtype=np.float32)
         for a in range(0, len(target_rows), 1 << 16):  # in blocks: a million-row fit needs no GiB-sized temporary
             r = target_rows[a: a + (1 << 16)]
-            order = np.argsort(r)  # memory-mapped reads in file order
-            h = np.empty((len(r), hidden.shape[1]), dtype=np.float32)
-            h[order] = hidden[r[order]]
-            logits[a: a + len(r)] = h @ w
+            logits[a: a + len(r)] = gather_rows(hidden, r, np.float32) @ w
         t = p.get("temperature", 1.0)
         k = int(topk.sum(axis=1).max()) if len(topk) else 1
         t = auto_temperature(logits[: 1 << 16], k) if t == "auto" else float(t)
