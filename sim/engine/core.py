@@ -433,9 +433,9 @@ class Simulation:
                             carry = 0.0
                         n0 = c.prefetches
                         pf.issue(r[0], r[1], b, at=env._now + carry)
-                        x_ = prefetch_call + (c.prefetches - n0) * prefetch_host
-                        carry += x_
-                        c.host_prefetch_issue_s += x_
+                        issue_cost = prefetch_call + (c.prefetches - n0) * prefetch_host
+                        carry += issue_cost
+                        c.host_prefetch_issue_s += issue_cost
                         if link.submit_debt:  # a copy found the link idle: this call issued its first group
                             carry += paid_submit()
                 elif pf is not None:
@@ -453,9 +453,9 @@ class Simulation:
                         else:
                             n0 = c.prefetches
                             pf.issue(experts, target, b, at=vt)
-                            x_ = prefetch_call + (c.prefetches - n0) * prefetch_host  # host cost of issuing
-                            carry += x_
-                            c.host_prefetch_issue_s += x_
+                            issue_cost = prefetch_call + (c.prefetches - n0) * prefetch_host  # host cost of issuing
+                            carry += issue_cost
+                            c.host_prefetch_issue_s += issue_cost
                             if link.submit_debt:
                                 carry += paid_submit()
                 # -- the experts -------------------------------------------------------------------------------------
