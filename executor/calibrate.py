@@ -1,6 +1,7 @@
 """Measure this machine into a hardware profile: `python -m executor.calibrate --out PROFILE.yaml`.
 
-What it measures (each figure the median of `--repeats` runs, 20 by default; GPU times with CUDA events):
+What it measures (each figure the median of `--repeats` runs, 20 by default; GPU times with CUDA events; the
+runtime's host costs (calibrate_runtime) in rounds, each taken from its fastest round by default, `--host-stat`):
 
 - `h2d.pinned` / `h2d.pageable`: host-to-device bandwidth by transfer size (64 KiB .. 1 GiB, x4 steps) from a
   pinned (resp. pageable) host buffer on a dedicated copy stream, the copy queued behind a short GPU sleep so that
@@ -450,7 +451,7 @@ def add_transfer_host(expert_table: dict, th: dict) -> None:
 
 def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, launch: str, machine: str,
               trace_for_predictors: str, pageable: bool = True, runtime_costs: bool = True, lookahead: int = 2,
-              log=print) -> dict:
+              host_stat: str = "min", log=print) -> dict:
     import torch
 
     from executor.geometry import get_geometry
@@ -484,7 +485,7 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
         dts = measure_dense_tables(g, device, tokens, timer)
         if runtime_costs:
             log(f"runtime layer step: {g.name}")
-            rc = runtime_layer_costs(g, device, repeats=max(3, repeats // 4))
+            rc = runtime_layer_costs(g, device, repeats=max(3, repeats // 4), stat=host_stat)
             host[g.name] = rc
             add_runtime_costs(et, dts, rc)
         expert_tables.append(et)
@@ -495,7 +496,8 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
         log("copy issue overhead")
         # the main thread issues the copies and launches expert kernels between pumps, as in a run
         busy, _ = _expert_bench(geoms[0], device, 1, n_experts=2)
-        issue_us = transfer_issue_overhead_us(geoms[0], device, table.seconds, busy=busy, lookahead=lookahead)
+        issue_us = transfer_issue_overhead_us(geoms[0], device, table.seconds, busy=busy, lookahead=lookahead,
+                                              stat=host_stat)
         host["issue_overhead_us"] = round(issue_us, 3)
         host["issue_overhead_us_idle_host"] = round(
             transfer_issue_overhead_us(geoms[0], device, table.seconds, lookahead=lookahead), 3)
@@ -506,7 +508,7 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
     runtime_pred: dict = {}
     if runtime_costs:
         # (a CPU dry run: short runs and replays)
-        runs = {"repeats": max(3, repeats // 4)} if cuda else {"repeats": 1, "tokens": 8}
+        runs = {"repeats": max(3, repeats // 4), "stat": host_stat} if cuda else {"repeats": 1, "tokens": 8}
         # per geometry: a copy's host cost depends on the expert's size (the top-level values, the first
         # geometry's, stay as the fallback for traces of other geometries)
         per_geom = {}
@@ -529,7 +531,8 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
     prof = {
         "name": "cpu-dry-run" if not cuda else (machine or gpu).lower().replace(" ", "-"),
         "provenance": (f"measured by `{cmd}` on {machine or platform.node()} ({gpu}), torch {torch.__version__}, "
-                       f"{when}; median of {repeats}, {'CUDA events' if cuda else 'perf_counter'}")
+                       f"{when}; median of {repeats}, {'CUDA events' if cuda else 'perf_counter'}; the runtime's "
+                       f"host costs: the {'fastest' if host_stat == 'min' else 'median'} of their rounds")
         if cuda else ("NOT A GPU PROFILE: CPU dry run of executor.calibrate (host memcpy as 'h2d', CPU fp32 matmuls "
                       f"on reduced shapes), {platform.node()}, torch {torch.__version__}, {when}"),
         "notes": (f"expert tables: {launch if cuda else 'cpu'} launch"
@@ -588,6 +591,9 @@ def main(argv=None) -> int:
     ap.add_argument("--trace", default=str(REPO_ROOT / "data" / "traces" / "qwen3-30b-a3b"),
                     help="trace whose batches feed the predictor timing")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--host-stat", choices=("min", "median"), default="min",
+                    help="the runtime's host costs from their rounds: the fastest (default; the host's interference "
+                         "only adds time) or the median round; compare with executor.validate --real-stat to match")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and token counts")
     ap.add_argument("--launch", choices=("eager", "graph"), default="eager",
                     help="which launch mode the expert tables hold (the other goes in each table's note)")
@@ -612,7 +618,7 @@ def main(argv=None) -> int:
                      predictors=[p for p in args.predictors.split(",") if p], repeats=args.repeats,
                      quick=args.quick, launch=args.launch, machine=args.machine, trace_for_predictors=args.trace,
                      pageable=not args.no_pageable, runtime_costs=not args.no_runtime_costs,
-                     lookahead=args.lookahead, log=lambda m: print(m, file=sys.stderr))
+                     lookahead=args.lookahead, host_stat=args.host_stat, log=lambda m: print(m, file=sys.stderr))
     write_profile(prof, Path(args.out))
     print(f"wrote {args.out} ({prof['name']})", file=sys.stderr)
     return 0

@@ -443,18 +443,19 @@ def read_prompt_ids(path, n: int, max_tokens: int = 24) -> list[list[int]]:
     return out
 
 
-def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int = 1, repeats: int = 1) -> dict:
+def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int = 1, repeats: int = 1,
+             real_stat: str = "median") -> dict:
     """A validation run in live mode: the small model generates on held-out prompts with its experts offloaded;
     the simulator then runs the routing it produced, with the same cache, predictor and switches.
 
     An untimed warm-up generation comes first (the process's first Hugging Face forward pays one-time costs: in
     session 4 the first live run took 153 ms to prefill and the same config later 48), then `repeats` timed runs,
-    each on a freshly loaded model (LiveOffload takes the model's experts over); the median run by total time is
-    compared, its routing simulated."""
+    each on a freshly loaded model (LiveOffload takes the model's experts over); the median run by total time (or
+    the fastest, `real_stat`) is compared, its routing simulated."""
     import copy
 
     from executor.geometry import REPO_ROOT
-    from executor.validate import batch_times, compare_row, repeat_median
+    from executor.validate import batch_times, compare_row, repeat_run
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fresh = (lambda: copy.deepcopy(model)) if model is not None else (lambda: load_small_model(device)[0])
@@ -481,7 +482,7 @@ def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int 
         return live, live.finish()
 
     one(prompts[:1], 2)  # warm-up, not timed
-    (live, real), repeat_cols = repeat_median(one, repeats, device)
+    (live, real), repeat_cols = repeat_run(one, repeats, device, real_stat)
     capacity = live.rt.n_slots * live.meta.expert_bytes[0]
     seqs, hidden = sequences_for_simulator(live)
     sim = simulate_live(cfg, profile, ex.get("geometry") or "small-moe", live.meta, seqs, capacity, hidden,

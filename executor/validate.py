@@ -163,12 +163,12 @@ def build_simulation(cfg, setup, profile, capacity_bytes: int, *, record: bool =
 
 def run_group(items: list[tuple[dict, object]], profile, *, device=None, host_budget=None, gpu_budget=None,
               check=False, models: dict | None = None, lookahead: int = 1, predict_after_resident: bool = False,
-              prefill_repeats: int = 5, decode_repeats: int = 3) -> list[dict]:
+              prefill_repeats: int = 5, decode_repeats: int = 3, real_stat: str = "median") -> list[dict]:
     """The rows of several replay configs of one geometry and phase (`group_key`), their repeats interleaved:
     repeat r of every config, then repeat r + 1, so a drift of the host's speed between configs (it spreads a
     config's repeats by 12-22 % on the H200 machine) weighs on every label alike, not on whichever ran in the slow
     minutes, and does not decide the ranking or the speedups. A live config runs on its own (its repeats reload
-    the model)."""
+    the model). `real_stat`: which repeat a row compares (`repeat_runs`)."""
     import torch
 
     if len(items) == 1 and items[0][0]["mode"] == "live":
@@ -177,7 +177,7 @@ def run_group(items: list[tuple[dict, object]], profile, *, device=None, host_bu
         ex, cfg = items[0]
         # (each live run reloads the model: repeats at the decode count for prefill rows too, to bound the time)
         return [guarded(lambda: run_live(ex, cfg, profile, device=device, lookahead=lookahead,
-                                         repeats=decode_repeats), ex)]
+                                         repeats=decode_repeats, real_stat=real_stat), ex)]
     if any(ex["mode"] == "live" for ex, _ in items):
         raise ValueError("a live config runs on its own, not in an interleaved group")
     plans = [guarded(lambda ex=ex, cfg=cfg: replay_plan(
@@ -185,10 +185,10 @@ def run_group(items: list[tuple[dict, object]], profile, *, device=None, host_bu
         lookahead=lookahead, predict_after_resident=predict_after_resident), ex) for ex, cfg in items]
     ready = [i for i, p in enumerate(plans) if not isinstance(p, dict)]  # (a dict: the row of one that failed)
     n = max(prefill_repeats if cfg.phase == "prefill" else decode_repeats for _, cfg in items)
-    medians = repeat_medians([plans[i][0] for i in ready], n,
-                             device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    chosen = repeat_runs([plans[i][0] for i in ready], n,
+                         device or ("cuda" if torch.cuda.is_available() else "cpu"), stat=real_stat)
     rows = list(plans)
-    for i, m in zip(ready, medians):
+    for i, m in zip(ready, chosen):
         if isinstance(m, Exception):
             rows[i] = error_row(m, items[i][0])
         else:
@@ -231,7 +231,7 @@ def group_key(ex: dict, cfg) -> tuple:
 def replay_plan(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget=None, check=False,
                 models: dict | None = None, lookahead: int = 1, predict_after_resident: bool = False):
     """(one, finish) for a replay config: `one()` runs it once on the GPU (None for a run to leave out), `finish(
-    (rt, real), repeat_cols)` simulates it and makes the row from the median repeat."""
+    (rt, real), repeat_cols)` simulates it and makes the row from the compared repeat (`repeat_runs`)."""
     from executor.geometry import parse_geometry_overrides, resolve_geometry
     from executor.memory import DEFAULT_HOST_BUDGET
     from executor.replay import build_runtime, prepare
@@ -253,8 +253,8 @@ def replay_plan(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_bu
         # what the row needs of the runtime, not the runtime: the repeats' slabs must not stay on the GPU together
         return SimpleNamespace(n_slots=rt.n_slots, device=rt.device, batch_rows=rt.batch_rows), m
 
-    def finish(median, repeat_cols: dict) -> dict:
-        rt, real = median
+    def finish(compared, repeat_cols: dict) -> dict:
+        rt, real = compared
         capacity = rt.n_slots * setup.meta.expert_bytes[0]
         sim = simulate(cfg, setup, profile, capacity)
         return compare_row(real, sim, {"geometry_name": setup.geometry.name, "n_layers": setup.n_layers,
@@ -266,27 +266,34 @@ def replay_plan(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_bu
 
 
 def batch_times(rt) -> str:
-    """The compared (median) run's time of each batch, ms, in run order (JSON): where along the run real and
+    """The compared run's time of each batch, ms, in run order (JSON): where along the run real and
     simulated times part."""
     return json.dumps([round(r["duration_ms"], 4) for r in rt.batch_rows])
 
 
-def repeat_median(run, n: int, device) -> tuple[tuple, dict]:
-    """`repeat_medians` of one run."""
-    return repeat_medians([run], n, device)[0]
+REAL_STATS = ("median", "fastest")
 
 
-def repeat_medians(runs, n: int, device) -> list:
+def repeat_run(run, n: int, device, stat: str = "median") -> tuple[tuple, dict]:
+    """`repeat_runs` of one run."""
+    return repeat_runs([run], n, device, stat)[0]
+
+
+def repeat_runs(runs, n: int, device, stat: str = "median") -> list:
     """A run's time varies from one run to the next (host scheduling, the copy engine): each `run()` (returning
     (extra, metrics), or None for a run to leave out and repeat) is run until n runs are kept, round-robin over
     `runs` (repeat r of each, then repeat r + 1), each after a machine probe (executor.probe). Returns per run the
-    median run by total time and the row's repeat columns: real_repeats, real_spread ((max - min) / the median's
-    total) and real_probes (each with its run's total, CPU steal and its place in the round-robin); for a run that
+    compared run, by total time the median (`stat` "median") or the fastest ("fastest": the host's interference
+    only adds time, so the fastest repeat is the machine's own speed, what a calibration with `--host-stat min`
+    measures), and the row's repeat columns: real_stat, real_repeats, real_spread ((max - min) / the median
+    run's total) and real_probes (each with its run's total, CPU steal and its place in the round-robin); for a run that
     raised a configuration error (TraceError, ValueError, NotImplementedError) the exception instead, the others
     going on without it."""
     from executor.probe import cpu_steal_ms, machine_probe, steal_during
     from executor.runtime import HOST_METRICS
 
+    if stat not in REAL_STATS:
+        raise ValueError(f"real statistic {stat!r}: one of {', '.join(REAL_STATS)}")
     kept: list[list] = [[] for _ in runs]
     probes: list[list] = [[] for _ in runs]
     in_order: list[dict] = []  # every probe as taken: a repeat's steal runs up to the next probe, whoever's
@@ -320,9 +327,11 @@ def repeat_medians(runs, n: int, device) -> list:
             out.append(failed[i])
             continue
         totals = [r[1]["total_ms"] for r in rs]
-        median = sorted(rs, key=lambda r: r[1]["total_ms"])[len(rs) // 2]
+        by_time = sorted(rs, key=lambda r: r[1]["total_ms"])
+        median = by_time[len(rs) // 2]
         spread = (max(totals) - min(totals)) / median[1]["total_ms"]
-        out.append((median, {"real_repeats": len(rs), "real_spread": spread, "real_probes": json.dumps(ps)}))
+        out.append((median if stat == "median" else by_time[0],
+                    {"real_stat": stat, "real_repeats": len(rs), "real_spread": spread, "real_probes": json.dumps(ps)}))
     return out
 
 
@@ -553,6 +562,10 @@ def summary_markdown(df, fid: dict, meta: dict) -> str:
     lines += [
              f"Machine: {meta.get('machine')}; device: {meta.get('device')}; command: `{meta.get('command')}`", "",
              f"Profile: {meta.get('profile')} ({meta.get('profile_provenance', '')})", ""]
+    if "real_stat" in df.columns and df["real_stat"].notna().any():
+        stats = ", ".join(sorted({str(v) for v in df["real_stat"].dropna()}))
+        lines += [f"Real side: the {stats} of each config's repeated runs (by total time; `real_spread` = (max - min) / "
+                  "median of them)", ""]
     if meta.get("dry_run"):
         lines += ["**CPU DRY RUN: timings are CPU wall times against a CPU dry-run profile; not a validation.**", ""]
     lines += ["| run | geometry | layers | phase | rate | slots | TTFT real | TTFT sim | diff | TPOT real | TPOT sim | "
@@ -720,8 +733,11 @@ def main(argv=None) -> int:
                          "simulator (the real measurements are kept)")
     ap.add_argument("--note", default=None, help="a line shown at the top of the summary (e.g. why it is partial)")
     ap.add_argument("--prefill-repeats", type=int, default=5,
-                    help="real runs per prefill config (the median is reported)")
-    ap.add_argument("--decode-repeats", type=int, default=3, help="real runs per decode config (the median)")
+                    help="real runs per prefill config (--real-stat picks the compared one)")
+    ap.add_argument("--decode-repeats", type=int, default=3, help="real runs per decode config")
+    ap.add_argument("--real-stat", choices=REAL_STATS, default="fastest",
+                    help="which repeat of a config is compared: the fastest (default: the host's interference only "
+                         "adds time; matches executor.calibrate's default --host-stat min) or the median")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a run-config key in every run (e.g. max_decode_tokens=32)")
     ap.add_argument("--set-geometry", action="append", default=[], metavar="KEY=VALUE",
@@ -800,7 +816,8 @@ def main(argv=None) -> int:
                                gpu_budget=int(args.gpu_budget_gib * GIB) if args.gpu_budget_gib else None,
                                check=args.check, models=models, lookahead=lookahead,
                                predict_after_resident=args.predict_after_resident,
-                               prefill_repeats=args.prefill_repeats, decode_repeats=args.decode_repeats)
+                               prefill_repeats=args.prefill_repeats, decode_repeats=args.decode_repeats,
+                               real_stat=args.real_stat)
         wall = (time.perf_counter() - t_run) / len(group)  # the group's time, shared out
         for base, row in zip(bases, group_rows):
             if row.get("live_artifact"):

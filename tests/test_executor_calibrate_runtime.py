@@ -66,6 +66,13 @@ def test_layer_costs_interleave_the_three_steps_and_pair_them_by_round(monkeypat
     assert rc["layer_base_ms"] == 1.0  # t1 - per expert by round: 0 (clipped), 1, 2
     assert rc["group_expert_ms"] == 0.75  # (tg - base) / 2 by round: 1, 0.75, 0.75
     assert (rc["layer_ms_top1"], rc["layer_ms_top2"], rc["layer_ms_top2_grouped"]) == (2.0, 4.0, 2.5)
+    # "min": each step's fastest round (1, 3, 2), the split made from those
+    calls.clear()
+    rc = cr.runtime_layer_costs(get_geometry("mixtral-8x7b"), "cpu", repeats=3, stat="min")
+    assert (rc["layer_ms_top1"], rc["layer_ms_top2"], rc["layer_ms_top2_grouped"]) == (1.0, 3.0, 2.0)
+    assert (rc["per_expert_ms"], rc["layer_base_ms"], rc["group_expert_ms"], rc["stat"]) == (2.0, 0.0, 1.0, "min")
+    with pytest.raises(ValueError, match="host statistic"):
+        cr.runtime_layer_costs(get_geometry("mixtral-8x7b"), "cpu", repeats=1, stat="mean")
 
 
 def test_add_runtime_costs_floors_experts_and_adds_layer_bookkeeping():
@@ -150,6 +157,11 @@ def test_transfer_cost_runs_interleave_and_pair_each_prefetch_run_with_its_call_
     assert res["prefetch_call_us"] == 10.0
     assert res["prefetch_transfer_us"] == pytest.approx(10.0)  # rounds: 10, 10, 1
     assert res["demand_transfer_us"] == pytest.approx(100.0) and res["copy_issue_us"] == pytest.approx(50.0)
+    # "min": the lowest round of each figure (the call cost 1 us, the paired per-copy cost 1 us)
+    n.update(demand=0, call=0, prefetch=0)
+    res = cr.runtime_transfer_costs(get_geometry("tiny"), "cpu", 2, repeats=3, n_layers=2, tokens=6, stat="min")
+    assert res["prefetch_call_us"] == 1.0 and res["prefetch_transfer_us"] == pytest.approx(1.0)
+    assert res["prefetch_issue_us"] == pytest.approx(11.0) and res["demand_transfer_us"] == pytest.approx(100.0)
 
 
 def test_predictor_cost_of_a_trained_hidden_state_predictor():

@@ -244,7 +244,7 @@ def test_issue_bench_refuses_without_a_gpu(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_repeat_medians_interleave_and_isolate_a_failing_config():
+def test_repeat_runs_interleave_and_isolate_a_failing_config():
     """Round-robin over the configs; a config that keeps being left out (a fresh host store on every run) ends as
     its own error after three tries, the others go on."""
     calls = []
@@ -259,8 +259,28 @@ def test_repeat_medians_interleave_and_isolate_a_failing_config():
         calls.append("never")
         return None
 
-    first, failed, second = validate.repeat_medians([ok_run("a", 1.0), never, ok_run("b", 2.0)], 2, "cpu")
+    first, failed, second = validate.repeat_runs([ok_run("a", 1.0), never, ok_run("b", 2.0)], 2, "cpu")
     assert calls == ["a", "never", "never", "never", "b", "a", "b"]
     assert isinstance(failed, ValueError) and "three runs in a row" in str(failed)
     assert first[0] == ("a", {"total_ms": 1.0}) and first[1]["real_repeats"] == 2
     assert [p["order"] for p in json.loads(second[1]["real_probes"])] == [1, 3]
+
+
+def test_repeat_runs_compare_the_median_or_the_fastest_repeat():
+    """`stat` picks the compared repeat by total time; the spread is over all of them either way; an unknown
+    statistic is refused."""
+    def timed(totals):
+        it = iter(totals)
+
+        def run():
+            t = next(it)
+            return t, {"total_ms": t}
+        return run
+
+    (med, cols), = validate.repeat_runs([timed([5.0, 3.0, 9.0])], 3, "cpu", stat="median")
+    (fast, cols_f), = validate.repeat_runs([timed([5.0, 3.0, 9.0])], 3, "cpu", stat="fastest")
+    assert med[0] == 5.0 and fast[0] == 3.0
+    assert cols["real_stat"] == "median" and cols_f["real_stat"] == "fastest"
+    assert cols["real_spread"] == cols_f["real_spread"] == pytest.approx((9.0 - 3.0) / 5.0)
+    with pytest.raises(ValueError, match="real statistic"):
+        validate.repeat_runs([timed([1.0])], 1, "cpu", stat="mean")
