@@ -214,12 +214,12 @@ def runtime_predictor_costs(names, device, *, geom=None, trace: str | None = Non
                             fit_params: dict | None = None, models: dict | None = None,
                             prefill: bool = True, stat: str = "median") -> dict:
     """Per predictor the runtime's own host time per call in decode: {name: {"us", "calls", "host_predict_ms",
-    "prefetches", "tokens_per_call"}} (over `repeats` runs, their median or with `stat` "min" the lowest; prefetches: the most any measured pass
-    issued, 0 when all-resident holds; a predictor the trace cannot feed is left out). `distance` does not change
-    a call's work (one prediction). With `prefill`, also {"prefill": the same for the prompts} and, where both
-    phases made calls, "call_us" and "token_us": the line call + token x tokens through the decode point (1 token
-    per call) and the prefill one (fit_call_token): a learned predictor multiplies over the batch's tokens, a
-    history predictor builds per-token features, so one number per call under-charges a prompt.
+    "prefetches", "tokens_per_call"}} (over `repeats` runs, their median or with `stat` "min" the lowest; prefetches:
+    the most any measured pass issued, 0 when all-resident holds; a predictor the trace cannot feed is left out).
+    `distance` does not change a call's work (one prediction). With `prefill`, also {"prefill": the same for the
+    prompts} and, where both phases made calls, "call_us" and "token_us": the line call + token x tokens through the
+    decode point (1 token per call) and the prefill one (fit_call_token): a learned predictor multiplies over the
+    batch's tokens, a history predictor builds per-token features, so one number per call under-charges a prompt.
 
     The runtime replays the small-MoE geometry on its embedded trace (default) as the validation suite's
     small-MoE labels do: batch size 1, the held-out sequences of the trace's 9:1 split (the first `sequences`;

@@ -564,8 +564,8 @@ def summary_markdown(df, fid: dict, meta: dict) -> str:
              f"Profile: {meta.get('profile')} ({meta.get('profile_provenance', '')})", ""]
     if "real_stat" in df.columns and df["real_stat"].notna().any():
         stats = ", ".join(sorted({str(v) for v in df["real_stat"].dropna()}))
-        lines += [f"Real side: the {stats} of each config's repeated runs (by total time; `real_spread` = (max - min) / "
-                  "median of them)", ""]
+        lines += [f"Real side: the {stats} of each config's repeated runs (by total time; `real_spread` = "
+                  "(max - min) / median of them)", ""]
     if meta.get("dry_run"):
         lines += ["**CPU DRY RUN: timings are CPU wall times against a CPU dry-run profile; not a validation.**", ""]
     lines += ["| run | geometry | layers | phase | rate | slots | TTFT real | TTFT sim | diff | TPOT real | TPOT sim | "
