@@ -296,7 +296,7 @@ def measure_live_dense(model, profile, *, name: str, prompt_lens=(8, 24), new_to
             cnt = dict(zip(ids, counts)) if counts is not None else dict.fromkeys(ids, 1)
             es, gs = cost.expert_s[layer], cost.group_s[layer]
             if gs is not None and len(ids) > 1:
-                ex_s = group_then_each(ex_s, sorted(ids), cnt, T, es, gs, 1.0)
+                ex_s = group_then_each(ex_s, sorted(ids), cnt, T, es, gs)
             else:
                 for e in ids:
                     ex_s += es[cnt[e]]

@@ -447,6 +447,13 @@ class CostModel:
         self.copy_issue_host_s = transfer_host_us(profile, exact, "copy_issue_host_us") * 1e-6
         self._max_tokens = 0
         self.expert_s: list[list[float]] = [[0.0] for _ in range(L)]
+        # the same while a copy moves (copy_compute_overlap): the copy slows the GPU's kernels, not the host's
+        # launches, so where the kernels' own times are known (kernel_ms) an expert takes max(its time, kernel x
+        # penalty), else its time x penalty; group_busy_s alike with the one-token kernel (prepare)
+        self.overlap_penalty = 2.0 - self.overlap if self.overlap < 1.0 else 1.0
+        self.expert_busy_s: list[list[float]] = [[0.0] for _ in range(L)]
+        self.kernel_busy_s: list[list[float] | None] = [None] * L
+        self.group_busy_s: list[float | None] = [None] * L
         self.dense_s: list[list[float]] = [[0.0] for _ in range(L)]
         self.cpu_s: list[list[float]] | None = None
 
@@ -458,6 +465,12 @@ class CostModel:
         self.expert_s = [[fn(t) * 1e-3 for t in range(n)] for fn in self._expert_fns]
         self.dense_s = [[fn(t) * 1e-3 for t in range(n)] for fn in self._dense_fns]
         self.kernel_s = [None if fn is None else [fn(t) * 1e-3 for t in range(n)] for fn in self._kernel_fns]
+        pen = self.overlap_penalty
+        self.kernel_busy_s = [None if ks is None else [k * pen for k in ks] for ks in self.kernel_s]
+        self.expert_busy_s = [[x * pen for x in es] if kb is None else [max(x, k) for x, k in zip(es, kb, strict=True)]
+                              for es, kb in zip(self.expert_s, self.kernel_busy_s, strict=True)]
+        self.group_busy_s = [None if gs is None else (gs * pen if kb is None else max(gs, kb[1]))
+                             for gs, kb in zip(self.group_s, self.kernel_busy_s, strict=True)]
         if self._cpu_fns is not None:
             act = self.profile.cpu_activation_copy_us * 1e-6
             self.cpu_s = [[(fn(t) * 1e-3 + act if t else 0.0) for t in range(n)] for fn in self._cpu_fns]

@@ -568,9 +568,9 @@ def test_group_then_each_charges_the_leading_full_experts_as_a_group():
     es = [0.0, 1.0, 2.0, 3.0, 4.0]  # by tokens
     # T = 4: experts 1 and 2 take every token (a group), 3 takes two, 4 every token but after it (alone)
     cnt = {1: 4, 2: 4, 3: 2, 4: 4}
-    assert group_then_each(10.0, [1, 2, 3, 4], cnt, 4, es, 0.5, 2.0) == 10.0 + 2 * 0.5 * 2.0 + (2.0 + 4.0) * 2.0
+    assert group_then_each(10.0, [1, 2, 3, 4], cnt, 4, es, 0.5) == 10.0 + 2 * 0.5 + (2.0 + 4.0)
     # one leading full expert is not a group
-    assert group_then_each(0.0, [3, 1], cnt, 4, es, 0.5, 1.0) == 2.0 + 4.0
+    assert group_then_each(0.0, [3, 1], cnt, 4, es, 0.5) == 2.0 + 4.0
     assert leading_group([1, 2, 4], {e: ("k", e) for e in cnt}, {("k", 1), ("k", 2)}, cnt, 4) == 2
 
 
@@ -605,3 +605,43 @@ def test_copy_issue_of_queued_groups_is_paid_by_the_stream(tiny):
     assert m["prefetches"] > 0 and m["total_ms"] > base["total_ms"]
     assert sim.c.host_copy_issue_s > 0
     assert sim.link.issue_debt == 0 and sim.link.submit_debt == 0  # nothing left unpaid at the end
+
+
+def _overlap_profile(tmp_path, name, overlap, kernel_ms=None):
+    import yaml
+
+    raw = yaml.safe_load(open(_refined_profile(tmp_path, kernel_ms=kernel_ms)))
+    raw["copy_compute_overlap"] = overlap
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_a_copy_slows_the_kernels_not_the_host_launches(tmp_path):
+    """copy_compute_overlap < 1 slows an expert that computes while a copy moves. Where the kernels' own times are
+    known (kernel_ms) it is the kernel that slows: an expert takes max(its time, kernel x penalty), so a
+    launch-bound expert (kernel x penalty under its host-floored time) is not slowed; without kernel_ms the whole
+    time is multiplied, as before."""
+    rng = np.random.default_rng(5)
+    experts = np.stack([np.stack([rng.choice(16, 2, replace=False) for _ in range(4)]) for _ in range(12)])
+    tr = _trace(tmp_path, "busy", experts)
+    runs = {}
+    for name, overlap, kernel in (("ref", 1.0, 0.001), ("launch_bound", 0.5, 0.001), ("kernel_bound", 0.5, 1.0),
+                                  ("no_kernel", 0.5, None)):
+        prof = _overlap_profile(tmp_path, name, overlap, kernel)
+        sim = build(tr, capacity_bytes=40 * EXPERT_BYTES, profile=prof, predictor="oracle", chunked=True, ep=True,
+                    ro=True)
+        runs[name] = sim.run()
+        cost = CostModel(load_profile(prof), tr.meta)
+        cost.prepare(4)
+        es, kb = cost.expert_s[0], cost.kernel_busy_s[0]
+        if kernel is None:
+            assert kb is None and cost.expert_busy_s[0] == pytest.approx([x * 1.5 for x in es])
+        else:
+            assert cost.expert_busy_s[0][1:] == pytest.approx([max(x, kernel * 1e-3 * 1.5) for x in es[1:]])
+    assert runs["ref"]["prefetches"] > 0 and runs["ref"]["hits"] > 0  # experts computed while copies moved
+    # launch-bound: only what is left of an expert after waiting for its copy (its kernel, 0.001 ms) can slow
+    ref, lb = runs["ref"]["total_ms"], runs["launch_bound"]["total_ms"]
+    assert ref <= lb <= ref + runs["ref"]["lookups"] * 0.0005 + 1e-9
+    assert runs["kernel_bound"]["total_ms"] > runs["ref"]["total_ms"]
+    assert runs["no_kernel"]["total_ms"] > runs["ref"]["total_ms"]

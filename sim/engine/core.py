@@ -70,15 +70,15 @@ def leading_group(order, kt, ready, cnt, T: int) -> int:
     return n if n > 1 else 0
 
 
-def group_then_each(carry: float, order, cnt, T: int, es, gs: float, penalty: float) -> float:
+def group_then_each(carry: float, order, cnt, T: int, es, gs: float) -> float:
     """An all-resident layer's experts in `order` (`cnt`: tokens per expert): the leading ones that take every
-    token as one group (gs each), the others at their own cost (es by tokens); all times `penalty`."""
+    token as one group (gs each), the others at their own cost (es by tokens; the busy-link tables while a copy
+    moves)."""
     n = leading_group(order, None, None, cnt, T)
-    x = gs * penalty
     for _ in range(n):
-        carry += x
+        carry += gs
     for e in order[n:]:
-        carry += es[cnt[e]] * penalty
+        carry += es[cnt[e]]
     return carry
 
 
@@ -283,7 +283,7 @@ class Simulation:
         cpu = self.cpu_experts
         check = self.check
         spans = self.spans
-        overlap_penalty = 2.0 - cost.overlap if cost.overlap < 1.0 else 1.0
+        overlap_penalty = cost.overlap_penalty  # (sim.hardware: a copy slows the kernels, not the launches)
         penalized = overlap_penalty != 1.0
         group_s = cost.group_s  # per layer: a resident group's cost per expert, or None (sim.hardware)
         demand_host = cost.demand_host_s
@@ -350,6 +350,7 @@ class Simulation:
             expert_s = cost.expert_s
             dense_s = cost.dense_s
             kernel_s = cost.kernel_s
+            expert_busy_s, kernel_busy_s, group_busy_s = cost.expert_busy_s, cost.kernel_busy_s, cost.group_busy_s
             xfer_s = cost.xfer_s
             cpu_s = cost.cpu_s
             sets = layer_sets(batch.experts)
@@ -463,16 +464,18 @@ class Simulation:
                 if local is None and spans is None:
                     # all resident at the gate, and held until its end: compute only (no
                     # event is processed meanwhile, so whether the link is busy does not change during the loop)
-                    pen = overlap_penalty if (penalized and link.n_busy) else 1.0
+                    busy = penalized and link.n_busy
+                    esl = expert_busy_s[layer] if busy else es
+                    gsl = group_busy_s[layer] if busy else gs
                     if cnt is None:  # one token: every expert takes it (a resident group when gs is measured)
-                        x = (gs if gs is not None and n_ids > 1 else es[1]) * pen
+                        x = gsl if gs is not None and n_ids > 1 else esl[1]
                         for _ in ids:
                             carry += x
                     elif gs is not None and n_ids > 1:
-                        carry = group_then_each(carry, sorted(ids), cnt, T, es, gs, pen)
+                        carry = group_then_each(carry, sorted(ids), cnt, T, esl, gsl)
                     else:
                         for e in sorted(ids):
-                            carry += es[cnt[e]] * pen
+                            carry += esl[cnt[e]]
                     if direct is not None:
                         # What the scheduled issue would do, without its event: nothing is queued before `when` and
                         # this layer computes without touching the link or the cache, so the issue can run now with
@@ -497,7 +500,7 @@ class Simulation:
                         # compute_experts), the rest one by one below
                         n = leading_group(order, kt, ready, cnt, T)
                         if n:
-                            x = gs * overlap_penalty if (penalized and link.n_busy) else gs
+                            x = group_busy_s[layer] if (penalized and link.n_busy) else gs
                             if spans is not None:
                                 spans.append(("expert", kt[order[0]], b, env._now + carry, n * x))
                             for _ in range(n):
@@ -561,7 +564,11 @@ class Simulation:
                             assert key in ready or (local.get(key) is not None and local[key].finished), \
                                 f"expert {key} computed while not resident"
                         if penalized and link.n_busy:
-                            x *= overlap_penalty
+                            kb = kernel_busy_s[layer]
+                            if kb is None:
+                                x *= overlap_penalty
+                            elif kb[tk] > x:  # the kernel slowed by the copy outlasts the launches
+                                x = kb[tk]
                         if spans is not None:
                             spans.append(("expert", key, b, env._now + carry, x))
                         carry += x
