@@ -6,7 +6,8 @@ runtime's host costs (calibrate_runtime) in rounds, each taken from its fastest 
 - `h2d.pinned` / `h2d.pageable`: host-to-device bandwidth by transfer size (64 KiB .. 1 GiB, x4 steps) from a
   pinned (resp. pageable) host buffer on a dedicated copy stream, the copy queued behind a short GPU sleep so that
   its events time the link alone and not the host's launch of the copy (the runtime's host costs are measured
-  on their own, and a copy queued behind another starts without that launch); `latency_us`: a 4 KiB copy;
+  on their own, and a copy queued behind another starts without that launch); `h2d.streaming` (documentary):
+  16 copies of each size up to 64 MiB queued back to back; `latency_us`: a 4 KiB copy;
   `copy_engines`: 2 if two streams copying at once move more than 1.3x one stream's bytes, else 1;
   `chunk_overhead_us`: (time of one expert copied in 3 chunks - in 1 piece) / 2, floored at 0.
 - `expert_compute`: one table per geometry (`--geometries`, default the validation ones): the time of one
@@ -497,6 +498,7 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
     log(f"h2d pinned: {len(sizes)} sizes")
     pinned_pts = measure_h2d(device, sizes, timer, pinned=True)
     pageable_pts = measure_h2d(device, sizes, timer, pinned=False) if (pageable and cuda) else None
+    streaming_pts = measure_h2d_streaming(device, [s for s in sizes if s <= 64 << 20], timer) if cuda else None
     lat_ms = timer.ms(lambda: None) if not cuda else None
     small = measure_h2d(device, [4096], timer, pinned=True)[0]
     latency_us = 4096 / (small["gbps"] * 1e9) * 1e6 if lat_ms is None else 0.0
@@ -580,6 +582,8 @@ def calibrate(*, device, geometries, predictors, repeats: int, quick: bool, laun
     add_transfer_host(prof, transfer_host)  # top level: the first geometry's (net of the copy issue if measured)
     if pageable_pts:
         prof["h2d"]["pageable"] = {"points": pageable_pts}
+    if streaming_pts:
+        prof["h2d"]["streaming"] = {"points": streaming_pts}
 
     hw = HardwareProfile.model_validate(prof)  # the simulator must be able to read it
     if runtime_costs and cuda and "small-moe" in [g.name for g in geoms]:

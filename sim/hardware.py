@@ -116,6 +116,10 @@ class LinkTable(_Strict):
 class H2D(_Strict):
     pinned: LinkTable
     pageable: LinkTable | None = None
+    streaming: LinkTable | None = Field(
+        default=None,
+        description="documentary: pinned copies queued back to back (executor.calibrate.measure_h2d_streaming), "
+                    "whose setup overlaps the copy before; the link model reads `pinned`")
     latency_us: float = Field(default=0.0, ge=0, description="per-copy fixed cost; documentary (folded into the table)")
     copy_engines: int = Field(default=1, ge=1, description="independent copy pipes host-to-device")
     chunk_overhead_us: float = Field(default=0.0, ge=0, description="extra cost of each chunk after the first")

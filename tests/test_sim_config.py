@@ -224,3 +224,18 @@ def test_heldout_only_replays_what_a_trained_predictor_is_scored_on(tmp_path):
     assert len(every.sequences) == 10
     assert build_config({**base, "heldout_only": False}).run_hash() == build_config(base).run_hash()
     assert build_config({**base, "heldout_only": True}).run_hash() != build_config(base).run_hash()
+
+
+def test_streaming_table_is_documentary(trace_dir):
+    """h2d.streaming (copies queued back to back, executor.calibrate) is validated like the pinned table and does
+    not change the link model, which reads h2d.pinned."""
+    base = load_profile("h200")
+    raw = base.model_dump()
+    raw["h2d"]["streaming"] = {"points": [{"size": 1 << 20, "gbps": 47.0}, {"size": 3 << 20, "gbps": 52.7}]}
+    with_streaming = type(base).model_validate(raw)
+    assert with_streaming.h2d.streaming.gbps(2 << 20) > 47.0
+    meta = Trace(trace_dir).meta
+    assert CostModel(with_streaming, meta, chunks=3).chunk_s == CostModel(base, meta, chunks=3).chunk_s
+    raw["h2d"]["streaming"] = {"points": [{"size": 3 << 20, "gbps": 52.7}, {"size": 1 << 20, "gbps": 47.0}]}
+    with pytest.raises(ValueError, match="strictly increasing"):
+        type(base).model_validate(raw)
