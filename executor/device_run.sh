@@ -140,6 +140,14 @@ case "$STEP" in
       | tee "$OUT/validate.log"
     mkdir -p "$OUT/h200" && cp /tmp/val/summary.md /tmp/val/results.parquet /tmp/val/meta.json "$OUT/h200/" 2>/dev/null
     cp -r /tmp/val/live-predictors "$OUT/h200/" 2>/dev/null   # the live learned predictor (validate --resimulate)
+    # CALIBRATE_AFTER=1: calibrate again right after the suite, within what is left of DEADLINE, into
+    # $OUT/h200_after.yaml (session 9: two calibrations 20 min apart differed by 10-50 % in host costs; simulate
+    # the suite with both: validate --report-only --resimulate)
+    LEFT=$(( ${DEADLINE:-560} - ($(date +%s) - T0) ))
+    if [ -n "$CALIBRATE_AFTER" ] && [ "$LEFT" -gt 60 ]; then
+      timeout $LEFT python3 -m executor.calibrate --out "$OUT/h200_after.yaml" --machine "H200 GPU machine" \
+        $CALIBRATE_ARGS 2>&1 | tail -n 3 | tee "$OUT/calibrate_after.log"
+    fi
     # at most 8 files come back: the logs travel as one tar (h200.yaml and the three report files beside it)
     (cd "$OUT" && tar cf logs.tar --remove-files $(ls gpu.txt ./*.log train_report.json sim_bench.* 2>/dev/null))
     ;;
