@@ -2,8 +2,9 @@
 
 A predictor sees a `BatchView`: what a real serving system knows while it computes layer `view.layer` of one
 batch (the routing of every earlier position, the batch's own routing up to this layer, the hidden state
-entering this layer when the trace has it). It returns experts of layer `view.layer + distance` ranked best
-first. Only predictors with `reads_future = True` (the oracle) are handed the future, and only by the caller.
+entering this layer when the trace has it, and every layer's input at each sequence's previous position). It
+returns experts of layer `view.layer + distance` ranked best first. Only predictors with `reads_future = True`
+(the oracle) are handed the future, and only by the caller.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class BatchView:
     past: dict[int, np.ndarray]  # sequence id -> int16 [P, L, k]: earlier positions of that sequence, in order
     phase: str = "decode"
     hidden: np.ndarray | None = None  # [T, hidden_size]: input of `layer` for the batch tokens, if traced
+    # layer m -> [T, hidden_size]: the input of layer m at each token's sequence's last position BEFORE this batch
+    # (in decode the previous token, computed one step earlier; zeros where there is none: a prompt), if traced
+    past_hidden: Callable[[int], np.ndarray] | None = None
     router_weights: Callable[[int], np.ndarray] | None = None  # layer -> [n_experts, hidden]: model parameters
 
 

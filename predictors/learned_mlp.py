@@ -33,6 +33,11 @@ hold `TOPK_MASS` of the target's mass; the fit report lists each network's). Onl
 layers are read, as for the top-k labels; at prediction time the network still sees layer l's hidden state
 alone. On the small MoE's in-trace split the router target gives 0.829 against 0.789 at d = 1 and 0.777 against
 0.748 at d = 2 (docs/predictors.md).
+`past_input` (default off: ProMoE's input alone) widens the input with the hidden state entering layer l+d at the
+sequence's previous position (`view.past_hidden`): in decode the previous token's, computed one step earlier, so
+a server has it at layer l's gate; zeros in a prompt batch, where no earlier position exists. Training rows get
+the same (the previous position's row for generated positions, zeros for prompt positions). On the small MoE's
+in-trace split it adds about 2.3 / 2.8 points at d = 1 / 2, most at the first layers (docs/predictors.md).
 Measured alternatives are in docs/predictors.md.
 """
 
@@ -68,11 +73,23 @@ def auto_temperature(logits: np.ndarray, k: int, mass: float = TOPK_MASS) -> flo
 
 def gather_rows(hidden: np.ndarray, rows: np.ndarray, dtype) -> np.ndarray:
     """hidden[rows] as `dtype`, read from the memory-mapped file in file order (sorted rows), returned in `rows`'
-    order."""
-    order = np.argsort(rows)
-    out = np.empty((len(rows), hidden.shape[1]), dtype=dtype)
+    order; zeros where a row is -1 (no hidden state)."""
+    out = np.zeros((len(rows), hidden.shape[1]), dtype=dtype)
+    ok = np.flatnonzero(rows >= 0)
+    order = ok[np.argsort(rows[ok])]
     out[order] = hidden[rows[order]]
     return out
+
+
+def previous_rows(seq) -> np.ndarray:
+    """[P, L] hidden rows of each position's previous position as a server has it (predictors.views: the input
+    at the sequence's last position before the batch): the previous position's for generated positions, -1 for
+    prompt positions (one batch: nothing before it)."""
+    prev = np.full_like(seq.hidden_rows, -1)
+    gen = np.flatnonzero(seq.phases != "prefill")
+    gen = gen[gen > 0]
+    prev[gen] = seq.hidden_rows[gen - 1]
+    return prev
 
 
 def hidden_width(hidden_size: int, n_experts: int, target_params: int, min_units: int, max_units: int) -> int:
@@ -90,7 +107,7 @@ class LearnedMLPPredictor(Predictor):
                  device: str = "cpu", loss: str = "softmax", dropout: float = 0.0, patience: int = 4,
                  skip: bool = False, schedule: str = "constant", warmup: float = 0.0, min_epochs: int = 0,
                  threads: int = 1, weights_dtype: str = "float16", target: str = "auto",
-                 temperature: float | str = "auto", **params):
+                 temperature: float | str = "auto", past_input: bool = False, **params):
         if target not in TARGETS:
             raise ValueError(f"learned_mlp target must be one of {TARGETS}, got {target!r}")
         if temperature != "auto":
@@ -105,7 +122,9 @@ class LearnedMLPPredictor(Predictor):
                          batch_size=batch_size, max_rows=max_rows, seed=seed, device=device, loss=loss,
                          dropout=dropout, patience=patience, skip=bool(skip), schedule=schedule, warmup=warmup,
                          min_epochs=min_epochs, threads=threads, weights_dtype=weights_dtype, target=target,
-                         temperature=temperature, **params)
+                         temperature=temperature,
+                         # (recorded only when on: the default fit's params and artifacts stay as they were)
+                         **({"past_input": True} if past_input else {}), **params)
         self.distances = [int(d) for d in distances]
         self._nets: dict[str, dict[str, np.ndarray]] = {}
         self.fit_report: dict = {}  # what each distance's fit did (_torchfit.train_many's report)
@@ -124,6 +143,7 @@ class LearnedMLPPredictor(Predictor):
         seqs = training_sequences(trace, sequences)
         experts = np.concatenate([s.experts for s in seqs])
         rows = np.concatenate([s.hidden_rows for s in seqs])
+        prev = np.concatenate([previous_rows(s) for s in seqs]) if p.get("past_input") else None
         rng = np.random.default_rng(p["seed"])
         for d in self.distances:
             names, xs, ys = [], [], []
@@ -138,7 +158,11 @@ class LearnedMLPPredictor(Predictor):
                     ok = np.sort(rng.choice(ok, p["max_rows"], replace=False))
                 hidden = trace.hidden_states(layer)
                 # float32 for a CPU fit; on a GPU the stored dtype (float16) travels and is converted there
-                x = gather_rows(hidden, rows[ok, layer], np.float32 if p["device"] == "cpu" else hidden.dtype)
+                dtype = np.float32 if p["device"] == "cpu" else hidden.dtype
+                x = gather_rows(hidden, rows[ok, layer], dtype)
+                if prev is not None:  # the target layer's input at the previous position (zeros in a prompt)
+                    x = np.concatenate([x, gather_rows(trace.hidden_states(layer + d), prev[ok, layer + d], dtype)],
+                                       axis=1)
                 names.append(f"l{layer}_d{d}")
                 xs.append(x)
                 y = _torchfit.multi_hot(experts[ok, layer + d], meta.n_experts)
@@ -200,10 +224,19 @@ class LearnedMLPPredictor(Predictor):
             if not any(name.endswith(f"_d{distance}") for name in self._nets):
                 raise ValueError(f"learned_mlp was trained for distances {self.distances}, not {distance}")
             return Prediction(np.empty(0, dtype=np.int64), np.empty(0))  # layer without training rows
+        return rank_counts(self.mlp_scores(net, view, distance).astype(np.float64))
+
+    def mlp_scores(self, net: dict, view, distance: int) -> np.ndarray:
+        """The network's softmax over layer l+d's experts, summed over the batch's tokens."""
         if view.hidden is None:
             raise ValueError("learned_mlp needs view.hidden (build views with_hidden=True)")
-        scores = _softmax(_torchfit.forward(net, view.hidden)).sum(axis=0)
-        return rank_counts(scores.astype(np.float64))
+        x = view.hidden
+        if self.params.get("past_input"):
+            if view.past_hidden is None:
+                raise ValueError("learned_mlp with past_input needs the previous position's hidden states "
+                                 "(view.past_hidden), which this run does not provide (live mode keeps none)")
+            x = np.concatenate([x, view.past_hidden(view.layer + distance)], axis=1)
+        return _softmax(_torchfit.forward(net, x)).sum(axis=0)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from predictors import _torchfit
 from predictors.base import Prediction, rank_counts
 from predictors.learned_mlp import LearnedMLPPredictor, _softmax
 from predictors.registry import register_predictor
@@ -26,14 +25,13 @@ class LearnedMLPGatePredictor(LearnedMLPPredictor):
         self.gate_weight = float(gate_weight)
 
     def predict(self, view, distance, future=None) -> Prediction:
-        base = super().predict(view, distance)
         net = self._nets.get(f"l{view.layer}_d{distance}")
         if net is None:
-            return base
+            return super().predict(view, distance)  # (no networks, another distance, or a layer without rows)
         if view.router_weights is None:
             raise ValueError("learned_mlp_gate needs view.router_weights (a trace with router weights)")
         hidden = np.asarray(view.hidden, dtype=np.float32)
         w = np.asarray(view.router_weights(view.layer + distance), dtype=np.float32)  # [E, H]
-        scores = _softmax(_torchfit.forward(net, hidden)).sum(axis=0)
+        scores = self.mlp_scores(net, view, distance)
         scores = scores + self.gate_weight * _softmax(hidden @ w.T).sum(axis=0)
         return rank_counts(scores.astype(np.float64))

@@ -28,6 +28,8 @@ What a view contains, and nothing more (tests/test_predictors_future.py checks i
     view.current   int16 [T, l + 1, k]   the batch's experts at layers 0..l (read-only)
     view.past      {sequence: int16 [P, L, k]}  every EARLIER position of that sequence, all layers (read-only)
     view.hidden    float32 [T, hidden]   input of layer l for the batch tokens (only when asked for)
+    view.past_hidden(m)  float32 [T, hidden]  input of layer m at each token's sequence's last position before the
+                   batch (zeros in a prompt batch; only when asked for)
     view.router_weights  layer -> [n_experts, hidden]: model parameters, not data
 """
 
@@ -165,10 +167,11 @@ class Batch:
     def view(self, layer: int, *, with_hidden: bool = False) -> BatchView:
         """What the system knows right after `layer`'s gate ran for this batch."""
         past = {s.sequence: s.experts[:a] for s, a, _ in self.parts}
-        hidden = None
+        hidden = past_hidden = None
         if with_hidden and self.source is not None:
             rows = np.concatenate([s.hidden_rows[a:b, layer] for s, a, b in self.parts])
             hidden = _readonly(self.source.hidden(layer, rows))
+            past_hidden = self._past_hidden
         return BatchView(
             meta=self.meta,
             layer=layer,
@@ -179,7 +182,14 @@ class Batch:
             phase=self.phase,
             hidden=hidden,
             router_weights=self.source.router_weights if self.source is not None else None,
+            past_hidden=past_hidden,
         )
+
+    def _past_hidden(self, layer: int) -> np.ndarray:
+        """The input of `layer` at each token's sequence's last position before this batch (zeros where none)."""
+        rows = np.concatenate([np.full(b - a, s.hidden_rows[a - 1, layer] if a > 0 else -1, dtype=np.int64)
+                               for s, a, b in self.parts])
+        return _readonly(self.source.hidden(layer, rows))
 
     def actual(self, layer: int) -> np.ndarray:
         """int16 [T, k]: the batch's true experts at `layer` (the future, for the oracle and for scoring)."""

@@ -63,7 +63,9 @@ def test_calibrate_dry_run_profile(profile_path):
     assert cost.call >= 0 and cost.token >= 0 and "tokens (7 calls) prefill ->" in prof.notes
     # the transfer host costs measured per geometry, in its expert table; the first geometry's also top-level
     tiny = prof.expert_compute[0]
-    assert tiny.demand_transfer_host_us > 0 and tiny.prefetch_transfer_host_us > 0 and tiny.prefetch_call_host_us > 0
+    # (the per-copy prefetch cost is the prefetch run's issue time less its calls at the idle run's cost per call:
+    # one round of each on a loaded CPU can bring it to 0, where it is clipped)
+    assert tiny.demand_transfer_host_us > 0 and tiny.prefetch_transfer_host_us >= 0 and tiny.prefetch_call_host_us > 0
     assert (prof.demand_transfer_host_us, prof.prefetch_transfer_host_us, prof.prefetch_call_host_us) == (
         tiny.demand_transfer_host_us, tiny.prefetch_transfer_host_us, tiny.prefetch_call_host_us)
     assert f"'transfer_host': {{'tiny-cpu-mini': {{'demand_transfer_us': {tiny.demand_transfer_host_us}," in prof.notes

@@ -271,3 +271,63 @@ def test_learned_mlp_skip_path_and_fit_report(trace, tmp_path, capsys):
         assert all(np.array_equal(net[k], g._nets[name][k]) for k in net)
     with np.load(out) as z:
         assert z["l0_d1/w1"].dtype == np.float16 and z["l0_d1/mu"].dtype == np.float32
+
+
+def test_views_give_the_previous_positions_layer_inputs(trace):
+    """view.past_hidden(m): the input of layer m at each token's sequence's last position before the batch: the
+    previous token's in decode, zeros in the prompt batch (nothing before it); the simulator's batches carry the
+    same rows (sim.engine.schedule prev_hidden_rows), in a decode-only run too."""
+    from sim.engine.schedule import iter_batches as sim_batches
+    from sim.engine.schedule import load_sequences as sim_sequences
+
+    src = HiddenSource(trace)
+    seqs = load_sequences(trace)[:3]
+    L = trace.meta.n_layers
+    expected = {}  # (sequence, position) -> previous position's rows [L] as the views give them
+    for b in iter_batches(seqs, trace.meta, source=src):
+        v = b.view(1, with_hidden=True)
+        for m in range(L):
+            got = v.past_hidden(m)
+            assert got.shape == (b.n_tokens, trace.meta.hidden_size) and not got.flags.writeable
+            if b.phase == "prefill":
+                assert not got.any()
+        (s, a, _), = b.parts
+        if b.phase == "decode":
+            for m in range(L):
+                assert np.array_equal(v.past_hidden(m)[0], src.hidden(m, s.hidden_rows[a - 1: a, m])[0])
+            expected[(s.sequence, int(b.positions[0]))] = s.hidden_rows[a - 1]
+    for phase in ("both", "decode"):
+        for b in sim_batches(sim_sequences(trace, phase, 3, None), phase, 1):
+            if b.phase == "prefill":
+                assert (b.prev_hidden_rows == -1).all()
+            else:
+                assert np.array_equal(b.prev_hidden_rows[0], expected[(int(b.sequences[0]), int(b.positions[0]))])
+
+
+def test_learned_mlp_past_input_widens_the_input_and_needs_the_past(trace, tmp_path, capsys):
+    """past_input: the network reads [layer l's input, layer l+d's input at the previous position]; the artifact
+    keeps the option; a view without past_hidden (live mode) is refused with a message; the simulator runs it."""
+    import json
+
+    from predictors.base import BatchView
+    from sim.run import main as sim_main
+
+    art = tmp_path / "past.npz"
+    assert train_main([str(trace.path), "--predictor", "learned_mlp", "--distance", "1", "--set", "max_units=16",
+                       "--set", "epochs=2", "--set", "past_input=true", "--out", str(art)]) == 0
+    p, _ = load_artifact(art)
+    assert p.params["past_input"] is True
+    assert p._nets["l0_d1"]["w1"].shape[0] == 2 * trace.meta.hidden_size
+    b = next(iter(iter_batches(load_sequences(trace)[:1], trace.meta, source=HiddenSource(trace))))
+    v = b.view(0, with_hidden=True)
+    assert len(p.predict(v, 1).experts)
+    bare = BatchView(**{**v.__dict__, "past_hidden": None})
+    with pytest.raises(ValueError, match="previous position's hidden states"):
+        p.predict(bare, 1)
+    capsys.readouterr()
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"trace: {trace.path}\nhardware: h200\ncache: {{cache_rate: 0.25}}\n"
+                   f"prefetch: {{predictor: learned_mlp, distance: 1, artifact: {art}}}\n")
+    assert sim_main([str(cfg), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)["metrics"]
+    assert m["prefetch_precision"] > 0

@@ -69,6 +69,9 @@ class Prefetcher:
         self.needs_hidden = "hidden_states" in predictor.needs and (self.meta.has_hidden_states or
                                                                       hidden_fn is not None)
         self.hidden_fn = hidden_fn if hidden_fn is not None else self._trace_hidden
+        # the previous position's layer inputs (view.past_hidden) come from the trace's rows; a caller with its own
+        # hidden states (live mode) has none to give
+        self._past_from_trace = self.needs_hidden and hidden_fn is None
         self.router = None
         if self.meta.has_router_weights and trace is not None:
             self.router = trace.router_weights
@@ -95,6 +98,9 @@ class Prefetcher:
         # the view's per-batch fields, built once (predict_at_gate adds the layer's)
         self._view_base = {"meta": self.meta, "sequences": batch.sequences, "positions": batch.positions,
                            "past": batch.past, "phase": batch.phase, "router_weights": self.router}
+        prev = getattr(batch, "prev_hidden_rows", None) if self._past_from_trace else None
+        if prev is not None:
+            self._view_base["past_hidden"] = lambda layer: self._rows_hidden(layer, prev[:, layer])
         T = batch.tokens
         self._n = self.top_n if self.top_n is not None else self.meta.top_k * T
         if self.token_s:
@@ -104,6 +110,17 @@ class Prefetcher:
             self._future = lambda layer: experts[:, layer, :]
             if self._rank_layers is not None:  # the oracle: every layer's answer at once (one call per batch)
                 self._ranked = self._rank_layers(experts)
+
+    def _rows_hidden(self, layer: int, rows: np.ndarray) -> np.ndarray:
+        """The trace's hidden states entering `layer` at `rows` (zeros for -1), float32 [len(rows), hidden]."""
+        arr = self._hidden_cache.get(layer)
+        if arr is None:
+            arr = self._hidden_cache[layer] = self.trace.hidden_states(layer)
+        out = np.zeros((len(rows), arr.shape[1]), dtype=np.float32)
+        ok = rows >= 0
+        if ok.any():
+            out[ok] = arr[rows[ok]]
+        return out
 
     def _trace_hidden(self, batch: Batch, layer: int):
         if batch.hidden_rows is None or self.trace is None:

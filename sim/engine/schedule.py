@@ -27,6 +27,8 @@ class SequenceData:
     gen_hidden_rows: np.ndarray | None
     all: np.ndarray  # every position in time order, for the predictor's `past`
     n_before_gen: int  # positions before the first decode row
+    # hidden rows [L] of the last position before the first decode row (the prompt's last, simulated or not)
+    last_prompt_rows: np.ndarray | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -43,6 +45,9 @@ class Batch:
     past: dict[int, np.ndarray]
     hidden_rows: np.ndarray | None  # [T, L]
     starts: list[int]  # sequences whose first batch this is
+    # [T, L]: the hidden rows of each token's sequence's last position before this batch (-1: none, as in a
+    # prompt), for predictors reading the previous position's layer inputs; None where the trace has none
+    prev_hidden_rows: np.ndarray | None = None
 
     @property
     def tokens(self) -> int:
@@ -71,10 +76,13 @@ def load_sequences(trace: Trace, phase: str, max_sequences: int | None,
         parts = by_seq[s]
         prompts = []
         timeline = []
+        last_rows = None
         for ph in ("prefill", "teacher_forced"):
             r = parts.get(ph)
             if r is not None:
                 timeline.append(r.experts)
+                if r.hidden_rows is not None and len(r.hidden_rows):
+                    last_rows = r.hidden_rows[-1]
                 if ph in wanted:
                     prompts.append((ph, r.experts, r.positions.astype(np.int64), r.hidden_rows))
         dec = parts.get("decode")
@@ -89,7 +97,7 @@ def load_sequences(trace: Trace, phase: str, max_sequences: int | None,
         if "decode" not in wanted:
             gen, gpos, gh = gen[:0], gpos[:0], None
         allrows = np.concatenate(timeline) if timeline else np.full((0, L, k), -1, np.int16)
-        out.append(SequenceData(s, prompts, gen, gpos, gh, allrows, n_before))
+        out.append(SequenceData(s, prompts, gen, gpos, gh, allrows, n_before, last_rows))
     return out
 
 
@@ -104,20 +112,23 @@ def iter_batches(seqs: list[SequenceData], phase: str, batch_size: int) -> Itera
                     starts = [] if sd.sequence in started else [sd.sequence]
                     started.add(sd.sequence)
                     yield Batch(index, "prefill", np.full(len(experts), sd.sequence, np.int64), positions, experts,
-                                {}, hrows, starts)
+                                {}, hrows, starts, None if hrows is None else np.full_like(hrows, -1))
                     index += 1
         steps = max((len(sd.gen) for sd in group), default=0)
         for i in range(steps):
             live = [sd for sd in group if len(sd.gen) > i]
             experts = np.stack([sd.gen[i] for sd in live]) if len(live) > 1 else live[0].gen[i:i + 1]
-            hr = None
+            hr = prev = None
             if live[0].gen_hidden_rows is not None:
                 hr = np.stack([sd.gen_hidden_rows[i] for sd in live])
+                prev = np.stack([sd.gen_hidden_rows[i - 1] if i else
+                                 (sd.last_prompt_rows if sd.last_prompt_rows is not None else np.full_like(hr[0], -1))
+                                 for sd in live])
             starts = [sd.sequence for sd in live if sd.sequence not in started]
             started.update(starts)
             yield Batch(index, "decode", np.array([sd.sequence for sd in live], np.int64),
                         np.array([sd.gen_positions[i] for sd in live], np.int64), experts,
-                        {sd.sequence: sd.all[:sd.n_before_gen + i] for sd in live}, hr, starts)
+                        {sd.sequence: sd.all[:sd.n_before_gen + i] for sd in live}, hr, starts, prev)
             index += 1
 
 
