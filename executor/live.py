@@ -138,6 +138,8 @@ class LiveOffload:
                 else 0.25)
         cache_capacity_bytes = whole_slot_capacity(cache_capacity_bytes, geom.expert_bytes, len(blocks), cache_scope)
         self._hidden_now: dict[int, np.ndarray] = {}
+        # per sequence, the layer inputs [L, H] (float16) of its last position run: the next batch's past_hidden
+        self._last_hidden: dict[int, np.ndarray] = {}
         self.rt = OffloadedRuntime(
             _LiveModel(geom, store, self.device, dtype), meta, [], weights_fn=None,
             cache_capacity_bytes=cache_capacity_bytes, cache_scope=cache_scope, cache_policy=cache_policy,
@@ -166,12 +168,22 @@ class LiveOffload:
             experts=np.full((T, self.meta.n_layers, self.top_k), -1, np.int16), past=past,
             hidden_rows=np.tile(np.arange(T, dtype=np.int64)[:, None], (1, self.meta.n_layers)), starts=[],
             tokens=T)
-        self._hidden_now = {}
         pf = self.rt.prefetcher
+        if getattr(pf, "needs_hidden", False):
+            self._batch.past_hidden = self._past_hidden_fn(phase, sequences)
+        self._hidden_now = {}
         if hasattr(pf, "_hidden_cache"):
             pf._hidden_cache.clear()  # the live hidden states change every batch
         self.rt.begin_batch(self._batch)
         self._index += 1
+
+    def _past_hidden_fn(self, phase: str, sequences: list[int]):
+        """view.past_hidden for the batch: each token's sequence's layer inputs at its last position before the
+        batch (zeros in a prompt batch, as predictors.views and the simulator give them)."""
+        L, H = self.meta.n_layers, self.geom.hidden
+        none = np.zeros((L, H), np.float16)
+        prev = np.stack([none if phase == "prefill" else self._last_hidden.get(s, none) for s in sequences])
+        return lambda layer: prev[:, layer].astype(np.float32)
 
     def end(self, output=None) -> None:
         b = self._batch
@@ -180,6 +192,8 @@ class LiveOffload:
         hidden = None
         if self._hidden_now:
             hidden = np.stack([self._hidden_now[layer] for layer in range(self.meta.n_layers)], axis=1)
+            for i, s in enumerate(b.sequences.tolist()):  # (the last token of a sequence wins)
+                self._last_hidden[s] = hidden[i]
         self.history.append((b.phase, b.sequences, b.positions, b.experts, hidden))
         self.rt.end_batch(b.phase, b.tokens, output)
         self._batch = None
@@ -398,7 +412,8 @@ def _sequences(history, L: int, k: int) -> list:
             gen, gpos, ghr = np.full((0, L, k), -1, np.int16), np.zeros(0, np.int64), None
         n_before = sum(len(p[1]) for p in prompts)
         allrows = np.concatenate([p[1] for p in prompts] + [gen]) if prompts or len(gen) else gen
-        out.append(SequenceData(s, prompts, gen, gpos, ghr, allrows, n_before))
+        last = prompts[-1][3][-1] if prompts and prompts[-1][3] is not None and len(prompts[-1][3]) else None
+        out.append(SequenceData(s, prompts, gen, gpos, ghr, allrows, n_before, last))
     return out
 
 

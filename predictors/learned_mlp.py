@@ -34,8 +34,9 @@ layers are read, as for the top-k labels; at prediction time the network still s
 alone. On the small MoE's in-trace split the router target gives 0.829 against 0.789 at d = 1 and 0.777 against
 0.748 at d = 2 (docs/predictors.md).
 `past_input` (default off: ProMoE's input alone) widens the input with the hidden state entering layer l+d at the
-sequence's previous position (`view.past_hidden`): in decode the previous token's, computed one step earlier, so
-a server has it at layer l's gate; zeros in a prompt batch, where no earlier position exists. Training rows get
+sequence's previous position (`view.past_hidden`: from the trace, or kept by the executor's live mode): in decode
+the previous token's, computed one step earlier, so a server has it at layer l's gate; zeros in a prompt batch,
+where no earlier position exists. Training rows get
 the same (the previous position's row for generated positions, zeros for prompt positions). On the small MoE's
 in-trace split it adds about 2.3 / 2.8 points at d = 1 / 2, most at the first layers (docs/predictors.md).
 Measured alternatives are in docs/predictors.md.
@@ -234,7 +235,7 @@ class LearnedMLPPredictor(Predictor):
         if self.params.get("past_input"):
             if view.past_hidden is None:
                 raise ValueError("learned_mlp with past_input needs the previous position's hidden states "
-                                 "(view.past_hidden), which this run does not provide (live mode keeps none)")
+                                 "(view.past_hidden), which this caller does not provide")
             x = np.concatenate([x, view.past_hidden(view.layer + distance)], axis=1)
         return _softmax(_torchfit.forward(net, x)).sum(axis=0)
 

@@ -140,10 +140,12 @@ def test_live_dense_table_and_its_use(tiny_model, tmp_path):
     assert live_profile(with_live, "other-model", live.meta) is with_live
 
 
-def test_live_learned_predictor_in_the_loop(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("past", [False, True])
+def test_live_learned_predictor_in_the_loop(tiny_model, tmp_path, monkeypatch, past):
     """A learned_mlp fit on a trace recorded from the same model predicts from the live hidden states; the
     simulator replays the states the run kept (float16, as the trace) and makes the same predictions, also later
-    from the validation row (validate --resimulate)."""
+    from the validation row (validate --resimulate). With `past_input` also from the previous position's layer
+    inputs, which the live run keeps per sequence and the simulator reads at the trace rows before the batch."""
     import json
 
     from executor.calibrate import main as calibrate_main
@@ -160,7 +162,7 @@ def test_live_learned_predictor_in_the_loop(tiny_model, tmp_path, monkeypatch):
                         "--max-new-tokens", "8", "--hidden-states", "--seed", "3", "--quiet"]) == 0
     art = tmp_path / "learned_mlp_d1.npz"
     assert train_main([str(trace), "--predictor", "learned_mlp", "--distance", "1", "--split", "1.0", "--set",
-                       "epochs=3", "--out", str(art)]) == 0
+                       "epochs=3", "--out", str(art)] + (["--set", "past_input=true"] if past else [])) == 0
     prof = tmp_path / "cpu.yaml"
     assert calibrate_main(["--out", str(prof), "--device", "cpu", "--repeats", "1", "--geometries", "tiny",
                            "--predictors", "none"]) == 0
@@ -178,7 +180,8 @@ def test_live_learned_predictor_in_the_loop(tiny_model, tmp_path, monkeypatch):
 
     def logged(self, view, distance, future=None):
         out = predict(self, view, distance, future)
-        calls.append(((view.layer, view.hidden.tobytes()), tuple(out.experts.tolist())))
+        before = view.past_hidden(view.layer + distance).tobytes() if past else b""
+        calls.append(((view.layer, view.hidden.tobytes(), before), tuple(out.experts.tolist())))
         return out
 
     monkeypatch.setattr(LearnedMLPPredictor, "predict", logged)
@@ -196,6 +199,9 @@ def test_live_learned_predictor_in_the_loop(tiny_model, tmp_path, monkeypatch):
     assert again["prefetches"] == row["sim_prefetches"] and again["hits"] == row["sim_hits"]
     sim = dict(calls)
     assert len(sim) > 10 and all(real.get(k) == v for k, v in sim.items())
+    if past:  # decode calls saw earlier positions' states, prompt calls zeros
+        befores = {k[2] for k in sim}
+        assert len(befores) > 2 and any(not np.frombuffer(b, np.float32).any() for b in befores)
     with pytest.raises(ValueError, match="hidden"):  # the predictor needs the states the row kept
         simulate_live(cfg, profile, "small-moe", meta, seqs, int(row["capacity_bytes"]), None,
                       live_predictor(cfg, art))

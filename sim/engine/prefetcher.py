@@ -69,8 +69,8 @@ class Prefetcher:
         self.needs_hidden = "hidden_states" in predictor.needs and (self.meta.has_hidden_states or
                                                                       hidden_fn is not None)
         self.hidden_fn = hidden_fn if hidden_fn is not None else self._trace_hidden
-        # the previous position's layer inputs (view.past_hidden) come from the trace's rows; a caller with its own
-        # hidden states (live mode) has none to give
+        # the previous position's layer inputs (view.past_hidden): the batch's own `past_hidden` (live mode), else
+        # the trace's rows at the batch's `prev_hidden_rows`; none from a caller with its own hidden_fn
         self._past_from_trace = self.needs_hidden and hidden_fn is None
         self.router = None
         if self.meta.has_router_weights and trace is not None:
@@ -98,9 +98,12 @@ class Prefetcher:
         # the view's per-batch fields, built once (predict_at_gate adds the layer's)
         self._view_base = {"meta": self.meta, "sequences": batch.sequences, "positions": batch.positions,
                            "past": batch.past, "phase": batch.phase, "router_weights": self.router}
-        prev = getattr(batch, "prev_hidden_rows", None) if self._past_from_trace else None
-        if prev is not None:
-            self._view_base["past_hidden"] = lambda layer: self._rows_hidden(layer, prev[:, layer])
+        if self.needs_hidden:
+            past = getattr(batch, "past_hidden", None)  # a live run's own (executor.live)
+            prev = getattr(batch, "prev_hidden_rows", None) if self._past_from_trace else None
+            if past is None and prev is not None:
+                past = lambda layer: self._rows_hidden(layer, prev[:, layer])  # noqa: E731
+            self._view_base["past_hidden"] = past
         T = batch.tokens
         self._n = self.top_n if self.top_n is not None else self.meta.top_k * T
         if self.token_s:
