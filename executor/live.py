@@ -183,7 +183,11 @@ class LiveOffload:
         L, H = self.meta.n_layers, self.geom.hidden
         none = np.zeros((L, H), np.float16)
         prev = np.stack([none if phase == "prefill" else self._last_hidden.get(s, none) for s in sequences])
-        return lambda layer: prev[:, layer].astype(np.float32)
+        def past_hidden(layer: int) -> np.ndarray:
+            out = prev[:, layer].astype(np.float32)
+            out.setflags(write=False)
+            return out
+        return past_hidden
 
     def end(self, output=None) -> None:
         b = self._batch

@@ -36,9 +36,9 @@ alone. On the small MoE's in-trace split the router target gives 0.829 against 0
 `past_input` (default off: ProMoE's input alone) widens the input with the hidden state entering layer l+d at the
 sequence's previous position (`view.past_hidden`: from the trace, or kept by the executor's live mode): in decode
 the previous token's, computed one step earlier, so a server has it at layer l's gate; zeros in a prompt batch,
-where no earlier position exists. Training rows get
-the same (the previous position's row for generated positions, zeros for prompt positions). On the small MoE's
-in-trace split it adds about 2.3 / 2.8 points at d = 1 / 2, most at the first layers (docs/predictors.md).
+where no earlier position exists. Training rows get the same (the previous position's row for generated
+positions, zeros for prompt positions). On the small MoE's in-trace split it adds 2.1 / 2.5 / 3.1 points at
+d = 1 / 2 / 3, most at the first source layer, whose input is the bare token embedding (docs/predictors.md).
 Measured alternatives are in docs/predictors.md.
 """
 

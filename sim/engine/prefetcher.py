@@ -123,6 +123,7 @@ class Prefetcher:
         ok = rows >= 0
         if ok.any():
             out[ok] = arr[rows[ok]]
+        out.setflags(write=False)
         return out
 
     def _trace_hidden(self, batch: Batch, layer: int):
