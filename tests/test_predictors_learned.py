@@ -331,3 +331,17 @@ def test_learned_mlp_past_input_widens_the_input_and_needs_the_past(trace, tmp_p
     assert sim_main([str(cfg), "--json"]) == 0
     m = json.loads(capsys.readouterr().out)["metrics"]
     assert m["prefetch_precision"] > 0
+
+
+def test_report_rows_of_an_option_variant(trace):
+    """predictors.report scores `learned_mlp+past_input` (VARIANTS: learned_mlp with past_input=true) under its own
+    label, in its own table row; it is skipped with a message on traces without hidden states."""
+    from predictors.report import VARIANTS, render, resolve, run_all
+
+    assert resolve("learned_mlp+past_input") == VARIANTS["learned_mlp+past_input"]
+    assert resolve("cross_layer") == ("cross_layer", None)
+    rows = run_all([trace.path], ["learned_mlp+past_input"], folds=1, log=lambda s: None)
+    assert {r["predictor"] for r in rows} == {"learned_mlp+past_input"} and len(rows) == 3
+    assert all(r["params"].get("past_input") is True for r in rows)
+    line = next(x for x in render(rows, 1).splitlines() if x.startswith("| learned_mlp+past_input |"))
+    assert "9:1 split of this trace" in line
