@@ -50,6 +50,7 @@ from predictors import _torchfit
 from predictors.base import Prediction, Predictor, rank_counts
 from predictors.registry import register_predictor
 from predictors.split import training_sequences
+from predictors.views import gather_rows
 
 TARGETS = ("auto", "topk", "router", "mixed")
 TOPK_MASS = 0.6  # auto temperature: the share of the soft target's mass left on the router's own top-k
@@ -70,16 +71,6 @@ def auto_temperature(logits: np.ndarray, k: int, mass: float = TOPK_MASS) -> flo
         m = np.take_along_axis(_softmax(logits / 2.0 ** mid), top, axis=1).sum(axis=1).mean()
         lo, hi = (mid, hi) if m > mass else (lo, mid)
     return float(2.0 ** (0.5 * (lo + hi)))
-
-
-def gather_rows(hidden: np.ndarray, rows: np.ndarray, dtype) -> np.ndarray:
-    """hidden[rows] as `dtype`, read from the memory-mapped file in file order (sorted rows), returned in `rows`'
-    order; zeros where a row is -1 (no hidden state)."""
-    out = np.zeros((len(rows), hidden.shape[1]), dtype=dtype)
-    ok = np.flatnonzero(rows >= 0)
-    order = ok[np.argsort(rows[ok])]
-    out[order] = hidden[rows[order]]
-    return out
 
 
 def previous_rows(seq) -> np.ndarray:

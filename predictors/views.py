@@ -112,6 +112,16 @@ def load_sequences(trace, sequences: Iterable[int] | None = None) -> list[Sequen
     return [merge_phases(by_seq[s]) for s in order]
 
 
+def gather_rows(hidden: np.ndarray, rows: np.ndarray, dtype) -> np.ndarray:
+    """hidden[rows] as `dtype`, read from the memory-mapped file in file order (sorted rows), returned in `rows`'
+    order; zeros where a row is -1 (no hidden state)."""
+    out = np.zeros((len(rows), hidden.shape[1]), dtype=dtype)
+    ok = np.flatnonzero(rows >= 0)
+    order = ok[np.argsort(rows[ok])]
+    out[order] = hidden[rows[order]]
+    return out
+
+
 class HiddenSource:
     """Loads hidden states and router weights of a trace lazily (memory-mapped, cached per layer)."""
 
@@ -121,15 +131,10 @@ class HiddenSource:
         self._router: dict[int, np.ndarray] = {}
 
     def hidden(self, layer: int, rows: np.ndarray) -> np.ndarray:
+        """float32 [len(rows), hidden], read-only: the states entering `layer` at `rows` (zeros where -1)."""
         if layer not in self._hidden:
             self._hidden[layer] = self.trace.hidden_states(layer)
-        arr = self._hidden[layer]
-        rows = np.asarray(rows, dtype=np.int64)
-        out = np.zeros((len(rows), arr.shape[1]), dtype=np.float32)
-        ok = rows >= 0
-        if ok.any():
-            out[ok] = arr[rows[ok]]
-        return out
+        return _readonly(gather_rows(self._hidden[layer], np.asarray(rows, dtype=np.int64), np.float32))
 
     def router_weights(self, layer: int) -> np.ndarray:
         if layer not in self._router:
@@ -170,7 +175,7 @@ class Batch:
         hidden = past_hidden = None
         if with_hidden and self.source is not None:
             rows = np.concatenate([s.hidden_rows[a:b, layer] for s, a, b in self.parts])
-            hidden = _readonly(self.source.hidden(layer, rows))
+            hidden = self.source.hidden(layer, rows)
             past_hidden = self._past_hidden
         return BatchView(
             meta=self.meta,
@@ -189,7 +194,7 @@ class Batch:
         """The input of `layer` at each token's sequence's last position before this batch (zeros where none)."""
         rows = np.concatenate([np.full(b - a, s.hidden_rows[a - 1, layer] if a > 0 else -1, dtype=np.int64)
                                for s, a, b in self.parts])
-        return _readonly(self.source.hidden(layer, rows))
+        return self.source.hidden(layer, rows)
 
     def actual(self, layer: int) -> np.ndarray:
         """int16 [T, k]: the batch's true experts at `layer` (the future, for the oracle and for scoring)."""

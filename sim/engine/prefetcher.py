@@ -20,6 +20,7 @@ import numpy as np
 from simpy.events import NORMAL
 
 from predictors.base import BatchView, Predictor
+from predictors.views import HiddenSource
 from sim.engine.decisions import key_table, touch_hooks
 from sim.engine.link import Call
 from sim.engine.schedule import Batch
@@ -70,8 +71,10 @@ class Prefetcher:
                                                                       hidden_fn is not None)
         self.hidden_fn = hidden_fn if hidden_fn is not None else self._trace_hidden
         # the previous position's layer inputs (view.past_hidden): the batch's own `past_hidden` (live mode), else
-        # the trace's rows at the batch's `prev_hidden_rows`; none from a caller with its own hidden_fn
-        self._past_from_trace = self.needs_hidden and hidden_fn is None
+        # the trace's rows at the batch's `prev_hidden_rows` (predictors.views.HiddenSource, as evaluation reads them);
+        # none from a caller with its own hidden_fn
+        from_trace = self.needs_hidden and hidden_fn is None and trace is not None
+        self._past_source = HiddenSource(trace) if from_trace else None
         self.router = None
         if self.meta.has_router_weights and trace is not None:
             self.router = trace.router_weights
@@ -100,9 +103,10 @@ class Prefetcher:
                            "past": batch.past, "phase": batch.phase, "router_weights": self.router}
         if self.needs_hidden:
             past = getattr(batch, "past_hidden", None)  # a live run's own (executor.live)
-            prev = getattr(batch, "prev_hidden_rows", None) if self._past_from_trace else None
+            src = self._past_source
+            prev = getattr(batch, "prev_hidden_rows", None) if src is not None else None
             if past is None and prev is not None:
-                past = lambda layer: self._rows_hidden(layer, prev[:, layer])  # noqa: E731
+                past = lambda layer: src.hidden(layer, prev[:, layer])  # noqa: E731
             self._view_base["past_hidden"] = past
         T = batch.tokens
         self._n = self.top_n if self.top_n is not None else self.meta.top_k * T
@@ -113,18 +117,6 @@ class Prefetcher:
             self._future = lambda layer: experts[:, layer, :]
             if self._rank_layers is not None:  # the oracle: every layer's answer at once (one call per batch)
                 self._ranked = self._rank_layers(experts)
-
-    def _rows_hidden(self, layer: int, rows: np.ndarray) -> np.ndarray:
-        """The trace's hidden states entering `layer` at `rows` (zeros for -1), float32 [len(rows), hidden]."""
-        arr = self._hidden_cache.get(layer)
-        if arr is None:
-            arr = self._hidden_cache[layer] = self.trace.hidden_states(layer)
-        out = np.zeros((len(rows), arr.shape[1]), dtype=np.float32)
-        ok = rows >= 0
-        if ok.any():
-            out[ok] = arr[rows[ok]]
-        out.setflags(write=False)
-        return out
 
     def _trace_hidden(self, batch: Batch, layer: int):
         if batch.hidden_rows is None or self.trace is None:
