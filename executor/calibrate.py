@@ -52,6 +52,7 @@ from pathlib import Path
 import yaml
 
 from executor.calibrate_runtime import (
+    HOST_STATS,
     runtime_layer_costs,
     runtime_predictor_costs,
     runtime_transfer_costs,
@@ -157,7 +158,6 @@ def measure_h2d_streaming(device, sizes, timer: Timer, *, n: int = 16) -> list[d
 
         ms = timer.ms(copies, stream, queued=True, sleep_cycles=40 * QUEUE_SLEEP_CYCLES)
         pts.append({"size": int(size), "gbps": round(n * size / (ms * 1e-3) / 1e9, 3)})
-        del src, dst
     return pts
 
 
@@ -621,7 +621,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trace", default=str(REPO_ROOT / "data" / "traces" / "qwen3-30b-a3b"),
                     help="trace whose batches feed the predictor timing")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--host-stat", choices=("min", "median"), default="min",
+    ap.add_argument("--host-stat", choices=tuple(HOST_STATS), default="min",
                     help="the runtime's host costs from their rounds: the fastest (default; the host's interference "
                          "only adds time) or the median round; compare with executor.validate --real-stat to match")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and token counts")

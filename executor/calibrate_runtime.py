@@ -321,25 +321,23 @@ def runtime_layer_costs(geom, device, *, repeats: int = 5, n_layers: int = 4, to
     k = max(2, min(geom.top_k, 8))
     models: dict = {}  # the three steps share one host store (same geometry, layers, experts)
     kw = dict(n_layers=n_layers, n_experts=2 * k, tokens=tokens, repeats=1, models=models)
-    rounds = []
-    for _ in range(max(1, repeats)):
-        t1 = _layer_step_ms(geom, device, 1, **kw)
-        tk = _layer_step_ms(geom, device, k, group_resident=False, **kw)
-        tg = _layer_step_ms(geom, device, k, group_resident=True, **kw)
+
+    def split(t1: float, tk: float, tg: float) -> tuple:
+        """(per expert, base, group cost per expert, t1, tk, tg) of one set of the three steps."""
         per_expert = max(0.0, (tk - t1) / (k - 1))
         base = max(0.0, t1 - per_expert)
-        rounds.append((per_expert, base, max(0.0, tg - base) / k, t1, tk, tg))
+        return per_expert, base, max(0.0, tg - base) / k, t1, tk, tg
+
+    steps = [(_layer_step_ms(geom, device, 1, **kw), _layer_step_ms(geom, device, k, group_resident=False, **kw),
+              _layer_step_ms(geom, device, k, group_resident=True, **kw)) for _ in range(max(1, repeats))]
     if fastest:
-        t1, tk, tg = (min(col) for col in list(zip(*rounds))[3:])
-        pe = max(0.0, (tk - t1) / (k - 1))
-        base = max(0.0, t1 - pe)
-        group = max(0.0, tg - base) / k
+        pe, base, group, t1, tk, tg = split(*(min(col) for col in zip(*steps)))
     else:
-        pe, base, group, t1, tk, tg = (statistics.median(col) for col in zip(*rounds))
+        pe, base, group, t1, tk, tg = (statistics.median(col) for col in zip(*(split(*s) for s in steps)))
     return {"per_expert_ms": round(pe, 5), "layer_base_ms": round(base, 5),
             "group_expert_ms": round(group, 5), "layer_ms_top1": round(t1, 5),
             f"layer_ms_top{k}": round(tk, 5), f"layer_ms_top{k}_grouped": round(tg, 5), "top_k": k,
-            "rounds": len(rounds), "stat": stat}
+            "rounds": len(steps), "stat": stat}
 
 
 def transfer_issue_overhead_us(geom, device, link_seconds, *, n: int = 24, repeats: int = 5, busy=None,

@@ -55,13 +55,14 @@ def run_all(paths: list[Path], predictors: list[str], folds: int, log=print, cv_
         for name in predictors:
             real, params = resolve(name)
             try:
-                build_predictor(real, 1, params=params).check_trace(trace.meta)
+                probe = build_predictor(real, 1, params=params)
+                probe.check_trace(trace.meta)
             except PredictorUnavailable as exc:
                 rows.append({"trace": path.name, "predictor": name, "skipped": str(exc)})
                 continue
             # a predictor that fits nothing costs the same under K folds as under one split, and K folds score
             # every sequence (the same tokens as an artifact fit on a separate training trace)
-            kk = k if getattr(build_predictor(real, 1, params=params), "trainable", False) else (
+            kk = k if getattr(probe, "trainable", False) else (
                 folds if folds > 1 and n_seq >= folds else 1)
             for d in DISTANCES:
                 if d >= trace.meta.n_layers:
