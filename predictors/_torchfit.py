@@ -21,6 +21,25 @@ from __future__ import annotations
 
 import numpy as np
 
+_ONE_BLAS_THREAD = False
+
+
+def single_threaded_blas() -> None:
+    """Limit numpy's BLAS to one thread in this process (once). A prediction multiplies one batch's few rows by a
+    network's weights: more threads gain nothing there, and beside other busy processes (a sweep's workers, a
+    report beside a fit) OpenBLAS's spinning threads made a 1 x 512 by 512 x 1536 product take 8 ms instead of
+    0.1 ms on two shared cores (session 10: one evaluation 431 s instead of about 20). Called by the commands
+    that run predictors (predictors.evaluate, predictors.report, sim.run, the sweep's runs)."""
+    global _ONE_BLAS_THREAD
+    if _ONE_BLAS_THREAD:
+        return
+    _ONE_BLAS_THREAD = True
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn's dependency; without it numpy keeps its default
+        return
+    threadpool_limits(limits=1, user_api="blas")
+
 
 def forward(net: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
@@ -98,6 +117,26 @@ def train_many(xs: list[np.ndarray], ys: list[np.ndarray], *, hidden_units: int,
         torch.set_num_threads(old_threads)
 
 
+STATS_CHUNK = 1 << 18  # rows per step of column_stats
+
+
+def column_stats(x, chunk: int = STATS_CHUNK):
+    """Per-column mean and standard deviation (+ 1e-3) of a 2-D tensor, in float64, a chunk of rows at a time.
+    Whole-input float64 copies (four times the float16 input, two at once) ran the GPU out of memory when three
+    fits of 2.4M rows x 512 inputs shared it (session 10's device call)."""
+    import torch
+
+    n = x.shape[0]
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for a in range(0, n, chunk):
+        total += x[a: a + chunk].double().sum(dim=0)
+    mu = total / n
+    sq = torch.zeros_like(total)
+    for a in range(0, n, chunk):
+        sq += ((x[a: a + chunk].double() - mu) ** 2).sum(dim=0)
+    return mu, (sq / n).sqrt() + 1e-3
+
+
 def _train_many(torch, xs, ys, *, hidden_units, epochs, lr, weight_decay, batch_size, seed, standardize, patience,
                 device, loss="softmax", dropout=0.0, skip=False, schedule="constant", warmup=0.0,
                 val_fraction=0.1, min_epochs=0, time_limit=0.0, report=None):
@@ -129,9 +168,7 @@ def _train_many(torch, xs, ys, *, hidden_units, epochs, lr, weight_decay, batch_
     for i, (x, y) in enumerate(zip(xs, ys)):
         xi = torch.from_numpy(np.ascontiguousarray(x)).to(device)
         if standardize:
-            xd = xi.double()
-            mu = xd.mean(dim=0)
-            sigma = ((xd - mu) ** 2).mean(dim=0).sqrt() + 1e-3
+            mu, sigma = column_stats(xi)
             mus.append(mu.float())
             sigmas.append(sigma.float())
         xt[i, : len(x)] = xi.to(dt)
@@ -140,6 +177,8 @@ def _train_many(torch, xs, ys, *, hidden_units, epochs, lr, weight_decay, batch_
             y = y / np.maximum(y.sum(axis=1, keepdims=True), 1.0)
         yt[i, : len(y)] = torch.from_numpy(y).to(device)
         del xi
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the per-layer uploads' blocks back to the GPU, for the fits beside this one
     if standardize:
         mu_t = torch.stack(mus)[:, None, :]
         sig_t = torch.stack(sigmas)[:, None, :]

@@ -228,6 +228,9 @@ def format_text(r: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from predictors._torchfit import single_threaded_blas
+
+    single_threaded_blas()
     ap = argparse.ArgumentParser(prog="python -m predictors.evaluate", description=__doc__.split("\n\n")[1])
     ap.add_argument("trace")
     ap.add_argument("--predictor", required=True, help=f"one of: {', '.join(available_predictors())}")

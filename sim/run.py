@@ -203,6 +203,9 @@ def _fmt(v) -> str:
 
 
 def main(argv=None) -> int:
+    from predictors._torchfit import single_threaded_blas
+
+    single_threaded_blas()
     ap = argparse.ArgumentParser(prog="python -m sim.run", description=__doc__.splitlines()[0])
     ap.add_argument("config", help="single-run YAML config")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],

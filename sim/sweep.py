@@ -170,7 +170,10 @@ def _encode(v):
 
 def run_task(payload: dict) -> dict:
     """Worker side: one run from a plain-dict payload; returns the result row."""
+    from predictors._torchfit import single_threaded_blas
     from sim.run import run_config
+
+    single_threaded_blas()  # a run's predictor multiplies a batch's few rows; the other workers share the cores
 
     cfg = RunConfig.model_validate(payload["config"])
     t0 = time.process_time()

@@ -26,7 +26,8 @@ SMALL = dict(n_sequences=10, prompt_len=4, gen_len=8, n_layers=5, n_experts=8, t
 FAST = {"learned_mlp": {"epochs": 3, "max_units": 32}, "learned_mlp_gate": {"epochs": 3, "max_units": 32},
         "learned_history": {"epochs": 3}}
 # registered predictors with options that change what they read: checked like the defaults
-VARIANTS = {"learned_mlp+past_input": ("learned_mlp", {**FAST["learned_mlp"], "past_input": True})}
+VARIANTS = {"learned_mlp+past_input": ("learned_mlp", {**FAST["learned_mlp"], "past_input": True}),
+            "learned_mlp_gate+past_input": ("learned_mlp_gate", {**FAST["learned_mlp_gate"], "past_input": True})}
 
 
 def _columns(trace: Trace) -> dict:

@@ -345,3 +345,56 @@ def test_report_rows_of_an_option_variant(trace):
     assert all(r["params"].get("past_input") is True for r in rows)
     line = next(x for x in render(rows, 1).splitlines() if x.startswith("| learned_mlp+past_input |"))
     assert "9:1 split of this trace" in line
+
+
+def test_column_stats_in_chunks_equal_the_whole_input_ones():
+    """The standardization's mean and deviation, taken a chunk of rows at a time (GPU memory), are the ones of
+    the whole input at once, for chunks that do and do not divide the rows."""
+    torch = pytest.importorskip("torch")
+    from predictors._torchfit import column_stats
+
+    x = torch.from_numpy((np.random.default_rng(3).standard_normal((1001, 7)) * 3 + 2).astype(np.float16))
+    xd = x.double()
+    mu0 = xd.mean(dim=0)
+    sd0 = ((xd - mu0) ** 2).mean(dim=0).sqrt() + 1e-3
+    for chunk in (1, 10, 1001, 4096):
+        mu, sd = column_stats(x, chunk=chunk)
+        assert mu.dtype == torch.float64 and torch.allclose(mu, mu0, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(sd, sd0, rtol=1e-12, atol=1e-12)
+
+
+def test_report_refuses_an_artifact_of_another_variant(trace, tmp_path):
+    """An artifact is scored under the report row its file is named after; a past_input network named as plain
+    learned_mlp (or the reverse) is refused, naming the file, instead of being reported under the wrong label."""
+    from predictors.report import run_all
+    from traces.errors import TraceError
+
+    arts = tmp_path / "arts" / trace.path.name
+    arts.mkdir(parents=True)
+    assert train_main([str(trace.path), "--predictor", "learned_mlp", "--distance", "1", "--set", "epochs=2",
+                       "--set", "max_units=16", "--set", "past_input=true",
+                       "--out", str(arts / "learned_mlp_d1.npz")]) == 0
+    with pytest.raises(TraceError, match="learned_mlp_d1.npz.*past_input=True.*learned_mlp\\+past_input"):
+        run_all([trace.path], ["learned_mlp"], folds=1, log=lambda s: None, artifacts=tmp_path / "arts")
+    (arts / "learned_mlp_d1.npz").rename(arts / "learned_mlp+past_input_d1.npz")
+    rows = run_all([trace.path], ["learned_mlp+past_input"], folds=1, log=lambda s: None,
+                   artifacts=tmp_path / "arts", beside=True)
+    assert [r["distance"] for r in rows if r.get("beside")] == [1] and len(rows) == 4
+
+
+def test_single_threaded_blas_limits_numpy_to_one_thread():
+    """The commands that run predictors (evaluate, report, sim.run, the sweep's runs) call single_threaded_blas:
+    a batch's prediction is a few rows, and spinning BLAS threads beside other processes made it 80x slower.
+    Checked in a fresh process that starts with two BLAS threads."""
+    pytest.importorskip("threadpoolctl")
+    import os
+    import subprocess
+    import sys
+
+    code = ("from threadpoolctl import threadpool_info as info; import numpy; "
+            "from predictors._torchfit import single_threaded_blas as one; "
+            "n = lambda: max(i['num_threads'] for i in info() if i['user_api'] == 'blas'); "
+            "a = n(); one(); print(a, n())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"})
+    assert out.stdout.split() == ["2", "1"], out

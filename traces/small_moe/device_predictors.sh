@@ -12,6 +12,9 @@
 #     early stopping on the last tenth of the training trace's rows), score every artifact on ALL sequences of the eval
 #     trace; $OUT/predictors.json (accuracies, fit sizes, timings) and $OUT/artifacts.tar.part-* (artifacts,
 #     logs, reports).
+# STAGE (default all): `record` stops after step 3, leaving the model and both traces in /tmp on the machine;
+# `fit` runs step 4 on them (the next call on the same warm machine: /tmp persists while it is held), so the fits
+# get a whole call's time. Both return the logs and artifacts so far; `record` returns the eval trace.
 # Needs build/small_moe (python -m traces.small_moe.corpus) carried; on a machine without pydantic, install .whl
 # first (see docs/small-moe.md). Device call (carry ["build/small_moe", ".whl"]):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
@@ -40,25 +43,38 @@ N_TRAIN=${N_TRAIN:-8192}           # training prompts offered (the recording sto
 TRAIN_BATCH=${TRAIN_BATCH:-1024}   # sequences per recording batch
 TRAIN_NEW_TOKENS=${TRAIN_NEW_TOKENS:-128}
 PROMPTS=${PROMPTS:-/tmp/train_prompts.jsonl}   # made beside the model's training (CPU), unless it exists
+STAGE=${STAGE:-all}                # all | record (steps 1-3) | fit (step 4, on what a record call left in /tmp)
+case $STAGE in all|record|fit) ;; *) echo "STAGE must be all, record or fit, not '$STAGE'"; exit 2;; esac
 . traces/small_moe/fit_settings.sh   # MLP_SETS, HIST_SETS
+case "$MLP_SETS" in *past_input=true*) V="+past_input";; *) V="";; esac   # artifacts named after the variant
 TRAIN_TRACE=/tmp/train-trace
 EVAL_TRACE=/tmp/$NAME
 ART=/tmp/artifacts/$NAME           # predictors.report --artifacts /tmp/artifacts layout
 LOGS=/tmp/device-logs
-rm -rf $ART $LOGS $TRAIN_TRACE $EVAL_TRACE /tmp/evals
+if [ $STAGE = fit ]; then   # keep the record call's traces and logs
+  for f in $TRAIN_TRACE/meta.json $EVAL_TRACE/meta.json $LOGS/train_report.json; do
+    [ -s $f ] || { echo "STAGE=fit needs $f from a STAGE=record call on this machine"; exit 2; }
+  done
+  rm -rf $ART /tmp/evals
+else
+  rm -rf $ART $LOGS $TRAIN_TRACE $EVAL_TRACE /tmp/evals
+fi
 mkdir -p $ART $LOGS /tmp/evals $OUT
 # whatever happens, bring back the artifacts and logs written so far (trace parts are written in step 2);
 # learned_mlp_gate's artifacts hold the same networks as learned_mlp's and stay behind (the returned files are
 # limited to 64 MiB): rebuild them with
-#   python -m predictors.train --reshare ARTS/learned_mlp_dD.npz --predictor learned_mlp_gate --out ARTS/learned_mlp_gate_dD.npz
-trap 'tar cf - -C /tmp --exclude="learned_mlp_gate_d*.npz" artifacts device-logs | split -b 15m - $OUT/artifacts.tar.part-;
+#   python -m predictors.train --reshare ARTS/learned_mlp${V}_dD.npz --predictor learned_mlp_gate --out ARTS/learned_mlp_gate${V}_dD.npz
+# (V = +past_input when MLP_SETS sets past_input=true, as fit_settings.sh does: the names predictors.report's rows
+# of that variant read)
+trap 'tar cf - -C /tmp --exclude="learned_mlp_gate*_d*.npz" artifacts device-logs | split -b 15m - $OUT/artifacts.tar.part-;
   ls -la $OUT; echo "returned: $(ls $OUT | wc -l) files, $(du -cm $OUT/* | tail -n 1 | cut -f1) MiB (limit 8 files, 64 MiB)"' EXIT
 stamp() { echo "$1 $(( $(date +%s) - T0 ))" >> $LOGS/timings.txt; echo "== $1 at $(( $(date +%s) - T0 )) s"; }
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
-stamp start
+stamp start_$STAGE
 
+if [ $STAGE != fit ]; then
 # training prompts on a CPU core while the GPU trains the model (the file is not carried: the tree's 64 MiB)
 if [ ! -s $PROMPTS ]; then
   $PY -m traces.small_moe.train_prompts --data build/small_moe --n $N_TRAIN --per-doc $PER_DOC \
@@ -119,6 +135,8 @@ $PY -m traces.check $TRAIN_TRACE > $LOGS/train_trace_check.txt 2>&1 &   # off th
 cp $TRAIN_TRACE/meta.json $LOGS/train_trace_meta.json
 du -sh $TRAIN_TRACE
 stamp train_trace
+fi
+[ $STAGE = record ] && { stamp done_record; exit 0; }
 
 # 4. fit on the whole training trace (one process per predictor and distance, in parallel), then score
 FT=$(( $(left) - 90 ))              # a fit process is killed after FT s (its artifact then missing) ...
@@ -128,8 +146,8 @@ echo "fit timeout $FT s, time_limit $FL s"
 pids=()
 for d in 1 2 3; do
   timeout $FT $PY -m predictors.train $TRAIN_TRACE --predictor learned_mlp --distance $d --split 1.0 \
-    --set device=$DEVICE $MLP_SETS --set time_limit=$FL --share-as learned_mlp_gate:$ART/learned_mlp_gate_d$d.npz \
-    --out $ART/learned_mlp_d$d.npz --json > $LOGS/fit_learned_mlp_d$d.json 2> $LOGS/fit_learned_mlp_d$d.err &
+    --set device=$DEVICE $MLP_SETS --set time_limit=$FL --share-as learned_mlp_gate:$ART/learned_mlp_gate${V}_d$d.npz \
+    --out $ART/learned_mlp${V}_d$d.npz --json > $LOGS/fit_learned_mlp_d$d.json 2> $LOGS/fit_learned_mlp_d$d.err &
   pids+=($!)
   timeout $FT $PY -m predictors.train $TRAIN_TRACE --predictor learned_history --distance $d --split 1.0 \
     --set device=$DEVICE $HIST_SETS --set time_limit=$FL --out $ART/learned_history_d$d.npz --json \
@@ -146,8 +164,8 @@ ls -la $ART
 stamp fitted
 
 ET=$(( $(left) - 20 ))
-ls $ART/learned_mlp_gate_d*.npz $ART/learned_mlp_d*.npz $ART/learned_history_d*.npz $ART/cross_layer_d*.npz \
-  2>/dev/null | xargs -P ${EVAL_JOBS:-12} -I{} sh -c 'b=$(basename {} .npz); d=${b##*_d}; p=${b%_d*};
+ls $ART/learned_mlp*_d*.npz $ART/learned_history_d*.npz $ART/cross_layer_d*.npz \
+  2>/dev/null | xargs -P ${EVAL_JOBS:-12} -I{} sh -c 'b=$(basename {} .npz); d=${b##*_d}; p=${b%_d*}; p=${p%%+*};
   OMP_NUM_THREADS=1 timeout '$ET' '$PY' -m predictors.evaluate '$EVAL_TRACE' --predictor $p --distance $d --artifact {} --budget 8 --json \
     > /tmp/evals/$b.json 2> /tmp/evals/$b.err || echo "evaluation of $b failed"'
 cp /tmp/evals/* $LOGS/
@@ -164,7 +182,7 @@ for f in sorted(logs.glob("*.json")):
         fj = logs / f"fit_{r['predictor'] if r['predictor'] != 'learned_mlp_gate' else 'learned_mlp'}_d{r['distance']}.json"
         if fj.exists() and fj.stat().st_size:
             fit = json.loads(fj.read_text())
-        rows.append({"predictor": r["predictor"], "distance": r["distance"], "accuracy": r["accuracy"],
+        rows.append({"predictor": r["predictor"], "artifact": f.stem, "distance": r["distance"], "accuracy": r["accuracy"],
                      "recall@8": r["budgets"].get("8", {}).get("recall"), "n_eval": r["n_eval"],
                      "eval_sequences": len(r["split"]["eval_sequences"]), "fit": r.get("fit"),
                      "fit_seconds": fit.get("fit_seconds"), "fit_report": fit.get("fit_report"),
@@ -174,8 +192,8 @@ res = {"rows": rows, "timings_s": {k: int(v) for k, v in timings.items()},
        "train_report": json.loads((logs / "train_report.json").read_text()).get("held_out")}
 out.write_text(json.dumps(res, indent=1))
 print("| predictor | d | accuracy | recall@8 | n_eval | fit tokens | fit s |")
-for r in sorted(rows, key=lambda r: (r["predictor"], r["distance"])):
-    print(f"| {r['predictor']} | {r['distance']} | {r['accuracy']:.3f} | {r['recall@8']:.3f} | {r['n_eval']} | "
+for r in sorted(rows, key=lambda r: (r["artifact"], r["distance"])):
+    print(f"| {r['artifact'].rsplit('_d', 1)[0]} | {r['distance']} | {r['accuracy']:.3f} | {r['recall@8']:.3f} | {r['n_eval']} | "
           f"{(r['fit'] or {}).get('tokens')} | {r['fit_seconds']} |")
 print(res["timings_s"])
 EOF
