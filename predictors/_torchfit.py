@@ -26,10 +26,13 @@ _ONE_BLAS_THREAD = False
 
 def single_threaded_blas() -> None:
     """Limit numpy's BLAS to one thread in this process (once). A prediction multiplies one batch's few rows by a
-    network's weights: more threads gain nothing there, and beside other busy processes (a sweep's workers, a
-    report beside a fit) OpenBLAS's spinning threads made a 1 x 512 by 512 x 1536 product take 8 ms instead of
-    0.1 ms on two shared cores (session 10: one evaluation 431 s instead of about 20). Called by the commands
-    that run predictors (predictors.evaluate, predictors.report, sim.run, the sweep's runs)."""
+    network's weights. Beside other busy processes (a sweep's workers, a report beside a fit) OpenBLAS's spinning
+    threads made a 1 x 512 by 512 x 1536 product take 8 ms instead of 0.1 ms on two shared cores (session 10: one
+    evaluation 431 s instead of about 20). On an idle 16-core host (the H200 machine) its 16 threads did the same
+    product in 45 us against 172 us on one, so a lone evaluation there is slower, by at most a few seconds; the
+    bounded worst case is the one kept. Called by the commands that run predictors (predictors.evaluate,
+    predictors.report, sim.run, the sweep's runs); not by the executor, whose host costs are calibrated with
+    numpy's default threads."""
     global _ONE_BLAS_THREAD
     if _ONE_BLAS_THREAD:
         return

@@ -398,3 +398,19 @@ def test_single_threaded_blas_limits_numpy_to_one_thread():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"})
     assert out.stdout.split() == ["2", "1"], out
+
+
+def test_report_summary_takes_the_best_learned_mlp_fit_against_every_history_fit():
+    """The target column reads the most accurate learned_mlp row (any option variant, in-trace or separate
+    training trace; never learned_mlp_gate) against the most accurate history-based row of either kind."""
+    from predictors.report import best_learned_mlp
+
+    a = {"accuracy": 0}
+    by = {("learned_mlp", 1): {**a, "accuracy": 0.82}, ("learned_mlp+past_input", 1): {**a, "accuracy": 0.84},
+          ("learned_history", 1): {**a, "accuracy": 0.62}, ("learned_mlp_gate", 1): {**a, "accuracy": 0.95},
+          ("gate_reuse", 1): {**a, "accuracy": 0.93}}
+    extra = {("learned_mlp+past_input", 1): {**a, "accuracy": 0.902}, ("learned_history", 1): {**a, "accuracy": 0.68}}
+    assert best_learned_mlp(by, extra, 1) == {"top": 0.902, "top_history": 0.68,
+                                              "top_label": "learned_mlp+past_input, separate training trace"}
+    assert best_learned_mlp(by, {}, 1) == {"top": 0.84, "top_history": 0.62, "top_label": "learned_mlp+past_input"}
+    assert best_learned_mlp({("cross_layer", 2): {**a, "accuracy": 0.5}}, {}, 2)["top"] is None
