@@ -31,12 +31,14 @@ ORDER = ["oracle", "frequency", "previous_token", "eam", "cross_layer", "learned
 # rows of a registered predictor with options: label -> (predictor, params)
 VARIANTS = {"learned_mlp+past_input": ("learned_mlp", {"past_input": True}),
             "learned_mlp_gate+past_input": ("learned_mlp_gate", {"past_input": True})}
+VARIANT_OPTIONS = sorted({k for _, ps in VARIANTS.values() for k in ps})  # options that make a variant
 
 
 def resolve(label: str) -> tuple[str, dict | None]:
     """(registered predictor, params) of a report row's label."""
     return VARIANTS.get(label, (label, None))
-VARIANT_OPTIONS = sorted({k for _, ps in VARIANTS.values() for k in ps})  # options that make a variant
+
+
 HISTORY = ["frequency", "previous_token", "eam", "cross_layer", "learned_history"]
 DISTANCES = (1, 2, 3)
 
