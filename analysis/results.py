@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from sim.config import REPO_ROOT
+from sim.engine.metrics import COUNT_NAMES
 
 SWITCHES = ("chunked_prefetch", "early_preemption", "reordered_inference")
 SWITCH_SHORT = {"chunked_prefetch": "chunked", "early_preemption": "preempt", "reordered_inference": "reorder",
@@ -107,10 +108,7 @@ def trace_model(trace: str | Path) -> str:
 
 def varying(df: pd.DataFrame, exclude=()) -> list[str]:
     """Config columns (not metrics) that take more than one value in df."""
-    metric_like = set(METRICS) | {"lookups", "hits", "misses", "demand_misses", "demand_loads", "cpu_experts_computed",
-                                  "prefetches", "prefetched_used", "n_prefetch_late", "n_prefetch_unused",
-                                  "n_prefetch_dropped", "layer_steps", "batches", "prefill_batches",
-                                  "decode_batches", "tokens", "bytes_demand", "bytes_prefetch"}
+    metric_like = set(METRICS) | set(COUNT_NAMES)
     out = []
     for c in df.columns:
         if c in metric_like or c in IGNORED_KEYS or c in exclude:

@@ -11,12 +11,14 @@
 3. fetch rate: one simulation (sim.run's Python API) with this predictor as the prefetcher at the same
    distance, on the same held-out sequences. The simulator counts, for every speculative transfer whose
    expert was looked up (`prefetched_used`), whether it had arrived by the lookup or was still queued or
-   copying (`n_prefetch_late`):
+   copying (`n_prefetch_late`), and the correct predictions that were never issued (ready only after their
+   target gate, the in-flight bound reached, no evictable slot) and ended as demand misses
+   (`n_prefetch_not_issued`):
 
-       fetch_rate = (prefetched_used - n_prefetch_late) / prefetched_used = 1 - prefetch_late
+       fetch_rate = (prefetched_used - n_prefetch_late) / (prefetched_used + n_prefetch_not_issued)
 
-   i.e. the share of the useful predicted experts that were copied in time. None when nothing that was
-   prefetched was used (predictor `none`, or every predicted expert already resident).
+   i.e. the share of the useful predicted experts that were copied in time. None when no useful prediction
+   needed a copy (predictor `none`, or every predicted expert already resident).
 4. goodpred = accuracy x fetch_rate (`predictors.metrics.goodpred`).
 
 `--link-scale X` multiplies the profile's host-to-device bandwidth by X (and divides its per-copy latency and
@@ -38,15 +40,18 @@ from predictors.metrics import goodpred as goodpred_of
 
 SIM_KEYS = ("hit_rate", "tpot_ms", "ttft_ms", "stall_ms", "prefetch_precision", "prefetch_recall",
             "prefetch_late", "prefetch_unused", "prefetches", "prefetched_used", "n_prefetch_late",
+            "n_prefetch_not_issued",
             "demand_misses", "lookups", "batches")
 
 
 def fetch_rate(metrics: dict) -> float | None:
-    """Share of the useful prefetches (prefetched_used) that arrived before their lookup: 1 - prefetch_late."""
+    """Share of the useful predictions (copied and looked up, or never issued and then missed) that arrived
+    before their lookup."""
     used = metrics.get("prefetched_used") or 0
-    if not used:
+    useful = used + (metrics.get("n_prefetch_not_issued") or 0)
+    if not useful:
         return None
-    return (used - (metrics.get("n_prefetch_late") or 0)) / used
+    return (used - (metrics.get("n_prefetch_late") or 0)) / useful
 
 
 def scaled_profile(hardware: str, scale: float, out_dir: Path, base_dir: Path | None = None) -> Path:

@@ -645,3 +645,50 @@ def test_a_copy_slows_the_kernels_not_the_host_launches(tmp_path):
     assert ref <= lb <= ref + runs["ref"]["lookups"] * 0.0005 + 1e-9
     assert runs["kernel_bound"]["total_ms"] > runs["ref"]["total_ms"]
     assert runs["no_kernel"]["total_ms"] > runs["ref"]["total_ms"]
+
+
+# -- predictions that were never issued (GoodPred's fetch rate counts them against the predictor's timeliness) ----
+def test_unissued_predictions_count_when_the_batch_then_misses_them(tiny):
+    """With no cache slot to copy into (capacity 0) the oracle issues nothing and every lookup misses: each demand
+    miss at a layer it predicts (>= d) is a correct prediction never issued, and layer 0, never a target, adds
+    none. An in-flight bound smaller than one expert also leaves predictions unissued; without the bound none
+    is. The fetch rate divides by both kinds of useful prediction."""
+    from predictors.goodpred import fetch_rate
+
+    meta = tiny.meta
+    zero = build(tiny, capacity_bytes=0, predictor="oracle", distance=2)
+    missed = {}
+    gate = zero.cache.lookup_layer
+
+    def spy(keys, touched, all_resident):  # every lookup misses here: count them by layer
+        for k in keys:
+            missed[k[0]] = missed.get(k[0], 0) + 1
+        return gate(keys, touched, all_resident)
+
+    zero.cache.lookup_layer = spy
+    m = zero.run()
+    assert m["prefetches"] == 0 and m["hits"] == 0 and m["demand_misses"] == sum(missed.values())
+    assert m["n_prefetch_not_issued"] == m["demand_misses"] - missed[0] - missed[1] > 0
+    assert fetch_rate(m) == 0.0
+    cap = meta.total_expert_bytes() // 4
+    bound = build(tiny, capacity_bytes=cap, predictor="oracle", max_inflight=1).run()
+    assert bound["prefetches"] == 0 and 0 < bound["n_prefetch_not_issued"] <= bound["demand_misses"]
+    free = build(tiny, capacity_bytes=cap, predictor="oracle").run()
+    assert free["n_prefetch_not_issued"] == 0 and free["prefetched_used"] > 0
+    assert fetch_rate({"prefetched_used": 10, "n_prefetch_late": 3, "n_prefetch_not_issued": 5}) == \
+        pytest.approx(7 / 15)
+
+
+def test_predictions_ready_after_their_gate_count_as_unissued(tiny):
+    """A predictor beside the stream that takes longer than a layer: most of its predictions arrive after their
+    target gate and are dropped; those the batch missed there (recorded for this batch and the one before) are
+    counted. (A layer that stalls on its demand loads lets a few arrive in time.)"""
+    meta = tiny.meta
+    cap = meta.total_expert_bytes() // 4
+    layer_s = build(tiny, capacity_bytes=cap).run()
+    layer_s = layer_s["total_ms"] * 1e-3 / layer_s["layer_steps"]
+    sim = Simulation(meta, load_sequences(tiny, "both", None, None), CostModel(load_profile("h200-quoted"), meta),
+                     cache_capacity_bytes=cap, predictor=make_predictor("oracle"), distance=1,
+                     predictor_cost_s=1.5 * layer_s, trace=tiny, check=True)
+    m = sim.run()
+    assert m["prefetches"] < m["n_prefetch_not_issued"] <= m["demand_misses"]

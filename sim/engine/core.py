@@ -174,6 +174,11 @@ class Simulation:
                          issue_s=cost.issue_s, issue_host_s=cost.copy_issue_host_s)
         self.seq = 0
         self.gated = (-1, -1)
+        # predictions not issued (Prefetcher -> not_issued): pending ones by target gate (batch, layer) -> experts,
+        # and the demand misses of the gates of this batch and the one before (for predictions ready too late)
+        self._unissued: dict[tuple[int, int], set] = {}
+        self._gate_missed: dict[tuple[int, int], list] = {}
+        self._gate_missed_before: dict[tuple[int, int], list] = {}
         predictor.reset()
         self.prefetcher = Prefetcher(self, predictor, distance, top_n, max_inflight_bytes, predictor_cost_s, trace,
                                      meta=meta, token_s=predictor_token_s)
@@ -238,6 +243,16 @@ class Simulation:
             self.c.demand_loads += 1
         self.link.submit(t, at)
         return t
+
+    def not_issued(self, target: tuple[int, int], experts) -> None:
+        """The prefetcher did not issue these predicted experts for gate `target` (batch, layer): those the batch
+        misses on demand there count as n_prefetch_not_issued, at the gate, or now if it has passed."""
+        if target <= self.gated:
+            missed = self._gate_missed.get(target) or self._gate_missed_before.get(target)
+            if missed:
+                self.c.n_prefetch_not_issued += sum(1 for e in experts if e in missed)
+        elif experts:
+            self._unissued.setdefault(target, set()).update(experts)
 
     def _landed(self, t: Transfer) -> None:
         if t.cached:
@@ -363,6 +378,9 @@ class Simulation:
                               link_.bytes_prefetch)
             if pf is not None:
                 pf.start_batch(batch)
+                self._gate_missed_before, self._gate_missed = self._gate_missed, {}
+            unissued = self._unissued
+            gate_missed = self._gate_missed
             for layer in range(L):
                 ids, counts = sets[layer]
                 d = dense_s[layer][T]
@@ -378,6 +396,12 @@ class Simulation:
                 kt = table[layer]
                 keys = [kt[e] for e in ids]
                 missing = classify_lookups(layer, ids, ready, inflight, unused_pf, c, keys)
+                if pf is not None:  # the demand misses here, against the predictions that were not issued
+                    pend = unissued.pop((b, layer), None) if unissued else None
+                    if missing is not None:
+                        dm = gate_missed[(b, layer)] = [e for e in missing if kt[e] not in inflight]
+                        if pend:
+                            c.n_prefetch_not_issued += sum(1 for e in dm if e in pend)
                 lookup_layer(keys, touched, missing is None)  # (and holds them; ready: resident)
                 n_ids = len(ids)
                 es = expert_s[layer]

@@ -9,7 +9,8 @@ METRIC_NAMES = ("hit_rate", "ttft_ms", "tpot_ms", "total_ms", "stall_ms", "bytes
                 "prefetch_precision", "prefetch_recall", "prefetch_late", "prefetch_unused")
 COUNT_NAMES = ("lookups", "hits", "misses", "demand_misses", "demand_loads", "cpu_experts_computed", "prefetches",
                "prefetched_used", "n_prefetch_late", "n_prefetch_unused", "n_prefetch_dropped", "layer_steps",
-               "batches", "prefill_batches", "decode_batches", "tokens", "bytes_demand", "bytes_prefetch")
+               "batches", "prefill_batches", "decode_batches", "tokens", "bytes_demand", "bytes_prefetch",
+               "n_prefetch_not_issued")
 
 
 @dataclass
@@ -25,6 +26,10 @@ class Counters:
     n_prefetch_late: int = 0
     n_prefetch_unused: int = 0
     n_prefetch_dropped: int = 0
+    # predicted experts never issued (ready after their target layer's gate, the in-flight bound reached, no
+    # evictable slot) that the batch then missed at that gate: correct predictions that ended as demand loads
+    # (the simulator counts them; the executor does not)
+    n_prefetch_not_issued: int = 0
     layer_steps: int = 0
     batches: int = 0
     prefill_batches: int = 0
@@ -80,12 +85,14 @@ def finalize(c: Counters, *, total_s: float, busy_s: float, bytes_h2d: int, byte
     prefetch_recall     prefetched_used / (prefetched_used + demand_misses): share of the lookups that needed a
                         copy which a prefetch covered (whether or not it arrived in time)
     prefetch_late       n_prefetch_late / prefetched_used: share of the useful prefetches still queued or
-                        copying at the lookup (GoodPred's fetch rate is 1 - this)
+                        copying at the lookup
     prefetch_unused     n_prefetch_unused / prefetches: share of issued prefetches evicted, dropped (early
                         preemption) or still unused at the end of the run; precision + unused = 1
     Counts: lookups = hits + misses; misses = demand_misses + n_prefetch_late (a late prefetch is a miss);
     demand_loads (copies issued on demand; demand misses minus those computed on the CPU, cpu_experts_computed);
-    layer_steps = batches x layers.
+    layer_steps = batches x layers; n_prefetch_not_issued: predicted experts the prefetcher did not issue (ready
+    too late, in-flight bound, no evictable slot) that were then demand misses at their target gate (GoodPred's
+    fetch rate = (prefetched_used - n_prefetch_late) / (prefetched_used + n_prefetch_not_issued)).
     """
     out = {
         "hit_rate": _ratio(c.hits, c.lookups),

@@ -8,7 +8,10 @@ predictors with `reads_future` (the oracle), as a function of the target layer.
 The predictor runs on the CPU, concurrently with the GPU, one call at a time: its prediction is ready at
 max(gate time, predictor free) + cost (profile's predictor_cost_us: per call + per token of the batch, set at
 each batch's start); the transfers are issued then. A
-prediction that becomes ready after its target layer's gate is discarded.
+prediction that becomes ready after its target layer's gate is discarded. Predicted experts that are not issued
+(that late prediction, the in-flight bound reached, no evictable slot) are reported to the engine
+(`engine.not_issued(target_key, experts)`) where it counts them (the simulator: those the batch then misses at the
+target gate, n_prefetch_not_issued); an engine without that method counts nothing.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class Prefetcher:
         self._rank_layers = getattr(predictor, "rank_layers", None) if self.reads_future and \
             self._observe is None else None
         self._ranked: list | None = None
+        self._not_issued = getattr(engine, "not_issued", None)
 
     def start_batch(self, batch: Batch) -> None:
         self._batch = batch
@@ -179,6 +183,8 @@ class Prefetcher:
         eng = self.engine
         tgt = (batch_key, target)
         if tgt <= eng.gated:  # its layer already passed the gate: too late to matter
+            if self._not_issued is not None:
+                self._not_issued(tgt, experts)
             return
         hooks = self._touch_hooks
         if hooks is False:
@@ -188,12 +194,17 @@ class Prefetcher:
         keys = self._keys[target]
         on_touch = hooks[target] if hooks is not None else None
         bound = self.max_inflight
-        for e in experts:  # (one pass: cheaper than testing for the all-resident case first)
+        for i, e in enumerate(experts):  # (one pass: cheaper than testing for the all-resident case first)
             key = keys[e]
             if key in ready:  # (ready: resident) a prefetch of a resident expert refreshes it (ProMoE)
                 if on_touch is not None:
                     on_touch(key)  # = cache.touch(key)
             elif key not in inflight:
                 if bound is not None and eng.link.pending_bytes + eng.cost.expert_bytes[target] > bound:
+                    if self._not_issued is not None:  # this one and the rest stay unissued
+                        self._not_issued(tgt, [x for x in experts[i:] if keys[x] not in ready
+                                               and keys[x] not in inflight])
                     break
-                eng.start_transfer(key, speculative=True, target=tgt, at=at)
+                if eng.start_transfer(key, speculative=True, target=tgt, at=at) is None and \
+                        self._not_issued is not None:  # no evictable slot
+                    self._not_issued(tgt, (e,))
