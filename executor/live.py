@@ -172,8 +172,7 @@ class LiveOffload:
         if getattr(pf, "needs_hidden", False):
             self._batch.past_hidden = self._past_hidden_fn(phase, sequences)
         self._hidden_now = {}
-        if hasattr(pf, "_hidden_cache"):
-            pf._hidden_cache.clear()  # the live hidden states change every batch
+        pf.forget_hidden()  # the live hidden states change every batch
         self.rt.begin_batch(self._batch)
         self._index += 1
 

@@ -73,18 +73,17 @@ class Prefetcher:
         self.needs_hidden = "hidden_states" in predictor.needs and (self.meta.has_hidden_states or
                                                                       hidden_fn is not None)
         self.hidden_fn = hidden_fn if hidden_fn is not None else self._trace_hidden
-        # the previous position's layer inputs (view.past_hidden): the batch's own `past_hidden` (live mode), else
-        # the trace's rows at the batch's `prev_hidden_rows` (predictors.views.HiddenSource, as evaluation reads them);
-        # none from a caller with its own hidden_fn
+        # the trace's hidden states, through one HiddenSource (predictors.views, as evaluation reads them): the input
+        # of layer l at the batch's rows, and the previous position's (view.past_hidden, unless the batch brings its
+        # own `past_hidden`, as live mode does); none for a caller with its own hidden_fn
         from_trace = self.needs_hidden and hidden_fn is None and trace is not None
-        self._past_source = HiddenSource(trace) if from_trace else None
+        self._hidden_source = HiddenSource(trace) if from_trace else None
         self.router = None
         if self.meta.has_router_weights and trace is not None:
             self.router = trace.router_weights
         self.pending = 0  # predictions computed but not yet issued (their inserts are in the future)
         self._times: deque[float] = deque()
         self.next_issue = float("inf")
-        self._hidden_cache: dict[int, np.ndarray] = {}
         self._batch: Batch | None = None
         self._future = None
         self._view_base: dict = {}
@@ -107,7 +106,7 @@ class Prefetcher:
                            "past": batch.past, "phase": batch.phase, "router_weights": self.router}
         if self.needs_hidden:
             past = getattr(batch, "past_hidden", None)  # a live run's own (executor.live)
-            src = self._past_source
+            src = self._hidden_source
             prev = getattr(batch, "prev_hidden_rows", None) if src is not None else None
             if past is None and prev is not None:
                 past = lambda layer: src.hidden(layer, prev[:, layer])  # noqa: E731
@@ -123,13 +122,17 @@ class Prefetcher:
                 self._ranked = self._rank_layers(experts)
 
     def _trace_hidden(self, batch: Batch, layer: int):
-        if batch.hidden_rows is None or self.trace is None:
+        """The input of `layer` at the batch's rows (read-only float32), or None where a row has none."""
+        src = self._hidden_source
+        if batch.hidden_rows is None or src is None:
             return None
-        arr = self._hidden_cache.get(layer)
-        if arr is None:
-            arr = self._hidden_cache[layer] = self.trace.hidden_states(layer)
         rows = batch.hidden_rows[:, layer]
-        return np.asarray(arr[rows], dtype=np.float32) if (rows >= 0).all() else None
+        return src.hidden(layer, rows) if (rows >= 0).all() else None
+
+    def forget_hidden(self) -> None:
+        """Drop the hidden-state arrays read so far (live mode: its stand-in trace holds only the running batch's)."""
+        if self._hidden_source is not None:
+            self._hidden_source = HiddenSource(self.trace)
 
     def predict_at_gate(self, layer: int, n_layers: int):
         """At the gate of `layer`: observe, then predict layer + d. Returns (experts best first, target) or None."""
