@@ -90,7 +90,7 @@ class LiveOffload:
                  predictor=None, distance: int = 1, top_n: int | None = None, max_inflight_bytes=None,
                  chunked_prefetch: bool = False, chunks: int = 3, early_preemption: bool = False,
                  reordered_inference: bool = False, device=None, transfer_backend: str | None = None,
-                 lookahead: int = 1, check: bool = False, name: str = "live"):
+                 lookahead: int = 1, check: bool = False, name: str = "live", predictor_thread: bool = False):
         from executor.runtime import OffloadedRuntime
         from predictors.registry import make_predictor
         from sim.cache import ExpertCache
@@ -147,7 +147,8 @@ class LiveOffload:
             max_inflight_bytes=max_inflight_bytes, chunked_prefetch=chunked_prefetch, chunks=chunks,
             early_preemption=early_preemption, reordered_inference=reordered_inference,
             trace=SimpleNamespace(meta=meta, hidden_states=self._hidden_states, router_weights=None),
-            transfer_backend=transfer_backend, lookahead=lookahead, check=check, scratch_slots=n_exp)
+            transfer_backend=transfer_backend, lookahead=lookahead, check=check, scratch_slots=n_exp,
+            predictor_thread=predictor_thread)
         self._batch = None
         self._past: dict[int, list[np.ndarray]] = {}
         self._index = 0
@@ -493,7 +494,8 @@ def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int 
                            distance=cfg.prefetch.distance, top_n=cfg.prefetch.top_n, max_inflight_bytes=inflight,
                            chunked_prefetch=cfg.chunked_prefetch, chunks=cfg.prefetch.chunks,
                            early_preemption=cfg.early_preemption, reordered_inference=cfg.reordered_inference,
-                           device=device, lookahead=lookahead, name=ex.get("geometry") or "small-moe")
+                           device=device, lookahead=lookahead, name=ex.get("geometry") or "small-moe",
+                           predictor_thread=cfg.prefetch.blocking is False)
         live.rt.warmup([1, max(len(p) for p in prompts_)])
         with quiet_gc():
             live.generate(prompts_, tokens)

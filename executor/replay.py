@@ -149,7 +149,7 @@ def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = No
         transfer_backend=transfer_backend, keep_outputs=keep_outputs, check=check, lookahead=lookahead,
         copy_engines=copy_engines, copier=copier, predict_after_resident=predict_after_resident,
         sync_misses=sync_misses, group_resident=group_resident, copy_api=copy_api,
-        warmup_batches=setup.warmup_batches)
+        warmup_batches=setup.warmup_batches, predictor_thread=cfg.prefetch.blocking is False)
 
 
 def add_memory_args(ap: argparse.ArgumentParser) -> None:

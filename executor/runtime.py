@@ -38,6 +38,8 @@ import contextlib
 import dataclasses
 import gc
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -180,6 +182,7 @@ class OffloadedRuntime:
         warmup_batches: int = 0,
         hidden_fn=None,
         copy_api: str = "driver",
+        predictor_thread: bool = False,
     ):
         from sim.policies import policy_class
 
@@ -233,6 +236,12 @@ class OffloadedRuntime:
         self.group_resident = group_resident
         self.grouped_experts = 0  # experts computed in groups (reporting)
         self._predict_pending = False
+        # True (prefetch.blocking false): the predictor runs on a worker thread of its own, as ProMoE's does beside
+        # inference, and the main thread issues its prediction at its next step after it is ready (`_collect`);
+        # the simulator's non-blocking prefetcher (one worker: a call starts when the previous one is done)
+        self.predictor_thread = predictor_thread
+        self._pred_pool: ThreadPoolExecutor | None = None  # started by the first call, stopped by close()
+        self._pred_jobs: deque = deque()
         self.warmup_batches = warmup_batches  # leading batches run but left out of the metrics (as the simulator)
         self.keep_outputs = keep_outputs
         self.check = check
@@ -411,6 +420,8 @@ class OffloadedRuntime:
         engine.pump(self.pump_per_dense)
         self._sync_to_stream()
         self._reap()
+        if self._pred_jobs:
+            self._collect()
         b = self._batch_index
         self.gated = (b, layer)
         keys = self._keys(layer, ids)
@@ -450,9 +461,17 @@ class OffloadedRuntime:
 
     def predict(self, layer: int) -> None:
         """The simulator's prefetcher at this layer's gate: observe, predict layer + d, issue. Its CPU time is real
-        time here (the simulator charges the profile's predictor_cost_us instead)."""
+        time here (the simulator charges the profile's predictor_cost_us instead). With the predictor thread the
+        call is queued to it and issued later by `_collect`."""
         self._predict_pending = False
         pf = self.prefetcher
+        if self.predictor_thread:
+            if self._pred_pool is None:
+                self._pred_pool = ThreadPoolExecutor(1, thread_name_prefix="predictor")
+            self._pred_jobs.append(self._pred_pool.submit(self._predict_job, layer, self._batch_index))
+            if layer + pf.distance < self.L:
+                self.predict_calls += 1
+            return
         t0 = time.perf_counter()
         r = pf.predict_at_gate(layer, self.L)
         t1 = time.perf_counter()
@@ -463,6 +482,25 @@ class OffloadedRuntime:
         if r is not None:
             pf.issue(r[0], r[1], self._batch_index)
             host[_PREFETCH_ISSUE] += time.perf_counter() - t1
+
+    def _predict_job(self, layer: int, batch_index: int) -> tuple:
+        """On the predictor thread: the prediction at `layer`'s gate and the thread's time on it."""
+        t0 = time.perf_counter()
+        r = self.prefetcher.predict_at_gate(layer, self.L)
+        return r, batch_index, time.perf_counter() - t0
+
+    def _collect(self, wait: bool = False) -> None:
+        """Main thread: issue the predictions the thread has finished, in order (all of them, waiting, if `wait`).
+        A prediction whose target layer has passed its gate meanwhile is counted unissued, as in the simulator."""
+        jobs = self._pred_jobs
+        host = self.host_s
+        while jobs and (wait or jobs[0].done()):
+            r, b, dt = jobs.popleft().result()
+            host[_PREDICT] += dt
+            if r is not None:
+                t1 = time.perf_counter()
+                self.prefetcher.issue(r[0], r[1], b)
+                host[_PREFETCH_ISSUE] += time.perf_counter() - t1
 
     def expert_buffer(self, layer: int, e: int, local: dict) -> tuple[object, SlotPool, int]:
         """The matrices (`SlotPool.matrices`) of the slot holding expert (layer, e), its pool and slot, waiting for
@@ -480,6 +518,8 @@ class OffloadedRuntime:
             if self.sync_misses and (pending is None or not pending.high):
                 self._sync_to_stream()
             self._reap()  # copies that landed meanwhile become evictable (and may be this one) before an insert
+            if self._pred_jobs:
+                self._collect()
         if key in self.ready:
             pool, owner = self.slab, key
         else:
@@ -560,6 +600,8 @@ class OffloadedRuntime:
         the link move (pump backends)."""
         self._layer_reads.append((pool, slot))
         self.engine.pump(self.pump_per_expert)
+        if self._pred_jobs:
+            self._collect()
 
     def end_layer(self, layer: int, ids: list[int]) -> None:
         if self._predict_pending:
@@ -584,6 +626,8 @@ class OffloadedRuntime:
             self._check_slab()
 
     def end_batch(self, phase: str, tokens: int, output: torch.Tensor | None = None) -> None:
+        if self._pred_jobs:  # (the thread reads the batch: done with it before the next one starts)
+            self._collect(wait=True)
         self._batch_marks.append((phase, self._batch_start, self.clock.mark(), tokens, self._batch_index))
         if self.keep_outputs and output is not None:
             self.outputs.append(output.detach().to("cpu"))
@@ -642,6 +686,10 @@ class OffloadedRuntime:
             self.close()
 
     def close(self) -> None:
+        if self._pred_pool is not None:
+            self._collect(wait=True)
+            self._pred_pool.shutdown()
+            self._pred_pool = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._reap()

@@ -157,7 +157,10 @@ def build_simulation(cfg, setup, profile, capacity_bytes: int, *, record: bool =
                      cpu_experts=cfg.cpu_experts,
                      trace=setup.trace, record=record,
                      warmup_batches=getattr(setup, "warmup_batches", cfg.warmup_batches),
-                     predictor_blocking=True)  # the executor predicts on its host at the gate; the GPU waits
+                     # the executor's default: it predicts on its host at the gate, the GPU waiting; with
+                     # prefetch.blocking false on its predictor thread, only the prediction's copies waiting
+                     predictor_blocking=cfg.prefetch.blocking is not False,
+                     late_issue_on_stream=True)  # (not blocking: its main thread issues what its thread predicts)
     return sim
 
 

@@ -102,6 +102,10 @@ class PrefetchConfig(_Strict):
     predictor_params: dict[str, Any] = Field(default_factory=dict)
     artifact: str | None = None  # a trained predictor (predictors.train); resolved like `trace`
     train_fraction: float = Field(default=0.9, gt=0, lt=1)
+    # where the predictor runs: false = beside the compute stream (ProMoE: a CPU thread concurrent with inference;
+    # only its own copies wait for it), true = at the gate on the compute timeline (the stream waits); unset =
+    # each engine's default (the simulator: beside; the executor: at the gate)
+    blocking: bool | None = None
 
 
 class RunConfig(_Strict):
@@ -135,6 +139,8 @@ class RunConfig(_Strict):
             d.pop(k, None)
         if not d.get("heldout_only"):  # added later: absent when off, so earlier configs keep their hashes
             d.pop("heldout_only", None)
+        if d.get("prefetch", {}).get("blocking") is None:  # likewise
+            d.get("prefetch", {}).pop("blocking", None)
         return d
 
     def flat(self) -> dict:

@@ -89,7 +89,8 @@ def _build(cfg: RunConfig, *, record: bool, check: bool) -> Simulation:
             max_inflight_bytes=inflight, predictor_cost_s=call_s, predictor_token_s=token_s,
             chunked_prefetch=cfg.chunked_prefetch, chunks=cfg.prefetch.chunks,
             early_preemption=cfg.early_preemption, reordered_inference=cfg.reordered_inference,
-            cpu_experts=cfg.cpu_experts, trace=trace, record=record, check=check, warmup_batches=warmup)
+            cpu_experts=cfg.cpu_experts, trace=trace, record=record, check=check, warmup_batches=warmup,
+            predictor_blocking=bool(cfg.prefetch.blocking))
     except (ValueError, TypeError) as exc:
         raise TraceError(str(exc), where="field 'cache.policy'") from None
 

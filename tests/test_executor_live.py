@@ -140,12 +140,13 @@ def test_live_dense_table_and_its_use(tiny_model, tmp_path):
     assert live_profile(with_live, "other-model", live.meta) is with_live
 
 
-@pytest.mark.parametrize("past", [False, True])
-def test_live_learned_predictor_in_the_loop(tiny_model, tmp_path, monkeypatch, past):
+@pytest.mark.parametrize("past,blocking", [(False, None), (True, None), (True, False)])
+def test_live_learned_predictor_in_the_loop(tiny_model, tmp_path, monkeypatch, past, blocking):
     """A learned_mlp fit on a trace recorded from the same model predicts from the live hidden states; the
     simulator replays the states the run kept (float16, as the trace) and makes the same predictions, also later
     from the validation row (validate --resimulate). With `past_input` also from the previous position's layer
-    inputs, which the live run keeps per sequence and the simulator reads at the trace rows before the batch."""
+    inputs, which the live run keeps per sequence and the simulator reads at the trace rows before the batch.
+    With prefetch.blocking false the live run predicts on its predictor thread: it must see the same states."""
     import json
 
     from executor.calibrate import main as calibrate_main
@@ -170,15 +171,20 @@ def test_live_learned_predictor_in_the_loop(tiny_model, tmp_path, monkeypatch, p
     prompts.write_text("\n".join(json.dumps({"ids": p}) for p in ([1, 5, 9, 3], [7, 2, 2, 8, 4])) + "\n")
     cfg = build_config({"trace": str(tmp_path), "max_sequences": 2, "max_decode_tokens": 4,
                         "cache": {"policy": "lru", "cache_rate": 0.25},
-                        "prefetch": {"predictor": "learned_mlp", "distance": 1, "artifact": str(art)}})
+                        "prefetch": {"predictor": "learned_mlp", "distance": 1, "artifact": str(art),
+                                     **({} if blocking is None else {"blocking": blocking})}})
     profile = load_profile(str(prof))
     # every prediction, keyed by what it was made from (layer, the hidden state's bytes)
     from predictors.learned_mlp import LearnedMLPPredictor
 
+    import threading
+
     calls: list = []
+    threads: set = set()
     predict = LearnedMLPPredictor.predict
 
     def logged(self, view, distance, future=None):
+        threads.add(threading.current_thread().name)
         out = predict(self, view, distance, future)
         before = view.past_hidden(view.layer + distance).tobytes() if past else b""
         calls.append(((view.layer, view.hidden.tobytes(), before), tuple(out.experts.tolist())))
@@ -191,6 +197,7 @@ def test_live_learned_predictor_in_the_loop(tiny_model, tmp_path, monkeypatch, p
     assert row["real_prefetches"] > 0 and row["real_lookups"] == row["sim_lookups"]
     real = dict(calls)
     calls.clear()
+    assert any(t.startswith("predictor") for t in threads) == (blocking is False)  # (and the simulator: main)
     # the row alone gives the simulation back, the predictor seeing exactly the states the live run fed it
     seqs, hidden = sequences_from_routing(row["live_routing"], row["live_hidden"])
     meta = LiveOffload(copy.deepcopy(tiny_model)).meta

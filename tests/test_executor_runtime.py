@@ -314,3 +314,42 @@ def test_grouped_resident_experts(trace_dir, reference, rate):
     for k in ("lookups", "hits", "misses", "demand_loads", "prefetches", "prefetched_used", "bytes_h2d"):
         assert m[k] == runs[False][1][k], k
     _assert_consistent(rt, m)
+
+
+@pytest.mark.parametrize("predictor,distance", [("oracle", 2), ("previous_token", 2), ("previous_token", 1)])
+def test_predictor_thread_matches_reference(trace_dir, reference, predictor, distance):
+    """prefetch.blocking false: every prediction runs on the runtime's predictor thread (ProMoE's concurrent
+    predictor) and is issued by the main thread when ready; outputs, cache and slab invariants are unchanged, no
+    prediction is left behind, and the thread is stopped at the end of the run."""
+    import threading
+
+    cfg = _cfg(trace_dir, "lru", 0.25, predictor, True, True, True, distance=distance)
+    cfg = cfg.model_copy(update={"prefetch": cfg.prefetch.model_copy(update={"blocking": False})})
+    setup = prepare(cfg, get_geometry("tiny"))
+    rt = build_runtime(cfg, setup, device="cpu", keep_outputs=True, check=True)
+    assert rt.predictor_thread
+    threads = set()
+    inner = rt.prefetcher.predict_at_gate
+
+    def recorded(*args):
+        threads.add(threading.current_thread().name)
+        return inner(*args)
+
+    rt.prefetcher.predict_at_gate = recorded
+    m = rt.run()
+    assert all(torch.equal(a, b) for a, b in zip(rt.outputs, reference))
+    _assert_consistent(rt, m)
+    assert threads and all(t.startswith("predictor") for t in threads)
+    assert not rt._pred_jobs and rt._pred_pool is None
+    assert m["predict_calls"] > 0 and m["host_predict_ms"] > 0
+    if predictor == "oracle":
+        assert m["prefetches"] > 0
+
+
+def test_blocking_unset_keeps_the_inline_predictor(trace_dir):
+    """Without prefetch.blocking the executor predicts at the gate on its main thread, as before."""
+    cfg = _cfg(trace_dir, "lru", 0.25, "previous_token", distance=2)
+    rt = build_runtime(cfg, prepare(cfg, get_geometry("tiny")), device="cpu")
+    assert not rt.predictor_thread
+    rt.run()
+    assert rt._pred_pool is None

@@ -239,3 +239,28 @@ def test_streaming_table_is_documentary(trace_dir):
     raw["h2d"]["streaming"] = {"points": [{"size": 3 << 20, "gbps": 52.7}, {"size": 1 << 20, "gbps": 47.0}]}
     with pytest.raises(ValueError, match="strictly increasing"):
         type(base).model_validate(raw)
+
+
+def test_prefetch_blocking_puts_the_predictor_on_the_stream(tmp_path):
+    """prefetch.blocking true charges the predictor's calls on the compute timeline (the run is slower by them);
+    unset or false it runs beside the stream, as before; unset leaves the config's identity alone."""
+    from sim.run import build_simulation
+
+    trace = make_trace(tmp_path / "t", n_layers=4, n_experts=8, top_k=2, n_sequences=2, prompt_len=4,
+                       decode_len=6)
+    base = {"trace": str(trace), "phase": "decode", "cache": {"cache_rate": 0.5},
+            "prefetch": {"predictor": "previous_token", "distance": 1}}
+
+    def run(blocking):
+        raw = {**base, "prefetch": {**base["prefetch"], **({} if blocking is None else {"blocking": blocking})}}
+        sim = build_simulation(build_config(raw))
+        m = sim.run()
+        return build_config(raw), {**m, "host_predict_s": sim.c.host_predict_s}
+
+    (c_unset, unset), (c_beside, beside), (c_block, block) = run(None), run(False), run(True)
+    assert unset == beside and unset["host_predict_s"] == 0
+    assert block["host_predict_s"] > 0 and block["tpot_ms"] > beside["tpot_ms"]
+    assert "prefetch.blocking" not in c_unset.flat() and c_beside.flat()["prefetch.blocking"] is False
+    assert c_unset.run_hash() != c_beside.run_hash() != c_block.run_hash()
+    with pytest.raises(Exception, match="blocking"):
+        build_config({**base, "prefetch": {**base["prefetch"], "blocking": "sometimes"}})

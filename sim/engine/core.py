@@ -133,11 +133,14 @@ class Simulation:
         check: bool = False,
         warmup_batches: int = 0,
         predictor_blocking: bool = False,
+        late_issue_on_stream: bool = False,
     ):
         """`predictor_blocking`: the predictor runs on the compute timeline at the gate, and its copies are issued
         when it returns (the real executor predicts on its host, the GPU waiting); by default it runs beside the
         stream and only delays its own copies (`predictor_cost_s` + `predictor_token_s` x the batch's tokens
-        later)."""
+        later). `late_issue_on_stream` (not blocking): a prediction ready after its gate is issued by the compute
+        stream's host thread, which pays its issue cost at its next sync (the executor's predictor thread only
+        predicts); by default a prefetch worker of its own issues it, at no cost to the stream."""
         from sim.policies import policy_class
 
         self.meta = meta
@@ -185,6 +188,9 @@ class Simulation:
         self.max_used_bytes = 0
         self.warmup_batches = warmup_batches  # leading batches simulated but left out of the metrics
         self.predictor_blocking = predictor_blocking
+        # host time of predictions issued after their gate (ready later: `issued_later`), owed by the compute stream
+        self.late_issue_on_stream = late_issue_on_stream
+        self.prefetch_debt_s = 0.0
         self._snap: tuple | None = None
 
     def warm(self, keys) -> int:
@@ -243,6 +249,15 @@ class Simulation:
             self.c.demand_loads += 1
         self.link.submit(t, at)
         return t
+
+    def issued_later(self, n_prefetches: int) -> None:
+        """A prediction that was ready after its gate has just been issued (`n_prefetches` copies queued). With
+        `late_issue_on_stream` the host's main thread issued it between its launches, so its cost, as at the gate
+        (prefetch_call_host_us + prefetch_transfer_host_us per copy), is owed by the compute stream and paid at its
+        next sync."""
+        if self.late_issue_on_stream:
+            cost = self.cost
+            self.prefetch_debt_s += cost.prefetch_call_host_s + n_prefetches * cost.prefetch_host_s
 
     def not_issued(self, target: tuple[int, int], experts) -> None:
         """The prefetcher did not issue these predicted experts for gate `target` (batch, layer): those the batch
@@ -333,11 +348,14 @@ class Simulation:
                         break
                 env._now = t
                 debt = link.issue_debt + link.submit_debt
-                if not debt:
+                pdebt = self.prefetch_debt_s  # (predictions issued later, `issued_later`)
+                if not (debt or pdebt):
                     return
                 link.issue_debt = link.submit_debt = 0.0
+                self.prefetch_debt_s = 0.0
                 c.host_copy_issue_s += debt
-                t += debt
+                c.host_prefetch_issue_s += pdebt
+                t += debt + pdebt
                 n = next(eids)
 
         def paid_submit() -> float:
@@ -509,7 +527,9 @@ class Simulation:
                             e0 = next(eids)
                             now = env._now
                             env._now = when
+                            n0 = c.prefetches
                             pf.issue(experts, target, b)
+                            self.issued_later(c.prefetches - n0)
                             env._now = now
                             sync(carry, e0)
                             carry = 0.0

@@ -178,7 +178,10 @@ class Prefetcher:
         times = self._times
         times.popleft()
         self.next_issue = times[0] if times else _INF
+        eng = self.engine
+        n0 = eng.c.prefetches
         self.issue(experts, target, batch_key)
+        eng.issued_later(eng.c.prefetches - n0)
 
     def issue(self, experts: list[int], target: int, batch_key: int, at: float | None = None) -> None:
         """Refresh the resident predicted experts and queue copies of the others (at `at`, the caller's own
