@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,11 @@ from sim.engine.metrics import Counters, count_unused_at_end, finalize, snapshot
 from sim.engine.prefetcher import Prefetcher
 from sim.engine.schedule import SequenceData, demand_lookups, iter_batches, layer_sets
 from traces.format import TraceMeta
+
+# the interpreter's switch interval while the predictor thread runs (Python's default is 5 ms): the main thread
+# spins in Python while it feeds the copy stream up to a gate (TransferEngine.feed_until), holding the interpreter
+# lock but for brief C calls, and a thread waiting for the lock gets it only when the holder is asked to drop it
+PREDICTOR_SWITCH_S = 5e-5
 
 HOST_METRICS = ("host_predict_ms", "host_prefetch_issue_ms", "host_demand_issue_ms", "host_sync_wait_ms",
                 "host_copy_wait_ms", "host_expert_launch_ms")
@@ -468,6 +474,8 @@ class OffloadedRuntime:
         if self.predictor_thread:
             if self._pred_pool is None:
                 self._pred_pool = ThreadPoolExecutor(1, thread_name_prefix="predictor")
+                self._switch_s = sys.getswitchinterval()
+                sys.setswitchinterval(PREDICTOR_SWITCH_S)
             self._pred_jobs.append(self._pred_pool.submit(self._predict_job, layer, self._batch_index))
             if layer + pf.distance < self.L:
                 self.predict_calls += 1
@@ -690,6 +698,7 @@ class OffloadedRuntime:
             self._collect(wait=True)
             self._pred_pool.shutdown()
             self._pred_pool = None
+            sys.setswitchinterval(self._switch_s)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._reap()

@@ -321,8 +321,10 @@ def test_predictor_thread_matches_reference(trace_dir, reference, predictor, dis
     """prefetch.blocking false: every prediction runs on the runtime's predictor thread (ProMoE's concurrent
     predictor) and is issued by the main thread when ready; outputs, cache and slab invariants are unchanged, no
     prediction is left behind, and the thread is stopped at the end of the run."""
+    import sys
     import threading
 
+    switch = sys.getswitchinterval()
     cfg = _cfg(trace_dir, "lru", 0.25, predictor, True, True, True, distance=distance)
     cfg = cfg.model_copy(update={"prefetch": cfg.prefetch.model_copy(update={"blocking": False})})
     setup = prepare(cfg, get_geometry("tiny"))
@@ -341,6 +343,7 @@ def test_predictor_thread_matches_reference(trace_dir, reference, predictor, dis
     _assert_consistent(rt, m)
     assert threads and all(t.startswith("predictor") for t in threads)
     assert not rt._pred_jobs and rt._pred_pool is None
+    assert sys.getswitchinterval() == switch  # restored
     assert m["predict_calls"] > 0 and m["host_predict_ms"] > 0
     if predictor == "oracle":
         assert m["prefetches"] > 0
