@@ -28,6 +28,10 @@ A single-run config (configs/examples/*.yaml) is a mapping with these keys; dott
     prefetch.train_fraction     trainable predictor without artifact: fit on this share of the trace
                           (predictors.evaluate.prepare); only the held-out part is simulated and, for a
                           positions split (one-sequence traces), the training positions are warm-up
+    prefetch.blocking     where the predictor runs: false = beside the compute stream (ProMoE's concurrent CPU
+                          predictor: only its own copies wait for it; the executor: a predictor thread), true = at
+                          the gate on the compute timeline (the stream waits for it), null = each engine's default
+                          (the simulator: beside; the executor: at the gate, on its main thread)
     chunked_prefetch      ProMoE switch: split transfers into prefetch.chunks chunks (preemptible between chunks)
     early_preemption      ProMoE switch: at gate time drop the layer's queued speculative transfers and enqueue
                           its exact misses at high priority
@@ -102,10 +106,7 @@ class PrefetchConfig(_Strict):
     predictor_params: dict[str, Any] = Field(default_factory=dict)
     artifact: str | None = None  # a trained predictor (predictors.train); resolved like `trace`
     train_fraction: float = Field(default=0.9, gt=0, lt=1)
-    # where the predictor runs: false = beside the compute stream (ProMoE: a CPU thread concurrent with inference;
-    # only its own copies wait for it), true = at the gate on the compute timeline (the stream waits); unset =
-    # each engine's default (the simulator: beside; the executor: at the gate)
-    blocking: bool | None = None
+    blocking: bool | None = None  # (module docstring; null is left out of the identity, as heldout_only false)
 
 
 class RunConfig(_Strict):

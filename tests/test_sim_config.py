@@ -264,3 +264,24 @@ def test_prefetch_blocking_puts_the_predictor_on_the_stream(tmp_path):
     assert c_unset.run_hash() != c_beside.run_hash() != c_block.run_hash()
     with pytest.raises(Exception, match="blocking"):
         build_config({**base, "prefetch": {**base["prefetch"], "blocking": "sometimes"}})
+
+
+def test_late_issue_on_stream_charges_the_stream(tmp_path):
+    """Not blocking: a prediction ready after its gate is issued later; with late_issue_on_stream (the executor's
+    main thread issues what its predictor thread predicted) that issue's host cost is paid by the compute stream,
+    else by a prefetch worker of its own. The decisions are the same either way."""
+    from sim.run import build_simulation
+
+    trace = make_trace(tmp_path / "t", n_layers=4, n_experts=8, top_k=2, n_sequences=2, prompt_len=4,
+                       decode_len=6)
+    cfg = build_config({"trace": str(trace), "phase": "decode", "cache": {"cache_rate": 0.25},
+                        "prefetch": {"predictor": "oracle", "distance": 1}})
+    runs = []
+    for on_stream in (False, True):
+        sim = build_simulation(cfg)
+        sim.late_issue_on_stream = on_stream
+        runs.append((sim.run(), sim.c.host_prefetch_issue_s))
+    (off, off_host), (on, on_host) = runs
+    assert off["prefetches"] > 0
+    assert on_host > off_host and on["total_ms"] > off["total_ms"]
+    assert on["lookups"] == off["lookups"]
