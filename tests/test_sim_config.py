@@ -269,7 +269,8 @@ def test_prefetch_blocking_puts_the_predictor_on_the_stream(tmp_path):
 def test_late_issue_on_stream_charges_the_stream(tmp_path):
     """Not blocking: a prediction ready after its gate is issued later; with late_issue_on_stream (the executor's
     main thread issues what its predictor thread predicted) that issue's host cost is paid by the compute stream,
-    else by a prefetch worker of its own. The decisions are the same either way."""
+    else by a prefetch worker of its own. The same copies are issued either way; the slower stream then finds
+    more of them landed (fewer late prefetches)."""
     from sim.run import build_simulation
 
     trace = make_trace(tmp_path / "t", n_layers=4, n_experts=8, top_k=2, n_sequences=2, prompt_len=4,
@@ -284,4 +285,4 @@ def test_late_issue_on_stream_charges_the_stream(tmp_path):
     (off, off_host), (on, on_host) = runs
     assert off["prefetches"] > 0
     assert on_host > off_host and on["total_ms"] > off["total_ms"]
-    assert on["lookups"] == off["lookups"]
+    assert on["prefetches"] == off["prefetches"] and on["n_prefetch_late"] <= off["n_prefetch_late"]
