@@ -499,7 +499,8 @@ class OffloadedRuntime:
 
     def _collect(self, wait: bool = False) -> None:
         """Main thread: issue the predictions the thread has finished, in order (all of them, waiting, if `wait`).
-        A prediction whose target layer has passed its gate meanwhile is counted unissued, as in the simulator."""
+        A prediction whose target layer has passed its gate meanwhile is not issued (Prefetcher.issue), as in the
+        simulator."""
         jobs = self._pred_jobs
         host = self.host_s
         while jobs and (wait or jobs[0].done()):

@@ -47,7 +47,8 @@ def make_view(base: dict, layer: int, current: np.ndarray, hidden) -> BatchView:
 
 class Prefetcher:
     """`engine`: the driver (the SimPy Simulation or the executor's runtime): its `ready`, `inflight`, `cache`,
-    `link.pending_bytes`, `cost.expert_bytes`, `gated`, `env` and `start_transfer` are used.
+    `link.pending_bytes`, `cost.expert_bytes`, `gated`, `env` and `start_transfer` are used (for a scheduled issue,
+    `schedule`, also `c.prefetches` and `issued_later`).
     `meta`: the meta the run models (the executor's geometry sizes, its first N layers); default the engine's.
     `trace`: where optional arrays come from (router weights, hidden states), or None.
     `hidden_fn(batch, layer)`: the hidden state entering `layer` for the batch's tokens ([T, hidden] float32) or
