@@ -470,26 +470,26 @@ class OffloadedRuntime:
         time here (the simulator charges the profile's predictor_cost_us instead). With the predictor thread the
         call is queued to it and issued later by `_collect`."""
         self._predict_pending = False
-        pf = self.prefetcher
+        if layer + self.prefetcher.distance < self.L:  # a call the simulator charges predictor_cost_us for
+            self.predict_calls += 1
         if self.predictor_thread:
             if self._pred_pool is None:
                 self._pred_pool = ThreadPoolExecutor(1, thread_name_prefix="predictor")
                 self._switch_s = sys.getswitchinterval()
                 sys.setswitchinterval(PREDICTOR_SWITCH_S)
             self._pred_jobs.append(self._pred_pool.submit(self._predict_job, layer, self._batch_index))
-            if layer + pf.distance < self.L:
-                self.predict_calls += 1
             return
         t0 = time.perf_counter()
-        r = pf.predict_at_gate(layer, self.L)
-        t1 = time.perf_counter()
-        host = self.host_s
-        host[_PREDICT] += t1 - t0
-        if layer + pf.distance < self.L:  # a call the simulator charges predictor_cost_us for (sim.engine.core)
-            self.predict_calls += 1
+        r = self.prefetcher.predict_at_gate(layer, self.L)
+        self.host_s[_PREDICT] += time.perf_counter() - t0
+        self._issue_prediction(r, self._batch_index)
+
+    def _issue_prediction(self, r, batch_index: int) -> None:
+        """Queue the copies of a prediction (experts, target) or None, timing the host's issue."""
         if r is not None:
-            pf.issue(r[0], r[1], self._batch_index)
-            host[_PREFETCH_ISSUE] += time.perf_counter() - t1
+            t1 = time.perf_counter()
+            self.prefetcher.issue(r[0], r[1], batch_index)
+            self.host_s[_PREFETCH_ISSUE] += time.perf_counter() - t1
 
     def _predict_job(self, layer: int, batch_index: int) -> tuple:
         """On the predictor thread: the prediction at `layer`'s gate and the thread's time on it."""
@@ -502,14 +502,10 @@ class OffloadedRuntime:
         A prediction whose target layer has passed its gate meanwhile is not issued (Prefetcher.issue), as in the
         simulator."""
         jobs = self._pred_jobs
-        host = self.host_s
         while jobs and (wait or jobs[0].done()):
             r, b, dt = jobs.popleft().result()
-            host[_PREDICT] += dt
-            if r is not None:
-                t1 = time.perf_counter()
-                self.prefetcher.issue(r[0], r[1], b)
-                host[_PREFETCH_ISSUE] += time.perf_counter() - t1
+            self.host_s[_PREDICT] += dt
+            self._issue_prediction(r, b)
 
     def expert_buffer(self, layer: int, e: int, local: dict) -> tuple[object, SlotPool, int]:
         """The matrices (`SlotPool.matrices`) of the slot holding expert (layer, e), its pool and slot, waiting for

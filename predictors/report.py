@@ -128,10 +128,8 @@ def best_learned_mlp(by: dict, extra: dict, d: int) -> dict:
     """The most accurate learned_mlp row (any option variant; fit on this trace or on a separate training
     trace) at distance d, and the most accurate history-based row of either kind, which it must beat."""
     where = ((by, ""), (extra, ", separate training trace"))
-    mlps = [(t[(n, d)]["accuracy"], f"{n}{w}") for t, w in where for n in LEARNED_MLP
-            if (n, d) in t and t[(n, d)]["accuracy"] is not None]
-    hist = [t[(n, d)]["accuracy"] for t, _ in where for n in HISTORY
-            if (n, d) in t and t[(n, d)]["accuracy"] is not None]
+    mlps = [(a, f"{n}{w}") for t, w in where for n in LEARNED_MLP if (a := _acc(t, n, d)) is not None]
+    hist = [a for t, _ in where for n in HISTORY if (a := _acc(t, n, d)) is not None]
     if not mlps:
         return {"top": None, "top_label": None, "top_history": None}
     top, label = max(mlps)

@@ -140,8 +140,8 @@ class RunConfig(_Strict):
             d.pop(k, None)
         if not d.get("heldout_only"):  # added later: absent when off, so earlier configs keep their hashes
             d.pop("heldout_only", None)
-        if d.get("prefetch", {}).get("blocking") is None:  # likewise
-            d.get("prefetch", {}).pop("blocking", None)
+        if d["prefetch"].get("blocking") is None:  # likewise
+            d["prefetch"].pop("blocking", None)
         return d
 
     def flat(self) -> dict:

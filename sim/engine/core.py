@@ -527,9 +527,7 @@ class Simulation:
                             e0 = next(eids)
                             now = env._now
                             env._now = when
-                            n0 = c.prefetches
-                            pf.issue(experts, target, b)
-                            self.issued_later(c.prefetches - n0)
+                            pf.issue_late(experts, target, b)
                             env._now = now
                             sync(carry, e0)
                             carry = 0.0

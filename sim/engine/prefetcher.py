@@ -47,8 +47,8 @@ def make_view(base: dict, layer: int, current: np.ndarray, hidden) -> BatchView:
 
 class Prefetcher:
     """`engine`: the driver (the SimPy Simulation or the executor's runtime): its `ready`, `inflight`, `cache`,
-    `link.pending_bytes`, `cost.expert_bytes`, `gated`, `env` and `start_transfer` are used (for a scheduled issue,
-    `schedule`, also `c.prefetches` and `issued_later`).
+    `link.pending_bytes`, `cost.expert_bytes`, `gated`, `env` and `start_transfer` are used (for a late issue,
+    `issue_late`, also `c.prefetches` and `issued_later`).
     `meta`: the meta the run models (the executor's geometry sizes, its first N layers); default the engine's.
     `trace`: where optional arrays come from (router weights, hidden states), or None.
     `hidden_fn(batch, layer)`: the hidden state entering `layer` for the batch's tokens ([T, hidden] float32) or
@@ -179,6 +179,11 @@ class Prefetcher:
         times = self._times
         times.popleft()
         self.next_issue = times[0] if times else _INF
+        self.issue_late(experts, target, batch_key)
+
+    def issue_late(self, experts: list[int], target: int, batch_key: int) -> None:
+        """`issue` for a prediction that was ready after its gate (scheduled, or run in place of its event by the
+        engine); the engine is told how many copies it queued (`issued_later`)."""
         eng = self.engine
         n0 = eng.c.prefetches
         self.issue(experts, target, batch_key)
