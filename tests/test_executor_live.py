@@ -175,9 +175,9 @@ def test_live_learned_predictor_in_the_loop(tiny_model, tmp_path, monkeypatch, p
                                      **({} if blocking is None else {"blocking": blocking})}})
     profile = load_profile(str(prof))
     # every prediction, keyed by what it was made from (layer, the hidden state's bytes)
-    from predictors.learned_mlp import LearnedMLPPredictor
-
     import threading
+
+    from predictors.learned_mlp import LearnedMLPPredictor
 
     calls: list = []
     threads: set = set()
