@@ -15,6 +15,12 @@ Presets (`PRESETS`, `get_geometry(name)`), from each model's Hugging Face `confi
 | mixtral-8x7b | 4096 | 14336 | 32 | 8 | 2 | 32 / 8 x 128 |
 | flame-moe-290m | 1024 | 704 | 8 | 64 | 6 | from the embedded trace's meta (expert and dense bytes) |
 | small-moe | 256 | 256 | 8 | 32 | 4 | the small trained model's config (data/small_moe/model_config.json) |
+| small-moe-qwen2-57b-widths | 3584 | 2560 | 8 | 32 | 4 | Qwen2-57B-A14B's: 28 / 4 x 128, shared expert 20480 |
+
+`small-moe-qwen2-57b-widths` is not a published model: it replays the small trained model's routing (its layers,
+experts and top-k, so its trace and learned predictor apply) with Qwen2-57B-A14B's widths, whose 55 MB experts
+take about 1 ms each to copy. It puts the executor where ProMoE's models are, copy-bound rather than launch-bound
+(the small MoE's own 0.4 MB experts copy in 8 us, less than a kernel launch costs the host).
 
 Cross-checks: Qwen3's 4-bit GGUF expert sizes in data/traces/qwen3-30b-a3b (3 059 712 bytes = two Q4_K matrices
 plus one Q6_K matrix of 2048 x 768) and Gemma-4's (3 593 216 = two Q4_K + one Q5_0 of 2816 x 704) match these
@@ -221,6 +227,19 @@ def _flame_moe_290m() -> Geometry:
                     dense_params=(17174528 // 2,), source="data/traces/flame-moe-290m-decoder/meta.json")
 
 
+def _small_moe_qwen2_57b_widths() -> Geometry:
+    h, inter, shared = 3584, 2560, 20480
+    routing = get_geometry("small-moe")  # layers, experts, top-k of the trained model (its trace's routing)
+    e = routing.n_experts
+    dense = attention_params(h, 28, 4, 128) + e * h + 3 * h * shared
+    return Geometry("small-moe-qwen2-57b-widths", hidden=h, moe_intermediate=inter, n_layers=routing.n_layers,
+                    n_experts=e, top_k=routing.top_k, dense_params=(dense,),
+                    source="the small trained model's routing shape with huggingface.co/Qwen/Qwen2-57B-A14B "
+                           "config.json widths: hidden_size 3584, moe_intermediate_size 2560, "
+                           "shared_expert_intermediate_size 20480, num_attention_heads 28, num_key_value_heads 4",
+                    extra={"n_heads": 28, "n_kv_heads": 4, "head_dim": 128})
+
+
 def _tiny() -> Geometry:
     return Geometry("tiny", hidden=32, moe_intermediate=16, n_layers=4, n_experts=8, top_k=2, dtype="fp32",
                     dense_params=(2 * 32 * 64,), source="test geometry (CPU correctness tests)")
@@ -233,7 +252,7 @@ _BUILDERS = {
     "flame-moe-290m": _flame_moe_290m,
     "tiny": _tiny,
 }
-PRESETS = tuple(_BUILDERS) + ("small-moe",)
+PRESETS = tuple(_BUILDERS) + ("small-moe", "small-moe-qwen2-57b-widths")
 
 
 def small_moe_dir() -> Path | None:
@@ -253,6 +272,8 @@ def get_geometry(name: str) -> Geometry:
     """A preset by name, or a path to an HF config.json (or a directory holding one)."""
     if name in _BUILDERS:
         return _BUILDERS[name]()
+    if name == "small-moe-qwen2-57b-widths":
+        return _small_moe_qwen2_57b_widths()
     if name == "small-moe":
         d = small_moe_dir()
         if d is not None:

@@ -80,8 +80,9 @@ def load_suite(path: str | Path) -> list[dict]:
         keys = list(grid)
         combos = list(itertools.product(*[grid[k] for k in keys])) or [()]
         for i, run in enumerate(raw["runs"]):
-            if not isinstance(run, dict) or "geometry" not in run:
-                raise TraceError("each run needs at least 'geometry' (and a trace)", path=f, where=f"runs[{i}]")
+            if not isinstance(run, dict) or "geometry" not in {**defaults, **run}:
+                raise TraceError("each run needs at least 'geometry' (its own or the base's; and a trace)", path=f,
+                                 where=f"runs[{i}]")
             for combo in combos:
                 merged = json.loads(json.dumps(defaults))
                 for k, v in unflatten(run).items():

@@ -207,6 +207,10 @@ def test_suite_errors(tmp_path):
     bad.write_text("runs: [{trace: x}]\n")
     with pytest.raises(TraceError, match="geometry"):
         validate.load_suite(bad)
+    ok = tmp_path / "ok.yaml"  # the geometry may come from the base
+    ok.write_text("base: {geometry: tiny, trace: x}\ngrid: {cache.cache_rate: [0.25, 0.5]}\nruns: [{name: a}]\n")
+    assert [(r["geometry"], r["cache"]["cache_rate"]) for r in validate.load_suite(ok)] == [("tiny", 0.25),
+                                                                                          ("tiny", 0.5)]
 
 
 def test_replay_cli_json_and_fit_error(tmp_path, capsys):

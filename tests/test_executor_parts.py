@@ -40,6 +40,12 @@ def test_presets_published_shapes():
     assert (m.hidden, m.moe_intermediate, m.n_layers, m.n_experts, m.top_k) == (4096, 14336, 32, 8, 2)
     assert m.expert_bytes == 352_321_536  # 352 MB, as DESIGN.md says
     assert "small-moe" in PRESETS
+    # the small model's routing shape (so its trace replays) at Qwen2-57B-A14B's published widths
+    w, small = get_geometry("small-moe-qwen2-57b-widths"), get_geometry("small-moe")
+    assert (w.n_layers, w.n_experts, w.top_k) == (small.n_layers, small.n_experts, small.top_k)
+    assert (w.hidden, w.moe_intermediate) == (3584, 2560) and w.expert_bytes == 55_050_240
+    attention = 3584 * (28 + 2 * 4) * 128 + 28 * 128 * 3584
+    assert w.dense_params[0] == attention + 32 * 3584 + 3 * 3584 * 20480  # + router + shared expert
 
 
 def test_presets_match_quantized_trace_sizes(embedded_traces):
