@@ -110,5 +110,8 @@ def past_of(view: BatchView, sequence: int) -> np.ndarray:
 def rank_counts(counts: np.ndarray) -> Prediction:
     """Experts with a positive score, best first (ties broken by lower id, so results are deterministic)."""
     order = np.argsort(-counts, kind="stable")  # stable: ties keep ascending id
-    order = order[counts[order] > 0]
-    return Prediction(order.astype(np.int64), counts[order].astype(np.float64))
+    ranked = counts[order]
+    if len(ranked) and not ranked[-1] > 0:  # (sorted best first: only then is anything to drop)
+        keep = ranked > 0
+        order, ranked = order[keep], ranked[keep]
+    return Prediction(order.astype(np.int64, copy=False), ranked.astype(np.float64, copy=False))

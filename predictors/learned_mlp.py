@@ -228,7 +228,16 @@ class LearnedMLPPredictor(Predictor):
                 raise ValueError("learned_mlp with past_input needs the previous position's hidden states "
                                  "(view.past_hidden), which this caller does not provide")
             x = np.concatenate([x, view.past_hidden(view.layer + distance)], axis=1)
-        return _softmax(_torchfit.forward(net, x)).sum(axis=0)
+        return softmax_sum(_torchfit.forward(net, x))
+
+
+def softmax_sum(logits: np.ndarray) -> np.ndarray:
+    """_softmax(logits).sum(axis=0), in place (the logits are the caller's scratch)."""
+    z = logits
+    z -= z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z[0] if len(z) == 1 else z.sum(axis=0)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -112,9 +112,16 @@ def load_sequences(trace, sequences: Iterable[int] | None = None) -> list[Sequen
     return [merge_phases(by_seq[s]) for s in order]
 
 
+# up to this many rows, all present, are read in the caller's order (a decode batch's: one or a few rows; a
+# predictor reads them at every gate, where sorting and the zero-filled buffer cost more than the read)
+DIRECT_ROWS = 16
+
+
 def gather_rows(hidden: np.ndarray, rows: np.ndarray, dtype) -> np.ndarray:
     """hidden[rows] as `dtype`, read from the memory-mapped file in file order (sorted rows), returned in `rows`'
     order; zeros where a row is -1 (no hidden state)."""
+    if len(rows) <= DIRECT_ROWS and (len(rows) == 0 or rows.min() >= 0):
+        return hidden[rows].astype(dtype, copy=False)  # (fancy indexing copies: never a view of the file)
     out = np.zeros((len(rows), hidden.shape[1]), dtype=dtype)
     ok = np.flatnonzero(rows >= 0)
     order = ok[np.argsort(rows[ok])]
@@ -132,9 +139,14 @@ class HiddenSource:
 
     def hidden(self, layer: int, rows: np.ndarray) -> np.ndarray:
         """float32 [len(rows), hidden], read-only: the states entering `layer` at `rows` (zeros where -1)."""
-        if layer not in self._hidden:
-            self._hidden[layer] = self.trace.hidden_states(layer)
-        return _readonly(gather_rows(self._hidden[layer], np.asarray(rows, dtype=np.int64), np.float32))
+        h = self._hidden.get(layer)
+        if h is None:
+            # a plain ndarray over the mapping: np.memmap's subclass makes every indexing cost tens of us more
+            h = self._hidden[layer] = np.asarray(self.trace.hidden_states(layer))
+        if len(rows) == 1 and rows[0] >= 0:  # a decode step's one row, at every gate: a slice, no gather
+            r = int(rows[0])
+            return _readonly(h[r: r + 1].astype(np.float32))
+        return _readonly(gather_rows(h, np.asarray(rows, dtype=np.int64), np.float32))
 
     def router_weights(self, layer: int) -> np.ndarray:
         if layer not in self._router:

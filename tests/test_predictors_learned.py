@@ -414,3 +414,40 @@ def test_report_summary_takes_the_best_learned_mlp_fit_against_every_history_fit
                                               "top_label": "learned_mlp+past_input, separate training trace"}
     assert best_learned_mlp(by, {}, 1) == {"top": 0.84, "top_history": 0.62, "top_label": "learned_mlp+past_input"}
     assert best_learned_mlp({("cross_layer", 2): {**a, "accuracy": 0.5}}, {}, 2)["top"] is None
+
+
+def test_per_gate_fast_paths_equal_the_general_ones(trace):
+    """The prediction's hot path (one decode row read as a slice, the in-place forward pass and softmax, the ranking
+    without a mask when every score is positive) returns exactly what the general code does."""
+    from predictors import _torchfit
+    from predictors.base import rank_counts
+    from predictors.learned_mlp import _softmax, softmax_sum
+    from predictors.views import gather_rows
+
+    src = HiddenSource(trace)
+    h = np.asarray(trace.hidden_states(1))
+    for rows in ([3], [5, 0, 7], [4, -1, 2], [-1], list(range(40))):
+        r = np.array(rows, dtype=np.int64)
+        general = np.zeros((len(r), h.shape[1]), dtype=np.float32)
+        general[r >= 0] = h[r[r >= 0]]
+        np.testing.assert_array_equal(src.hidden(1, r), general)
+        np.testing.assert_array_equal(gather_rows(h, r, np.float32), general)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    net = {"mu": rng.standard_normal(16).astype(np.float32), "sigma": rng.random(16).astype(np.float32) + 0.5,
+           "w1": rng.standard_normal((16, 8)).astype(np.float32), "b1": rng.standard_normal(8).astype(np.float32),
+           "w2": rng.standard_normal((8, 5)).astype(np.float32), "b2": rng.standard_normal(5).astype(np.float32),
+           "ws": rng.standard_normal((16, 5)).astype(np.float32)}
+    z = (x - net["mu"]) / net["sigma"]
+    expected = np.maximum(z @ net["w1"] + net["b1"], 0.0) @ net["w2"] + net["b2"] + z @ net["ws"]
+    np.testing.assert_array_equal(_torchfit.forward(net, x), expected)
+    for t in (1, 3):
+        logits = _torchfit.forward(net, x[:t])
+        np.testing.assert_array_equal(softmax_sum(logits.copy()), _softmax(logits).sum(axis=0))
+    for counts in ([0.0, 2.0, 2.0, 1.0], [3.0, 1.0, 2.0], [0.0, 0.0], [-1.0, 4.0, 0.0]):
+        c = np.array(counts)
+        p = rank_counts(c)
+        order = np.argsort(-c, kind="stable")
+        order = order[c[order] > 0]
+        assert p.experts.tolist() == order.tolist() and p.scores.tolist() == c[order].tolist()
+        assert p.experts.dtype == np.int64 and p.scores.dtype == np.float64
