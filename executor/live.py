@@ -90,7 +90,8 @@ class LiveOffload:
                  predictor=None, distance: int = 1, top_n: int | None = None, max_inflight_bytes=None,
                  chunked_prefetch: bool = False, chunks: int = 3, early_preemption: bool = False,
                  reordered_inference: bool = False, device=None, transfer_backend: str | None = None,
-                 lookahead: int = 1, check: bool = False, name: str = "live", predictor_thread: bool = False):
+                 lookahead: int = 1, check: bool = False, name: str = "live", predictor_thread: bool = False,
+                 predictor_backend: str = "auto"):
         from executor.runtime import OffloadedRuntime
         from predictors.registry import make_predictor
         from sim.cache import ExpertCache
@@ -148,7 +149,7 @@ class LiveOffload:
             early_preemption=early_preemption, reordered_inference=reordered_inference,
             trace=SimpleNamespace(meta=meta, hidden_states=self._hidden_states, router_weights=None),
             transfer_backend=transfer_backend, lookahead=lookahead, check=check, scratch_slots=n_exp,
-            predictor_thread=predictor_thread)
+            predictor_thread=predictor_thread, predictor_backend=predictor_backend)
         self._batch = None
         self._past: dict[int, list[np.ndarray]] = {}
         self._index = 0
@@ -463,7 +464,7 @@ def read_prompt_ids(path, n: int, max_tokens: int = 24) -> list[list[int]]:
 
 
 def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int = 1, repeats: int = 1,
-             real_stat: str = "median") -> dict:
+             real_stat: str = "median", predictor_backend: str = "auto") -> dict:
     """A validation run in live mode: the small model generates on held-out prompts with its experts offloaded;
     the simulator then runs the routing it produced, with the same cache, predictor and switches.
 
@@ -495,7 +496,7 @@ def run_live(ex: dict, cfg, profile, *, device=None, model=None, lookahead: int 
                            chunked_prefetch=cfg.chunked_prefetch, chunks=cfg.prefetch.chunks,
                            early_preemption=cfg.early_preemption, reordered_inference=cfg.reordered_inference,
                            device=device, lookahead=lookahead, name=ex.get("geometry") or "small-moe",
-                           predictor_thread=cfg.prefetch.blocking is False)
+                           predictor_thread=cfg.prefetch.blocking is False, predictor_backend=predictor_backend)
         live.rt.warmup([1, max(len(p) for p in prompts_)])
         with quiet_gc():
             live.generate(prompts_, tokens)

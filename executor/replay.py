@@ -86,7 +86,8 @@ def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = No
                   host_budget: int = DEFAULT_HOST_BUDGET, gpu_budget_bytes: int | None = None,
                   keep_outputs: bool = False, check: bool = False, lookahead: int = 1, copy_engines: int = 1,
                   models: dict | None = None, copier=None, predict_after_resident: bool = False,
-                  sync_misses: bool = True, group_resident: bool = True, copy_api: str = "driver"):
+                  sync_misses: bool = True, group_resident: bool = True, copy_api: str = "driver",
+                  predictor_backend: str = "auto"):
     """Check memory, allocate the host store, the model and the runtime for one config.
 
     `models`: a dict reused across calls (executor.validate) that keeps the last host store and replay model, so
@@ -149,7 +150,8 @@ def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = No
         transfer_backend=transfer_backend, keep_outputs=keep_outputs, check=check, lookahead=lookahead,
         copy_engines=copy_engines, copier=copier, predict_after_resident=predict_after_resident,
         sync_misses=sync_misses, group_resident=group_resident, copy_api=copy_api,
-        warmup_batches=setup.warmup_batches, predictor_thread=cfg.prefetch.blocking is False)
+        warmup_batches=setup.warmup_batches, predictor_thread=cfg.prefetch.blocking is False,
+        predictor_backend=predictor_backend)
 
 
 def add_memory_args(ap: argparse.ArgumentParser) -> None:
@@ -172,6 +174,9 @@ def add_memory_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--copy-api", default="driver", choices=("driver", "torch"),
                     help="how a chunk is issued to the copy stream: the CUDA driver's cuMemcpyHtoDAsync (default) or "
                          "Tensor.copy_ (the former path, for comparison)")
+    ap.add_argument("--predictor-backend", default="auto", choices=("auto", "numpy", "torch"),
+                    help="learned_mlp's one-row predictions: torch runs its networks on the run's device (CUDA "
+                         "graphs on a GPU), numpy on the host; auto (default): torch on a GPU")
     ap.add_argument("--no-sync-misses", action="store_true",
                     help="the host acts on a missing expert as soon as it gets there, ahead of the GPU (the default "
                          "waits for the GPU to reach it: the simulator's semantics)")
@@ -198,7 +203,7 @@ def main(argv=None) -> int:
                        check=args.check, lookahead=args.lookahead, transfer_backend=args.backend,
                        predict_after_resident=args.predict_after_resident,
                        sync_misses=not args.no_sync_misses, group_resident=not args.no_group_resident,
-                       copy_api=args.copy_api)
+                       copy_api=args.copy_api, predictor_backend=args.predictor_backend)
     rt.warmup()
     metrics = rt.run()
     out = {"config": cfg.flat(), "geometry": setup.geometry.describe(), "layers": setup.n_layers,

@@ -148,6 +148,10 @@ def max_unique_per_layer(seqs: list[SequenceData], phase: str, batch_size: int) 
     return m
 
 
+# how learned_mlp's one-row predictions run (executor.gpu_mlp): "numpy" (the predictor's own path), "torch" (its
+# networks in torch on the run's device: CUDA graphs on a GPU, eager on the CPU), "auto" (torch on a GPU)
+PREDICTOR_BACKENDS = ("auto", "numpy", "torch")
+
 class OffloadedRuntime:
     def __init__(
         self,
@@ -189,6 +193,7 @@ class OffloadedRuntime:
         hidden_fn=None,
         copy_api: str = "driver",
         predictor_thread: bool = False,
+        predictor_backend: str = "auto",
     ):
         from sim.policies import policy_class
 
@@ -258,6 +263,12 @@ class OffloadedRuntime:
         self.gated = (-1, -1)
         self.env = SimpleNamespace(now=0.0)  # the prefetcher's clock: predictions are issued at once (cost = real)
         self.cost = SimpleNamespace(expert_bytes=list(meta.expert_bytes))
+        if predictor_backend not in PREDICTOR_BACKENDS:
+            raise ValueError(f"predictor_backend must be one of {PREDICTOR_BACKENDS}, got {predictor_backend!r}")
+        if predictor_backend == "torch" or (predictor_backend == "auto" and self.device.type == "cuda"):
+            from executor.gpu_mlp import on_device
+
+            predictor = on_device(predictor, self.device)  # learned_mlp's one-row calls as CUDA graphs
         predictor.reset()
         self.prefetcher = Prefetcher(self, predictor, distance, top_n, max_inflight_bytes, 0.0, trace, meta=meta,
                                      hidden_fn=hidden_fn)

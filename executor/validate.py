@@ -167,7 +167,8 @@ def build_simulation(cfg, setup, profile, capacity_bytes: int, *, record: bool =
 
 def run_group(items: list[tuple[dict, object]], profile, *, device=None, host_budget=None, gpu_budget=None,
               check=False, models: dict | None = None, lookahead: int = 1, predict_after_resident: bool = False,
-              prefill_repeats: int = 5, decode_repeats: int = 3, real_stat: str = "median") -> list[dict]:
+              prefill_repeats: int = 5, decode_repeats: int = 3, real_stat: str = "median",
+              predictor_backend: str = "auto") -> list[dict]:
     """The rows of several replay configs of one geometry and phase (`group_key`), their repeats interleaved:
     repeat r of every config, then repeat r + 1, so a drift of the host's speed between configs (it spreads a
     config's repeats by 12-22 % on the H200 machine) weighs on every label alike, not on whichever ran in the slow
@@ -181,12 +182,14 @@ def run_group(items: list[tuple[dict, object]], profile, *, device=None, host_bu
         ex, cfg = items[0]
         # (each live run reloads the model: repeats at the decode count for prefill rows too, to bound the time)
         return [guarded(lambda: run_live(ex, cfg, profile, device=device, lookahead=lookahead,
-                                         repeats=decode_repeats, real_stat=real_stat), ex)]
+                                         repeats=decode_repeats, real_stat=real_stat,
+                                         predictor_backend=predictor_backend), ex)]
     if any(ex["mode"] == "live" for ex, _ in items):
         raise ValueError("a live config runs on its own, not in an interleaved group")
     plans = [guarded(lambda ex=ex, cfg=cfg: replay_plan(
         ex, cfg, profile, device=device, host_budget=host_budget, gpu_budget=gpu_budget, check=check, models=models,
-        lookahead=lookahead, predict_after_resident=predict_after_resident), ex) for ex, cfg in items]
+        lookahead=lookahead, predict_after_resident=predict_after_resident, predictor_backend=predictor_backend), ex)
+        for ex, cfg in items]
     ready = [i for i, p in enumerate(plans) if not isinstance(p, dict)]  # (a dict: the row of one that failed)
     n = max(prefill_repeats if cfg.phase == "prefill" else decode_repeats for _, cfg in items)
     chosen = repeat_runs([plans[i][0] for i in ready], n,
@@ -233,7 +236,8 @@ def group_key(ex: dict, cfg) -> tuple:
 
 
 def replay_plan(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_budget=None, check=False,
-                models: dict | None = None, lookahead: int = 1, predict_after_resident: bool = False):
+                models: dict | None = None, lookahead: int = 1, predict_after_resident: bool = False,
+                predictor_backend: str = "auto"):
     """(one, finish) for a replay config: `one()` runs it once on the GPU (None for a run to leave out), `finish(
     (rt, real), repeat_cols)` simulates it and makes the row from the compared repeat (`repeat_runs`)."""
     from executor.geometry import parse_geometry_overrides, resolve_geometry
@@ -249,7 +253,7 @@ def replay_plan(ex: dict, cfg, profile, *, device=None, host_budget=None, gpu_bu
         key = models.get("key") if models is not None else None
         rt = build_runtime(cfg, setup, device=device, host_budget=host_budget or DEFAULT_HOST_BUDGET,
                            gpu_budget_bytes=gpu_budget, check=check, models=models, lookahead=lookahead,
-                           predict_after_resident=predict_after_resident)
+                           predict_after_resident=predict_after_resident, predictor_backend=predictor_backend)
         rt.warmup()
         m = rt.run()
         if models is not None and models.get("key") != key:
@@ -735,6 +739,9 @@ def main(argv=None) -> int:
     ap.add_argument("--resimulate", action="store_true",
                     help="with --report-only: recompute every run's simulator side with --profile and today's "
                          "simulator (the real measurements are kept)")
+    ap.add_argument("--predictor-backend", default="auto", choices=("auto", "numpy", "torch"),
+                    help="learned_mlp's one-row predictions in the real runs: torch on the GPU (CUDA graphs), numpy "
+                         "on the host; auto (default): torch on a GPU")
     ap.add_argument("--note", default=None, help="a line shown at the top of the summary (e.g. why it is partial)")
     ap.add_argument("--prefill-repeats", type=int, default=5,
                     help="real runs per prefill config (--real-stat picks the compared one)")
@@ -821,7 +828,7 @@ def main(argv=None) -> int:
                                check=args.check, models=models, lookahead=lookahead,
                                predict_after_resident=args.predict_after_resident,
                                prefill_repeats=args.prefill_repeats, decode_repeats=args.decode_repeats,
-                               real_stat=args.real_stat)
+                               real_stat=args.real_stat, predictor_backend=args.predictor_backend)
         wall = (time.perf_counter() - t_run) / len(group)  # the group's time, shared out
         for base, row in zip(bases, group_rows):
             if row.get("live_artifact"):

@@ -209,17 +209,25 @@ class LearnedMLPPredictor(Predictor):
         return {name: _torchfit.n_params(net) for name, net in self._nets.items()}
 
     def predict(self, view, distance, future=None) -> Prediction:
-        net = self._nets.get(f"l{view.layer}_d{distance}")
+        net = self.net_for(view.layer, distance)
+        if net is None:
+            return Prediction(np.empty(0, dtype=np.int64), np.empty(0))  # layer without training rows
+        return rank_counts(self.mlp_scores(net, view, distance).astype(np.float64))
+
+    def net_for(self, layer: int, distance: int) -> dict | None:
+        """The network that predicts layer + distance from layer's input, or None for a layer without training
+        rows (an error when no network of that distance exists)."""
+        net = self._nets.get(f"l{layer}_d{distance}")
         if net is None:
             if not self._nets:
                 raise ValueError("learned_mlp has no trained networks: fit it or load an artifact first")
             if not any(name.endswith(f"_d{distance}") for name in self._nets):
                 raise ValueError(f"learned_mlp was trained for distances {self.distances}, not {distance}")
-            return Prediction(np.empty(0, dtype=np.int64), np.empty(0))  # layer without training rows
-        return rank_counts(self.mlp_scores(net, view, distance).astype(np.float64))
+        return net
 
-    def mlp_scores(self, net: dict, view, distance: int) -> np.ndarray:
-        """The network's softmax over layer l+d's experts, summed over the batch's tokens."""
+    def mlp_input(self, view, distance: int) -> np.ndarray:
+        """The networks' input rows for the view's tokens: layer l's input, and with `past_input` layer l+d's input
+        at the previous position beside it."""
         if view.hidden is None:
             raise ValueError("learned_mlp needs view.hidden (build views with_hidden=True)")
         x = view.hidden
@@ -228,7 +236,11 @@ class LearnedMLPPredictor(Predictor):
                 raise ValueError("learned_mlp with past_input needs the previous position's hidden states "
                                  "(view.past_hidden), which this caller does not provide")
             x = np.concatenate([x, view.past_hidden(view.layer + distance)], axis=1)
-        return softmax_sum(_torchfit.forward(net, x))
+        return x
+
+    def mlp_scores(self, net: dict, view, distance: int) -> np.ndarray:
+        """The network's softmax over layer l+d's experts, summed over the batch's tokens."""
+        return softmax_sum(_torchfit.forward(net, self.mlp_input(view, distance)))
 
 
 def softmax_sum(logits: np.ndarray) -> np.ndarray:

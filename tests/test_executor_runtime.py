@@ -356,3 +356,50 @@ def test_blocking_unset_keeps_the_inline_predictor(trace_dir):
     assert not rt.predictor_thread
     rt.run()
     assert rt._pred_pool is None
+
+
+def test_learned_mlp_torch_backend_predicts_as_numpy(tmp_path):
+    """executor.gpu_mlp: learned_mlp's predictions through its networks in torch (one row: a CUDA graph on a GPU;
+    several rows, and everything here: eager) rank every expert as the numpy path does, so a replay issues the
+    same prefetches; other predictors keep their own path."""
+    from executor.gpu_mlp import GpuLearnedMLP, on_device
+    from predictors.learned_mlp import LearnedMLPPredictor
+    from predictors.registry import make_predictor
+    from predictors.synthetic import make_trace as make_hidden_trace
+    from predictors.views import HiddenSource, load_sequences
+    from predictors.views import iter_batches as views_of
+    from traces.reader import Trace
+
+    d = make_hidden_trace(tmp_path / "h", "router", seed=0, n_sequences=12, prompt_len=4, gen_len=10, n_layers=4,
+                          n_experts=8, top_k=2, hidden_size=16)
+    cfg = build_config({"trace": str(d), "phase": "decode", "cache": {"policy": "lru", "cache_rate": 0.25},
+                        "prefetch": {"predictor": "learned_mlp", "distance": 2, "predictor_params": {"epochs": 3}},
+                        "chunked_prefetch": True, "early_preemption": True, "reordered_inference": True})
+    setup = prepare(cfg, get_geometry("tiny"))
+    assert type(setup.predictor) is LearnedMLPPredictor
+    gpu = on_device(setup.predictor, "cpu")
+    assert isinstance(gpu, GpuLearnedMLP) and on_device(setup.predictor, "cpu") is gpu
+    other = make_predictor("previous_token")
+    assert on_device(other, "cpu") is other
+    trace = Trace(d)
+    rows = several = 0
+    for b in views_of(load_sequences(trace), trace.meta, batch_size=1, source=HiddenSource(trace)):
+        for layer in range(2):
+            v = b.view(layer, with_hidden=True)
+            want = setup.predictor.predict(v, 2).experts.tolist()
+            assert gpu.predict(v, 2).experts.tolist() == want
+            rows += len(v.hidden) == 1
+            several += len(v.hidden) > 1
+    assert rows and several
+    runs = {}
+    for backend in ("numpy", "torch"):
+        rt = build_runtime(cfg, setup, device="cpu", check=True, keep_outputs=True, predictor_backend=backend)
+        runs[backend] = (type(rt.prefetcher.predictor), rt.run(), rt.outputs)
+    assert runs["numpy"][0] is LearnedMLPPredictor and runs["torch"][0] is GpuLearnedMLP
+    for k in ("prefetches", "hits", "misses", "prefetched_used", "bytes_h2d"):
+        assert runs["numpy"][1][k] == runs["torch"][1][k], k
+    assert runs["numpy"][1]["prefetches"] > 0
+    for a, b in zip(runs["numpy"][2], runs["torch"][2], strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="predictor_backend"):
+        build_runtime(cfg, setup, device="cpu", predictor_backend="gpu")
