@@ -1,4 +1,4 @@
-"""learned_mlp's networks evaluated on the GPU, for the executor's decode steps.
+"""learned_mlp's networks evaluated on the GPU, for the executor's runs.
 
 Why: the numpy forward pass is most of a prediction's host time in a run. On the H200 host a call took 212-272 us
 in the copy-bound suite (docs/executor.md, Status session 12) against 160-170 us in the calibration's tight loop:
@@ -10,10 +10,10 @@ host writes the row, replays the graph on a stream of its own and waits for its 
 Same networks (the predictor's own weights, float32) and the same ranking as `LearnedMLPPredictor.predict` for one
 row: softmax is monotonic, so sorting the logits (stable, descending: ties by lower id, as `rank_counts`) orders the
 experts as the numpy path's softmax scores do, except where two logits are so close that float rounding orders
-them differently on the two devices. A batch of several rows (prefill, batch sizes
-above 1) runs eagerly on the same stream: softmax per row, summed, sorted (the sum's rounding may order two nearly
-equal experts differently from numpy's). Layers without a network go through the numpy path. On the CPU (tests)
-the same torch code runs eagerly.
+them differently on the two devices. A batch of several rows (prefill, batch sizes above 1) runs eagerly on the
+same stream: softmax per row, summed, sorted (the sum's rounding may order two nearly equal experts differently
+from numpy's). Layers without a network go through the numpy path. On the CPU (tests) the same torch code runs
+eagerly.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class GpuLearnedMLP(LearnedMLPPredictor):
 
     @classmethod
     def for_device(cls, predictor: LearnedMLPPredictor, device) -> GpuLearnedMLP:
-        """`predictor` (fitted) with its one-row predictions on `device`; the same object for the same predictor
+        """`predictor` (fitted) with its predictions on `device`; the same object for the same predictor
         and device, so its graphs are captured once per run group."""
         cache = predictor.__dict__.setdefault("_gpu_backends", {})
         device = torch.device(device)

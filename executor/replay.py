@@ -155,6 +155,8 @@ def build_runtime(cfg, setup: ReplaySetup, *, device=None, seed: int | None = No
 
 
 def add_memory_args(ap: argparse.ArgumentParser) -> None:
+    from executor.runtime import PREDICTOR_BACKENDS
+
     ap.add_argument("--geometry", required=True, help="preset name or path to an HF config.json")
     ap.add_argument("--set-geometry", action="append", default=[], metavar="KEY=VALUE",
                     help="override a geometry field (hidden, moe_intermediate, n_layers, n_experts, top_k, dtype, ...)")
@@ -174,9 +176,9 @@ def add_memory_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--copy-api", default="driver", choices=("driver", "torch"),
                     help="how a chunk is issued to the copy stream: the CUDA driver's cuMemcpyHtoDAsync (default) or "
                          "Tensor.copy_ (the former path, for comparison)")
-    ap.add_argument("--predictor-backend", default="auto", choices=("auto", "numpy", "torch"),
-                    help="learned_mlp's one-row predictions: torch runs its networks on the run's device (CUDA "
-                         "graphs on a GPU), numpy on the host; auto (default): torch on a GPU")
+    ap.add_argument("--predictor-backend", default="auto", choices=PREDICTOR_BACKENDS,
+                    help="where learned_mlp's predictions run: torch on the run's device (a CUDA graph per network on "
+                         "a GPU), numpy on the host; auto (default): torch on a GPU")
     ap.add_argument("--no-sync-misses", action="store_true",
                     help="the host acts on a missing expert as soon as it gets there, ahead of the GPU (the default "
                          "waits for the GPU to reach it: the simulator's semantics)")

@@ -148,9 +148,11 @@ def max_unique_per_layer(seqs: list[SequenceData], phase: str, batch_size: int) 
     return m
 
 
-# how learned_mlp's one-row predictions run (executor.gpu_mlp): "numpy" (the predictor's own path), "torch" (its
-# networks in torch on the run's device: CUDA graphs on a GPU, eager on the CPU), "auto" (torch on a GPU)
+# where learned_mlp's predictions run (executor.gpu_mlp): "numpy" (the predictor's own path, on the host), "torch"
+# (its networks in torch on the run's device: a one-row call as a CUDA graph on a GPU, eager on the CPU), "auto"
+# (torch on a GPU, numpy elsewhere)
 PREDICTOR_BACKENDS = ("auto", "numpy", "torch")
+
 
 class OffloadedRuntime:
     def __init__(
@@ -268,7 +270,7 @@ class OffloadedRuntime:
         if predictor_backend == "torch" or (predictor_backend == "auto" and self.device.type == "cuda"):
             from executor.gpu_mlp import on_device
 
-            predictor = on_device(predictor, self.device)  # learned_mlp's one-row calls as CUDA graphs
+            predictor = on_device(predictor, self.device)  # learned_mlp's networks on the GPU
         predictor.reset()
         self.prefetcher = Prefetcher(self, predictor, distance, top_n, max_inflight_bytes, 0.0, trace, meta=meta,
                                      hidden_fn=hidden_fn)

@@ -709,6 +709,7 @@ def main(argv=None) -> int:
     import torch
 
     from executor.memory import GIB
+    from executor.runtime import PREDICTOR_BACKENDS
     from sim.config import flatten
     from sim.hardware import load_profile
 
@@ -739,9 +740,9 @@ def main(argv=None) -> int:
     ap.add_argument("--resimulate", action="store_true",
                     help="with --report-only: recompute every run's simulator side with --profile and today's "
                          "simulator (the real measurements are kept)")
-    ap.add_argument("--predictor-backend", default="auto", choices=("auto", "numpy", "torch"),
-                    help="learned_mlp's one-row predictions in the real runs: torch on the GPU (CUDA graphs), numpy "
-                         "on the host; auto (default): torch on a GPU")
+    ap.add_argument("--predictor-backend", default="auto", choices=PREDICTOR_BACKENDS,
+                    help="where learned_mlp's predictions run in the real runs: torch on the GPU (a CUDA graph per "
+                         "network), numpy on the host; auto (default): torch on a GPU")
     ap.add_argument("--note", default=None, help="a line shown at the top of the summary (e.g. why it is partial)")
     ap.add_argument("--prefill-repeats", type=int, default=5,
                     help="real runs per prefill config (--real-stat picks the compared one)")

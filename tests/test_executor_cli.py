@@ -218,7 +218,8 @@ def test_replay_cli_json_and_fit_error(tmp_path, capsys):
                expert_bytes=6144, hidden_size=32)
     cfg = tmp_path / "run.yaml"
     cfg.write_text("trace: syn\ncache: {policy: lfu, cache_rate: 0.5}\n")
-    assert replay.main([str(cfg), "--geometry", "tiny", "--device", "cpu", "--json", "--check"]) == 0
+    assert replay.main([str(cfg), "--geometry", "tiny", "--device", "cpu", "--json", "--check",
+                        "--predictor-backend", "torch"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["metrics"]["lookups"] == out["metrics"]["hits"] + out["metrics"]["misses"]
     assert out["layers"] == 2 and out["metrics"]["slab_slots"] == 8
