@@ -6,6 +6,7 @@
 #   3. bash executor/device_run.sh validate     # the suite, resumable: rerun until every run is in the Parquet
 #   or 2+3 as `session` (calibrate once into /tmp, validate into /tmp/val; rerun on the warm machine to resume)
 #   `copyapi` (~1.5 min): the smoke test and the two chunk-issue paths side by side
+#   `copybound` (~5-6 min): calibrate the copy-bound geometry and run executor/suites/h200-copybound.yaml
 # run tool: carry [".whl"] (pydantic and simpy wheels: the GPU image lacks them; pandas, pyarrow, yaml,
 # matplotlib, transformers are there). results/validation/h200 travels as untracked files, so a second validate
 # call resumes from its results.parquet once the first call's $OUT/h200 is copied back there.
@@ -71,6 +72,17 @@ case "$STEP" in
     ;;
   calibrate)
     python3 -m executor.calibrate --out "$OUT/h200.yaml" --machine "H200 GPU machine" 2>&1 | tee "$OUT/calibrate.log"
+    ;;
+  copybound)
+    # ~5-6 min: the copy-bound suite (executor/suites/h200-copybound.yaml, docs/executor.md Status session 12), its
+    # geometry calibrated on this instance first; the report comes back in $OUT/copybound (plus the profile)
+    timeout 180 python3 -m executor.calibrate --out "$OUT/h200-copybound.yaml" --machine "H200 GPU machine" \
+      --geometries small-moe-qwen2-57b-widths > "$OUT/calibrate.log" 2>&1 || exit 3
+    timeout $(( ${DEADLINE:-570} - ($(date +%s) - T0) )) python3 -m executor.validate \
+      executor/suites/h200-copybound.yaml --profile "$OUT/h200-copybound.yaml" --out "$OUT/copybound" --resume \
+      --machine "H200 GPU machine" 2>&1 | tee "$OUT/validate.log" | tail -n 3
+    rm -f "$OUT"/copybound/plots/ttft*   # (at most 8 files come back)
+    (cd "$OUT" && tar cf logs.tar --remove-files gpu.txt calibrate.log validate.log)
     ;;
   validate)
     PROFILE=${PROFILE:-profiles/h200.yaml}
@@ -151,5 +163,5 @@ case "$STEP" in
     # at most 8 files come back: the logs travel as one tar (h200.yaml and the three report files beside it)
     (cd "$OUT" && tar cf logs.tar --remove-files $(ls gpu.txt ./*.log train_report.json sim_bench.* 2>/dev/null))
     ;;
-  *) echo "unknown step $STEP (smoke | quick | copyapi | calibrate | validate | session)"; exit 2 ;;
+  *) echo "unknown step $STEP (smoke | quick | copyapi | calibrate | copybound | validate | session)"; exit 2 ;;
 esac
