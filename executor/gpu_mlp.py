@@ -61,7 +61,8 @@ class _Graphed:
                     self._body()
             stream.synchronize()
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=stream):
+            # thread_local: the runtime's main thread may poll its copy events while its predictor thread captures
+            with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
                 self._body()
             stream.synchronize()
 
@@ -92,9 +93,9 @@ class _Graphed:
 
 
 class GpuLearnedMLP(LearnedMLPPredictor):
-    """A fitted LearnedMLPPredictor whose predictions run on `device` (see the module docstring). The
-    networks are built lazily, one per (layer, distance) on its first call, and shared by every runtime of one
-    predictor object (`for_device`)."""
+    """A fitted LearnedMLPPredictor whose predictions run on `device` (see the module docstring). Every network is
+    put on the device (and its graph captured) when the runtime is built, not in a timed run, and shared by every
+    runtime of one predictor object (`for_device`)."""
 
     def predict(self, view, distance, future=None) -> Prediction:
         if view.hidden is None:
@@ -123,6 +124,9 @@ class GpuLearnedMLP(LearnedMLPPredictor):
             gpu._device = device
             gpu._stream = torch.cuda.Stream(device=device, priority=-1) if device.type == "cuda" else None
             gpu._graphed = {}
+            for name, net in predictor._nets.items():  # names "l{layer}_d{distance}"
+                layer, distance = (int(part[1:]) for part in name.split("_"))
+                gpu._graphed[(layer, distance)] = _Graphed(net, device, gpu._stream)
             cache[str(device)] = gpu
         return gpu
 
