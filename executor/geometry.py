@@ -251,8 +251,9 @@ _BUILDERS = {
     "mixtral-8x7b": _mixtral_8x7b,
     "flame-moe-290m": _flame_moe_290m,
     "tiny": _tiny,
+    "small-moe-qwen2-57b-widths": _small_moe_qwen2_57b_widths,  # (reads the small-moe geometry when called)
 }
-PRESETS = tuple(_BUILDERS) + ("small-moe", "small-moe-qwen2-57b-widths")
+PRESETS = tuple(_BUILDERS) + ("small-moe",)
 
 
 def small_moe_dir() -> Path | None:
@@ -272,8 +273,6 @@ def get_geometry(name: str) -> Geometry:
     """A preset by name, or a path to an HF config.json (or a directory holding one)."""
     if name in _BUILDERS:
         return _BUILDERS[name]()
-    if name == "small-moe-qwen2-57b-widths":
-        return _small_moe_qwen2_57b_widths()
     if name == "small-moe":
         d = small_moe_dir()
         if d is not None:
