@@ -120,6 +120,9 @@ DIRECT_ROWS = 16
 def gather_rows(hidden: np.ndarray, rows: np.ndarray, dtype) -> np.ndarray:
     """hidden[rows] as `dtype`, read from the memory-mapped file in file order (sorted rows), returned in `rows`'
     order; zeros where a row is -1 (no hidden state)."""
+    if len(rows) == 1 and rows[0] >= 0:  # a decode step's one row, at every gate: a slice, copied
+        r = int(rows[0])
+        return hidden[r: r + 1].astype(dtype)
     if len(rows) <= DIRECT_ROWS and (len(rows) == 0 or rows.min() >= 0):
         return hidden[rows].astype(dtype, copy=False)  # (fancy indexing copies: never a view of the file)
     out = np.zeros((len(rows), hidden.shape[1]), dtype=dtype)
@@ -143,9 +146,6 @@ class HiddenSource:
         if h is None:
             # a plain ndarray over the mapping: np.memmap's subclass makes every indexing cost tens of us more
             h = self._hidden[layer] = np.asarray(self.trace.hidden_states(layer))
-        if len(rows) == 1 and rows[0] >= 0:  # a decode step's one row, at every gate: a slice, no gather
-            r = int(rows[0])
-            return _readonly(h[r: r + 1].astype(np.float32))
         return _readonly(gather_rows(h, np.asarray(rows, dtype=np.int64), np.float32))
 
     def router_weights(self, layer: int) -> np.ndarray:
