@@ -27,6 +27,11 @@ from predictors.base import Prediction
 from predictors.learned_mlp import LearnedMLPPredictor
 
 
+def _best_first(scores: torch.Tensor) -> torch.Tensor:
+    """Expert ids by score, best first, ties by lower id (as `rank_counts`)."""
+    return torch.sort(scores, descending=True, stable=True).indices
+
+
 def _forward(net: dict, x: torch.Tensor) -> torch.Tensor:
     """`predictors._torchfit.forward` in torch: the logits of x's rows."""
     if "mu" in net:
@@ -68,15 +73,13 @@ class _Graphed:
 
     def _body(self) -> None:
         self.x_dev.copy_(self.x_host, non_blocking=True)
-        order = torch.sort(_forward(self.net, self.x_dev)[0], descending=True, stable=True).indices
-        self.order_host.copy_(order, non_blocking=True)
+        self.order_host.copy_(_best_first(_forward(self.net, self.x_dev)[0]), non_blocking=True)
 
     def order(self, x: np.ndarray) -> np.ndarray:
         """The experts of this network's layer, best first, for one input row."""
         self.x_np[...] = x
         if self.graph is None:
-            xt = torch.from_numpy(self.x_np)
-            return torch.sort(_forward(self.net, xt)[0], descending=True, stable=True).indices.numpy().copy()
+            return _best_first(_forward(self.net, torch.from_numpy(self.x_np))[0]).numpy().copy()
         with torch.cuda.stream(self.stream):
             self.graph.replay()
             self.done.record(self.stream)
@@ -89,7 +92,7 @@ class _Graphed:
         with torch.cuda.stream(self.stream) if self.graph is not None else contextlib.nullcontext():
             xt = torch.from_numpy(np.array(x, dtype=np.float32)).to(self.device)  # (a writable copy: views are not)
             scores = torch.softmax(_forward(self.net, xt), dim=1).sum(dim=0)
-            return torch.sort(scores, descending=True, stable=True).indices.cpu().numpy()
+            return _best_first(scores).cpu().numpy()
 
 
 class GpuLearnedMLP(LearnedMLPPredictor):
@@ -98,15 +101,9 @@ class GpuLearnedMLP(LearnedMLPPredictor):
     runtime of one predictor object (`for_device`)."""
 
     def predict(self, view, distance, future=None) -> Prediction:
-        if view.hidden is None:
+        g = self._graphed.get((view.layer, distance))
+        if g is None:  # no network for this layer (or this distance: the numpy path answers or says so)
             return super().predict(view, distance, future)
-        key = (view.layer, distance)
-        g = self._graphed.get(key)
-        if g is None:
-            net = self.net_for(view.layer, distance)
-            if net is None:
-                return super().predict(view, distance, future)
-            g = self._graphed[key] = _Graphed(net, self._device, self._stream)
         x = self.mlp_input(view, distance)
         experts = g.order(x) if len(x) == 1 else g.order_rows(x)
         return Prediction(experts, np.empty(0))  # (the prefetcher reads the order only)
