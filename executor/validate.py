@@ -33,8 +33,8 @@ Writes to DIR: `results.parquet` (one row per run: config columns, real_* and si
 `summary.md` (the table real / simulated / difference for TTFT, TPOT and hit rate; each label's speedup over
 "lru", real and simulated; fidelity: median and max |sim - real| / real of TTFT and TPOT, whether the ranking of
 labels by total time agrees), `plots/` (simulated vs real scatter; speedups), `meta.json` (command, machine,
-profile). Partial results are written after each run (resumable with --resume: runs already in results.parquet
-are skipped).
+profile; `runs_command`: the last call that ran rows, kept when --report-only rewrites the report). Partial results
+are written after each run (resumable with --resume: runs already in results.parquet are skipped).
 """
 
 from __future__ import annotations
@@ -563,13 +563,28 @@ def _fmt(v, pct=False) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def runs_command(meta_path: Path) -> str | None:
+    """The last call that ran rows of the report a report-only call re-renders, from the report's earlier
+    meta.json: a report re-rendered from its Parquet keeps naming a call that measured it, not only the last one
+    that wrote it. None where no earlier meta.json names one."""
+    try:
+        prev = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if prev.get("runs_command"):
+        return prev["runs_command"]
+    cmd = prev.get("command")
+    return cmd if cmd and "--report-only" not in cmd.split() else None
+
+
 def summary_markdown(df, fid: dict, meta: dict) -> str:
     lines = [f"# Validation: real executor vs simulator ({meta.get('profile_name', '')})", ""]
     if meta.get("note"):
         lines += [f"**{meta['note']}**", ""]
-    lines += [
-             f"Machine: {meta.get('machine')}; device: {meta.get('device')}; command: `{meta.get('command')}`", "",
-             f"Profile: {meta.get('profile')} ({meta.get('profile_provenance', '')})", ""]
+    lines += [f"Machine: {meta.get('machine')}; device: {meta.get('device')}; command: `{meta.get('command')}`", ""]
+    if meta.get("runs_command", meta.get("command")) != meta.get("command"):
+        lines += [f"The runs: `{meta.get('runs_command') or 'not recorded'}`", ""]
+    lines += [f"Profile: {meta.get('profile')} ({meta.get('profile_provenance', '')})", ""]
     if "real_stat" in df.columns and df["real_stat"].notna().any():
         stats = ", ".join(sorted({str(v) for v in df["real_stat"].dropna()}))
         lines += [f"Real side: the {stats} of each config's repeated runs (by total time; `real_spread` = "
@@ -850,7 +865,9 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "profile": args.profile, "profile_name": profile.name,
             "profile_provenance": profile.provenance, "dry_run": not device.startswith("cuda"), "fidelity": fid,
             "suite_runs": suite_runs, "note": args.note}
+    meta["runs_command"] = meta["command"]
     if args.report_only:  # the runs' machine is in the rows (timing, gpu, torch); this host only wrote the report
+        meta["runs_command"] = runs_command(out / "meta.json")
         cuda_rows = "timing" in df and (df["timing"] == "cuda_events").any()
         meta["device"] = "cuda" if cuda_rows else device
         meta["dry_run"] = not cuda_rows

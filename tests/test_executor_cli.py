@@ -147,6 +147,9 @@ def test_validate_suite_report(tmp_path, profile_path):
     assert text.splitlines()[2] == "**PARTIAL: a test**" and "| promoe |" in text
     meta = json.loads((out / "meta.json").read_text())
     assert meta["note"] == "PARTIAL: a test" and meta["fidelity"]["ok"] == 4
+    # ... and keeps naming the call that ran the rows beside its own
+    assert "--report-only" in meta["command"] and "--resume" in meta["runs_command"]
+    assert "--report-only" not in meta["runs_command"] and f"The runs: `{meta['runs_command']}`" in text
     assert set(meta["fidelity"]["by_geometry_mode"]) == {f"{g}/{m}" for g, m in zip(df["geometry"], df["mode"])}
     # --resimulate recomputes the simulator side only: the same profile gives the same figures, a slower link
     # changes the simulated times and nothing real
