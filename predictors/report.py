@@ -99,6 +99,18 @@ def run_all(paths: list[Path], predictors: list[str], folds: int, log=print, cv_
     return rows
 
 
+def load_results(path: Path) -> list[dict]:
+    """The raw results JSON (--json-out) that --render-only and --merge read: a list of rows, or an error naming
+    the file."""
+    try:
+        rows = json.loads(path.read_text())
+    except ValueError as exc:
+        raise TraceError(f"not a results JSON: {exc}", path=path) from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise TraceError("not a results JSON: expected a list of rows (objects)", path=path)
+    return rows
+
+
 def check_artifact_variant(path: Path, predictor: str, params: dict | None) -> None:
     """An artifact scored under a row's label must be that row's predictor with its options: a past_input network
     named learned_mlp_dD.npz would otherwise be reported as plain learned_mlp. Options a variant does not set
@@ -302,7 +314,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     json_out = Path(args.json_out) if args.json_out else out.with_name("predictors-results.json")
     if args.render_only:
-        write_doc(out, render(json.loads(json_out.read_text()), args.folds))
+        write_doc(out, render(load_results(json_out), args.folds))
         print(f"wrote {out} from {json_out}", file=sys.stderr)
         return 0
     root = Path(args.traces)
@@ -319,7 +331,7 @@ def main(argv=None) -> int:
                    artifacts=Path(args.artifacts) if args.artifacts else None, beside=args.beside)
     if args.merge and json_out.exists():
         done = {p.name for p in paths}
-        old = [r for r in json.loads(json_out.read_text())
+        old = [r for r in load_results(json_out)
                if r.get("trace_name", r.get("trace")) not in done and Path(str(r.get("trace", ""))).name not in done]
         rows = old + rows
     for r in rows:  # keep the JSON readable: per-layer figures stay, paths become names

@@ -16,6 +16,7 @@ from predictors.registry import available_predictors, make_predictor
 from predictors.synthetic import make_trace
 from predictors.train import main as train_main
 from predictors.views import iter_batches, load_sequences
+from traces.errors import TraceError
 from traces.reader import Trace
 
 GEOM = dict(n_sequences=10, prompt_len=4, gen_len=10, n_layers=5, n_experts=12, top_k=2)
@@ -177,6 +178,15 @@ def test_report_rewrites_only_the_generated_part(traces, tmp_path):
     assert "5-fold cross-validation" in text and "Not run (`gate_reuse`)" in text
     rows = json.loads((tmp_path / "predictors-results.json").read_text())
     assert {r["predictor"] for r in rows} == {"frequency", "cross_layer", "gate_reuse"}
+    # --render-only rewrites the table from that JSON alone; a broken JSON is an error naming the file
+    doc.write_text(f"# Hand-written\n\n{BEGIN}\nold table\n{END}\n")
+    assert report_main(["--out", str(doc), "--render-only", "--folds", "5"]) == 0
+    assert "old table" not in doc.read_text() and "| cross_layer | 1.000 | 1.000 | 1.000 | 100 |" in doc.read_text()
+    bad = tmp_path / "bad.json"
+    for content in ("{not json", '{"a": 1}'):
+        bad.write_text(content)
+        with pytest.raises(TraceError, match=f"{bad}: not a results JSON"):
+            report_main(["--out", str(doc), "--render-only", "--json-out", str(bad)])
 
 
 def test_on_the_embedded_public_trace_when_present():
