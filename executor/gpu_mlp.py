@@ -101,9 +101,10 @@ class GpuLearnedMLP(LearnedMLPPredictor):
     runtime of one predictor object (`for_device`)."""
 
     def predict(self, view, distance, future=None) -> Prediction:
-        g = self._graphed.get((view.layer, distance))
-        if g is None:  # no network for this layer (or this distance: the numpy path answers or says so)
+        net = self.net_for(view.layer, distance)  # (raises for a distance without networks)
+        if net is None:  # a layer without training rows: the numpy path's empty prediction
             return super().predict(view, distance, future)
+        g = self._graphed[id(net)]
         x = self.mlp_input(view, distance)
         experts = g.order(x) if len(x) == 1 else g.order_rows(x)
         return Prediction(experts, np.empty(0))  # (the prefetcher reads the order only)
@@ -120,10 +121,8 @@ class GpuLearnedMLP(LearnedMLPPredictor):
             gpu.__dict__.update({k: v for k, v in predictor.__dict__.items() if k != "_gpu_backends"})
             gpu._device = device
             gpu._stream = torch.cuda.Stream(device=device, priority=-1) if device.type == "cuda" else None
-            gpu._graphed = {}
-            for name, net in predictor._nets.items():  # names "l{layer}_d{distance}"
-                layer, distance = (int(part[1:]) for part in name.split("_"))
-                gpu._graphed[(layer, distance)] = _Graphed(net, device, gpu._stream)
+            # by network (net_for finds it; the predictor's dict holds every network, so their ids stay theirs)
+            gpu._graphed = {id(net): _Graphed(net, device, gpu._stream) for net in predictor._nets.values()}
             cache[str(device)] = gpu
         return gpu
 

@@ -25,9 +25,9 @@ class LearnedMLPGatePredictor(LearnedMLPPredictor):
         self.gate_weight = float(gate_weight)
 
     def predict(self, view, distance, future=None) -> Prediction:
-        net = self._nets.get(f"l{view.layer}_d{distance}")
+        net = self.net_for(view.layer, distance)  # (raises without networks or for another distance)
         if net is None:
-            return super().predict(view, distance)  # (no networks, another distance, or a layer without rows)
+            return super().predict(view, distance)  # a layer without training rows
         if view.router_weights is None:
             raise ValueError("learned_mlp_gate needs view.router_weights (a trace with router weights)")
         hidden = np.asarray(view.hidden, dtype=np.float32)
